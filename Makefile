@@ -1,0 +1,34 @@
+# Two entry points for a new user: `make demo` and `make test`. Both set themselves up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint fmt plan clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt package.json package-lock.json
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	npm ci --silent --no-audit --no-fund
+	touch $(STAMP)
+
+demo: setup
+	@echo "demo: the end-to-end demo is not built yet; showing 'rebalancer plan' on a shipped example (examples/uniform-2-4-7)."
+	$(PY) -m rebalancer plan --scale-set examples/uniform-2-4-7/vmss.json --instances examples/uniform-2-4-7/instances.json
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+fmt: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,200 @@
+"""Typed, immutable domain values: what a scale set and its VMs look like to the rebalancer.
+
+Nothing here knows about the Azure SDK: adapters turn ARM JSON into these values
+(see `rebalancer.arm`), and the pure core (evaluator, operation) works only on them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from types import MappingProxyType
+
+_SCALE_SET_ID = re.compile(
+    r"^/subscriptions/(?P<sub>[^/]+)/resourcegroups/(?P<rg>[^/]+)"
+    r"/providers/microsoft\.compute/virtualmachinescalesets/(?P<name>[^/]+)",
+    re.IGNORECASE,
+)
+
+
+class OrchestrationMode(StrEnum):
+    UNIFORM = "Uniform"
+    FLEXIBLE = "Flexible"
+
+
+class PowerState(StrEnum):
+    """`PowerState/*` codes of a VM's instance view."""
+
+    RUNNING = "running"
+    STARTING = "starting"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    DEALLOCATING = "deallocating"
+    DEALLOCATED = "deallocated"
+    UNKNOWN = "unknown"
+
+
+class Health(StrEnum):
+    """`HealthState/*` codes reported by the Application Health extension or an LB probe.
+
+    `NOT_REPORTED` means the instance view carried no health at all (no monitoring, or the
+    VM is too young to report); the core treats it like `unknown`: not healthy.
+    """
+
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    UNKNOWN = "unknown"
+    INITIALIZING = "initializing"
+    NOT_REPORTED = "notReported"
+
+
+class HealthMonitoring(StrEnum):
+    EXTENSION = "applicationHealthExtension"
+    LOAD_BALANCER_PROBE = "loadBalancerProbe"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleSetRef:
+    """Identity of a scale set. Resource ids arrive in mixed case: compare by `key`."""
+
+    subscription_id: str
+    resource_group: str
+    name: str
+
+    @classmethod
+    def parse(cls, resource_id: str) -> ScaleSetRef:
+        """Parse a scale set id, or the id of anything below it (a VM of the set).
+
+        Raises ValueError naming the id when it is not a scale set resource id.
+        """
+        match = _SCALE_SET_ID.match(resource_id or "")
+        if match is None:
+            raise ValueError(f"not a scale set resource id: {resource_id!r}")
+        return cls(match["sub"], match["rg"], match["name"])
+
+    @property
+    def id(self) -> str:
+        return (
+            f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+            f"/providers/Microsoft.Compute/virtualMachineScaleSets/{self.name}"
+        )
+
+    @property
+    def key(self) -> str:
+        """Case-insensitive identity, usable as a dictionary or Table key."""
+        return self.id.lower()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ScaleSetRef) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __str__(self) -> str:
+        return self.id
+
+
+def frozen_mapping(values: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    return MappingProxyType(dict(values or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleSet:
+    """The parts of a scale set's model that the rebalancer reads."""
+
+    ref: ScaleSetRef
+    location: str
+    zones: tuple[str, ...]
+    sku_name: str | None
+    capacity: int | None
+    mode: OrchestrationMode
+    provisioning_state: str
+    health_monitoring: HealthMonitoring
+    platform_rebalancing: bool
+    """`resiliencyPolicy.automaticZoneRebalancingPolicy.enabled`: Azure balances it itself."""
+    tags: Mapping[str, str] = field(default_factory=frozen_mapping)
+    zone_balance: bool = False
+    terminate_notification: timedelta | None = None
+    """`scheduledEventsProfile.terminateNotificationProfile.notBeforeTimeout` when enabled."""
+
+    def tag(self, name: str) -> str | None:
+        """Tag value by case-insensitive name (ARM tag names are case-insensitive)."""
+        lowered = name.lower()
+        for key, value in self.tags.items():
+            if key.lower() == lowered:
+                return value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One VM of a scale set, as seen in one inventory read.
+
+    `id` is what `delete_instances` takes: the instance id for Uniform, the VM name for
+    Flexible.
+    """
+
+    id: str
+    name: str
+    zone: str | None
+    provisioning_state: str
+    power_state: PowerState
+    health: Health
+    protect_from_scale_in: bool = False
+    protect_from_scale_set_actions: bool = False
+    latest_model: bool = True
+    created: datetime | None = None
+
+    @property
+    def protected(self) -> bool:
+        return self.protect_from_scale_in or self.protect_from_scale_set_actions
+
+    @property
+    def deleting(self) -> bool:
+        return self.provisioning_state.lower() == "deleting"
+
+    @property
+    def failed(self) -> bool:
+        return self.provisioning_state.lower() == "failed"
+
+    @property
+    def deallocated(self) -> bool:
+        return self.power_state in (PowerState.DEALLOCATED, PowerState.DEALLOCATING)
+
+    @property
+    def counts(self) -> bool:
+        """Counts as capacity of its zone (active or deallocated); deleting/failed do not."""
+        return not (self.deleting or self.failed)
+
+    @property
+    def active(self) -> bool:
+        """Provisioned and not deallocated or stopped."""
+        return (
+            self.provisioning_state.lower() == "succeeded"
+            and self.power_state not in (PowerState.DEALLOCATED, PowerState.DEALLOCATING)
+            and self.power_state not in (PowerState.STOPPED, PowerState.STOPPING)
+        )
+
+    @property
+    def healthy(self) -> bool:
+        return self.active and self.health is Health.HEALTHY
+
+    def sort_id(self) -> tuple[int, int | str]:
+        """Numeric instance ids sort numerically, names lexically after them."""
+        return (0, int(self.id)) if self.id.isdigit() else (1, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """A scale set and its VMs from one observation."""
+
+    scale_set: ScaleSet
+    instances: tuple[Instance, ...]
+    observed_at: datetime
+
+    def by_id(self) -> Mapping[str, Instance]:
+        return {instance.id: instance for instance in self.instances}
