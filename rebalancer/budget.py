@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 DEFAULT_SHARE = 0.2
+REMAINING_RESOURCE = "x-ms-ratelimit-remaining-resource"
+REMAINING_SUBSCRIPTION = "x-ms-ratelimit-remaining-subscription"
 
 
 class CallKind(StrEnum):
@@ -70,7 +72,7 @@ VMSS_LOW_COST_GET = Policy("compute/vmssLowCostGet", 36, 12, Scope.RESOURCE)
 VM_HIGH_COST_LIST = Policy("compute/vmHighCostList", 900, 300)
 
 COMPUTE_POLICIES: Mapping[CallKind, tuple[Policy, ...]] = {
-    CallKind.SCALE_SET_LIST: (ARM_READS,),
+    CallKind.SCALE_SET_LIST: (ARM_READS, VMSS_HIGH_COST_GET_SUB),
     CallKind.SCALE_SET_GET: (ARM_READS, VMSS_LOW_COST_GET),
     CallKind.SCALE_SET_VM_LIST: (ARM_READS, VMSS_HIGH_COST_GET, VMSS_HIGH_COST_GET_SUB),
     CallKind.VM_LIST: (ARM_READS, VM_HIGH_COST_LIST),
@@ -198,7 +200,13 @@ class Budget:
         with self._lock:
             self._holds[kind] = max(self._holds.get(kind, until), until)
 
-    def observe(self, kind: CallKind, remaining: Mapping[str, int], now: float) -> float | None:
+    def observe(
+        self,
+        kind: CallKind,
+        remaining: Mapping[str, int],
+        now: float,
+        windows: Mapping[str, float] | None = None,
+    ) -> float | None:
         """Take Azure's remaining-calls report for a call of `kind`.
 
         Azure's own burst size is not in the header; the highest value seen so far stands in for
@@ -208,7 +216,7 @@ class Budget:
         hold_until: float | None = None
         with self._lock:
             for name, left in remaining.items():
-                window = policy_window_seconds(name)
+                window = (windows or {}).get(name) or policy_window_seconds(name)
                 seen = self._observed.get(name)
                 if seen is None:
                     seen = self._observed[name] = _Observed(max(left, 1), window or 60.0)
@@ -223,5 +231,16 @@ class Budget:
             self.hold(kind, hold_until)
         return hold_until
 
-    def observe_header(self, kind: CallKind, header: str | None, now: float) -> float | None:
-        return self.observe(kind, parse_remaining_header(header), now)
+    def observe_headers(
+        self, kind: CallKind, headers: Mapping[str, str], now: float
+    ) -> float | None:
+        """Observe a response's `x-ms-ratelimit-remaining-*` headers (case-insensitive map)."""
+        remaining = parse_remaining_header(headers.get(REMAINING_RESOURCE))
+        windows: dict[str, float] = {}
+        arm = (("reads", ARM_READS), ("writes", ARM_WRITES), ("deletes", ARM_DELETES))
+        for verb, policy in arm:
+            value = headers.get(f"{REMAINING_SUBSCRIPTION}-{verb}")
+            if value and value.strip().lstrip("-").isdigit():
+                remaining[policy.name] = int(value)
+                windows[policy.name] = 60.0 * policy.burst / policy.per_minute
+        return self.observe(kind, remaining, now, windows)

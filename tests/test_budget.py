@@ -103,3 +103,14 @@ def test_share_must_be_a_fraction() -> None:
     with pytest.raises(ValueError, match="share"):
         Budget(share=0)
     assert ARM_READS.scope is Scope.SUBSCRIPTION
+
+
+def test_arm_subscription_headers_count_too() -> None:
+    budget = Budget(share=0.2)
+    headers = {"x-ms-ratelimit-remaining-subscription-reads": "249"}
+    assert budget.observe_headers(CallKind.SCALE_SET_GET, headers, now=0.0) is None
+    # 10 left of 250: hold reads until ARM has refilled above its 80% reserve (25/s).
+    until = budget.observe_headers(
+        CallKind.SCALE_SET_GET, {"x-ms-ratelimit-remaining-subscription-reads": "10"}, now=1.0
+    )
+    assert until == pytest.approx(1.0 + (0.8 * 249 - 10) / (249 / 10))

@@ -1,0 +1,685 @@
+"""`ComputeAdapter`: the only code that talks to Azure Compute (azure-mgmt-compute).
+
+Reads come back as the typed values of `rebalancer.model` (parsed by `rebalancer.arm` from the
+SDK models' REST-shaped `as_dict()`); writes start a long-running operation and return an
+`ArmCall` without waiting, which `operation_status` reads later, from any process. Every
+failure is an `AdapterError`; every request spends the subscription's throttling `Budget`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from rebalancer import arm
+from rebalancer.budget import DEFAULT_SHARE, Budget
+from rebalancer.compute.clock import Clock, SystemClock
+from rebalancer.compute.credentials import LOOPBACK_HOSTS
+from rebalancer.compute.errors import (
+    AdapterError,
+    ErrorKind,
+    ScaleSetGone,
+    classify,
+    from_exception,
+    from_response,
+)
+from rebalancer.compute.pipeline import BudgetExhausted, GovernedRetryPolicy
+from rebalancer.model import Instance, Inventory, OrchestrationMode, ScaleSet, ScaleSetRef
+
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
+    from azure.mgmt.compute import ComputeManagementClient
+
+    from rebalancer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PUBLIC_ENDPOINT = "https://management.azure.com"
+
+
+@dataclass(frozen=True, slots=True)
+class ArmConfig:
+    """Where and how to reach Azure Resource Manager for one subscription."""
+
+    subscription_id: str
+    endpoint: str = PUBLIC_ENDPOINT
+    """ARM endpoint: the public cloud by default; a sovereign cloud's, or armsim's."""
+    credential_scopes: tuple[str, ...] = ()
+    """Token scopes; empty means `<endpoint>/.default` (the public cloud's is the usual one)."""
+    authority: str | None = None
+    """Entra ID authority host for DefaultAzureCredential (sovereign clouds)."""
+    ca_cert: str | None = None
+    """PEM file of a CA to trust for the endpoint (armsim's self-signed certificate)."""
+    budget_share: float = DEFAULT_SHARE
+    audit_concurrency: int = 8
+    max_wait: float = 60.0
+    """Longest wait, in seconds, one call may spend on Retry-After or the budget. Longer waits
+    are not slept through: the call fails as `throttled` with the time to come back."""
+    retry_attempts: int = 4
+    connection_timeout: float = 10.0
+    read_timeout: float = 60.0
+    sku_cache_ttl: float = 6 * 3600.0
+    usage_cache_ttl: float = 300.0
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.endpoint)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(
+                f"ARM endpoint must be an https:// URL, got {self.endpoint!r} (azure-core sends "
+                "bearer tokens only over TLS)"
+            )
+        if not 0 < self.budget_share <= 1:
+            raise ValueError(f"budget share must be in (0, 1], got {self.budget_share}")
+        if self.audit_concurrency < 1:
+            raise ValueError(f"audit concurrency must be >= 1, got {self.audit_concurrency}")
+        if self.max_wait < 0:
+            raise ValueError(f"max wait must be >= 0 seconds, got {self.max_wait}")
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        if self.credential_scopes:
+            return self.credential_scopes
+        return (self.endpoint.rstrip("/") + "/.default",)
+
+    @property
+    def loopback(self) -> bool:
+        return (urlsplit(self.endpoint).hostname or "") in LOOPBACK_HOSTS
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> ArmConfig:
+        values: dict[str, Any] = {
+            "subscription_id": settings.subscription_id,
+            "endpoint": settings.arm_endpoint,
+            "budget_share": settings.arm_budget_share,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+class OperationState(StrEnum):
+    IN_PROGRESS = "InProgress"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True, slots=True)
+class OperationStatus:
+    """Where a started write is: in progress, succeeded, or failed with a classified error."""
+
+    state: OperationState
+    error: AdapterError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state is not OperationState.IN_PROGRESS
+
+
+@dataclass(frozen=True, slots=True)
+class ArmCall:
+    """A write that was accepted by ARM, and what is needed to follow it up later.
+
+    Plain data: `to_record()` goes into the operation's Table row before anything else
+    happens, and `from_record()` gives it back in the next invocation.
+    """
+
+    action: str
+    """`set_capacity` or `delete_instances`."""
+    scale_set: str
+    status_code: int
+    capacity: int | None = None
+    instance_ids: tuple[str, ...] = ()
+    request_id: str | None = None
+    correlation_id: str | None = None
+    async_operation_url: str | None = None
+    location_url: str | None = None
+
+    @property
+    def ref(self) -> ScaleSetRef:
+        return ScaleSetRef.parse(self.scale_set)
+
+    @property
+    def synchronous(self) -> bool:
+        """ARM finished it in the request itself (no status to poll)."""
+        return not (self.async_operation_url or self.location_url)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "scale_set": self.scale_set,
+            "status_code": self.status_code,
+            "capacity": self.capacity,
+            "instance_ids": list(self.instance_ids),
+            "request_id": self.request_id,
+            "correlation_id": self.correlation_id,
+            "async_operation_url": self.async_operation_url,
+            "location_url": self.location_url,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ArmCall:
+        return cls(
+            action=record["action"],
+            scale_set=record["scale_set"],
+            status_code=int(record["status_code"]),
+            capacity=record.get("capacity"),
+            instance_ids=tuple(record.get("instance_ids") or ()),
+            request_id=record.get("request_id"),
+            correlation_id=record.get("correlation_id"),
+            async_operation_url=record.get("async_operation_url"),
+            location_url=record.get("location_url"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """vCPU quota for a VM size's family in one location, and the size's vCPU count."""
+
+    family: str
+    used_vcpus: int
+    limit_vcpus: int
+    vcpus_per_vm: int
+    regional_used_vcpus: int | None = None
+    regional_limit_vcpus: int | None = None
+
+    @property
+    def headroom_vms(self) -> int:
+        """How many more VMs of the size fit in the family (and regional) quota."""
+        free = self.limit_vcpus - self.used_vcpus
+        if self.regional_limit_vcpus is not None and self.regional_used_vcpus is not None:
+            free = min(free, self.regional_limit_vcpus - self.regional_used_vcpus)
+        return max(0, free // max(1, self.vcpus_per_vm))
+
+
+@dataclass(slots=True)
+class _Cached:
+    value: Any
+    expires: float
+
+
+@dataclass
+class _TtlCache:
+    clock: Clock
+    _entries: dict[tuple[str, str], _Cached] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, key: tuple[str, str], ttl: float, load: Callable[[], Any]) -> Any:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.expires > self.clock.monotonic():
+                return entry.value
+        value = load()
+        with self._lock:
+            self._entries[key] = _Cached(value, self.clock.monotonic() + ttl)
+        return value
+
+
+def _header(headers: Any, name: str) -> str | None:
+    value = headers.get(name) if headers is not None else None
+    return str(value) if value else None
+
+
+class ComputeAdapter:
+    """Azure Compute for one subscription. Thread-safe; create one per process and reuse it."""
+
+    def __init__(
+        self,
+        config: ArmConfig,
+        credential: TokenCredential | None = None,
+        *,
+        clock: Clock | None = None,
+        budget: Budget | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.budget = budget or Budget(share=config.budget_share)
+        self._credential = credential
+        self._client: ComputeManagementClient | None = None
+        self._lock = threading.Lock()
+        self._cache = _TtlCache(self.clock)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @property
+    def client(self) -> ComputeManagementClient:
+        with self._lock:
+            if self._client is None:
+                self._client = self._build_client()
+            return self._client
+
+    def _build_client(self) -> ComputeManagementClient:
+        from azure.mgmt.compute import ComputeManagementClient
+
+        credential = self._credential
+        if credential is None:
+            from azure.identity import DefaultAzureCredential
+
+            kwargs = {"authority": self.config.authority} if self.config.authority else {}
+            credential = self._credential = DefaultAzureCredential(**kwargs)
+        options: dict[str, Any] = {
+            "credential_scopes": list(self.config.scopes),
+            "retry_policy": GovernedRetryPolicy(
+                self.budget,
+                self.clock,
+                max_wait=self.config.max_wait,
+                attempts=self.config.retry_attempts,
+            ),
+            "connection_timeout": self.config.connection_timeout,
+            "read_timeout": self.config.read_timeout,
+            "polling_interval": 0,
+        }
+        if self.config.ca_cert:
+            options["connection_verify"] = self.config.ca_cert
+        return ComputeManagementClient(
+            credential,
+            self.config.subscription_id,
+            base_url=self.config.endpoint.rstrip("/"),
+            **options,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def __enter__(self) -> ComputeAdapter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _translate(self, ref: ScaleSetRef | None = None) -> Iterator[None]:
+        """Turn whatever the SDK raises into an AdapterError naming `ref`."""
+        try:
+            yield
+        except AdapterError as error:
+            raise error.about(ref) if ref and error.ref is None else error from None
+        except BudgetExhausted as error:
+            raise AdapterError(
+                ErrorKind.THROTTLED,
+                f"{error}: the rebalancer keeps to {self.config.budget_share:.0%} of the "
+                "subscription's Compute throttling limits",
+                code="ClientThrottlingBudget",
+                retry_after=error.wait,
+                ref=ref,
+            ) from None
+        except arm.ArmParseError as error:
+            raise AdapterError(
+                ErrorKind.INVALID, f"unreadable answer from Compute: {error}", ref=ref
+            ) from None
+        except Exception as error:
+            translated = from_exception(error)
+            if ref is not None and translated.ref is None:
+                translated.ref = ref
+            raise translated from None
+
+    def _not_found_means_gone(self, ref: ScaleSetRef) -> Callable[[AdapterError], AdapterError]:
+        def convert(error: AdapterError) -> AdapterError:
+            if error.kind is ErrorKind.NOT_FOUND and (error.code or "").lower() not in (
+                "subscriptionnotfound",
+                "resourcegroupnotfound",
+            ):
+                return ScaleSetGone(ref, request_id=error.request_id)
+            if error.kind is ErrorKind.NOT_FOUND:
+                return error.about(ref)
+            return error
+
+        return convert
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def list_scale_sets(self, resource_groups: Sequence[str] | None = None) -> list[ScaleSet]:
+        """Every zonal scale set of the subscription in the given resource groups (all when
+        None or empty), matched case-insensitively. One paged `list_all`."""
+        wanted = {group.lower() for group in resource_groups or ()}
+        with self._translate():
+            documents = [
+                model.as_dict() for model in self.client.virtual_machine_scale_sets.list_all()
+            ]
+        scale_sets: list[ScaleSet] = []
+        for document in documents:
+            try:
+                scale_set = arm.parse_scale_set(document)
+            except arm.ArmParseError as error:
+                log.warning("skipping an unreadable scale set in list_all: %s", error)
+                continue
+            if wanted and scale_set.ref.resource_group.lower() not in wanted:
+                continue
+            if not scale_set.zones:
+                continue
+            scale_sets.append(scale_set)
+        return scale_sets
+
+    def get_scale_set(self, ref: ScaleSetRef) -> ScaleSet:
+        gone = self._not_found_means_gone(ref)
+        try:
+            with self._translate(ref):
+                model = self.client.virtual_machine_scale_sets.get(ref.resource_group, ref.name)
+                return arm.parse_scale_set(model.as_dict())
+        except AdapterError as error:
+            raise gone(error) from None
+
+    def read_inventory(
+        self, ref: ScaleSetRef, now: datetime, *, scale_set: ScaleSet | None = None
+    ) -> Inventory:
+        """The scale set (one GET, skipped when `scale_set` is given, e.g. from list_all) and
+        its VMs (one paged list). Raises ScaleSetGone when the scale set does not exist."""
+        if scale_set is None:
+            scale_set = self.get_scale_set(ref)
+        gone = self._not_found_means_gone(ref)
+        try:
+            with self._translate(ref):
+                if scale_set.mode is OrchestrationMode.FLEXIBLE:
+                    instances = self._flexible_instances(scale_set.ref)
+                else:
+                    instances = self._uniform_instances(scale_set.ref)
+        except AdapterError as error:
+            raise gone(error) from None
+        return Inventory(scale_set=scale_set, instances=instances, observed_at=now)
+
+    def _uniform_instances(self, ref: ScaleSetRef) -> tuple[Instance, ...]:
+        pages = self.client.virtual_machine_scale_set_vms.list(
+            ref.resource_group, ref.name, expand="instanceView"
+        )
+        return arm.parse_instances([vm.as_dict() for vm in pages], OrchestrationMode.UNIFORM)
+
+    def _flexible_instances(self, ref: ScaleSetRef) -> tuple[Instance, ...]:
+        pages = self.client.virtual_machines.list(
+            ref.resource_group,
+            filter=f"'virtualMachineScaleSet/id' eq '{ref.id}'",
+            expand="instanceView",
+        )
+        documents = [vm.as_dict() for vm in pages]
+        documents = [doc for doc in documents if arm.instance_belongs_to(doc, ref)]
+        instances = arm.parse_instances(documents, OrchestrationMode.FLEXIBLE)
+        if not instances:
+            return instances
+        protection = self._flexible_protection(ref)
+        return tuple(_with_protection(instance, protection) for instance in instances)
+
+    def _flexible_protection(self, ref: ScaleSetRef) -> Mapping[str, tuple[bool, bool]]:
+        """Protection of a Flexible set's VMs from ONE paged scale-set-VM list (no instance
+        view), keyed by lowercased VM name. The VM list does not carry `protectionPolicy`."""
+        protection: dict[str, tuple[bool, bool]] = {}
+        for vm in self.client.virtual_machine_scale_set_vms.list(ref.resource_group, ref.name):
+            instance = arm.parse_instance(vm.as_dict(), OrchestrationMode.FLEXIBLE)
+            protection[instance.name.lower()] = (
+                instance.protect_from_scale_in,
+                instance.protect_from_scale_set_actions,
+            )
+        return protection
+
+    def audit(
+        self, resource_groups: Sequence[str] | None, now: datetime
+    ) -> list[Inventory | AdapterError]:
+        """Inventory of every zonal scale set in scope, read `audit_concurrency` at a time.
+
+        A failure concerns its scale set only and takes its place in the list (with `ref`
+        set). Once one read is throttled, the rest are not attempted: they report the same
+        throttling, so the next pass comes back when Azure (or the budget) allows.
+        """
+        scale_sets = self.list_scale_sets(resource_groups)
+        throttled: list[AdapterError] = []
+
+        def read(scale_set: ScaleSet) -> Inventory | AdapterError:
+            if throttled:
+                first = throttled[0]
+                return AdapterError(
+                    ErrorKind.THROTTLED,
+                    f"not read: the audit was throttled ({first.message})",
+                    code=first.code,
+                    retry_after=first.retry_after,
+                    ref=scale_set.ref,
+                )
+            try:
+                return self.read_inventory(scale_set.ref, now, scale_set=scale_set)
+            except AdapterError as error:
+                if error.kind is ErrorKind.THROTTLED:
+                    throttled.append(error)
+                return error.about(scale_set.ref) if error.ref is None else error
+
+        if not scale_sets:
+            return []
+        workers = min(self.config.audit_concurrency, len(scale_sets))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="audit") as pool:
+            return list(pool.map(read, scale_sets))
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _start(
+        self,
+        ref: ScaleSetRef,
+        begin: Callable[[Callable[[Any], None]], Any],
+        make_call: Callable[[Any], ArmCall],
+    ) -> ArmCall:
+        captured: list[Any] = []
+
+        def hook(pipeline_response: Any) -> None:
+            captured.append(pipeline_response.http_response)
+
+        gone = self._not_found_means_gone(ref)
+        try:
+            with self._translate(ref):
+                begin(hook)
+        except AdapterError as error:
+            raise gone(error) from None
+        if not captured:
+            raise AdapterError(ErrorKind.TRANSIENT, "no response was recorded", ref=ref)
+        return make_call(captured[-1])
+
+    @staticmethod
+    def _call_from(response: Any, **fields: Any) -> ArmCall:
+        headers = response.headers
+        return ArmCall(
+            status_code=response.status_code,
+            request_id=_header(headers, "x-ms-request-id"),
+            correlation_id=_header(headers, "x-ms-correlation-request-id"),
+            async_operation_url=_header(headers, "Azure-AsyncOperation"),
+            location_url=_header(headers, "Location") if response.status_code == 202 else None,
+            **fields,
+        )
+
+    def set_capacity(self, ref: ScaleSetRef, capacity: int) -> ArmCall:
+        """Start `PATCH sku.capacity = capacity` and return without waiting. Absolute, hence
+        safe to repeat; `operation_status` follows it."""
+        if capacity < 0:
+            raise AdapterError(ErrorKind.INVALID, f"capacity must be >= 0, got {capacity}", ref=ref)
+        from azure.mgmt.compute.models import Sku, VirtualMachineScaleSetUpdate
+
+        def begin(hook: Callable[[Any], None]) -> Any:
+            return self.client.virtual_machine_scale_sets.begin_update(
+                ref.resource_group,
+                ref.name,
+                VirtualMachineScaleSetUpdate(sku=Sku(capacity=capacity)),
+                polling=False,
+                raw_response_hook=hook,
+            )
+
+        return self._start(
+            ref,
+            begin,
+            lambda response: self._call_from(
+                response, action="set_capacity", scale_set=ref.id, capacity=capacity
+            ),
+        )
+
+    def delete_instances(self, ref: ScaleSetRef, instance_ids: Iterable[str]) -> ArmCall:
+        """Start deleting instances (Uniform instance ids, Flexible VM names) and return
+        without waiting. Lowers the capacity by as many. When ARM answers 404 while the scale
+        set still exists, the instances are already gone: a completed call is returned."""
+        ids = tuple(dict.fromkeys(str(i) for i in instance_ids))
+        if not ids:
+            return ArmCall("delete_instances", ref.id, 200)
+        from azure.mgmt.compute.models import VirtualMachineScaleSetVMInstanceRequiredIDs
+
+        def begin(hook: Callable[[Any], None]) -> Any:
+            return self.client.virtual_machine_scale_sets.begin_delete_instances(
+                ref.resource_group,
+                ref.name,
+                VirtualMachineScaleSetVMInstanceRequiredIDs(instance_ids=list(ids)),
+                polling=False,
+                raw_response_hook=hook,
+            )
+
+        try:
+            return self._start(
+                ref,
+                begin,
+                lambda response: self._call_from(
+                    response, action="delete_instances", scale_set=ref.id, instance_ids=ids
+                ),
+            )
+        except ScaleSetGone as error:
+            self.get_scale_set(ref)  # raises ScaleSetGone when the set itself is gone
+            return ArmCall(
+                "delete_instances", ref.id, 404, instance_ids=ids, request_id=error.request_id
+            )
+
+    def operation_status(self, call: ArmCall) -> OperationStatus:
+        """Read a started write's long-running operation once (no waiting)."""
+        if call.synchronous:
+            return OperationStatus(OperationState.SUCCEEDED)
+        url = call.async_operation_url or call.location_url or ""
+        ref = call.ref
+        expected = urlsplit(self.config.endpoint)
+        actual = urlsplit(url)
+        if (actual.scheme, actual.netloc.lower()) != (expected.scheme, expected.netloc.lower()):
+            raise AdapterError(
+                ErrorKind.INVALID,
+                f"operation status URL {url!r} is not on the configured endpoint "
+                f"{self.config.endpoint!r}; refusing to send a token there",
+                ref=ref,
+            )
+        from azure.core.rest import HttpRequest
+
+        with self._translate(ref):
+            response = self.client.send_request(HttpRequest("GET", url))
+            status = response.status_code
+            body = response.read()
+            headers = response.headers
+        if status >= 400:
+            error = from_response(status, headers, body).about(ref)
+            if status == 404:
+                error.message = f"the operation's status is no longer available: {error.message}"
+                return OperationStatus(OperationState.FAILED, error)
+            raise error
+        if not call.async_operation_url:  # Location polling: 202 running, 200/204 done
+            if status == 202:
+                return OperationStatus(OperationState.IN_PROGRESS)
+            return OperationStatus(OperationState.SUCCEEDED)
+        return _status_from_document(response.json() if body else {}, ref)
+
+    # -- quota ----------------------------------------------------------------------------
+
+    def quota(self, location: str, sku_name: str) -> Quota:
+        """vCPU usage and limit of the size's family in `location` (usages, cached for
+        `usage_cache_ttl`) and the size's vCPUs (resource SKUs, cached for `sku_cache_ttl`)."""
+        location_key = location.replace(" ", "").lower()
+        catalog = self._cache.get(
+            ("skus", location_key), self.config.sku_cache_ttl, lambda: self._sku_catalog(location)
+        )
+        entry = catalog.get(sku_name.lower())
+        if entry is None:
+            raise AdapterError(
+                ErrorKind.SKU_UNAVAILABLE,
+                f"VM size {sku_name} is not offered in {location} for this subscription",
+                code="SkuNotAvailable",
+            )
+        family, vcpus = entry
+        usages = self._cache.get(
+            ("usages", location_key), self.config.usage_cache_ttl, lambda: self._usages(location)
+        )
+        family_usage = usages.get(family.lower())
+        if family_usage is None:
+            raise AdapterError(
+                ErrorKind.QUOTA,
+                f"no vCPU quota is reported for family {family} in {location}",
+                code="QuotaNotFound",
+            )
+        regional = usages.get("cores")
+        return Quota(
+            family=family,
+            used_vcpus=family_usage[0],
+            limit_vcpus=family_usage[1],
+            vcpus_per_vm=vcpus,
+            regional_used_vcpus=regional[0] if regional else None,
+            regional_limit_vcpus=regional[1] if regional else None,
+        )
+
+    def _sku_catalog(self, location: str) -> dict[str, tuple[str, int]]:
+        catalog: dict[str, tuple[str, int]] = {}
+        with self._translate():
+            skus = [
+                sku.as_dict()
+                for sku in self.client.resource_skus.list(filter=f"location eq '{location}'")
+            ]
+        for sku in skus:
+            if str(sku.get("resourceType", "")).lower() != "virtualmachines":
+                continue
+            if _restricted(sku):
+                continue
+            vcpus = next(
+                (
+                    c.get("value")
+                    for c in sku.get("capabilities") or ()
+                    if str(c.get("name", "")).lower() == "vcpus"
+                ),
+                None,
+            )
+            if sku.get("name") and sku.get("family") and str(vcpus or "").isdigit():
+                catalog[str(sku["name"]).lower()] = (str(sku["family"]), int(str(vcpus)))
+        return catalog
+
+    def _usages(self, location: str) -> dict[str, tuple[int, int]]:
+        with self._translate():
+            usages = [usage.as_dict() for usage in self.client.usage.list(location)]
+        result: dict[str, tuple[int, int]] = {}
+        for usage in usages:
+            name = (usage.get("name") or {}).get("value")
+            if name:
+                result[str(name).lower()] = (
+                    int(usage.get("currentValue", 0)),
+                    int(usage.get("limit", 0)),
+                )
+        return result
+
+
+def _restricted(sku: Mapping[str, Any]) -> bool:
+    """A SKU restricted for the whole location (`NotAvailableForSubscription`) is unusable."""
+    return any(str(r.get("type", "")).lower() == "location" for r in sku.get("restrictions") or ())
+
+
+def _with_protection(instance: Instance, protection: Mapping[str, tuple[bool, bool]]) -> Instance:
+    flags = protection.get(instance.name.lower()) or protection.get(instance.id.lower())
+    if flags is None:
+        return instance
+    scale_in, scale_set_actions = flags
+    return replace(
+        instance, protect_from_scale_in=scale_in, protect_from_scale_set_actions=scale_set_actions
+    )
+
+
+def _status_from_document(document: Any, ref: ScaleSetRef) -> OperationStatus:
+    status = str((document or {}).get("status", "")).lower()
+    if status in ("succeeded",):
+        return OperationStatus(OperationState.SUCCEEDED)
+    if status in ("failed", "canceled", "cancelled"):
+        error = document.get("error") or {}
+        code = error.get("code") or ("OperationPreempted" if status != "failed" else None)
+        message = error.get("message") or f"the operation ended {document.get('status')}"
+        classified = classify(
+            status=None, code=code, message=message, details=error.get("details") or ()
+        )
+        if status != "failed" and classified.kind is ErrorKind.INVALID:
+            classified.kind = ErrorKind.CONFLICT
+        return OperationStatus(OperationState.FAILED, classified.about(ref))
+    return OperationStatus(OperationState.IN_PROGRESS)
