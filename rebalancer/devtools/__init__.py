@@ -1,0 +1,1 @@
+"""Local development tools: emulators the tests and the demo start on loopback."""

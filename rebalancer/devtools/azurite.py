@@ -1,0 +1,240 @@
+"""Start and stop Azurite's Table service on loopback, for tests and the local demo.
+
+Azurite is the npm package `azurite` (installed by `make setup`). The table service listens on
+127.0.0.1 at a free port, in memory by default or on disk under `location` (needed to restart
+it with its data, e.g. for a chaos test). Every wait has a timeout: a launcher that cannot start
+Azurite raises with Azurite's own output rather than hanging.
+
+Azurite saves an on-disk database every 5 seconds and on SIGINT; `stop()` sends SIGINT (data
+kept), `stop(graceful=False)` sends SIGKILL (a crash: up to 5 seconds of writes may be lost).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+DEV_ACCOUNT_NAME = "devstoreaccount1"
+DEV_ACCOUNT_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+"""Azurite's well-known development account (public, documented by Microsoft)."""
+
+HOST = "127.0.0.1"
+
+
+class AzuriteError(RuntimeError):
+    """Azurite could not be found, started or stopped."""
+
+
+def find_executable() -> Path:
+    """`azurite-table` from $AZURITE_TABLE, the project's node_modules, or PATH."""
+    configured = os.environ.get("AZURITE_TABLE")
+    if configured:
+        path = Path(configured)
+        if path.is_file():
+            return path
+        raise AzuriteError(f"AZURITE_TABLE={configured!r} is not a file")
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "node_modules" / ".bin" / "azurite-table"
+        if candidate.is_file():
+            return candidate
+    found = shutil.which("azurite-table")
+    if found:
+        return Path(found)
+    raise AzuriteError(
+        "azurite-table not found: run `make setup` (npm ci installs Azurite into node_modules), "
+        "or set AZURITE_TABLE to its path"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def connection_string(port: int) -> str:
+    """A connection string for the real client (the dev account, at this port)."""
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT_NAME};"
+        f"AccountKey={DEV_ACCOUNT_KEY};"
+        f"TableEndpoint=http://{HOST}:{port}/{DEV_ACCOUNT_NAME};"
+    )
+
+
+class Azurite:
+    """One Azurite table service process. Use as a context manager, or start()/stop().
+
+    >>> with Azurite() as azurite:
+    ...     env = {"AzureWebJobsStorage": azurite.connection_string}
+    """
+
+    def __init__(
+        self,
+        *,
+        location: Path | str | None = None,
+        port: int | None = None,
+        startup_timeout: float = 20.0,
+        executable: Path | None = None,
+    ) -> None:
+        self.location = Path(location) if location is not None else None
+        self._requested_port = port
+        self.port: int | None = None
+        self.startup_timeout = startup_timeout
+        self.executable = executable
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_path: Path | None = None
+
+    # -- what clients need ---------------------------------------------------------------
+
+    @property
+    def connection_string(self) -> str:
+        return connection_string(self._port())
+
+    @property
+    def table_endpoint(self) -> str:
+        return f"http://{HOST}:{self._port()}/{DEV_ACCOUNT_NAME}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> Azurite:
+        if self.running:
+            return self
+        attempts = 1 if (self._requested_port or self.port) else 3
+        last_error: AzuriteError | None = None
+        for _ in range(attempts):
+            port = self.port or self._requested_port or free_port()
+            try:
+                self._launch(port)
+            except AzuriteError as error:  # e.g. the free port was taken in between: retry
+                last_error = error
+                continue
+            self.port = port
+            atexit.register(self.stop)
+            return self
+        assert last_error is not None
+        raise last_error
+
+    def stop(self, *, graceful: bool = True, timeout: float = 10.0) -> None:
+        """Stop the process: SIGINT (Azurite saves its database), or SIGKILL when not graceful."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        atexit.unregister(self.stop)
+        if process.poll() is None:
+            if graceful:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            else:
+                process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=timeout)
+        if self._log_path is not None:
+            self._log_path.unlink(missing_ok=True)
+            self._log_path = None
+
+    def restart(self, *, graceful: bool = True) -> None:
+        """Stop and start again on the same port and (on-disk mode) with the same data."""
+        if self.location is None:
+            raise AzuriteError(
+                "restart() needs on-disk mode: an in-memory Azurite loses everything on stop; "
+                "pass location=<directory>"
+            )
+        self.stop(graceful=graceful)
+        self.start()
+
+    def __enter__(self) -> Azurite:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _port(self) -> int:
+        if self.port is None:
+            raise AzuriteError("Azurite is not started: call start() first")
+        return self.port
+
+    def _command(self, port: int) -> list[str]:
+        executable = self.executable or find_executable()
+        command = [
+            str(executable),
+            "--tableHost",
+            HOST,
+            "--tablePort",
+            str(port),
+            "--silent",
+            "--disableTelemetry",
+            "--skipApiVersionCheck",
+        ]
+        if self.location is None:
+            command.append("--inMemoryPersistence")
+        else:
+            self.location.mkdir(parents=True, exist_ok=True)
+            command += ["--location", str(self.location)]
+        return command
+
+    def _launch(self, port: int) -> None:
+        command = self._command(port)
+        log = tempfile.NamedTemporaryFile(prefix="azurite-", suffix=".log", delete=False)  # noqa: SIM115
+        self._log_path = Path(log.name)
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.location or tempfile.gettempdir(),
+            start_new_session=True,
+        )
+        log.close()
+        self._process = process
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                self._process = None
+                raise AzuriteError(
+                    f"Azurite exited with code {process.returncode} while starting on port "
+                    f"{port}: {self._log_tail()}"
+                )
+            if _accepts_connections(port):
+                return
+            time.sleep(0.05)
+        self.stop(graceful=False)
+        raise AzuriteError(
+            f"Azurite did not listen on {HOST}:{port} within {self.startup_timeout:.0f} s: "
+            f"{self._log_tail()}"
+        )
+
+    def _log_tail(self) -> str:
+        if self._log_path is None:
+            return "(no output)"
+        try:
+            text = self._log_path.read_text(errors="replace").strip()
+        except OSError:
+            return "(no output)"
+        return text[-2000:] or "(no output)"
+
+
+def _accepts_connections(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False

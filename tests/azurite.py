@@ -1,0 +1,50 @@
+"""pytest fixtures for Azurite's Table service (see rebalancer.devtools.azurite).
+
+Enable them in a test module with `pytest_plugins = ["tests.azurite"]` (or from conftest.py).
+One in-memory Azurite serves the whole session; each test gets its own table prefix, so tests
+never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rebalancer.devtools.azurite import Azurite
+from rebalancer.store import StorageConnection, Store
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    """One in-memory Azurite table service for the test session."""
+    with Azurite() as server:
+        yield server
+
+
+@pytest.fixture
+def azurite_on_disk(tmp_path: Path) -> Iterator[Azurite]:
+    """A private on-disk Azurite that a test may restart (`restart()`), keeping its data."""
+    with Azurite(location=tmp_path / "azurite") as server:
+        yield server
+
+
+@pytest.fixture
+def table_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:16]}"
+
+
+def make_store(azurite: Azurite, table_prefix: str, **options: object) -> Store:
+    """A Store on `azurite` that fails fast (no client retries) unless told otherwise."""
+    options.setdefault("retry_total", 0)
+    connection = StorageConnection("test", connection_string=azurite.connection_string)
+    return Store(connection, table_prefix=table_prefix, **options)
+
+
+@pytest.fixture
+def store(azurite: Azurite, table_prefix: str) -> Iterator[Store]:
+    """A Store with fresh tables (created on first write) on the session's Azurite."""
+    with make_store(azurite, table_prefix) as opened:
+        yield opened
