@@ -32,6 +32,8 @@ from rebalancer.model import (
 )
 
 SCALE_SET_TYPE = "microsoft.compute/virtualmachinescalesets"
+VM_TYPE = "microsoft.compute/virtualmachines"
+VM_TYPES = frozenset({VM_TYPE, "microsoft.compute/virtualmachinescalesets/virtualmachines"})
 HEALTH_EXTENSION_TYPES = frozenset({"applicationhealthlinux", "applicationhealthwindows"})
 
 _PROVISIONING_STATES = {
@@ -296,7 +298,12 @@ def _uniform_instance_id(doc: Mapping[str, Any]) -> str | None:
         return instance_id
     resource_id = _text(_get(doc, "id")) or ""
     head, sep, tail = resource_id.rstrip("/").rpartition("/")
-    if sep and head.lower().endswith("/virtualmachines") and tail:
+    if (
+        sep
+        and tail
+        and head.lower().endswith("/virtualmachines")
+        and "/virtualmachinescalesets/" in head.lower()
+    ):
         return tail
     return None
 
@@ -312,6 +319,9 @@ def parse_instance(doc: Mapping[str, Any], mode: OrchestrationMode) -> Instance:
     if not isinstance(doc, Mapping):
         raise ArmParseError(f"expected a VM object, got {_describe(doc)}")
     mode = OrchestrationMode(mode)
+    kind = _text(_get(doc, "type"))
+    if kind is not None and kind.lower() not in VM_TYPES:
+        raise ArmParseError(f"expected a VM, got a {kind} ({_describe(doc)})")
     name = _text(_get(doc, "name")) or ""
     if mode is OrchestrationMode.UNIFORM:
         vm_id = _uniform_instance_id(doc)

@@ -1,0 +1,193 @@
+"""`rebalancer plan`: what the rebalancer would do with an exported scale set (what-if).
+
+Reads a scale set (`az vmss show`, or the REST GET body) and its VMs (`az vmss
+list-instances --expand instanceView`, `az vm list` for Flexible, or a REST list response)
+and prints the evaluator's answer. It ignores the opt-in tag: it answers "what would happen
+if the rebalancer were enabled here"; every other rule applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rebalancer.cli import EXIT_OK, CliError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="show what the rebalancer would do with an exported scale set",
+        description=(
+            "Assess an exported scale set and its VMs: zone counts, whether it is balanced, "
+            "and the moves the rebalancer would make (the opt-in tag is ignored)."
+        ),
+    )
+    parser.add_argument(
+        "--scale-set",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the scale set as JSON: `az vmss show` output or a REST GET response body",
+    )
+    parser.add_argument(
+        "--instances",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help=(
+            "its VMs as JSON: a bare array (`az vmss list-instances --expand instanceView`, "
+            "`az vm list` for Flexible) or a REST list response {'value': [...]}"
+        ),
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of a table"
+    )
+    parser.set_defaults(handler=run)
+
+
+def _load(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError as error:
+        raise CliError(f"{path}: file not found") from error
+    except IsADirectoryError as error:
+        raise CliError(f"{path}: is a directory, not a JSON file") from error
+    except UnicodeDecodeError as error:
+        raise CliError(f"{path}: not UTF-8 text; export the JSON again") from error
+    except OSError as error:
+        raise CliError(f"{path}: cannot read: {error.strerror or error}") from error
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CliError(
+            f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from error
+
+
+def _read_inputs(args: argparse.Namespace):
+    from rebalancer.arm import (
+        VM_TYPE,
+        VM_TYPES,
+        ArmParseError,
+        instance_belongs_to,
+        instance_documents,
+        instance_scale_set,
+        parse_instances,
+        parse_scale_set,
+    )
+    from rebalancer.model import Inventory
+
+    scale_path: Path = args.scale_set
+    vms_path: Path = args.instances
+    try:
+        scale_set = parse_scale_set(_load(scale_path))
+    except ArmParseError as error:
+        raise CliError(f"{scale_path}: not a scale set: {error}") from error
+
+    try:
+        documents = instance_documents(_load(vms_path))
+        for doc in documents:
+            kind = str(doc.get("type") or VM_TYPE).lower()
+            if kind in VM_TYPES and not instance_belongs_to(doc, scale_set.ref):
+                owner = instance_scale_set(doc)
+                where = f"scale set {owner.name!r}" if owner else "no scale set"
+                raise CliError(
+                    f"{vms_path}: VM {doc.get('name') or doc.get('id')!r} belongs to {where}, "
+                    f"not to {scale_set.ref.name!r}; export the VMs of this scale set only"
+                )
+        instances = parse_instances(documents, scale_set.mode)
+    except ArmParseError as error:
+        raise CliError(f"{vms_path}: not a VM list: {error}") from error
+    return Inventory(scale_set, instances, observed_at=datetime.now(UTC))
+
+
+def to_json(assessment) -> dict[str, Any]:
+    """The documented `--json` object, and nothing more."""
+    return {
+        "balanced": assessment.balanced,
+        "zones": {
+            zone: {"total": count.total, "active": count.active}
+            for zone, count in assessment.zones.items()
+        },
+        "decision": assessment.decision.value,
+        "reason": assessment.reason.value,
+        "moves": [
+            {"fromZone": move.from_zone, "toZone": move.to_zone, "source": move.source}
+            for move in assessment.moves
+        ],
+    }
+
+
+def _print_table(inventory, assessment) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    scale_set = inventory.scale_set
+    tag = scale_set.tag("zone-rebalance") or "not set"
+    console.print(
+        f"[bold]{scale_set.ref.name}[/bold] (resource group {scale_set.ref.resource_group}, "
+        f"{scale_set.mode.value}, {len(inventory.instances)} VMs; "
+        f"zone-rebalance tag: {tag}, ignored by plan)",
+    )
+
+    zones = Table(title="Zones", title_justify="left")
+    for column in ("zone", "total", "active", "total after", "active after"):
+        zones.add_column(column, justify="left" if column == "zone" else "right")
+    projected: Mapping = assessment.projected
+    for zone, count in assessment.zones.items():
+        after = projected.get(zone, count)
+        zones.add_row(
+            zone, str(count.total), str(count.active), str(after.total), str(after.active)
+        )
+    console.print(zones)
+
+    verdict = "balanced" if assessment.balanced else "not balanced"
+    console.print(
+        f"[bold]{verdict}; decision: {assessment.decision.value}[/bold] ({assessment.reason.value})"
+    )
+    console.print(assessment.reason.describe())
+    if assessment.detail:
+        console.print(f"Detail: {assessment.detail}")
+    if assessment.excluded:
+        console.print("Not counted (being deleted or failed): " + ", ".join(assessment.excluded))
+    if assessment.moves:
+        by_id = inventory.by_id()
+        moves = Table(title="Moves, in order", title_justify="left")
+        for column in ("#", "from zone", "to zone", "source", "why this source"):
+            moves.add_column(column, justify="right" if column == "#" else "left")
+        for number, move in enumerate(assessment.moves, start=1):
+            why = _why_source(by_id[move.source])
+            moves.add_row(str(number), move.from_zone, move.to_zone, move.source, why)
+        console.print(moves)
+        console.print(
+            "Moves run create-before-delete: the replacement must be healthy before its "
+            "source is deleted."
+        )
+
+
+def _why_source(instance) -> str:
+    from rebalancer.model import Health
+
+    if instance.health is not Health.HEALTHY:
+        return f"health {instance.health.value}"
+    if not instance.latest_model:
+        return "not on the latest model"
+    return "highest id among the rest"
+
+
+def run(args: argparse.Namespace) -> int:
+    from rebalancer.evaluator import assess
+
+    inventory = _read_inputs(args)
+    assessment = assess(inventory)
+    if args.json:
+        print(json.dumps(to_json(assessment), indent=2))
+    else:
+        _print_table(inventory, assessment)
+    return EXIT_OK
