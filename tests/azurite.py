@@ -8,7 +8,7 @@ never see each other's rows.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,7 +44,24 @@ def make_store(azurite: Azurite, table_prefix: str, **options: object) -> Store:
 
 
 @pytest.fixture
-def store(azurite: Azurite, table_prefix: str) -> Iterator[Store]:
+def store_factory(azurite: Azurite, table_prefix: str) -> Iterator[Callable[..., Store]]:
+    """More Stores on the test's tables (one per simulated instance); closed at teardown.
+
+    `store_factory(server=other_azurite, backoff=...)`: options go to `Store`.
+    """
+    opened: list[Store] = []
+
+    def factory(*, server: Azurite | None = None, **options: object) -> Store:
+        created = make_store(server or azurite, table_prefix, **options)
+        opened.append(created)
+        return created
+
+    yield factory
+    for created in opened:
+        created.close()
+
+
+@pytest.fixture
+def store(store_factory: Callable[..., Store]) -> Store:
     """A Store with fresh tables (created on first write) on the session's Azurite."""
-    with make_store(azurite, table_prefix) as opened:
-        yield opened
+    return store_factory()

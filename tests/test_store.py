@@ -1,0 +1,536 @@
+"""The Table Storage adapter against Azurite, through the real azure-data-tables client."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from rebalancer.devtools.azurite import Azurite, connection_string, free_port
+from rebalancer.store import (
+    MAX_ENTITY_BYTES,
+    BackoffPolicy,
+    ConcurrencyError,
+    EntityTooLarge,
+    LockLost,
+    OperationRow,
+    StorageConnection,
+    Store,
+    StoreConfigError,
+    StoreError,
+    StoreUnavailable,
+    encode_key,
+    entity_size,
+    open_store,
+    parse_connection,
+    split_text,
+)
+
+pytest_plugins = ["tests.azurite"]
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+LEASE = timedelta(minutes=5)
+WEB = (
+    "/subscriptions/sub/resourcegroups/rg-a/providers/microsoft.compute/virtualmachinescalesets/web"
+)
+API = (
+    "/subscriptions/sub/resourcegroups/rg-a/providers/microsoft.compute/virtualmachinescalesets/api"
+)
+
+
+def operation(
+    operation_id: str = "op-1",
+    scale_set_key: str = WEB,
+    state: str = "planned",
+    *,
+    at: datetime = T0,
+    body: str = '{"state": "planned"}',
+) -> OperationRow:
+    return OperationRow(operation_id, scale_set_key, state, True, at, body)
+
+
+def race(count: int, action: Callable[[int], object]) -> list[object]:
+    """Run `action(i)` in `count` threads released together; return results in order."""
+    barrier = threading.Barrier(count, timeout=10)
+    results: list[object] = [None] * count
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait()
+            results[index] = action(index)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "a racing thread hung"
+    assert not errors, errors
+    return results
+
+
+# -- the launcher --------------------------------------------------------------------------
+
+
+def test_on_disk_azurite_keeps_rows_across_a_restart(azurite_on_disk: Azurite, store_factory):
+    store = store_factory(server=azurite_on_disk)
+    assert store.try_acquire(WEB, "a", T0, LEASE) is not None
+    port = azurite_on_disk.port
+    azurite_on_disk.restart()
+    assert azurite_on_disk.port == port
+    assert store.lock_holder(WEB, T0) == "a"
+
+
+def test_in_memory_azurite_refuses_restart(azurite: Azurite):
+    with pytest.raises(RuntimeError, match="on-disk mode"):
+        azurite.restart()
+
+
+# -- locks ---------------------------------------------------------------------------------
+
+
+def test_lock_is_exclusive_until_its_lease_expires(store: Store):
+    held = store.try_acquire(WEB, "alice", T0, LEASE)
+    assert held is not None and held.owner == "alice"
+    assert held.lease_until == T0 + LEASE
+    assert store.try_acquire(WEB, "bob", T0 + timedelta(minutes=4), LEASE) is None
+    assert store.lock_holder(WEB, T0 + timedelta(minutes=4)) == "alice"
+
+    # alice crashed: her lease runs out and bob takes over
+    later = T0 + LEASE + timedelta(seconds=1)
+    assert store.lock_holder(WEB, later) is None
+    taken = store.try_acquire(WEB, "bob", later, LEASE)
+    assert taken is not None and taken.owner == "bob"
+    with pytest.raises(LockLost, match="no longer held by alice"):
+        store.renew(held, later)
+    assert store.release(held) is False
+    assert store.lock_holder(WEB, later) == "bob"
+
+
+def test_lock_renew_and_release(store: Store):
+    held = store.try_acquire(WEB, "alice", T0, LEASE)
+    assert held is not None
+    renewed = store.renew(held, T0 + timedelta(minutes=4))
+    assert renewed.lease_until == T0 + timedelta(minutes=9)
+    assert renewed.etag != held.etag
+    assert store.try_acquire(WEB, "bob", T0 + timedelta(minutes=8), LEASE) is None
+    with pytest.raises(LockLost):
+        store.renew(held, T0 + timedelta(minutes=4))  # the old ETag no longer proves anything
+    assert store.release(renewed) is True
+    assert store.try_acquire(WEB, "bob", T0 + timedelta(minutes=8), LEASE) is not None
+
+
+def test_the_same_owner_reacquires_and_other_scale_sets_are_independent(store: Store):
+    first = store.try_acquire(WEB, "alice", T0, LEASE)
+    again = store.try_acquire(WEB, "alice", T0 + timedelta(minutes=1), LEASE)
+    assert first is not None and again is not None
+    assert again.acquired_at == T0 and again.lease_until == T0 + timedelta(minutes=6)
+    assert store.try_acquire(API, "bob", T0, LEASE) is not None
+
+
+@pytest.mark.parametrize("expired_holder", [False, True])
+def test_eight_concurrent_acquirers_exactly_one_wins(store_factory, expired_holder):
+    stores = [store_factory() for _ in range(8)]
+    now = T0
+    if expired_holder:  # the contended path is the takeover of a crashed holder's lease
+        assert stores[0].try_acquire(WEB, "crashed", T0 - timedelta(hours=1), LEASE)
+    results = race(8, lambda i: stores[i].try_acquire(WEB, f"owner-{i}", now, LEASE))
+    winners = [lock for lock in results if lock is not None]
+    assert len(winners) == 1
+    assert stores[0].lock_holder(WEB, now) == winners[0].owner
+
+
+# -- operations ----------------------------------------------------------------------------
+
+
+def test_operation_create_read_update_and_stale_etag(store: Store):
+    created = store.save_operation(operation())
+    assert created.etag is not None and created.created_at == T0
+    assert store.active_operation(WEB) == created
+    assert store.active_operation(API) is None
+
+    moved = store.save_operation(
+        replace(created, state="scaling_out", updated_at=T0 + timedelta(minutes=1))
+    )
+    assert store.active_operation(WEB) == moved
+    with pytest.raises(ConcurrencyError, match="stale ETag"):
+        store.save_operation(replace(created, state="failed"))  # written from an old read
+    assert store.active_operation(WEB) == moved
+
+
+def test_a_scale_set_has_at_most_one_in_flight_operation(store: Store):
+    store.save_operation(operation("op-1"))
+    with pytest.raises(ConcurrencyError, match="already has an in-flight operation"):
+        store.save_operation(operation("op-2"))
+
+
+def test_commit_writes_the_operation_only_while_the_lock_is_held(store: Store):
+    lock = store.try_acquire(WEB, "alice", T0, LEASE)
+    assert lock is not None
+    row, lock = store.commit(operation(), lock, T0 + timedelta(minutes=1))
+    assert lock.lease_until == T0 + timedelta(minutes=6)
+    assert store.lock_holder(WEB, T0 + timedelta(minutes=5, seconds=30)) == "alice"
+
+    # alice stalls past her lease; bob takes the scale set over
+    late = T0 + timedelta(minutes=10)
+    assert store.try_acquire(WEB, "bob", late, LEASE) is not None
+    with pytest.raises(LockLost):
+        store.commit(replace(row, state="scaling_out"), lock, late)
+    assert store.active_operation(WEB) == row  # nothing was written
+
+
+def test_commit_rejects_a_stale_operation_even_with_the_lock(store: Store):
+    lock = store.try_acquire(WEB, "alice", T0, LEASE)
+    assert lock is not None
+    row, lock = store.commit(operation(), lock, T0)
+    store.save_operation(replace(row, state="scaling_out"))
+    with pytest.raises(ConcurrencyError) as raised:
+        store.commit(replace(row, state="failed"), lock, T0)
+    assert not isinstance(raised.value, LockLost)
+    assert store.renew(lock, T0).owner == "alice"  # the lock row was not touched
+
+
+def test_active_operations_lists_only_in_flight_ones(store: Store):
+    assert store.active_operations() == []  # tables do not exist yet: nothing in flight
+    web = store.save_operation(operation("op-web", WEB))
+    api = store.save_operation(operation("op-api", API))
+    lock = store.try_acquire(WEB, "alice", T0, LEASE)
+    assert lock is not None
+    store.claim_slot("op-web", 5, T0)
+    assert {row.operation_id for row in store.active_operations()} == {"op-web", "op-api"}
+    store.save_operation(replace(api, state="succeeded", active=False))
+    assert store.active_operations() == [web]
+
+
+def test_finished_operations_move_to_history_newest_first(store: Store):
+    ids = []
+    for day in range(4):
+        started = T0 + timedelta(days=day)
+        row = store.save_operation(operation(f"op-{day}", at=started))
+        store.save_operation(
+            replace(row, state="succeeded", active=False, updated_at=started + timedelta(hours=1))
+        )
+        ids.append(f"op-{day}")
+    current = store.save_operation(operation("op-now", at=T0 + timedelta(days=9)))
+    assert store.active_operation(WEB) == current
+
+    history = store.history(WEB, limit=3)
+    assert [row.operation_id for row in history] == ["op-now", "op-3", "op-2"]
+    assert [row.active for row in history] == [True, False, False]
+    assert history[1].state == "succeeded"
+    assert [row.operation_id for row in store.history(WEB)] == ["op-now", *reversed(ids)]
+    assert store.history(API) == []
+
+
+def test_a_finished_operation_can_still_be_amended(store: Store):
+    row = store.save_operation(operation())
+    done = store.save_operation(replace(row, state="succeeded", active=False))
+    amended = store.save_operation(replace(done, body='{"note": "call ids appended"}'))
+    assert store.history(WEB)[0] == amended
+    with pytest.raises(ConcurrencyError):
+        store.save_operation(replace(done, body="stale"))
+
+
+def test_interrupted_archiving_is_completed(store: Store):
+    row = store.save_operation(operation("op-1"))
+    # A crash right after the terminal write: the finished row is still in the live partition.
+    finished = replace(row, state="failed", active=False)
+    store._tables["live"].update_entity(store._operation_entity(finished))
+    assert store.active_operations() == []
+    assert store.active_operation(WEB) is None  # completes the move
+    assert [r.operation_id for r in store.history(WEB)] == ["op-1"]
+    assert store.save_operation(operation("op-2")).operation_id == "op-2"
+
+
+def test_purge_removes_finished_operations_past_retention(store: Store):
+    for day in range(3):
+        at = T0 + timedelta(days=day)
+        row = store.save_operation(operation(f"op-{day}", at=at))
+        store.save_operation(replace(row, state="succeeded", active=False))
+    store.save_operation(operation("op-live", at=T0))
+    result = store.purge(T0 + timedelta(days=31, hours=12), history_retention=timedelta(days=30))
+    assert result.operations == 2
+    assert [row.operation_id for row in store.history(WEB)] == ["op-live", "op-2"]
+
+
+def test_large_bodies_are_split_and_oversized_ones_refused(store: Store):
+    body = ('{"baseline": [' + ",".join(f'"{i}"' for i in range(9000)) + "]}") + "\U0001f600" * 9
+    assert len(body) > 60_000
+    row = store.save_operation(operation(body=body))
+    assert store.active_operation(WEB) == row
+    assert store.active_operation(WEB).body == body
+
+    too_big = "x" * (MAX_ENTITY_BYTES // 2)
+    with pytest.raises(EntityTooLarge, match="at most 1,048,576"):
+        store.save_operation(operation("op-2", API, body=too_big))
+    assert store.active_operation(API) is None
+
+
+def test_split_text_respects_utf16_units_and_surrogate_pairs():
+    text = "ab\U0001f600cd\U0001f600"  # each emoji is 2 UTF-16 code units
+    pieces = split_text(text, limit=3)
+    assert "".join(pieces) == text
+    for piece in pieces:
+        assert len(piece.encode("utf-16-le")) // 2 <= 3
+    assert split_text("", limit=3) == [""]
+    assert entity_size({"PartitionKey": "p", "RowKey": "r", "S": "ab"}) == 4 + 4 + 8 + 2 + 4 + 4
+
+
+# -- concurrency slots ---------------------------------------------------------------------
+
+
+def test_slots_cap_concurrent_operations(store: Store):
+    assert store.claim_slot("op-a", 2, T0)
+    assert store.claim_slot("op-a", 2, T0)  # idempotent
+    assert store.claim_slot("op-b", 2, T0)
+    assert not store.claim_slot("op-c", 2, T0)
+    store.release_slot("op-a")
+    store.release_slot("op-a")  # idempotent
+    assert store.claim_slot("op-c", 2, T0)
+    assert sorted(store.slots_in_use()) == ["op-b", "op-c"]
+    assert not store.claim_slot("op-d", 0, T0)
+
+
+def test_a_slot_whose_operation_is_gone_is_reclaimed_after_the_grace(store: Store):
+    in_flight = store.save_operation(operation("op-a", WEB))
+    assert store.claim_slot("op-a", 2, T0)
+    assert store.claim_slot("op-b", 2, T0)  # never got an operation row (crashed)
+    grace_over = T0 + store.slot_grace + timedelta(seconds=1)
+    assert not store.claim_slot("op-c", 2, T0 + timedelta(seconds=30))
+    assert store.claim_slot("op-c", 2, grace_over)
+    assert sorted(store.slots_in_use()) == ["op-a", "op-c"]
+    # op-a finishes without releasing its slot: it is reclaimable too
+    store.save_operation(replace(in_flight, state="succeeded", active=False))
+    assert store.claim_slot("op-d", 2, grace_over)
+    assert sorted(store.slots_in_use()) == ["op-c", "op-d"]
+
+
+def test_eight_racing_claims_never_exceed_the_cap(store_factory):
+    stores = [store_factory() for _ in range(8)]
+    results = race(8, lambda i: stores[i].claim_slot(f"op-{i}", 3, T0))
+    assert results.count(True) == 3
+    assert len(stores[0].slots_in_use()) == 3
+
+
+# -- zone backoff --------------------------------------------------------------------------
+
+
+def test_capacity_backoff_doubles_up_to_the_cap_and_clears(store: Store):
+    assert store.backoff_until("westeurope", "Standard_D2s_v5", "2", T0) is None
+    delays = []
+    now = T0
+    for _ in range(6):
+        backoff = store.record_capacity_failure("westeurope", "Standard_D2s_v5", "2", now)
+        delays.append(backoff.until - now)
+        now = backoff.until
+    minutes = [int(delay.total_seconds() // 60) for delay in delays]
+    assert minutes == [15, 30, 60, 120, 240, 240]
+
+    # shared by every scale set of that location, SKU and zone; case does not matter
+    assert store.backoff_until("WestEurope", "standard_d2s_v5", "2", now - timedelta(minutes=1))
+    assert (
+        store.backoff_until("westeurope", "Standard_D2s_v5", "1", now - timedelta(hours=1)) is None
+    )
+    assert store.backoff_until("westeurope", "Standard_D2s_v5", "2", now) is None  # expired
+    assert [b.zone for b in store.backoffs(now - timedelta(minutes=1))] == ["2"]
+
+    store.clear_backoff("westeurope", "Standard_D2s_v5", "2")
+    again = store.record_capacity_failure("westeurope", "Standard_D2s_v5", "2", now)
+    assert again.failures == 1 and again.until - now == timedelta(minutes=15)
+
+
+def test_capacity_backoff_starts_over_after_a_quiet_day(store_factory):
+    policy = BackoffPolicy(base=timedelta(minutes=1), cap=timedelta(minutes=10))
+    store = store_factory(backoff=policy)
+    assert store.record_capacity_failure("eastus", "sku", "3", T0).failures == 1
+    assert store.record_capacity_failure("eastus", "sku", "3", T0).failures == 2
+    later = T0 + timedelta(days=2)
+    fresh = store.record_capacity_failure("eastus", "sku", "3", later)
+    assert fresh.failures == 1 and fresh.until == later + timedelta(minutes=1)
+    assert BackoffPolicy().delay(1000) == timedelta(hours=4)
+
+
+# -- assessments, activity, events ---------------------------------------------------------
+
+
+def test_assessment_is_written_only_when_it_changed(store: Store):
+    assert store.last_assessment(WEB) is None
+    assert store.save_assessment(WEB, '{"balanced": false}', T0, fingerprint="unbalanced")
+    before = store.stats
+    for minute in range(1, 6):  # five idle ticks: same content, new timestamps
+        at = T0 + timedelta(minutes=minute)
+        assert not store.save_assessment(WEB, f'{{"at": "{at}"}}', at, fingerprint="unbalanced")
+    idle = store.stats - before
+    assert idle.writes == 0 and idle.reads == 5
+    assert store.save_assessment(WEB, '{"balanced": true}', T0 + timedelta(hours=1))
+    stored = store.last_assessment(WEB)
+    assert stored is not None
+    assert stored.body == '{"balanced": true}' and stored.at == T0 + timedelta(hours=1)
+    assert not store.save_assessment(WEB, '{"balanced": true}', T0 + timedelta(hours=2))
+
+
+def test_outside_activity_keeps_the_latest(store: Store):
+    assert store.last_activity(WEB) is None
+    assert store.record_activity(WEB, T0)
+    assert store.record_activity(WEB, T0 + timedelta(minutes=5))
+    assert not store.record_activity(WEB, T0 + timedelta(minutes=1))  # older, out of order
+    assert store.last_activity(WEB) == T0 + timedelta(minutes=5)
+    assert store.last_activity(API) is None
+
+
+def test_event_ids_are_delivered_once_until_they_expire(store: Store):
+    event = "9b2f6c57-1f0a-4c1e-9a86-5d1ad0a4a1b2"
+    assert store.first_delivery(event, T0)
+    assert not store.first_delivery(event, T0 + timedelta(hours=1))
+    assert store.first_delivery("another", T0)
+    store.forget_event("another")  # handling failed: let Event Grid's retry through
+    assert store.first_delivery("another", T0 + timedelta(minutes=1))
+
+    after = T0 + store.event_ttl + timedelta(seconds=1)
+    assert store.purge_events(after) == 1  # only the first one has expired
+    assert store.first_delivery(event, after)
+
+
+def test_racing_duplicate_deliveries_are_handled_once(store_factory):
+    stores = [store_factory() for _ in range(8)]
+    results = race(8, lambda i: stores[i].first_delivery("same-event", T0))
+    assert results.count(True) == 1
+
+
+# -- errors, counters, keys ----------------------------------------------------------------
+
+
+def test_unreachable_storage_raises_store_unavailable(table_prefix):
+    dead = StorageConnection("test", connection_string=connection_string(free_port()))
+    with Store(dead, table_prefix=table_prefix, retry_total=0) as store:
+        with pytest.raises(StoreUnavailable, match="safe to retry"):
+            store.active_operations()
+        with pytest.raises(StoreUnavailable):
+            store.try_acquire(WEB, "alice", T0, LEASE)
+
+
+def test_storage_going_away_mid_run_raises_store_unavailable(azurite_on_disk, store_factory):
+    store = store_factory(server=azurite_on_disk)
+    assert store.first_delivery("e1", T0)
+    azurite_on_disk.stop()
+    with pytest.raises(StoreUnavailable):
+        store.first_delivery("e2", T0)
+    azurite_on_disk.start()
+    assert not store.first_delivery("e1", T0)  # graceful stop kept the data
+
+
+def test_naive_times_are_refused(store: Store):
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.try_acquire(WEB, "alice", datetime(2026, 1, 1), LEASE)
+
+
+def test_stats_count_requests_and_tables_are_created_once(store: Store):
+    assert store.stats.reads == 0 and store.stats.writes == 0
+    store.first_delivery("e1", T0)  # create fails (no table), table created, create again
+    assert store.stats.writes == 3
+    store.first_delivery("e2", T0)
+    assert store.stats.writes == 4
+    store.create_tables()  # idempotent
+    assert store.stats.writes == 4 + 5
+
+
+def test_keys_are_table_safe_and_distinct():
+    key = encode_key(WEB)
+    assert not set(key) & set("/\\#?")
+    assert encode_key("a/b") != encode_key("a%2Fb")
+    with pytest.raises(ValueError, match="too long"):
+        encode_key("x" * 2000)
+
+
+def test_table_prefix_must_make_valid_table_names(azurite):
+    connection = StorageConnection("test", connection_string=azurite.connection_string)
+    with pytest.raises(StoreConfigError, match="table prefix"):
+        Store(connection, table_prefix="bad-prefix")
+
+
+# -- connection settings -------------------------------------------------------------------
+
+
+def test_connection_string_forms():
+    local = parse_connection({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
+    assert local.connection_string == "UseDevelopmentStorage=true"
+    assert not local.identity_based
+    named = parse_connection(
+        {"Custom": "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=k"}, "Custom"
+    )
+    assert named.connection_string is not None and "AccountKey=k" not in repr(named)
+    with pytest.raises(StoreConfigError, match="not a storage connection string"):
+        parse_connection({"AzureWebJobsStorage": "myaccount"})
+
+
+def test_identity_based_forms():
+    system = parse_connection(
+        {
+            "AzureWebJobsStorage__tableServiceUri": "https://acct.table.core.windows.net/",
+            "AzureWebJobsStorage__credential": "managedidentity",
+        }
+    )
+    assert system.table_service_uri == "https://acct.table.core.windows.net"
+    assert system.managed_identity and system.client_id is None
+    user = parse_connection(
+        {
+            "AzureWebJobsStorage__accountName": "acct",
+            "AzureWebJobsStorage__credential": "ManagedIdentity",
+            "AzureWebJobsStorage__clientId": "11111111-2222-3333-4444-555555555555",
+        }
+    )
+    assert user.table_service_uri == "https://acct.table.core.windows.net"
+    assert user.client_id == "11111111-2222-3333-4444-555555555555"
+    default = parse_connection({"azurewebjobsstorage__TABLESERVICEURI": "https://x.example"})
+    assert default.identity_based and not default.managed_identity
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "no storage connection: set AzureWebJobsStorage"),
+        ({"AzureWebJobsStorage": "  "}, "no storage connection"),
+        ({"AzureWebJobsStorage__tableServiceUri": "http://acct.table"}, "must start with https"),
+        ({"AzureWebJobsStorage__accountName": "Bad_Name"}, "not a storage account name"),
+        (
+            {
+                "AzureWebJobsStorage__tableServiceUri": "https://a.table.core.windows.net",
+                "AzureWebJobsStorage__credential": "secret",
+            },
+            "only|not supported",
+        ),
+    ],
+)
+def test_bad_connection_settings_name_the_setting(env, message):
+    with pytest.raises(StoreConfigError, match=message):
+        parse_connection(env)
+
+
+def test_open_store_with_a_connection_string_reaches_azurite(azurite, table_prefix):
+    env = {"AzureWebJobsStorage": azurite.connection_string}
+    with open_store(env, table_prefix=table_prefix, retry_total=0) as store:
+        assert store.first_delivery("e1", T0)
+        assert store.table_names()[0] == f"{table_prefix}live"
+
+
+def test_open_store_builds_identity_clients_without_network():
+    env = {
+        "AzureWebJobsStorage__tableServiceUri": "https://acct.table.core.windows.net",
+        "AzureWebJobsStorage__credential": "managedidentity",
+        "AzureWebJobsStorage__clientId": "11111111-2222-3333-4444-555555555555",
+    }
+    with open_store(env) as store:
+        assert store._service.url.startswith("https://acct.table.core.windows.net")
+        assert type(store._service.credential).__name__ == "ManagedIdentityCredential"
+    local = open_store({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
+    assert "127.0.0.1:10002" in local._service.url
+    local.close()
+    assert isinstance(StoreUnavailable("x"), StoreError)
