@@ -235,3 +235,15 @@ def test_missing_arguments_are_a_usage_error() -> None:
     result = plan("--scale-set", "vmss.json")
     assert result.returncode == 2
     assert "--instances" in result.stderr
+
+
+def test_the_table_warns_when_vms_lack_an_instance_view(tmp_path: Path) -> None:
+    scale_set, instances = example("uniform-1-3-3", "rest")
+    listing = json.loads(instances.read_text())
+    for vm in listing["value"]:
+        del vm["properties"]["instanceView"]
+    edited = bad(tmp_path, "vms.json", json.dumps(listing))
+    result = plan("--scale-set", scale_set, "--instances", edited)
+    assert result.returncode == 0, result.stderr
+    assert "7 VM(s) have no power state" in result.stdout
+    assert "--expand instanceView" in result.stdout

@@ -127,6 +127,8 @@ def _print_table(inventory, assessment) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rebalancer.model import PowerState
+
     console = Console(highlight=False)
     scale_set = inventory.scale_set
     tag = scale_set.tag("zone-rebalance") or "not set"
@@ -154,6 +156,12 @@ def _print_table(inventory, assessment) -> None:
     console.print(assessment.reason.describe())
     if assessment.detail:
         console.print(f"Detail: {assessment.detail}")
+    blind = [i.id for i in inventory.instances if i.power_state is PowerState.UNKNOWN]
+    if blind:
+        console.print(
+            f"Warning: {len(blind)} VM(s) have no power state (e.g. {blind[0]}): export them "
+            "with their instance view (--expand instanceView), or they count as running."
+        )
     if assessment.excluded:
         console.print("Not counted (being deleted or failed): " + ", ".join(assessment.excluded))
     if assessment.moves:
