@@ -66,6 +66,8 @@ class ArmConfig:
     retry_attempts: int = 4
     connection_timeout: float = 10.0
     read_timeout: float = 60.0
+    flexible_protection_reads: int = 10
+    """Most instance-protection GETs per Flexible inventory (planned sources only)."""
     sku_cache_ttl: float = 6 * 3600.0
     usage_cache_ttl: float = 300.0
 
@@ -384,7 +386,13 @@ class ComputeAdapter:
                     instances = self._uniform_instances(scale_set.ref)
         except AdapterError as error:
             raise gone(error) from None
-        return Inventory(scale_set=scale_set, instances=instances, observed_at=now)
+        inventory = Inventory(scale_set=scale_set, instances=instances, observed_at=now)
+        if scale_set.mode is OrchestrationMode.FLEXIBLE and instances:
+            try:
+                inventory = self._verify_flexible_protection(inventory)
+            except AdapterError as error:
+                raise gone(error) from None
+        return inventory
 
     def _uniform_instances(self, ref: ScaleSetRef) -> tuple[Instance, ...]:
         pages = self.client.virtual_machine_scale_set_vms.list(
@@ -400,23 +408,56 @@ class ComputeAdapter:
         )
         documents = [vm.as_dict() for vm in pages]
         documents = [doc for doc in documents if arm.instance_belongs_to(doc, ref)]
-        instances = arm.parse_instances(documents, OrchestrationMode.FLEXIBLE)
-        if not instances:
-            return instances
-        protection = self._flexible_protection(ref)
-        return tuple(_with_protection(instance, protection) for instance in instances)
+        return arm.parse_instances(documents, OrchestrationMode.FLEXIBLE)
 
-    def _flexible_protection(self, ref: ScaleSetRef) -> Mapping[str, tuple[bool, bool]]:
-        """Protection of a Flexible set's VMs from ONE paged scale-set-VM list (no instance
-        view), keyed by lowercased VM name. The VM list does not carry `protectionPolicy`."""
-        protection: dict[str, tuple[bool, bool]] = {}
-        for vm in self.client.virtual_machine_scale_set_vms.list(ref.resource_group, ref.name):
-            instance = arm.parse_instance(vm.as_dict(), OrchestrationMode.FLEXIBLE)
-            protection[instance.name.lower()] = (
-                instance.protect_from_scale_in,
-                instance.protect_from_scale_set_actions,
+    def _verify_flexible_protection(self, inventory: Inventory) -> Inventory:
+        """Read instance protection of the Flexible VMs a plan would move, and re-plan.
+
+        The virtualMachines list has no `protectionPolicy`, and Azure refuses the scale-set VM
+        *list* on Flexible sets; only the scale-set VM GET (VM name as instance id) shows it.
+        Rather than one GET per VM, only planned sources are read: a protected one is marked
+        and the plan is made again, until every planned source is known to be unprotected.
+        At most `flexible_protection_reads` GETs per inventory; VMs still unread then are
+        treated as protected, so nothing unverified is ever chosen.
+        """
+        from rebalancer.evaluator import assess
+
+        ref = inventory.scale_set.ref
+        flags: dict[str, tuple[bool, bool]] = {}
+        reads_left = self.config.flexible_protection_reads
+        while True:
+            pending = [m.source for m in assess(inventory).moves if m.source not in flags]
+            if not pending:
+                return inventory
+            if reads_left <= 0:
+                unread = {i.id for i in inventory.instances if i.id not in flags}
+                flags.update(dict.fromkeys(unread, (True, True)))
+                log.warning(
+                    "%s: protection of %d Flexible VMs not read (limit %d); treated as protected",
+                    ref,
+                    len(unread),
+                    self.config.flexible_protection_reads,
+                )
+            for name in pending[: max(0, reads_left)]:
+                flags[name] = self._flexible_vm_protection(ref, name)
+                reads_left -= 1
+            inventory = replace(
+                inventory,
+                instances=tuple(_with_protection(i, flags) for i in inventory.instances),
             )
-        return protection
+
+    def _flexible_vm_protection(self, ref: ScaleSetRef, name: str) -> tuple[bool, bool]:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with self._translate(ref):
+            try:
+                model = self.client.virtual_machine_scale_set_vms.get(
+                    ref.resource_group, ref.name, name
+                )
+            except ResourceNotFoundError:
+                return (True, True)  # gone since the list: never a source
+            instance = arm.parse_instance(model.as_dict(), OrchestrationMode.FLEXIBLE)
+        return (instance.protect_from_scale_in, instance.protect_from_scale_set_actions)
 
     def audit(
         self, resource_groups: Sequence[str] | None, now: datetime

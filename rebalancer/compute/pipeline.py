@@ -118,14 +118,16 @@ class GovernedRetryPolicy(HTTPPolicy):
         attempt = 0
         while True:
             attempt += 1
+            booked_at = self.clock.monotonic()
             reservation = self.budget.reserve(
-                kind, self.clock.monotonic(), resource=resource, max_wait=self.max_wait
+                kind, booked_at, resource=resource, max_wait=self.max_wait
             )
             if not reservation.granted:
                 raise BudgetExhausted(kind, reservation.wait)
             if reservation.wait > 0:
                 log.debug("budget: %s waits %.1f s", kind, reservation.wait)
-                self.clock.sleep(reservation.wait)
+                # Sleep until the booked slot; other threads may have moved the clock already.
+                self.clock.sleep(booked_at + reservation.wait - self.clock.monotonic())
             try:
                 response = self.next.send(request)
             except ClientAuthenticationError:
