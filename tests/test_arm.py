@@ -447,3 +447,30 @@ def test_parse_time_makes_naive_times_utc_and_ignores_garbage() -> None:
     assert parse_time("2026-01-04T08:00:00Z") == datetime(2026, 1, 4, 8, tzinfo=UTC)
     assert parse_time("yesterday") is None
     assert parse_time(12) is None
+
+
+# --- what the compute adapter hands over: azure-mgmt-compute models' as_dict() -----------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("case", ["uniform-2-4-7", "flexible-2-4-7", "uniform-1-3-3"])
+def test_sdk_models_as_dict_parse_like_the_rest_json(case: str) -> None:
+    from azure.mgmt.compute import models as sdk
+
+    rest_scale = json.loads((EXAMPLES / case / "vmss.json").read_text())
+    rest_vms = json.loads((EXAMPLES / case / "instances.json").read_text())["value"]
+    scale_model = sdk.VirtualMachineScaleSet(rest_scale)
+    vm_type = sdk.VirtualMachineScaleSetVM if case.startswith("uniform") else sdk.VirtualMachine
+    vm_models = [vm_type(vm) for vm in rest_vms]
+    # the SDK understands the example bodies field by field
+    assert scale_model.sku.capacity == len(rest_vms)
+    assert all(vm.instance_view.statuses[1].code.startswith("PowerState/") for vm in vm_models)
+
+    scale = parse_scale_set(scale_model.as_dict())
+    assert scale == parse_scale_set(rest_scale)
+    assert scale.health_monitoring is HealthMonitoring.EXTENSION
+    from_sdk = parse_instances([vm.as_dict() for vm in vm_models], scale.mode)
+    assert from_sdk == parse_instances(rest_vms, scale.mode)
+    assert {i.health for i in from_sdk} >= {Health.HEALTHY}
+    assert all(instance_belongs_to(vm.as_dict(), scale.ref) for vm in vm_models)
