@@ -269,6 +269,12 @@ def _power_state(value: str | None) -> PowerState:
     return PowerState.UNKNOWN
 
 
+def _display_power_state(doc: Mapping[str, Any]) -> str | None:
+    """`az vm list -d` prints no instance view, only `"powerState": "VM running"`."""
+    text = _text(_prop(doc, "powerState"))
+    return text.split()[-1] if text and text.split() else None
+
+
 def _health(instance_view: Any) -> Health:
     code = _text(_path(instance_view, "vmHealth", "status", "code"))
     if not code:
@@ -312,9 +318,10 @@ def parse_instance(doc: Mapping[str, Any], mode: OrchestrationMode) -> Instance:
     """One VM from a VMSS-VM list (Uniform) or a VM list (Flexible), REST or az shape.
 
     Id: Uniform `instanceId` (or the last segment of `id`), Flexible `name`. Defaults: no
-    zone -> None; no instance view -> power state unknown, health not reported, and the
-    model's `provisioningState`; no `protectionPolicy` -> unprotected; no
-    `latestModelApplied` -> True; unreadable `timeCreated` -> None.
+    zone -> None; no instance view -> the power state from `az vm list -d`'s `powerState`
+    or unknown, health not reported, and the model's `provisioningState`; no
+    `protectionPolicy` -> unprotected; no `latestModelApplied` -> True; unreadable
+    `timeCreated` -> None.
     """
     if not isinstance(doc, Mapping):
         raise ArmParseError(f"expected a VM object, got {_describe(doc)}")
@@ -344,7 +351,7 @@ def parse_instance(doc: Mapping[str, Any], mode: OrchestrationMode) -> Instance:
         name=name or vm_id,
         zone=zones[0] if zones else None,
         provisioning_state=_instance_provisioning_state(doc, codes),
-        power_state=_power_state(codes.get("PowerState")),
+        power_state=_power_state(codes.get("PowerState") or _display_power_state(doc)),
         health=_health(instance_view),
         protect_from_scale_in=_flag(_get(protection, "protectFromScaleIn")),
         protect_from_scale_set_actions=_flag(_get(protection, "protectFromScaleSetActions")),

@@ -474,3 +474,12 @@ def test_sdk_models_as_dict_parse_like_the_rest_json(case: str) -> None:
     assert from_sdk == parse_instances(rest_vms, scale.mode)
     assert {i.health for i in from_sdk} >= {Health.HEALTHY}
     assert all(instance_belongs_to(vm.as_dict(), scale.ref) for vm in vm_models)
+
+
+def test_az_vm_list_show_details_power_state_is_read() -> None:
+    doc = flatten(rest_vm(virtualMachineScaleSet={"id": VMSS_ID}))
+    del doc["instanceView"]
+    doc["powerState"] = "VM deallocated"
+    instance = parse_instance(doc, OrchestrationMode.FLEXIBLE)
+    assert instance.power_state is PowerState.DEALLOCATED
+    assert instance.health is Health.NOT_REPORTED
