@@ -774,6 +774,7 @@ class Store:
                 renewed = replace(renewed, etag=results[0]["etag"])
             if not row.active:
                 saved = self._archive(saved)
+                self.release_slot(row.operation_id)
         return saved, renewed
 
     def _renewed(self, lock: Lock | None, now: datetime | None) -> Lock | None:
@@ -853,7 +854,8 @@ class Store:
         Holds under races: slot i is a row created (or taken over) under its ETag, so at most
         `limit` operations hold one. A slot is reclaimable when its operation is not in flight
         and it was claimed more than `slot_grace` ago (so claim-then-create has time to write
-        the operation). False when all slots are busy.
+        the operation). False when all slots are busy. `begin_operation` does the claim and
+        the operation's first write in one transaction instead.
         """
         from azure.core.exceptions import (
             ResourceExistsError,
@@ -862,51 +864,125 @@ class Store:
         )
 
         now = _utc(now, "now")
-        if limit < 1:
-            return False
         with _translated(f"claim a concurrency slot for {operation_id}"):
             for _ in range(2 * limit + 8):
-                rows = self._query(
-                    "live",
-                    "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
-                    {"pk": LIVE_PARTITION, "lo": _OP, "hi": _SLOT[:-1] + "."},
-                    select=["RowKey", "OperationId", "Active", "ClaimedAt"],
-                )
-                in_flight = {
-                    r["OperationId"] for r in rows if r["RowKey"].startswith(_OP) and r["Active"]
-                }
-                slots = {
-                    int(r["RowKey"][len(_SLOT) :]): r for r in rows if r["RowKey"].startswith(_SLOT)
-                }
-                if any(s["OperationId"] == operation_id for s in slots.values()):
-                    return True
-
-                def reclaimable(slot: Mapping[str, Any], in_flight: set[str] = in_flight) -> bool:
-                    return (
-                        slot["OperationId"] not in in_flight
-                        and _plain(slot["ClaimedAt"]) + self.slot_grace <= now
-                    )
-
-                busy = [s for s in slots.values() if not reclaimable(s)]
-                free = [i for i in range(limit) if i not in slots or reclaimable(slots[i])]
-                if len(busy) >= limit or not free:
-                    return False
-                index = free[int(_fingerprint(operation_id), 16) % len(free)]
-                entity = {
-                    "PartitionKey": LIVE_PARTITION,
-                    "RowKey": f"{_SLOT}{index:03d}",
-                    "OperationId": operation_id,
-                    "ClaimedAt": now,
-                }
+                choice = self._free_slot(operation_id, limit, now)
+                if isinstance(choice, bool):
+                    return choice
+                entity, etag = choice
                 try:
-                    if index in slots:
-                        self._update("live", entity, slots[index].metadata["etag"])
+                    if etag is not None:
+                        self._update("live", entity, etag)
                     else:
                         self._write("live", lambda t, e=entity: t.create_entity(e))
                 except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                     continue  # someone else took that slot first: look again
                 return True
         return False
+
+    def begin_operation(
+        self, row: OperationRow, lock: Lock, now: datetime, *, slot_limit: int
+    ) -> tuple[OperationRow, Lock] | None:
+        """Start an operation in ONE transaction: keep the lock, write it, claim a slot.
+
+        Nothing is written unless all three hold: the lock is still ours (else LockLost),
+        the scale set has no in-flight operation (else ConcurrencyError), and one of
+        `slot_limit` subscription-wide slots is free (else None: try again later). The slot
+        is freed when the operation is saved as finished.
+        """
+        from azure.core import MatchConditions
+        from azure.data.tables import TableTransactionError
+
+        if row.etag is not None or not row.active:
+            raise ValueError("begin_operation starts a new, active operation (etag None)")
+        if lock.scale_set_key != row.scale_set_key:
+            raise ValueError(f"lock is for {lock.scale_set_key}, operation for {row.scale_set_key}")
+        now = _utc(now, "now")
+        row = replace(
+            row,
+            created_at=_utc(row.created_at or row.updated_at, "created_at"),
+            updated_at=_utc(row.updated_at, "updated_at"),
+        )
+        condition = {"mode": "replace", "match_condition": MatchConditions.IfNotModified}
+        lock_entity = self._lock_entity(
+            f"{_LOCK}{encode_key(lock.scale_set_key)}",
+            lock.scale_set_key,
+            lock.owner,
+            lock.acquired_at,
+            now + lock.lease,
+            lock.lease,
+        )
+        operation_entity = self._operation_entity(row)
+        with _translated(f"begin operation {row.operation_id} on {row.scale_set_key}"):
+            for attempt in range(2 * slot_limit + 8):
+                choice = self._free_slot(row.operation_id, slot_limit, now)
+                if choice is False:
+                    return None
+                actions: list[tuple[Any, ...]] = [
+                    ("update", lock_entity, {**condition, "etag": lock.etag}),
+                    ("create", operation_entity),
+                ]
+                if not isinstance(choice, bool):  # True: the slot is already ours
+                    slot, etag = choice
+                    if etag is None:
+                        actions.append(("create", slot))
+                    else:
+                        actions.append(("update", slot, {**condition, "etag": etag}))
+                try:
+                    results = self._write("live", lambda t, a=actions: t.submit_transaction(a))
+                except TableTransactionError as error:
+                    index = getattr(error, "index", 0)
+                    if index == 0:
+                        raise LockLost(self._lock_lost(lock)) from error
+                    if index == 1:
+                        if attempt == 0 and self.active_operation(row.scale_set_key) is None:
+                            continue  # an interrupted archive was completed: try again
+                        raise ConcurrencyError(
+                            f"{row.scale_set_key} already has an in-flight operation: finish "
+                            f"or read it (active_operation) instead of starting another"
+                        ) from error
+                    continue  # another operation took that slot first: look again
+                saved = replace(row, etag=results[1]["etag"])
+                renewed = replace(lock, lease_until=now + lock.lease, etag=results[0]["etag"])
+                return saved, renewed
+        return None
+
+    def _free_slot(
+        self, operation_id: str, limit: int, now: datetime
+    ) -> bool | tuple[dict[str, Any], str | None]:
+        """True if the operation holds a slot, False if none is free, else (slot row, etag)."""
+        if limit < 1:
+            return False
+        rows = self._query(
+            "live",
+            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+            {"pk": LIVE_PARTITION, "lo": _OP, "hi": _SLOT[:-1] + "."},
+            select=["RowKey", "OperationId", "Active", "ClaimedAt"],
+        )
+        in_flight = {r["OperationId"] for r in rows if r["RowKey"].startswith(_OP) and r["Active"]}
+        slots = {int(r["RowKey"][len(_SLOT) :]): r for r in rows if r["RowKey"].startswith(_SLOT)}
+        if any(slot["OperationId"] == operation_id for slot in slots.values()):
+            return True
+
+        def reclaimable(slot: Mapping[str, Any]) -> bool:
+            return (
+                slot["OperationId"] not in in_flight
+                and _plain(slot["ClaimedAt"]) + self.slot_grace <= now
+            )
+
+        busy = [slot for slot in slots.values() if not reclaimable(slot)]
+        free = [i for i in range(limit) if i not in slots or reclaimable(slots[i])]
+        if len(busy) >= limit or not free:
+            return False
+        # Spread racing claimers over the free slots so fewer of them collide.
+        index = free[int(_fingerprint(operation_id), 16) % len(free)]
+        entity = {
+            "PartitionKey": LIVE_PARTITION,
+            "RowKey": f"{_SLOT}{index:03d}",
+            "OperationId": operation_id,
+            "ClaimedAt": now,
+        }
+        return entity, (slots[index].metadata["etag"] if index in slots else None)
 
     def release_slot(self, operation_id: str) -> None:
         """Free the operation's slot (idempotent)."""

@@ -35,12 +35,9 @@ pytestmark = pytest.mark.integration
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(minutes=5)
-WEB = (
-    "/subscriptions/sub/resourcegroups/rg-a/providers/microsoft.compute/virtualmachinescalesets/web"
-)
-API = (
-    "/subscriptions/sub/resourcegroups/rg-a/providers/microsoft.compute/virtualmachinescalesets/api"
-)
+SETS = "/subscriptions/sub/resourcegroups/rg-a/providers/microsoft.compute/virtualmachinescalesets"
+WEB = f"{SETS}/web"
+API = f"{SETS}/api"
 
 
 def operation(
@@ -137,8 +134,10 @@ def test_the_same_owner_reacquires_and_other_scale_sets_are_independent(store: S
 
 
 @pytest.mark.parametrize("expired_holder", [False, True])
-def test_eight_concurrent_acquirers_exactly_one_wins(store_factory, expired_holder):
-    stores = [store_factory() for _ in range(8)]
+@pytest.mark.parametrize("shared", [False, True], ids=["instances", "threads"])
+def test_eight_concurrent_acquirers_exactly_one_wins(store_factory, expired_holder, shared):
+    # eight function instances (own clients), or eight threads sharing one Store
+    stores = [store_factory()] * 8 if shared else [store_factory() for _ in range(8)]
     now = T0
     if expired_holder:  # the contended path is the takeover of a crashed holder's lease
         assert stores[0].try_acquire(WEB, "crashed", T0 - timedelta(hours=1), LEASE)
@@ -317,6 +316,58 @@ def test_eight_racing_claims_never_exceed_the_cap(store_factory):
     stores = [store_factory() for _ in range(8)]
     results = race(8, lambda i: stores[i].claim_slot(f"op-{i}", 3, T0))
     assert results.count(True) == 3
+    assert len(stores[0].slots_in_use()) == 3
+
+
+def test_begin_operation_writes_lock_operation_and_slot_together(store: Store):
+    web_lock = store.try_acquire(WEB, "alice", T0, LEASE)
+    api_lock = store.try_acquire(API, "bob", T0, LEASE)
+    assert web_lock is not None and api_lock is not None
+    started = store.begin_operation(operation("op-web", WEB), web_lock, T0, slot_limit=1)
+    assert started is not None
+    row, web_lock = started
+    assert web_lock.lease_until == T0 + LEASE and store.renew(web_lock, T0).owner == "alice"
+    assert store.slots_in_use() == ["op-web"]
+
+    # the only slot is taken: nothing is written for the second scale set
+    assert store.begin_operation(operation("op-api", API), api_lock, T0, slot_limit=1) is None
+    assert store.active_operation(API) is None
+
+    # finishing frees the slot, so the waiting scale set can start
+    store.save_operation(replace(row, state="succeeded", active=False))
+    assert store.slots_in_use() == []
+    assert store.begin_operation(operation("op-api", API), api_lock, T0, slot_limit=1)
+    assert [r.operation_id for r in store.active_operations()] == ["op-api"]
+
+
+def test_begin_operation_writes_nothing_without_the_lock_or_with_one_in_flight(store: Store):
+    lock = store.try_acquire(WEB, "alice", T0, LEASE)
+    assert lock is not None
+    late = T0 + timedelta(minutes=10)
+    bob = store.try_acquire(WEB, "bob", late, LEASE)
+    assert bob is not None
+    with pytest.raises(LockLost):
+        store.begin_operation(operation("op-1"), lock, late, slot_limit=5)
+    assert store.active_operation(WEB) is None and store.slots_in_use() == []
+
+    started = store.begin_operation(operation("op-1"), bob, late, slot_limit=5)
+    assert started is not None
+    with pytest.raises(ConcurrencyError, match="already has an in-flight operation"):
+        store.begin_operation(operation("op-2"), started[1], late, slot_limit=5)
+    assert store.slots_in_use() == ["op-1"]
+
+
+def test_eight_scale_sets_racing_to_begin_respect_the_cap(store_factory):
+    stores = [store_factory() for _ in range(8)]
+    keys = [f"{SETS}/set-{i}" for i in range(8)]
+    locks = [stores[i].try_acquire(keys[i], f"owner-{i}", T0, LEASE) for i in range(8)]
+
+    def begin(i: int) -> object:
+        return stores[i].begin_operation(operation(f"op-{i}", keys[i]), locks[i], T0, slot_limit=3)
+
+    results = race(8, begin)
+    assert sum(result is not None for result in results) == 3
+    assert len(stores[0].active_operations()) == 3
     assert len(stores[0].slots_in_use()) == 3
 
 
