@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# checkov (infra checks in tests/test_infra.py) gets its own venv: its dependencies clash with the SDK's.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
 .PHONY: setup demo test lint fmt plan clean
 
@@ -15,6 +18,11 @@ $(STAMP): requirements.txt requirements-dev.txt package.json package-lock.json
 	npm ci --silent --no-audit --no-fund
 	touch $(STAMP)
 
+$(CHECKOV_STAMP): infra/requirements-checkov.txt
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r infra/requirements-checkov.txt
+	touch $(CHECKOV_STAMP)
+
 demo: setup
 	@echo "demo: the end-to-end demo is not built yet; showing 'rebalancer plan' on a shipped example (examples/uniform-2-4-7)."
 	$(PY) -m rebalancer plan --scale-set examples/uniform-2-4-7/vmss.json --instances examples/uniform-2-4-7/instances.json
@@ -23,7 +31,7 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: lint
+test: lint $(CHECKOV_STAMP)
 	$(PY) -m pytest
 
 fmt: setup
@@ -31,4 +39,4 @@ fmt: setup
 	$(PY) -m ruff format .
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(CHECKOV_VENV) node_modules .pytest_cache .ruff_cache .hypothesis

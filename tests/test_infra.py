@@ -1,0 +1,664 @@
+"""The deployment under infra/ is parseable, clean under checkov and least-privilege.
+
+No Bicep compiler can run here, so the templates are checked two ways: checkov (offline, in
+its own virtualenv `.venv-checkov`, which `make test` creates) must parse every file and
+report no failed check; and the templates, parsed with checkov's own Bicep parser (pycep),
+must keep the security properties the deployment promises. Each property check is a function
+over a directory, so the same checks run on a deliberately broken copy and must fail there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pycep import BicepParser
+
+from rebalancer.azure_operations import (
+    EVENT_GRID_FUNCTION_NAME,
+    HANDLED_EVENT_TYPES,
+    HANDLED_OPERATION_NAMES,
+    LINKED_ACCESS_ROLE_ACTIONS,
+    REQUIRED_ROLE_ACTIONS,
+    SCALE_SET_ROLE_ACTIONS,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "infra"
+CHECKOV = Path(os.environ.get("REBALANCER_CHECKOV", REPO / ".venv-checkov" / "bin" / "checkov"))
+CHECKOV_TIMEOUT_SECONDS = 240
+
+TEMPLATES = {
+    "main": "main.bicep",
+    "app": "modules/app.bicep",
+    "role_assignment": "modules/role-assignment.bicep",
+    "event_subscription": "event-subscription.bicep",
+}
+
+# The only built-in roles the deployment may assign (ids are the same in every tenant).
+ALLOWED_BUILTIN_ROLES = {
+    "b7e6dc6d-f1e8-4753-8033-0f276bb0955b": "Storage Blob Data Owner",
+    "ba92f5b4-2d11-453d-a403-e96b0029c9fe": "Storage Blob Data Contributor",
+    "974c5e8b-45b9-4653-ba55-5f855dd0fb88": "Storage Queue Data Contributor",
+    "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": "Storage Table Data Contributor",
+    "3913510d-42f4-4e42-8a64-420c390055eb": "Monitoring Metrics Publisher",
+    "d5a91429-5739-47e2-a06b-3470a27159e7": "EventGrid Data Sender",
+}
+PRIVILEGED_ROLES = {
+    "8e3af657-a8ff-443c-a75c-2fe8c4bcb635": "Owner",
+    "b24988ac-6180-42a0-ab88-20f7382dd24c": "Contributor",
+    "18d7d88d-d35e-4fb5-a5c3-7773c20a72d9": "User Access Administrator",
+}
+_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+
+# Every setting the app reads, with the default the deployment gives it.
+SETTING_DEFAULTS = {
+    "REBALANCER_MODE": ("mode", "audit"),
+    "REBALANCER_DEFAULT_OPT_IN": ("defaultOptIn", "audit"),
+    "REBALANCER_MAX_SURGE": ("maxSurge", 1),
+    "REBALANCER_COOLDOWN_MINUTES": ("cooldownMinutes", 60),
+    "REBALANCER_HEALTH_TIMEOUT_MINUTES": ("healthTimeoutMinutes", 90),
+    "REBALANCER_MIN_MOVE_INTERVAL_MINUTES": ("minMoveIntervalMinutes", 0),
+    "REBALANCER_MAX_CONCURRENT_OPERATIONS": ("maxConcurrentOperations", 5),
+    "REBALANCER_TIMER_SCHEDULE": ("timerSchedule", "0 */5 * * * *"),
+    "REBALANCER_AUDIT_INTERVAL_MINUTES": ("auditIntervalMinutes", 60),
+    "REBALANCER_ARM_BUDGET_SHARE": ("armBudgetShare", "0.2"),
+}
+REQUIRED_SETTINGS = {
+    *SETTING_DEFAULTS,
+    "REBALANCER_SUBSCRIPTION_ID",
+    "REBALANCER_RESOURCE_GROUPS",
+    "REBALANCER_APP_PRINCIPAL_ID",
+    "REBALANCER_STATE_TABLE_PREFIX",
+    "REBALANCER_NOTIFY_TOPIC_ENDPOINT",
+    "AZURE_CLIENT_ID",
+    "AzureWebJobsStorage__blobServiceUri",
+    "AzureWebJobsStorage__queueServiceUri",
+    "AzureWebJobsStorage__tableServiceUri",
+    "AzureWebJobsStorage__credential",
+    "AzureWebJobsStorage__clientId",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+}
+MAX_EVENT_FILTER_VALUES = 25  # Event Grid's limit over all advanced filters of a subscription
+
+
+# --- reading the templates ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Infra:
+    """The parsed templates of one infra/ directory, and what could not be parsed."""
+
+    root: Path
+    parsed: dict[str, dict[str, Any]]
+    texts: dict[str, str]
+    parse_errors: dict[str, str]
+
+    def resource(self, template: str, name: str) -> dict[str, Any]:
+        """The body of a resource, looking through `if (...)` conditions."""
+        config = self.parsed[template]["resources"][name]["config"]
+        if "condition" in config and "config" in config:
+            return config["config"]
+        return config
+
+    def resources_of_type(self, template: str, type_: str) -> Iterator[tuple[str, dict]]:
+        for name, resource in self.parsed[template]["resources"].items():
+            if resource["type"].lower() == type_.lower():
+                yield name, self.resource(template, name)
+
+    def param_default(self, template: str, name: str) -> Any:
+        return self.parsed[template]["parameters"][name].get("default")
+
+    def variable(self, template: str, name: str) -> Any:
+        return self.parsed[template]["variables"][name]["value"]
+
+
+def read_infra(root: Path) -> Infra:
+    parser = BicepParser()
+    parsed: dict[str, dict[str, Any]] = {}
+    texts: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for key, relative in TEMPLATES.items():
+        text = (root / relative).read_text(encoding="utf-8")
+        texts[key] = text
+        try:
+            parsed[key] = parser.parse(text=text)
+        except Exception as error:  # lark raises many kinds; each one means "not parsed"
+            errors[key] = f"{relative}: {type(error).__name__}: {str(error).splitlines()[0]}"
+    return Infra(root, parsed, texts, errors)
+
+
+def app_settings(infra: Infra) -> dict[str, Any]:
+    site = infra.resource("app", "functionApp")
+    return {item["name"]: item["value"] for item in site["properties"]["siteConfig"]["appSettings"]}
+
+
+def dotted(value: Any) -> str:
+    """`storage.properties.primaryEndpoints.blob` back from pycep's property accessors."""
+    if isinstance(value, dict) and value.get("operator", {}).get("type") == "property_accessor":
+        operands = value["operator"]["operands"]
+        return f"{dotted(operands['operand_1'])}.{dotted(operands['operand_2'])}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def get_ci(mapping: dict[str, Any], key: str) -> Any:
+    """ARM property names are case-insensitive (`DisableLocalAuth` == `disableLocalAuth`)."""
+    for name, value in mapping.items():
+        if name.lower() == key.lower():
+            return value
+    return None
+
+
+# --- property checks: each returns the problems it finds, [] when the property holds ---------
+
+
+def check_parsed(infra: Infra) -> list[str]:
+    problems = [f"cannot parse {error}" for error in infra.parse_errors.values()]
+    # pycep silently drops sibling resources nested in a parent; declare children with
+    # `parent:` instead, so that checkov and these checks see every resource.
+    for key, tree in infra.parsed.items():
+        declared = len(re.findall(r"^\s*resource\s+\w+\s+'", infra.texts[key], re.M))
+        if declared != len(tree["resources"]):
+            problems.append(
+                f"{TEMPLATES[key]}: {declared} resources declared, {len(tree['resources'])} parsed"
+            )
+    return problems
+
+
+def check_roles(infra: Infra) -> list[str]:
+    problems = []
+    roles = dict(infra.resources_of_type("main", "Microsoft.Authorization/roleDefinitions"))
+    expected = {
+        "scaleSetRole": SCALE_SET_ROLE_ACTIONS,
+        "linkedAccessRole": LINKED_ACCESS_ROLE_ACTIONS,
+    }
+    if set(roles) != set(expected):
+        problems.append(f"custom roles are {sorted(roles)}, expected {sorted(expected)}")
+    every_action: list[str] = []
+    for name, body in roles.items():
+        for permission in body["properties"]["permissions"]:
+            actions = permission.get("actions", [])
+            every_action += actions
+            for other in ("notActions", "dataActions", "notDataActions"):
+                if permission.get(other):
+                    problems.append(f"role {name} has {other}: {permission[other]}")
+            if name in expected and sorted(actions) != sorted(expected[name]):
+                missing = sorted(set(expected[name]) - set(actions))
+                extra = sorted(set(actions) - set(expected[name]))
+                problems.append(f"role {name}: missing {missing}, not documented {extra}")
+    problems += [f"wildcard action {action}" for action in every_action if "*" in action]
+    if sorted(every_action) != sorted(REQUIRED_ROLE_ACTIONS):
+        problems.append("the roles' actions together differ from REQUIRED_ROLE_ACTIONS")
+    return problems
+
+
+def check_builtin_roles(infra: Infra) -> list[str]:
+    problems = []
+    for key, text in infra.texts.items():
+        for guid in {match.lower() for match in _GUID.findall(text)}:
+            if guid in PRIVILEGED_ROLES:
+                problems.append(f"{TEMPLATES[key]} assigns {PRIVILEGED_ROLES[guid]}")
+            elif guid not in ALLOWED_BUILTIN_ROLES:
+                problems.append(f"{TEMPLATES[key]} names an unexpected role or id {guid}")
+    return problems
+
+
+def check_storage(infra: Infra) -> list[str]:
+    props = infra.resource("app", "storage")["properties"]
+    expected = {
+        "allowSharedKeyAccess": False,
+        "allowBlobPublicAccess": False,
+        "minimumTlsVersion": "TLS1_2",
+        "supportsHttpsTrafficOnly": True,
+        "defaultToOAuthAuthentication": True,
+    }
+    return [
+        f"storage {name} is {props.get(name)!r}, expected {value!r}"
+        for name, value in expected.items()
+        if props.get(name) != value
+    ]
+
+
+def check_identity_based_settings(infra: Infra) -> list[str]:
+    settings = app_settings(infra)
+    problems = []
+    if settings.get("AzureWebJobsStorage__credential") != "managedidentity":
+        problems.append("AzureWebJobsStorage__credential is not 'managedidentity'")
+    for service in ("blob", "queue", "table"):
+        name = f"AzureWebJobsStorage__{service}ServiceUri"
+        if dotted(settings.get(name)) != f"storage.properties.primaryEndpoints.{service}":
+            problems.append(f"{name} is not the {service} endpoint")
+    client_id = "identity.properties.clientId"
+    for name in ("AzureWebJobsStorage__clientId", "AZURE_CLIENT_ID"):
+        if dotted(settings.get(name)) != client_id:
+            problems.append(f"{name} is not the user-assigned identity's client id")
+    if "AzureWebJobsStorage" in settings:
+        problems.append("AzureWebJobsStorage (a connection string) is set")
+    if "Authorization=AAD" not in str(settings.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING")):
+        problems.append("Application Insights ingestion is not identity-based")
+    for key, text in infra.texts.items():
+        for secret in ("listKeys", "AccountKey", "InstrumentationKey="):
+            if secret in text:
+                problems.append(f"{TEMPLATES[key]} uses {secret}")
+    return problems
+
+
+def check_app_insights(infra: Infra) -> list[str]:
+    props = infra.resource("app", "appInsights")["properties"]
+    if get_ci(props, "disableLocalAuth") is not True:
+        return ["Application Insights local auth is not disabled"]
+    return []
+
+
+def check_flex_consumption(infra: Infra) -> list[str]:
+    problems = []
+    sku = infra.resource("app", "plan")["sku"]
+    if (sku.get("name"), sku.get("tier")) != ("FC1", "FlexConsumption"):
+        problems.append(f"plan sku is {sku}, expected FC1 FlexConsumption")
+    site = infra.resource("app", "functionApp")
+    config = site["properties"]["functionAppConfig"]
+    if config["runtime"] != {"name": "python", "version": "3.11"}:
+        problems.append(f"runtime is {config['runtime']}, expected python 3.11")
+    if site["identity"]["type"] != "UserAssigned":
+        problems.append("the function app has no user-assigned identity")
+    if config["deployment"]["storage"]["authentication"]["type"] != "UserAssignedIdentity":
+        problems.append("the deployment container is not read with the identity")
+    if site["properties"].get("httpsOnly") is not True:
+        problems.append("the function app accepts plain HTTP")
+    return problems
+
+
+def check_settings(infra: Infra) -> list[str]:
+    settings = app_settings(infra)
+    problems = [f"app setting {name} missing" for name in sorted(REQUIRED_SETTINGS - set(settings))]
+    for setting, (param, default) in SETTING_DEFAULTS.items():
+        if infra.param_default("main", param) != default:
+            problems.append(f"{param} (-> {setting}) does not default to {default!r}")
+    return problems
+
+
+def check_event_subscription(infra: Infra) -> list[str]:
+    problems = []
+    template = "event_subscription"
+    operation_filter = infra.variable(template, "operationNameFilter")
+    if (operation_filter["operatorType"], operation_filter["key"]) != (
+        "StringIn",
+        "data.operationName",
+    ):
+        problems.append(
+            f"operation filter is {operation_filter['operatorType']} on {operation_filter['key']}"
+        )
+    values = operation_filter["values"]
+    if sorted(values) != sorted(HANDLED_OPERATION_NAMES):
+        missing = sorted(set(HANDLED_OPERATION_NAMES) - set(values))
+        extra = sorted(set(values) - set(HANDLED_OPERATION_NAMES))
+        problems.append(f"operationName filter: missing {missing}, not handled {extra}")
+    body = infra.resource(template, "eventSubscription")["properties"]
+    event_filter = body["filter"]
+    if sorted(event_filter["includedEventTypes"]) != sorted(HANDLED_EVENT_TYPES):
+        problems.append(f"event types are {event_filter['includedEventTypes']}")
+    concat = event_filter["advancedFilters"]["function"]["parameters"]
+    if concat.get("arg_1") != ["operationNameFilter"]:
+        problems.append("advancedFilters does not apply operationNameFilter")
+    if len(values) + infra.variable(template, "maxPrefixes") > MAX_EVENT_FILTER_VALUES:
+        problems.append("the filters can exceed Event Grid's 25 values")
+    if body["destination"]["endpointType"] != "AzureFunction":
+        problems.append("the destination is not the Azure Function")
+    if infra.param_default(template, "functionName") != EVENT_GRID_FUNCTION_NAME:
+        problems.append(f"functionName does not default to {EVENT_GRID_FUNCTION_NAME}")
+    if not body.get("retryPolicy"):
+        problems.append("no retry policy")
+    dead_letter = body.get("deadLetterWithResourceIdentity") or {}
+    if dead_letter.get("identity", {}).get("type") != "SystemAssigned":
+        problems.append("dead-lettering does not use the system topic's identity")
+    return problems
+
+
+def check_notification_topic(infra: Infra) -> list[str]:
+    problems = []
+    props = infra.resource("app", "notificationTopic")["properties"]
+    if props.get("disableLocalAuth") is not True:
+        problems.append("the notification topic allows local (key) auth")
+    sender = infra.resource("app", "identityNotificationSender")["properties"]["roleDefinitionId"]
+    if sender["function"]["parameters"]["resource_name_1"] != "eventGridDataSender":
+        problems.append("the app cannot send to the notification topic")
+    return problems
+
+
+PROPERTY_CHECKS: tuple[Callable[[Infra], list[str]], ...] = (
+    check_roles,
+    check_builtin_roles,
+    check_storage,
+    check_identity_based_settings,
+    check_app_insights,
+    check_flex_consumption,
+    check_settings,
+    check_event_subscription,
+    check_notification_topic,
+)
+
+
+def infra_problems(root: Path) -> list[str]:
+    infra = read_infra(root)
+    problems = check_parsed(infra)
+    for check in PROPERTY_CHECKS:
+        try:
+            problems += check(infra)
+        except KeyError as error:  # a template that did not parse or lost a resource
+            problems.append(f"{check.__name__}: cannot find {error}")
+    return problems
+
+
+# --- checkov -------------------------------------------------------------------------------
+
+
+def run_checkov(directory: Path) -> subprocess.Popen[str]:
+    if not CHECKOV.is_file():
+        raise AssertionError(
+            f"checkov is not installed at {CHECKOV}: run `make test` (it creates .venv-checkov "
+            "from infra/requirements-checkov.txt) or set REBALANCER_CHECKOV to a checkov binary"
+        )
+    env = {**os.environ, "BC_SKIP_MAPPING": "TRUE"}
+    env.pop("BC_API_KEY", None)
+    command = [str(CHECKOV), "-d", str(directory), "--framework", "bicep", "-o", "json"]
+    return subprocess.Popen(
+        [*command, "--skip-download"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def checkov_report(process: subprocess.Popen[str]) -> dict[str, Any]:
+    try:
+        out, err = process.communicate(timeout=CHECKOV_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise AssertionError(f"checkov ran longer than {CHECKOV_TIMEOUT_SECONDS} s") from None
+    try:
+        report = json.loads(out)
+    except json.JSONDecodeError as error:
+        message = f"checkov printed no JSON (exit {process.returncode}): {err[-2000:]}"
+        raise AssertionError(message) from error
+    if isinstance(report, list):
+        report = next(r for r in report if r.get("check_type") == "bicep")
+    return report
+
+
+_SKIP = re.compile(r"checkov:skip=(CKV2?_[A-Z]+_\d+)(?::(.*))?")
+
+
+def checkov_problems(report: dict[str, Any], root: Path) -> list[str]:
+    results = report.get("results", {})
+    problems = [f"checkov cannot parse {path}" for path in results.get("parsing_errors", [])]
+    problems += [
+        f"checkov {c['check_id']} ({c['check_name']}) failed on {c['resource']} in {c['file_path']}"
+        for c in results.get("failed_checks", [])
+    ]
+    if report.get("summary", {}).get("resource_count", 0) == 0:
+        problems.append("checkov scanned no resource")
+    used = {
+        (c["check_id"], c["resource"].split(".")[-1]) for c in results.get("skipped_checks", [])
+    }
+    for path in sorted(root.rglob("*.bicep")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            match = _SKIP.search(line)
+            if not match:
+                continue
+            check_id, reason = match.group(1), (match.group(2) or "").strip()
+            where = f"{path.relative_to(root)}:{number + 1}"
+            if len(reason) < 20:
+                problems.append(f"{where}: skip of {check_id} has no real justification")
+            resource = next(
+                (m.group(1) for m in map(_RESOURCE.match, reversed(lines[:number])) if m), None
+            )
+            if (check_id, resource) not in used:
+                problems.append(f"{where}: skip of {check_id} on {resource} is not used: remove it")
+    return problems
+
+
+_RESOURCE = re.compile(r"^resource\s+(\w+)\s+'")
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+def break_copy(tmp_path: Path) -> Path:
+    """A copy of infra/ with one parse error and several security regressions."""
+    broken = tmp_path / "infra"
+    shutil.copytree(INFRA, broken, ignore=shutil.ignore_patterns("hooks", "*.json", "*.txt"))
+    main = broken / "main.bicep"
+    main.write_text(main.read_text().replace("targetScope = 'subscription'", "targetScope = {"))
+    app = broken / "modules" / "app.bicep"
+    text = app.read_text()
+    for old, new in (
+        ("allowSharedKeyAccess: false", "allowSharedKeyAccess: true"),
+        ("minimumTlsVersion: 'TLS1_2'", "minimumTlsVersion: 'TLS1_0'"),
+        ("DisableLocalAuth: true", "DisableLocalAuth: false"),
+        ("name: 'AzureWebJobsStorage__credential'", "name: 'AzureWebJobsStorage'"),
+    ):
+        assert old in text, f"the broken copy needs {old!r} in app.bicep"
+        text = text.replace(old, new)
+    app.write_text(text)
+    events = broken / "event-subscription.bicep"
+    text = events.read_text()
+    dropped = "    'Microsoft.Compute/virtualMachines/delete'\n"
+    assert dropped in text
+    events.write_text(text.replace(dropped, "", 1))
+    return broken
+
+
+@pytest.fixture(scope="module")
+def checkov_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """checkov over infra/ and over a broken copy, run side by side, once per module."""
+    broken = break_copy(tmp_path_factory.mktemp("broken"))
+    processes = {"infra": run_checkov(INFRA), "broken": run_checkov(broken)}
+    reports = {name: checkov_report(process) for name, process in processes.items()}
+    return {**reports, "broken_root": broken}
+
+
+@pytest.fixture(scope="module")
+def infra() -> Infra:
+    return read_infra(INFRA)
+
+
+# --- tests: the real templates --------------------------------------------------------------
+
+
+def test_checkov_parses_every_template_and_finds_nothing(checkov_reports):
+    report = checkov_reports["infra"]
+    assert checkov_problems(report, INFRA) == []
+    assert report["summary"]["resource_count"] >= 20
+
+
+def test_every_template_parses_with_checkovs_parser(infra):
+    assert check_parsed(infra) == []
+
+
+@pytest.mark.parametrize("check", PROPERTY_CHECKS, ids=lambda check: check.__name__)
+def test_template_property(infra, check):
+    assert check(infra) == []
+
+
+def test_docs_list_exactly_the_role_actions():
+    text = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
+    section = text.split("### Role actions", 1)[1].split("\n#", 1)[0]
+    documented = re.findall(r"^\| `([^`]+)` \|", section, re.M)
+    assert documented == list(REQUIRED_ROLE_ACTIONS)
+
+
+def test_operation_names_are_unique_and_scoped_to_compute():
+    assert len(set(HANDLED_OPERATION_NAMES)) == len(HANDLED_OPERATION_NAMES)
+    assert all(name.startswith("Microsoft.Compute/") for name in HANDLED_OPERATION_NAMES)
+    assert len(set(REQUIRED_ROLE_ACTIONS)) == len(REQUIRED_ROLE_ACTIONS)
+
+
+# --- tests: the checks catch a broken template ---------------------------------------------
+
+
+def test_checkov_fails_on_a_broken_copy(checkov_reports):
+    problems = checkov_problems(checkov_reports["broken"], checkov_reports["broken_root"])
+    assert any("cannot parse" in p and p.endswith("main.bicep") for p in problems), problems
+    assert any("CKV_AZURE_44" in p for p in problems), problems  # TLS 1.0 on storage
+
+
+def test_property_checks_fail_on_a_broken_copy(tmp_path):
+    problems = infra_problems(break_copy(tmp_path))
+    expected = (
+        "cannot parse main.bicep",
+        "storage allowSharedKeyAccess is True",
+        "storage minimumTlsVersion is 'TLS1_0'",
+        "Application Insights local auth is not disabled",
+        "AzureWebJobsStorage (a connection string) is set",
+        "operationName filter: missing ['Microsoft.Compute/virtualMachines/delete']",
+    )
+    for text in expected:
+        assert any(text in problem for problem in problems), (text, problems)
+
+
+def test_a_wildcard_or_owner_role_is_caught(tmp_path):
+    broken = tmp_path / "infra"
+    shutil.copytree(INFRA, broken)
+    main = broken / "main.bicep"
+    text = main.read_text().replace(
+        "'Microsoft.Compute/skus/read'",
+        "'Microsoft.Compute/*'\n          'Microsoft.Compute/skus/read'",
+    )
+    main.write_text(text + "\n// 8e3af657-a8ff-443c-a75c-2fe8c4bcb635\n")
+    problems = infra_problems(broken)
+    assert "wildcard action Microsoft.Compute/*" in problems
+    assert "main.bicep assigns Owner" in problems
+
+
+# --- tests: azd wiring ----------------------------------------------------------------------
+
+
+def test_azure_yaml_has_the_azd_shape():
+    config = yaml.safe_load((REPO / "azure.yaml").read_text(encoding="utf-8"))
+    assert config["name"]
+    assert config["infra"] == {"provider": "bicep", "path": "infra", "module": "main"}
+    assert (REPO / config["infra"]["path"] / f"{config['infra']['module']}.bicep").is_file()
+    (name, service), *others = config["services"].items()
+    assert others == []
+    assert service["host"] == "function"
+    assert service["language"] == "python"
+    project = REPO / service["project"]
+    assert (project / "host.json").is_file() and (project / "requirements.txt").is_file()
+    # azd finds the app by this tag.
+    assert f"'azd-service-name': '{name}'" in (INFRA / "modules" / "app.bicep").read_text()
+    hook = config["hooks"]["postdeploy"]
+    for platform in ("posix", "windows"):
+        assert (REPO / hook[platform]["run"]).is_file()
+        assert hook[platform]["shell"] in {"sh", "pwsh"}
+
+
+def test_parameters_file_matches_the_template(infra):
+    parameters = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))
+    declared = infra.parsed["main"]["parameters"]
+    given = parameters["parameters"]
+    assert set(given) <= set(declared), set(given) - set(declared)
+    required = {name for name, p in declared.items() if "default" not in p}
+    assert required <= set(given), required - set(given)
+    for name, entry in given.items():
+        match = re.fullmatch(r"\$\{(\w+)(?:=(.*))?\}", entry["value"])
+        assert match, f"{name}: {entry['value']} is not an azd ${{VAR}} or ${{VAR=default}}"
+        if match.group(2) is not None and "default" in declared[name]:
+            assert match.group(2) == str(declared[name]["default"]).lower() or match.group(
+                2
+            ) == str(declared[name]["default"]), (name, match.group(2))
+
+
+def test_hook_passes_declared_parameters_and_reads_template_outputs(infra):
+    hook = (INFRA / "hooks" / "postdeploy.sh").read_text(encoding="utf-8")
+    passed = set(re.findall(r"^\s+(\w+)=\"\$", hook, re.M))
+    assert passed == set(infra.parsed["event_subscription"]["parameters"])
+    used = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", hook))
+    from_azd = {"AZURE_SUBSCRIPTION_ID"}
+    tuning = {"REBALANCER_HOOK_ATTEMPTS", "REBALANCER_HOOK_DELAY_SECONDS"}
+    assert used - from_azd - tuning <= set(infra.parsed["main"]["outputs"])
+
+
+HOOK_ENV = {
+    "AZURE_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000001",
+    "AZURE_RESOURCE_GROUP": "rg-test",
+    "AZURE_FUNCTION_APP_NAME": "zr-func-abc",
+    "AZURE_STORAGE_ACCOUNT_NAME": "zrstabc",
+    "REBALANCER_SYSTEM_TOPIC_NAME": "zr-evgt-abc",
+    "REBALANCER_DEAD_LETTER_CONTAINER": "eventgrid-deadletter",
+    "REBALANCER_SUBJECT_PREFIXES": "",
+    "REBALANCER_HOOK_DELAY_SECONDS": "0",
+    "REBALANCER_HOOK_ATTEMPTS": "3",
+}
+
+
+def run_hook(tmp_path: Path, env: dict[str, str], function_appears_after: int):
+    """Run postdeploy.sh with a stand-in `az` that records its arguments (wiring only)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "az.log"
+    az = bin_dir / "az"
+    az.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{log}"\n'
+        'if [ "$1 $2 $3" = "functionapp function show" ]; then\n'
+        f'  n=$(grep -c "^functionapp function show" "{log}")\n'
+        f'  [ "$n" -gt {function_appears_after} ]\n'
+        "  exit $?\n"
+        "fi\n"
+        "exit 0\n"
+    )
+    az.chmod(0o755)
+    process = subprocess.run(
+        ["sh", str(INFRA / "hooks" / "postdeploy.sh")],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    calls = log.read_text().splitlines() if log.exists() else []
+    return process, calls
+
+
+def test_hook_waits_for_the_function_then_deploys_the_subscription(tmp_path):
+    process, calls = run_hook(tmp_path, HOOK_ENV, function_appears_after=1)
+    assert process.returncode == 0, process.stderr
+    assert [call.split()[:3] for call in calls] == [
+        ["functionapp", "function", "show"],
+        ["functionapp", "function", "show"],
+        ["deployment", "group", "create"],
+    ]
+    deploy = calls[-1]
+    assert f"--function-name {EVENT_GRID_FUNCTION_NAME}" in calls[0]
+    assert "--template-file " in deploy and deploy.split("--template-file ")[1].split()[0].endswith(
+        "event-subscription.bicep"
+    )
+    assert f"functionName={EVENT_GRID_FUNCTION_NAME}" in deploy
+    assert "systemTopicName=zr-evgt-abc" in deploy and "--resource-group rg-test" in deploy
+
+
+def test_hook_gives_up_with_advice_when_the_function_never_appears(tmp_path):
+    process, calls = run_hook(tmp_path, HOOK_ENV, function_appears_after=99)
+    assert process.returncode == 1
+    assert "azd hooks run postdeploy" in process.stderr
+    assert not any(call.startswith("deployment") for call in calls)
+
+
+def test_hook_names_a_missing_environment_value(tmp_path):
+    env = {k: v for k, v in HOOK_ENV.items() if k != "REBALANCER_SYSTEM_TOPIC_NAME"}
+    process, calls = run_hook(tmp_path, env, function_appears_after=0)
+    assert process.returncode == 1
+    assert "REBALANCER_SYSTEM_TOPIC_NAME is not set" in process.stderr
+    assert calls == []
