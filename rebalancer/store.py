@@ -774,7 +774,6 @@ class Store:
                 renewed = replace(renewed, etag=results[0]["etag"])
             if not row.active:
                 saved = self._archive(saved)
-                self.release_slot(row.operation_id)
         return saved, renewed
 
     def _renewed(self, lock: Lock | None, now: datetime | None) -> Lock | None:
@@ -817,7 +816,7 @@ class Store:
         return entity
 
     def _archive(self, row: OperationRow) -> OperationRow:
-        """Move a finished operation from the live partition to history (idempotent)."""
+        """Move a finished operation to history and free its slot (idempotent)."""
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError
         from azure.data.tables import UpdateMode
@@ -833,6 +832,7 @@ class Store:
                 etag=row.etag,
                 match_condition=MatchConditions.IfNotModified,
             )
+        self.release_slot(row.operation_id)
         return replace(row, etag=written["etag"])
 
     def _update_archived(self, row: OperationRow) -> OperationRow | None:

@@ -240,11 +240,13 @@ def test_a_finished_operation_can_still_be_amended(store: Store):
 
 def test_interrupted_archiving_is_completed(store: Store):
     row = store.save_operation(operation("op-1"))
+    assert store.claim_slot("op-1", 3, T0)
     # A crash right after the terminal write: the finished row is still in the live partition.
     finished = replace(row, state="failed", active=False)
     store._tables["live"].update_entity(store._operation_entity(finished))
     assert store.active_operations() == []
     assert store.active_operation(WEB) is None  # completes the move
+    assert store.slots_in_use() == []
     assert [r.operation_id for r in store.history(WEB)] == ["op-1"]
     assert store.save_operation(operation("op-2")).operation_id == "op-2"
 
