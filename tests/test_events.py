@@ -1,0 +1,139 @@
+"""Event classification on the documented payloads, decoded as the Functions host decodes them."""
+
+import json
+from pathlib import Path
+
+import azure.functions as func
+import pytest
+from azure.functions.eventgrid import EventGridEventInConverter
+from azure.functions.meta import Datum
+
+from rebalancer.azure_operations import HANDLED_OPERATION_NAMES
+from rebalancer.events import Change, Ignored, Trigger, classify
+from rebalancer.model import ScaleSetRef
+from rebalancer.settings import load_settings
+
+EVENTS = Path(__file__).parent / "data" / "events"
+SUB = "5e8a1b2c-3d4e-4f50-8a61-7b8c9d0e1f2a"
+APP_PRINCIPAL = "11111111-2222-4333-8444-555555555555"
+
+
+def settings(**extra):
+    env = {"REBALANCER_SUBSCRIPTION_ID": SUB, "REBALANCER_APP_PRINCIPAL_ID": APP_PRINCIPAL}
+    env.update(extra)
+    return load_settings(env)
+
+
+def decoded(name: str) -> func.EventGridEvent:
+    (payload,) = json.loads((EVENTS / name).read_text())
+    return EventGridEventInConverter.decode(Datum(json.dumps(payload), "json"), trigger_metadata={})
+
+
+def classify_event(event: func.EventGridEvent, config=None):
+    return classify(
+        event.id,
+        event.event_type,
+        event.subject,
+        event.event_time,
+        event.get_json(),
+        config or settings(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "change"),
+    [
+        ("vmss-write-capacity.json", Change.SCALE_SET_WRITE),
+        ("vmss-delete-instances.json", Change.INSTANCES_DELETED),
+        ("vmss-vm-delete.json", Change.INSTANCE_DELETED),
+    ],
+)
+def test_scale_set_events_map_to_their_scale_set(name, change):
+    result = classify_event(decoded(name))
+    assert isinstance(result, Trigger)
+    assert result.change is change
+    assert result.ref == ScaleSetRef(SUB, "RG-WEB", "web")
+    assert result.outside
+    assert result.at is not None and result.at.year == 2026
+
+
+def test_flexible_vm_delete_points_at_its_scale_set_by_name():
+    result = classify_event(decoded("flexible-vm-delete.json"))
+    assert isinstance(result, Trigger)
+    assert result.change is Change.INSTANCE_DELETED
+    assert result.flexible_vm == "api_3f9a2c1e"
+    assert result.ref == ScaleSetRef(SUB, "rg-api", "api")
+
+
+def test_unrelated_event_is_ignored_with_a_reason():
+    result = classify_event(decoded("unrelated-storage-write.json"))
+    assert isinstance(result, Ignored)
+    assert "Microsoft.Storage/storageAccounts/write" in result.reason
+
+
+def test_the_apps_own_writes_are_not_outside_activity():
+    event = decoded("vmss-write-capacity.json")
+    caller = event.get_json()["claims"][
+        "http://schemas.microsoft.com/identity/claims/objectidentifier"
+    ]
+    result = classify_event(event, settings(REBALANCER_APP_PRINCIPAL_ID=caller))
+    assert isinstance(result, Trigger)
+    assert not result.outside
+
+
+def test_out_of_scope_resource_group_is_ignored():
+    result = classify_event(
+        decoded("vmss-write-capacity.json"), settings(REBALANCER_RESOURCE_GROUPS="rg-api")
+    )
+    assert isinstance(result, Ignored)
+    assert "outside the configured scope" in result.reason
+
+
+def test_other_subscription_is_ignored():
+    other = settings(REBALANCER_SUBSCRIPTION_ID="00000000-0000-4000-8000-000000000000")
+    assert isinstance(classify_event(decoded("vmss-write-capacity.json"), other), Ignored)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda e: e.pop("data"),
+        lambda e: e.update(data="text"),
+        lambda e: e["data"].update(operationName=42),
+        lambda e: e["data"].update(
+            resourceUri="/subscriptions/x", operationName=HANDLED_OPERATION_NAMES[0]
+        ),
+        lambda e: e["data"].update(resourceUri="/" + "a" * 5000),
+        lambda e: e.update(eventType="Microsoft.Resources.ResourceWriteFailure"),
+        lambda e: e.update(eventType=None),
+    ],
+)
+def test_malformed_events_are_ignored_not_raised(mutate):
+    (payload,) = json.loads((EVENTS / "vmss-write-capacity.json").read_text())
+    mutate(payload)
+    result = classify(
+        payload.get("id"),
+        payload.get("eventType"),
+        payload.get("subject"),
+        payload.get("eventTime"),
+        payload.get("data"),
+        settings(),
+    )
+    assert isinstance(result, Ignored)
+    assert result.reason
+
+
+@pytest.mark.parametrize("operation", HANDLED_OPERATION_NAMES)
+def test_every_handled_operation_classifies(operation):
+    (payload,) = json.loads((EVENTS / "vmss-write-capacity.json").read_text())
+    payload["data"]["operationName"] = operation.upper()
+    result = classify(
+        payload["id"],
+        payload["eventType"],
+        payload["subject"],
+        payload["eventTime"],
+        payload["data"],
+        settings(),
+    )
+    assert isinstance(result, Trigger)
+    assert result.operation_name == operation.upper()
