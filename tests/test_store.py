@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -468,6 +471,69 @@ def test_unreachable_storage_raises_store_unavailable(table_prefix):
             store.active_operations()
         with pytest.raises(StoreUnavailable):
             store.try_acquire(WEB, "alice", T0, LEASE)
+
+
+@contextmanager
+def answering(status: int, code: str) -> Iterator[str]:
+    """A loopback server answering every request with a Table error; yields its conn string."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            body = json.dumps({"odata.error": {"code": code, "message": {"value": code}}})
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("x-ms-error-code", code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.timeout = 5
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield connection_string(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize(("status", "code"), [(503, "ServerBusy"), (500, "InternalError")])
+def test_server_errors_raise_store_unavailable(table_prefix, status, code):
+    with (
+        answering(status, code) as conn,
+        Store(
+            StorageConnection("test", connection_string=conn),
+            table_prefix=table_prefix,
+            retry_total=0,
+        ) as store,
+    ):
+        with pytest.raises(StoreUnavailable, match=f"HTTP {status} {code}"):
+            store.active_operation(WEB)
+        with pytest.raises(StoreUnavailable):
+            store.save_operation(operation())
+
+
+def test_access_denied_says_which_role_to_grant(table_prefix):
+    with (
+        answering(403, "AuthorizationPermissionMismatch") as conn,
+        Store(
+            StorageConnection("test", connection_string=conn),
+            table_prefix=table_prefix,
+            retry_total=0,
+        ) as store,
+    ):
+        with pytest.raises(StoreError, match="Storage Table Data Contributor") as raised:
+            store.active_operations()
+        assert not isinstance(raised.value, StoreUnavailable)
 
 
 def test_storage_going_away_mid_run_raises_store_unavailable(azurite_on_disk, store_factory):
