@@ -1,0 +1,41 @@
+"""armsim: a simulated Microsoft.Compute REST API on loopback, for tests, benchmarks and demos.
+
+The real azure-mgmt-compute client talks to it over HTTPS. Start one with
+`ArmSim.start(scenario)`; see docs/armsim.md.
+"""
+
+from armsim.auth import SimCredential
+from armsim.clock import VirtualClock, WallClock
+from armsim.faults import FaultRule
+from armsim.scenario import (
+    QuotaSpec,
+    ScaleSetSpec,
+    Scenario,
+    ScenarioError,
+    SkuSpec,
+    Timings,
+    VmOverride,
+    ZoneCapacity,
+    load_scenario,
+)
+from armsim.testing import ArmSim, OperationView, ScaleSetView, VmView
+
+__all__ = [
+    "ArmSim",
+    "FaultRule",
+    "OperationView",
+    "QuotaSpec",
+    "ScaleSetSpec",
+    "ScaleSetView",
+    "Scenario",
+    "ScenarioError",
+    "SimCredential",
+    "SkuSpec",
+    "Timings",
+    "VirtualClock",
+    "VmOverride",
+    "VmView",
+    "WallClock",
+    "ZoneCapacity",
+    "load_scenario",
+]

@@ -1,0 +1,1041 @@
+"""The simulated subscription: scale sets, VMs, zone capacity, quota, long-running operations.
+
+Not thread-safe by itself: callers hold `World.lock` (the HTTP server and `ArmSim` do). Time
+moves only through `settle(now)`, which fires due timers in order; each behaviour schedules
+its next step on the timer heap, so no request scans all VMs of the subscription.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from armsim.errors import (
+    ArmError,
+    OperationFailure,
+    bad_request,
+    entity_not_found,
+    resource_group_not_found,
+    resource_not_found,
+)
+from armsim.faults import HEALTH_KINDS, OPERATION_KINDS, PLACEMENT_KINDS, Faults
+from armsim.scenario import ScaleSetSpec, Scenario, SkuSpec, VmOverride
+
+VMSS_TYPE = "Microsoft.Compute/virtualMachineScaleSets"
+VM_TYPE = "Microsoft.Compute/virtualMachines"
+DEFAULT_LIMIT = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a write, as Event Grid reports it."""
+
+    principal_id: str
+    claims: Mapping[str, str]
+    method: str
+    url: str
+    client_request_id: str
+    correlation_id: str
+    client_ip: str = "127.0.0.1"
+
+
+@dataclass(eq=False)
+class Vm:
+    serial: int
+    scale_set: ScaleSetState
+    instance_id: str
+    """Uniform: "0", "1", ...; Flexible: the VM name (what delete_instances takes)."""
+    name: str
+    zone: str | None
+    vm_id: str
+    created: datetime
+    provisioning_state: str = "Creating"
+    power_state: str = "starting"
+    health: str | None = None
+    protect_from_scale_in: bool = False
+    protect_from_scale_set_actions: bool = False
+    latest_model: bool = True
+    failure: OperationFailure | None = None
+    allocated: bool = False
+    """Holds a zone capacity slot and counts in quota usage."""
+    gone: bool = False
+    waiters: set[Operation] = field(default_factory=set)
+
+    @property
+    def counts(self) -> bool:
+        return self.provisioning_state not in ("Deleting", "Failed") and not self.gone
+
+    @property
+    def resource_id(self) -> str:
+        ss = self.scale_set
+        if ss.mode == "Flexible":
+            return (
+                f"/subscriptions/{ss.subscription_id}/resourceGroups/{ss.resource_group}"
+                f"/providers/{VM_TYPE}/{self.name}"
+            )
+        return f"{ss.resource_id}/virtualMachines/{self.instance_id}"
+
+    def sort_key(self) -> tuple[int, int | str]:
+        return (0, int(self.instance_id)) if self.instance_id.isdigit() else (1, self.serial)
+
+
+@dataclass(eq=False)
+class ScaleSetState:
+    subscription_id: str
+    resource_group: str
+    name: str
+    location: str
+    mode: str
+    sku: str
+    zones: tuple[str, ...]
+    capacity: int
+    tags: dict[str, str]
+    health_monitoring: str
+    platform_rebalancing: bool
+    zone_balance: bool
+    terminate_notification_seconds: int | None
+    new_vm_health: str
+    unique_id: str
+    created: datetime
+    provisioning_state: str = "Succeeded"
+    vms: dict[str, Vm] = field(default_factory=dict)
+    next_instance_id: int = 0
+    model_op: Operation | None = None
+    active_ops: int = 0
+    hold: ArmError | None = None
+    deleted: bool = False
+    extra_model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def resource_id(self) -> str:
+        return (
+            f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+            f"/providers/{VMSS_TYPE}/{self.name}"
+        )
+
+    @property
+    def key(self) -> str:
+        return f"{self.resource_group}/{self.name}".lower()
+
+    def members(self) -> list[Vm]:
+        """VMs that hold a place in `sku.capacity` (everything not being deleted)."""
+        return [vm for vm in self.vms.values() if vm.provisioning_state != "Deleting"]
+
+    def zone_counts(self) -> dict[str | None, int]:
+        counts: dict[str | None, int] = dict.fromkeys(self.zones or (None,), 0)
+        for vm in self.vms.values():
+            if vm.counts:
+                counts[vm.zone] = counts.get(vm.zone, 0) + 1
+        return counts
+
+
+@dataclass(eq=False)
+class Operation:
+    id: str
+    kind: str
+    """`write`, `delete` or `action`: which Event Grid event type family it ends in."""
+    operation_name: str
+    resource_id: str
+    location: str
+    caller: Caller
+    start: datetime
+    scale_set: ScaleSetState | None
+    not_before: datetime
+    result: str | None = None
+    """What the `Location` monitor answers when done: `vmss` (the scale set), or None."""
+    status: str = "InProgress"
+    end: datetime | None = None
+    failure: OperationFailure | None = None
+    pending_failure: OperationFailure | None = None
+    waiting: dict[int, str] = field(default_factory=dict)
+    """VM serial -> what the operation waits for: `provisioned` or `gone`."""
+    on_done: list[Callable[[Operation], None]] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.status != "InProgress"
+
+
+class World:
+    """All state of one simulated subscription."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        now: datetime,
+        faults: Faults,
+        emit: Callable[[Operation], None],
+    ) -> None:
+        self.lock = threading.RLock()
+        self.scenario = scenario
+        self.subscription_id = scenario.subscription_id
+        self.timings = scenario.timings
+        self.faults = faults
+        self.emit = emit
+        self.now = now
+        self.random = random.Random(scenario.seed)
+        self._serials = itertools.count(1)
+        self._timer_seq = itertools.count()
+        self._timers: list[tuple[datetime, int, Callable[[datetime], None]]] = []
+        self.resource_groups: dict[str, str] = {}
+        self.scale_sets: dict[str, ScaleSetState] = {}
+        self.vms_by_group: dict[str, dict[str, Vm]] = {}
+        self.operations: dict[str, Operation] = {}
+        self.skus: dict[str, SkuSpec] = {sku.name.lower(): sku for sku in scenario.skus}
+        self.free: dict[tuple[str, str, str], int] = {}
+        self.quota: dict[tuple[str, str], int] = {}
+        self.usage: dict[tuple[str, str], int] = {}
+        for group in scenario.resource_groups:
+            self.resource_groups[group.lower()] = group
+        for room in scenario.capacity:
+            self.free[(room.location.lower(), room.sku.lower(), room.zone)] = room.available
+        for quota in scenario.quotas:
+            self.quota[(quota.location.lower(), quota.family.lower())] = quota.limit
+        for spec in scenario.scale_sets:
+            self._seed_scale_set(spec)
+
+    # --- time -------------------------------------------------------------------------
+
+    def settle(self, now: datetime) -> None:
+        """Fire every timer due at or before `now`, in time order."""
+        while self._timers and self._timers[0][0] <= now:
+            due, _, action = heapq.heappop(self._timers)
+            self.now = max(self.now, due)
+            action(due)
+        self.now = max(self.now, now)
+
+    def at(self, due: datetime, action: Callable[[datetime], None]) -> None:
+        heapq.heappush(self._timers, (due, next(self._timer_seq), action))
+
+    def after(self, start: datetime, seconds: float, action: Callable[[datetime], None]) -> None:
+        self.at(start + timedelta(seconds=seconds), action)
+
+    def new_id(self) -> str:
+        return str(uuid.UUID(int=self.random.getrandbits(128), version=4))
+
+    # --- seeding ------------------------------------------------------------------------
+
+    def sku(self, name: str) -> SkuSpec:
+        return self.skus.get(name.lower()) or SkuSpec(name)
+
+    def _seed_scale_set(self, spec: ScaleSetSpec) -> None:
+        ss = self._new_scale_set(
+            resource_group=spec.resource_group,
+            name=spec.name,
+            location=spec.location,
+            mode=spec.mode,
+            sku=spec.sku,
+            zones=spec.zones,
+            capacity=spec.capacity if spec.capacity is not None else sum(spec.counts.values()),
+            tags=dict(spec.tags),
+            health_monitoring=spec.health_monitoring,
+            platform_rebalancing=spec.platform_rebalancing,
+            zone_balance=spec.zone_balance,
+            terminate_notification_seconds=spec.terminate_notification_seconds,
+            new_vm_health=spec.new_vm_health,
+            created=self.now - timedelta(days=30),
+        )
+        ss.provisioning_state = spec.provisioning_state
+        created = self.now - timedelta(days=7)
+        by_zone: dict[str | None, list[Vm]] = {}
+        for zone, count in spec.counts.items():
+            for _ in range(count):
+                vm = self._add_vm(ss, zone or None, created)
+                self._allocate(vm, force=True)
+                vm.provisioning_state = "Succeeded"
+                vm.power_state = "running"
+                vm.health = "healthy" if ss.health_monitoring != "none" else None
+                by_zone.setdefault(zone or None, []).append(vm)
+        ordered = list(ss.vms.values())
+        touched: set[int] = set()
+        for override in spec.overrides:
+            if override.instance is not None:
+                targets = [vm for vm in ordered if vm.instance_id == override.instance]
+                if not targets and override.instance.isdigit():
+                    position = int(override.instance)
+                    targets = ordered[position : position + 1]
+                if not targets:
+                    raise ValueError(
+                        f"scale set {spec.name}: override instance {override.instance!r} "
+                        "does not exist"
+                    )
+            else:
+                free = [vm for vm in by_zone.get(override.zone, []) if vm.serial not in touched]
+                if len(free) < override.count:
+                    raise ValueError(
+                        f"scale set {spec.name}: override wants {override.count} VMs in zone "
+                        f"{override.zone!r}, only {len(free)} are left to override"
+                    )
+                targets = free[: override.count]
+            for vm in targets:
+                touched.add(vm.serial)
+                self._apply_override(vm, override)
+        for vm in ordered:
+            if vm.provisioning_state == "Creating":
+                self.after(
+                    self.now, self.timings.create, lambda at, vm=vm: self._provisioned(vm, at)
+                )
+            elif vm.provisioning_state == "Failed":
+                self._release(vm)
+
+    @staticmethod
+    def _apply_override(vm: Vm, override: VmOverride) -> None:
+        if override.provisioning_state is not None:
+            vm.provisioning_state = override.provisioning_state
+            if override.provisioning_state == "Creating":
+                vm.power_state, vm.health = "starting", None
+            elif override.provisioning_state == "Failed":
+                vm.power_state, vm.health = "stopped", None
+                vm.failure = OperationFailure(
+                    "VMExtensionProvisioningError", "VM has reported a failure."
+                )
+        if override.power_state is not None:
+            vm.power_state = override.power_state
+            if override.power_state != "running":
+                vm.health = None
+        if override.health is not None and vm.health is not None:
+            vm.health = override.health
+        if override.protect_from_scale_in is not None:
+            vm.protect_from_scale_in = override.protect_from_scale_in
+        if override.protect_from_scale_set_actions is not None:
+            vm.protect_from_scale_set_actions = override.protect_from_scale_set_actions
+        if override.latest_model is not None:
+            vm.latest_model = override.latest_model
+
+    def _new_scale_set(self, **kwargs: Any) -> ScaleSetState:
+        group = kwargs["resource_group"]
+        self.resource_groups.setdefault(group.lower(), group)
+        ss = ScaleSetState(subscription_id=self.subscription_id, unique_id=self.new_id(), **kwargs)
+        self.scale_sets[ss.key] = ss
+        return ss
+
+    def _add_vm(self, ss: ScaleSetState, zone: str | None, created: datetime) -> Vm:
+        if ss.mode == "Flexible":
+            group = self.vms_by_group.setdefault(ss.resource_group.lower(), {})
+            while True:
+                name = f"{ss.name}_{self.random.getrandbits(32):08x}"
+                if name.lower() not in group:
+                    break
+            instance_id = name
+        else:
+            instance_id = str(ss.next_instance_id)
+            ss.next_instance_id += 1
+            name = f"{ss.name}_{instance_id}"
+        vm = Vm(
+            serial=next(self._serials),
+            scale_set=ss,
+            instance_id=instance_id,
+            name=name,
+            zone=zone,
+            vm_id=self.new_id(),
+            created=created,
+        )
+        ss.vms[instance_id.lower()] = vm
+        if ss.mode == "Flexible":
+            self.vms_by_group.setdefault(ss.resource_group.lower(), {})[name.lower()] = vm
+        return vm
+
+    # --- capacity and quota -------------------------------------------------------------
+
+    def _room_key(self, ss: ScaleSetState, zone: str | None) -> tuple[str, str, str]:
+        return (ss.location.lower(), ss.sku.lower(), zone or "")
+
+    def has_room(self, ss: ScaleSetState, zone: str | None) -> bool:
+        free = self.free.get(self._room_key(ss, zone))
+        return free is None or free > 0
+
+    def _allocate(self, vm: Vm, force: bool = False) -> None:
+        ss = vm.scale_set
+        key = self._room_key(ss, vm.zone)
+        if key in self.free and not force:
+            # Seeded VMs (force) are already there: `available` counts room beyond them.
+            self.free[key] -= 1
+        sku = self.sku(ss.sku)
+        for family in (sku.family.lower(), "cores"):
+            usage_key = (ss.location.lower(), family)
+            self.usage[usage_key] = self.usage.get(usage_key, 0) + sku.vcpus
+        vm.allocated = True
+
+    def _release(self, vm: Vm) -> None:
+        if not vm.allocated:
+            return
+        ss = vm.scale_set
+        key = self._room_key(ss, vm.zone)
+        if key in self.free:
+            self.free[key] += 1
+        sku = self.sku(ss.sku)
+        for family in (sku.family.lower(), "cores"):
+            usage_key = (ss.location.lower(), family)
+            self.usage[usage_key] = self.usage.get(usage_key, 0) - sku.vcpus
+        vm.allocated = False
+
+    def set_room(self, location: str, sku: str, zone: str, available: int | None) -> None:
+        key = (location.lower(), sku.lower(), zone)
+        if available is None:
+            self.free.pop(key, None)
+        else:
+            self.free[key] = available
+
+    def check_quota(self, ss: ScaleSetState, new_vms: int) -> None:
+        sku = self.sku(ss.sku)
+        if new_vms <= 0:
+            return
+        required = new_vms * sku.vcpus
+        for family, label in ((sku.family, sku.family), ("cores", "Total Regional")):
+            key = (ss.location.lower(), family.lower())
+            limit = self.quota.get(key, DEFAULT_LIMIT)
+            usage = self.usage.get(key, 0)
+            if usage + required > limit:
+                raise ArmError(
+                    409,
+                    "OperationNotAllowed",
+                    f"Operation could not be completed as it results in exceeding approved "
+                    f"{label} Cores quota. Additional details - Deployment Model: Resource "
+                    f"Manager, Location: {ss.location}, Current Limit: {limit}, Current Usage: "
+                    f"{usage}, Additional Required: {required}, (Minimum) New Limit Required: "
+                    f"{usage + required}. Submit a request for Quota increase at "
+                    "https://aka.ms/ProdportalCRP/#blade/Microsoft_Azure_Capacity/"
+                    "UsageAndQuota.ReactView by specifying parameters listed in the "
+                    "'Details' section for deployment to succeed.",
+                )
+
+    def check_sku(self, ss: ScaleSetState) -> None:
+        sku = self.sku(ss.sku)
+        if ss.location.lower() in {loc.lower() for loc in sku.unavailable_locations}:
+            raise ArmError(
+                409,
+                "SkuNotAvailable",
+                f"The requested VM size for resource 'Following SKUs have failed for Capacity "
+                f"Restrictions: {ss.sku}' is currently not available in location "
+                f"'{ss.location}'. Please try another size or deploy to a different location "
+                "or different zone. See https://aka.ms/azureskunotavailable for details.",
+            )
+
+    def usages(self, location: str) -> list[tuple[str, str, int, int]]:
+        """(name, localized name, current vCPUs or count, limit) rows of `usages`."""
+        loc = location.lower()
+        rows = [
+            (
+                "cores",
+                "Total Regional vCPUs",
+                self.usage.get((loc, "cores"), 0),
+                self.quota.get((loc, "cores"), DEFAULT_LIMIT),
+            )
+        ]
+        families = {sku.family for sku in self.skus.values()}
+        families |= {self.sku(ss.sku).family for ss in self.scale_sets.values()}
+        families |= {family for (q_loc, family) in self.quota if q_loc == loc and family != "cores"}
+        for family in sorted(families, key=str.lower):
+            key = (loc, family.lower())
+            rows.append(
+                (
+                    family,
+                    f"{family[:1].upper()}{family[1:]} vCPUs",
+                    self.usage.get(key, 0),
+                    self.quota.get(key, DEFAULT_LIMIT),
+                )
+            )
+        count = sum(
+            1 for ss in self.scale_sets.values() if ss.location.lower() == loc and not ss.deleted
+        )
+        rows.append(("virtualMachineScaleSets", "Virtual Machine Scale Sets", count, 2500))
+        return rows
+
+    # --- lookups ------------------------------------------------------------------------
+
+    def require_group(self, group: str) -> None:
+        if group.lower() not in self.resource_groups:
+            raise resource_group_not_found(group)
+
+    def find_scale_set(self, group: str, name: str) -> ScaleSetState:
+        self.require_group(group)
+        ss = self.scale_sets.get(f"{group}/{name}".lower())
+        if ss is None or ss.deleted:
+            raise resource_not_found(VMSS_TYPE, name, group)
+        return ss
+
+    def scale_sets_in(self, group: str | None) -> list[ScaleSetState]:
+        if group is not None:
+            self.require_group(group)
+        lowered = group.lower() if group else None
+        return [
+            ss
+            for ss in self.scale_sets.values()
+            if not ss.deleted and (lowered is None or ss.resource_group.lower() == lowered)
+        ]
+
+    def find_scale_set_vm(self, group: str, name: str, instance_id: str) -> Vm:
+        ss = self.find_scale_set(group, name)
+        vm = ss.vms.get(instance_id.lower())
+        if vm is None or vm.gone:
+            raise entity_not_found()
+        return vm
+
+    def find_vm(self, group: str, name: str) -> Vm:
+        self.require_group(group)
+        vm = self.vms_by_group.get(group.lower(), {}).get(name.lower())
+        if vm is None or vm.gone:
+            raise resource_not_found(VM_TYPE, name, group)
+        return vm
+
+    def vms_in(self, group: str) -> list[Vm]:
+        self.require_group(group)
+        return [vm for vm in self.vms_by_group.get(group.lower(), {}).values() if not vm.gone]
+
+    # --- operations ---------------------------------------------------------------------
+
+    def begin(
+        self,
+        kind: str,
+        operation_name: str,
+        resource_id: str,
+        location: str,
+        caller: Caller,
+        scale_set: ScaleSetState | None,
+        *,
+        result: str | None = None,
+        min_seconds: float = 0.0,
+    ) -> Operation:
+        op = Operation(
+            id=self.new_id(),
+            kind=kind,
+            operation_name=operation_name,
+            resource_id=resource_id,
+            location=location,
+            caller=caller,
+            start=self.now,
+            scale_set=scale_set,
+            not_before=self.now + timedelta(seconds=min_seconds),
+            result=result,
+        )
+        self.operations[op.id] = op
+        if scale_set is not None:
+            scale_set.active_ops += 1
+            if scale_set.provisioning_state == "Succeeded":
+                scale_set.provisioning_state = "Updating"
+        fired = self.faults.match(
+            OPERATION_KINDS, _fault_operation(operation_name), resource_id, caller.principal_id
+        )
+        if fired is not None:
+            rule = fired.rule
+            delay = max(rule.delay, self.timings.update)
+            if rule.kind == "preempt":
+                failure = OperationFailure(
+                    "OperationPreempted",
+                    rule.message
+                    or "Operation execution has been preempted by a more recent operation.",
+                )
+                self.after(self.now, delay, lambda at: self.finish(op, "Canceled", failure, at))
+            else:
+                failure = OperationFailure(
+                    rule.code or "InternalExecutionError",
+                    rule.message or "An internal execution error occurred. Please retry later.",
+                )
+                op.pending_failure = failure
+        if op.not_before > self.now:
+            self.at(op.not_before, lambda at: self.check(op, at))
+        return op
+
+    def wait_for(self, op: Operation, vm: Vm, condition: str) -> None:
+        op.waiting[vm.serial] = condition
+        vm.waiters.add(op)
+
+    def check(self, op: Operation, at: datetime) -> None:
+        """Complete `op` when nothing is left to wait for."""
+        if op.done or op.waiting or at < op.not_before:
+            return
+        if op.pending_failure is not None:
+            self.finish(op, "Failed", op.pending_failure, at)
+        else:
+            self.finish(op, "Succeeded", None, at)
+
+    def finish(
+        self, op: Operation, status: str, failure: OperationFailure | None, at: datetime
+    ) -> None:
+        if op.done:
+            return
+        op.status, op.failure, op.end = status, failure, at
+        for serial in list(op.waiting):
+            op.waiting.pop(serial, None)
+        ss = op.scale_set
+        if ss is not None:
+            ss.active_ops -= 1
+            if ss.model_op is op:
+                ss.model_op = None
+            if ss.active_ops == 0 and ss.provisioning_state == "Updating":
+                ss.provisioning_state = "Succeeded"
+            if ss.active_ops == 0 and ss.provisioning_state == "Creating":
+                ss.provisioning_state = "Succeeded" if status == "Succeeded" else "Failed"
+        for action in op.on_done:
+            action(op)
+        self.emit(op)
+
+    def _notify(self, vm: Vm, at: datetime) -> None:
+        for op in list(vm.waiters):
+            condition = op.waiting.get(vm.serial)
+            satisfied = condition == "gone" and vm.gone
+            satisfied |= condition == "provisioned" and vm.provisioning_state != "Creating"
+            if condition is None or satisfied:
+                op.waiting.pop(vm.serial, None)
+                vm.waiters.discard(op)
+                if condition == "provisioned" and vm.provisioning_state == "Failed":
+                    op.pending_failure = op.pending_failure or vm.failure
+                self.check(op, at)
+
+    # --- VM life ------------------------------------------------------------------------
+
+    def _provisioned(self, vm: Vm, at: datetime) -> None:
+        if vm.gone or vm.provisioning_state != "Creating":
+            return
+        ss = vm.scale_set
+        fault = self.faults.match(HEALTH_KINDS, "vm.provision", ss.resource_id, None, vm.zone)
+        if vm.failure is None and fault is not None and fault.rule.kind == "provisioning_failure":
+            vm.failure = OperationFailure(
+                fault.rule.code or "VMExtensionProvisioningError",
+                fault.rule.message or "VM has reported a failure when processing extension.",
+            )
+        if vm.failure is not None:
+            vm.provisioning_state, vm.power_state, vm.health = "Failed", "stopped", None
+            self._release(vm)
+        else:
+            vm.provisioning_state, vm.power_state = "Succeeded", "running"
+            if ss.health_monitoring != "none":
+                vm.health = "initializing"
+                outcome = ss.new_vm_health
+                if fault is not None and fault.rule.kind == "never_healthy":
+                    outcome = "initializing"
+                elif fault is not None and fault.rule.kind == "unhealthy":
+                    outcome = "unhealthy"
+                if outcome != "initializing":
+                    self.after(at, self.timings.health, lambda t: self._health(vm, outcome))
+        self._notify(vm, at)
+
+    def _health(self, vm: Vm, outcome: str) -> None:
+        if vm.gone or vm.provisioning_state != "Succeeded" or vm.power_state != "running":
+            return
+        if vm.health == "initializing":
+            vm.health = outcome
+
+    def start_delete(self, vm: Vm, op: Operation, at: datetime) -> None:
+        """Deleting for the terminate notification delay plus the delete time, then gone."""
+        self.wait_for(op, vm, "gone")
+        if vm.provisioning_state == "Deleting":
+            return
+        vm.provisioning_state = "Deleting"
+        self._notify(vm, at)
+        seconds = (vm.scale_set.terminate_notification_seconds or 0) + self.timings.delete
+        self.after(at, seconds, lambda t: self._gone(vm, t))
+
+    def _gone(self, vm: Vm, at: datetime) -> None:
+        if vm.gone:
+            return
+        vm.gone = True
+        ss = vm.scale_set
+        self._release(vm)
+        ss.vms.pop(vm.instance_id.lower(), None)
+        if ss.mode == "Flexible":
+            self.vms_by_group.get(ss.resource_group.lower(), {}).pop(vm.name.lower(), None)
+        self._notify(vm, at)
+
+    # --- scale set behaviours -----------------------------------------------------------
+
+    def reconcile_capacity(self, ss: ScaleSetState, op: Operation) -> None:
+        """Create or delete VMs so that the members match `sku.capacity`."""
+        members = ss.members()
+        delta = ss.capacity - len(members)
+        if delta > 0:
+            self._scale_out(ss, delta, op)
+        elif delta < 0:
+            for vm in self._scale_in_order(ss, members, -delta):
+                self.start_delete(vm, op, self.now)
+
+    def _scale_out(self, ss: ScaleSetState, count: int, op: Operation) -> None:
+        counts = ss.zone_counts()
+        zones: list[str | None] = list(ss.zones) if ss.zones else [None]
+        for _ in range(count):
+            ranked = sorted(zones, key=lambda z: (counts.get(z, 0), zones.index(z)))
+            if ss.zone_balance:
+                lowest = counts.get(ranked[0], 0)
+                ranked = [z for z in ranked if counts.get(z, 0) == lowest]
+            chosen = None
+            for zone in ranked:
+                if not self.has_room(ss, zone):
+                    continue
+                fault = self.faults.match(
+                    PLACEMENT_KINDS, "placement", ss.resource_id, op.caller.principal_id, zone
+                )
+                if fault is None:
+                    chosen = zone
+                    break
+            vm = self._add_vm(ss, chosen if chosen is not None else ranked[0], self.now)
+            if chosen is None:
+                vm.failure = _allocation_failure(ss, vm.zone)
+            else:
+                self._allocate(vm)
+                counts[chosen] = counts.get(chosen, 0) + 1
+            self.wait_for(op, vm, "provisioned")
+            self.after(self.now, self.timings.create, lambda at, vm=vm: self._provisioned(vm, at))
+
+    @staticmethod
+    def _scale_in_order(ss: ScaleSetState, members: list[Vm], count: int) -> list[Vm]:
+        """The platform's default scale-in: failed first, then balance zones, highest id."""
+        candidates = [vm for vm in members if not vm.protect_from_scale_in]
+        chosen: list[Vm] = []
+        failed = sorted(
+            (vm for vm in candidates if vm.provisioning_state == "Failed"),
+            key=Vm.sort_key,
+            reverse=True,
+        )
+        chosen.extend(failed[:count])
+        remaining = [vm for vm in candidates if vm not in chosen]
+        counts = ss.zone_counts()
+        while len(chosen) < count and remaining:
+            zones_with = {vm.zone for vm in remaining}
+            zone = max(zones_with, key=lambda z: (counts.get(z, 0), str(z)))
+            pick = max((vm for vm in remaining if vm.zone == zone), key=Vm.sort_key)
+            chosen.append(pick)
+            remaining.remove(pick)
+            counts[zone] = counts.get(zone, 0) - 1
+        return chosen
+
+    def update_scale_set(
+        self, ss: ScaleSetState, body: Mapping[str, Any], caller: Caller
+    ) -> Operation:
+        """PATCH: capacity, tags, zones and the policies the rebalancer reads."""
+        self._writable(ss)
+        sku = body.get("sku") or {}
+        new_capacity = sku.get("capacity")
+        if new_capacity is not None:
+            if not isinstance(new_capacity, int) or new_capacity < 0:
+                raise bad_request(
+                    f"The value '{new_capacity}' of parameter 'sku.capacity' is out of range. "
+                    "The value must be between '0' and '1000', inclusive.",
+                    code="InvalidParameter",
+                    target="sku.capacity",
+                )
+            growth = new_capacity - len(ss.members())
+            if growth > 0:
+                self.check_sku(ss)
+                self.check_quota(ss, growth)
+        self._apply_model(ss, body)
+        if ss.model_op is not None and not ss.model_op.done:
+            self.finish(
+                ss.model_op,
+                "Canceled",
+                OperationFailure(
+                    "OperationPreempted",
+                    "Operation execution has been preempted by a more recent operation.",
+                ),
+                self.now,
+            )
+        op = self.begin(
+            "write",
+            f"{VMSS_TYPE}/write",
+            ss.resource_id,
+            ss.location,
+            caller,
+            ss,
+            result="vmss",
+            min_seconds=self.timings.update,
+        )
+        ss.model_op = op
+        if new_capacity is not None:
+            ss.capacity = new_capacity
+            self.reconcile_capacity(ss, op)
+        self.check(op, self.now)
+        return op
+
+    def _writable(self, ss: ScaleSetState) -> None:
+        if ss.hold is not None:
+            raise ss.hold
+        if ss.provisioning_state == "Deleting":
+            raise ArmError(
+                409,
+                "OperationNotAllowed",
+                f"Operation is not allowed since the Virtual Machine Scale Set {ss.name} is "
+                "marked for deletion.",
+            )
+
+    def _apply_model(self, ss: ScaleSetState, body: Mapping[str, Any]) -> None:
+        if "tags" in body and isinstance(body["tags"], Mapping):
+            ss.tags = {str(k): str(v) for k, v in body["tags"].items()}
+        if "zones" in body and isinstance(body["zones"], list):
+            added = [str(z) for z in body["zones"] if str(z) not in ss.zones]
+            if [z for z in ss.zones if z not in [str(x) for x in body["zones"]]]:
+                raise bad_request(
+                    "Removing zones from a Virtual Machine Scale Set is not supported.",
+                    code="InvalidParameter",
+                    target="zones",
+                )
+            ss.zones = (*ss.zones, *added)
+        props = body.get("properties") or {}
+        if "zoneBalance" in props:
+            ss.zone_balance = bool(props["zoneBalance"])
+        policy = (props.get("resiliencyPolicy") or {}).get("automaticZoneRebalancingPolicy")
+        if isinstance(policy, Mapping) and "enabled" in policy:
+            ss.platform_rebalancing = bool(policy["enabled"])
+        profile = props.get("virtualMachineProfile") or {}
+        terminate = (profile.get("scheduledEventsProfile") or {}).get(
+            "terminateNotificationProfile"
+        )
+        if isinstance(terminate, Mapping):
+            from armsim.scenario import parse_iso_duration
+
+            if terminate.get("enable") is False:
+                ss.terminate_notification_seconds = None
+            elif terminate.get("notBeforeTimeout"):
+                try:
+                    seconds = parse_iso_duration(str(terminate["notBeforeTimeout"]))
+                except ValueError as error:
+                    raise bad_request(str(error), "InvalidParameter") from error
+                ss.terminate_notification_seconds = seconds
+        extensions = (profile.get("extensionProfile") or {}).get("extensions")
+        if isinstance(extensions, list):
+            kinds = {
+                str(((ext or {}).get("properties") or {}).get("type", "")) for ext in extensions
+            }
+            if kinds & {"ApplicationHealthLinux", "ApplicationHealthWindows"}:
+                ss.health_monitoring = "extension"
+            elif ss.health_monitoring == "extension":
+                ss.health_monitoring = "none"
+        probe = (profile.get("networkProfile") or {}).get("healthProbe")
+        if isinstance(probe, Mapping) and probe.get("id") and ss.health_monitoring == "none":
+            ss.health_monitoring = "probe"
+
+    def create_scale_set(
+        self, group: str, name: str, body: Mapping[str, Any], caller: Caller
+    ) -> tuple[Operation, bool]:
+        """PUT: create a new scale set from its model, or update an existing one."""
+        self.require_group(group)
+        existing = self.scale_sets.get(f"{group}/{name}".lower())
+        if existing is not None and not existing.deleted:
+            return self.update_scale_set(existing, body, caller), False
+        location = body.get("location")
+        if not isinstance(location, str) or not location:
+            raise bad_request(
+                "Required parameter 'location' is missing (null).", "InvalidParameter", "location"
+            )
+        props = body.get("properties") or {}
+        sku = body.get("sku") or {}
+        if not sku.get("name"):
+            raise bad_request(
+                "Required parameter 'sku.name' is missing (null).", "InvalidParameter", "sku.name"
+            )
+        capacity = int(sku.get("capacity") or 0)
+        ss = self._new_scale_set(
+            resource_group=group,
+            name=name,
+            location=location,
+            mode=str(props.get("orchestrationMode") or "Uniform"),
+            sku=str(sku["name"]),
+            zones=tuple(str(z) for z in body.get("zones") or ()),
+            capacity=0,
+            tags={},
+            health_monitoring="none",
+            platform_rebalancing=False,
+            zone_balance=False,
+            terminate_notification_seconds=None,
+            new_vm_health="healthy",
+            created=self.now,
+        )
+        ss.provisioning_state = "Creating"
+        try:
+            self._apply_model(ss, body)
+            self.check_sku(ss)
+            self.check_quota(ss, capacity)
+        except ArmError:
+            del self.scale_sets[ss.key]
+            raise
+        op = self.begin(
+            "write",
+            f"{VMSS_TYPE}/write",
+            ss.resource_id,
+            ss.location,
+            caller,
+            ss,
+            result="vmss",
+            min_seconds=self.timings.update,
+        )
+        ss.model_op = op
+        ss.capacity = capacity
+        self.reconcile_capacity(ss, op)
+        self.check(op, self.now)
+        return op, True
+
+    def delete_instances(
+        self, ss: ScaleSetState, instance_ids: Iterable[str], caller: Caller
+    ) -> Operation:
+        self._writable(ss)
+        ids = [str(i) for i in instance_ids]
+        if not ids:
+            raise bad_request(
+                "The value of parameter instanceIds is invalid.", "InvalidParameter", "instanceIds"
+            )
+        vms = []
+        for instance_id in ids:
+            vm = ss.vms.get(instance_id.lower())
+            if vm is None or vm.gone:
+                raise bad_request(
+                    f"The provided instanceId {instance_id} is not an active Virtual Machine "
+                    "Scale Set VM instanceId.",
+                    "InvalidParameter",
+                    "instanceIds",
+                )
+            vms.append(vm)
+        op = self.begin(
+            "action", f"{VMSS_TYPE}/delete/action", ss.resource_id, ss.location, caller, ss
+        )
+        for vm in vms:
+            if vm.provisioning_state != "Deleting":
+                ss.capacity = max(0, ss.capacity - 1)
+            self.start_delete(vm, op, self.now)
+        self.check(op, self.now)
+        return op
+
+    def delete_scale_set(self, ss: ScaleSetState, caller: Caller) -> Operation:
+        if ss.hold is not None:
+            raise ss.hold
+        op = self.begin(
+            "delete",
+            f"{VMSS_TYPE}/delete",
+            ss.resource_id,
+            ss.location,
+            caller,
+            ss,
+            min_seconds=self.timings.delete,
+        )
+        ss.provisioning_state = "Deleting"
+        if ss.model_op is not None and not ss.model_op.done:
+            self.finish(
+                ss.model_op,
+                "Canceled",
+                OperationFailure("OperationPreempted", "The operation was preempted by a delete."),
+                self.now,
+            )
+        for vm in list(ss.vms.values()):
+            self.start_delete(vm, op, self.now)
+
+        def gone(finished: Operation) -> None:
+            if finished.status == "Succeeded":
+                ss.deleted = True
+                self.scale_sets.pop(ss.key, None)
+
+        op.on_done.append(gone)
+        self.check(op, self.now)
+        return op
+
+    # --- single VMs ---------------------------------------------------------------------
+
+    def delete_vm(self, vm: Vm, caller: Caller, flexible_api: bool) -> Operation:
+        ss = vm.scale_set
+        if ss.hold is not None:
+            raise ss.hold
+        name = f"{VM_TYPE}/delete" if flexible_api else f"{VMSS_TYPE}/virtualMachines/delete"
+        op = self.begin("delete", name, vm.resource_id, ss.location, caller, None)
+        if vm.provisioning_state != "Deleting":
+            ss.capacity = max(0, ss.capacity - 1)
+        self.start_delete(vm, op, self.now)
+        self.check(op, self.now)
+        return op
+
+    def update_protection(self, vm: Vm, policy: Mapping[str, Any], caller: Caller) -> Operation:
+        ss = vm.scale_set
+        if vm.provisioning_state == "Deleting":
+            raise ArmError(
+                409,
+                "OperationNotAllowed",
+                f"Operation 'PUT' is not allowed on VM '{vm.name}' since the VM is marked for "
+                "deletion. You can only retry the Delete operation (or wait for an ongoing one "
+                "to complete).",
+            )
+        if "protectFromScaleIn" in policy:
+            vm.protect_from_scale_in = bool(policy["protectFromScaleIn"])
+        if "protectFromScaleSetActions" in policy:
+            vm.protect_from_scale_set_actions = bool(policy["protectFromScaleSetActions"])
+        return self.begin(
+            "write",
+            f"{VMSS_TYPE}/virtualMachines/write",
+            vm.resource_id,
+            ss.location,
+            caller,
+            None,
+            min_seconds=self.timings.update,
+        )
+
+    def deallocate_vm(self, vm: Vm, caller: Caller, flexible_api: bool) -> Operation:
+        ss = vm.scale_set
+        if vm.provisioning_state in ("Deleting", "Creating"):
+            raise ArmError(
+                409,
+                "OperationNotAllowed",
+                f"Operation 'deallocate' is not allowed on VM '{vm.name}' since the VM is "
+                f"{vm.provisioning_state.lower()}.",
+            )
+        name = (
+            f"{VM_TYPE}/deallocate/action"
+            if flexible_api
+            else f"{VMSS_TYPE}/virtualMachines/deallocate/action"
+        )
+        op = self.begin(
+            "action",
+            name,
+            vm.resource_id,
+            ss.location,
+            caller,
+            None,
+            min_seconds=self.timings.deallocate,
+        )
+        if vm.power_state != "deallocated":
+            vm.power_state, vm.health = "deallocating", None
+
+            def done(at: datetime) -> None:
+                if not vm.gone and vm.power_state == "deallocating":
+                    vm.power_state = "deallocated"
+
+            self.after(self.now, self.timings.deallocate, done)
+        return op
+
+    def start_vm(self, vm: Vm) -> None:
+        """Outside actor: a deallocated VM is started again (health reports after a delay)."""
+        if vm.gone or vm.power_state == "running":
+            return
+        vm.power_state = "running"
+        if vm.scale_set.health_monitoring != "none" and vm.provisioning_state == "Succeeded":
+            vm.health = "initializing"
+            outcome = vm.scale_set.new_vm_health
+            if outcome != "initializing":
+                self.after(self.now, self.timings.health, lambda t: self._health(vm, outcome))
+
+
+def _allocation_failure(ss: ScaleSetState, zone: str | None) -> OperationFailure:
+    if zone:
+        return OperationFailure(
+            "ZonalAllocationFailed",
+            f"Allocation failed. We do not have sufficient capacity for the requested VM size "
+            f"{ss.sku} in this zone. Read more about improving likelihood of allocation success "
+            "at http://aka.ms/allocation-guidance",
+        )
+    return OperationFailure(
+        "AllocationFailed",
+        f"Allocation failed. We do not have sufficient capacity for the requested VM size "
+        f"{ss.sku} in this region. Read more about improving likelihood of allocation success "
+        "at http://aka.ms/allocation-guidance",
+    )
+
+
+def _fault_operation(operation_name: str) -> str:
+    return {
+        f"{VMSS_TYPE}/write": "vmss.update",
+        f"{VMSS_TYPE}/delete/action": "vmss.delete_instances",
+        f"{VMSS_TYPE}/delete": "vmss.delete",
+        f"{VMSS_TYPE}/virtualMachines/delete": "vmss_vm.delete",
+        f"{VMSS_TYPE}/virtualMachines/write": "vmss_vm.update",
+        f"{VM_TYPE}/delete": "vm.delete",
+    }.get(operation_name, "*")
