@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 T = TypeVar("T")
@@ -82,6 +82,24 @@ _TABLES = ("live", "history", "scalesets", "backoff", "events")
 # -- values ------------------------------------------------------------------------------
 
 
+class OperationRecordLike(Protocol):
+    """What the store needs of an operation record; the store never parses its JSON."""
+
+    @property
+    def operation_id(self) -> str: ...
+    @property
+    def scale_set_key(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def active(self) -> bool: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def updated_at(self) -> datetime: ...
+    def to_json(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Lock:
     """A held lease on one scale set. `etag` proves ownership in every later write."""
@@ -112,6 +130,23 @@ class OperationRow:
     created_at: datetime | None = None
     """When the operation started; defaults to `updated_at` of its first save."""
     etag: str | None = None
+
+    @classmethod
+    def of(cls, record: OperationRecordLike, etag: str | None = None) -> OperationRow:
+        """The row for an operation record (`rebalancer.operation.OperationRecord`).
+
+        Pass the `etag` of the row the record was read from (None for a new operation).
+        """
+        return cls(
+            operation_id=record.operation_id,
+            scale_set_key=record.scale_set_key,
+            state=str(record.state),
+            active=record.active,
+            updated_at=record.updated_at,
+            body=record.to_json(),
+            created_at=record.created_at,
+            etag=etag,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from rebalancer.devtools.azurite import Azurite, connection_string, free_port
+from rebalancer.evaluator import assess
+from rebalancer.model import (
+    Health,
+    HealthMonitoring,
+    Instance,
+    Inventory,
+    OrchestrationMode,
+    PowerState,
+    ScaleSet,
+    ScaleSetRef,
+)
+from rebalancer.operation import OperationPolicy, OperationRecord, start
 from rebalancer.store import (
     MAX_ENTITY_BYTES,
     BackoffPolicy,
@@ -276,6 +288,49 @@ def test_large_bodies_are_split_and_oversized_ones_refused(store: Store):
     with pytest.raises(EntityTooLarge, match="at most 1,048,576"):
         store.save_operation(operation("op-2", API, body=too_big))
     assert store.active_operation(API) is None
+
+
+def real_record(vms_per_zone: tuple[int, int, int], operation_id: str = "op-real"):
+    """An operation record from the real evaluator and state machine (not a stand-in)."""
+    ref = ScaleSetRef("00000000-0000-0000-0000-000000000001", "RG-Web", "vmss-web")
+    instances = []
+    for zone, count in zip(("1", "2", "3"), vms_per_zone, strict=True):
+        for _ in range(count):
+            number = len(instances)
+            instances.append(
+                Instance(
+                    id=str(number),
+                    name=f"vmss-web_{number}",
+                    zone=zone,
+                    provisioning_state="Succeeded",
+                    power_state=PowerState.RUNNING,
+                    health=Health.HEALTHY,
+                )
+            )
+    scale_set = ScaleSet(
+        ref=ref,
+        location="westeurope",
+        zones=("1", "2", "3"),
+        sku_name="Standard_D2s_v5",
+        capacity=len(instances),
+        mode=OrchestrationMode.UNIFORM,
+        provisioning_state="Succeeded",
+        health_monitoring=HealthMonitoring.EXTENSION,
+        platform_rebalancing=False,
+    )
+    inventory = Inventory(scale_set, tuple(instances), T0)
+    record, _ = start(inventory, assess(inventory), OperationPolicy(), T0, operation_id)
+    return record
+
+
+def test_a_real_operation_record_of_a_1000_vm_scale_set_round_trips(store: Store):
+    record = real_record((300, 350, 350))
+    assert record.active and record.scale_set_key == record.ref.key
+    saved = store.save_operation(OperationRow.of(record))
+    assert saved.state == "scaling_out" and saved.created_at == T0
+    [listed] = store.active_operations()
+    assert OperationRecord.from_json(listed.body) == record
+    assert store.active_operation(record.scale_set_key) == saved
 
 
 def test_split_text_respects_utf16_units_and_surrogate_pairs():
