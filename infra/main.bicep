@@ -162,8 +162,31 @@ resource scaleSetRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
           'Microsoft.Compute/virtualMachines/read'
           'Microsoft.Compute/virtualMachines/instanceView/read'
           'Microsoft.Compute/virtualMachines/delete'
-          'Microsoft.Compute/locations/usages/read'
           'Microsoft.Compute/locations/operations/read'
+        ]
+        notActions: []
+        dataActions: []
+        notDataActions: []
+      }
+    ]
+  }
+}
+
+// Quota and SKU availability are subscription-level reads: always assigned on the subscription.
+// Exactly rebalancer.azure_operations.SUBSCRIPTION_READ_ROLE_ACTIONS.
+resource subscriptionReadRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid(subscription().id, environmentName, 'vmss-zone-rebalancer-subscription-reads')
+  properties: {
+    roleName: 'VMSS Zone Rebalancer subscription reads (${environmentName}, ${subscription().subscriptionId})'
+    description: 'Reads compute quota and the zones that offer each VM size.'
+    type: 'CustomRole'
+    assignableScopes: [
+      subscription().id
+    ]
+    permissions: [
+      {
+        actions: [
+          'Microsoft.Compute/locations/usages/read'
           'Microsoft.Compute/skus/read'
         ]
         notActions: []
@@ -217,6 +240,16 @@ resource scaleSetRoleOnSubscription 'Microsoft.Authorization/roleAssignments@202
     principalId: app.outputs.identityPrincipalId
     principalType: 'ServicePrincipal'
     description: 'VMSS zone rebalancer: manage the zone balance of scale sets in this subscription.'
+  }
+}
+
+resource subscriptionReadRoleOnSubscription 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(subscription().id, environmentName, subscriptionReadRole.id)
+  properties: {
+    roleDefinitionId: subscriptionReadRole.id
+    principalId: app.outputs.identityPrincipalId
+    principalType: 'ServicePrincipal'
+    description: 'VMSS zone rebalancer: compute quota and SKU availability.'
   }
 }
 

@@ -52,11 +52,20 @@ SCALE_SET_ROLE_ACTIONS: tuple[str, ...] = (
     "Microsoft.Compute/virtualMachines/read",
     "Microsoft.Compute/virtualMachines/instanceView/read",
     "Microsoft.Compute/virtualMachines/delete",
-    "Microsoft.Compute/locations/usages/read",
     "Microsoft.Compute/locations/operations/read",
+)
+"""Read, scale and delete instances of scale sets: the role assigned on the managed scope.
+
+`locations/operations/read` polls long-running operations; ARM accepts it from a
+resource-group assignment for operations started in that group.
+"""
+
+SUBSCRIPTION_READ_ROLE_ACTIONS: tuple[str, ...] = (
+    "Microsoft.Compute/locations/usages/read",
     "Microsoft.Compute/skus/read",
 )
-"""Read, scale and delete instances of scale sets: the role assigned on the managed scope."""
+"""Quota and SKU availability: subscription-level reads, assigned on the subscription even
+when the app manages only some resource groups."""
 
 LINKED_ACCESS_ROLE_ACTIONS: tuple[str, ...] = (
     "Microsoft.Network/virtualNetworks/subnets/join/action",
@@ -80,7 +89,9 @@ that it can also be assigned where the networks, images and identities live (oft
 resource group) without granting scale set writes there.
 """
 
-REQUIRED_ROLE_ACTIONS: tuple[str, ...] = SCALE_SET_ROLE_ACTIONS + LINKED_ACCESS_ROLE_ACTIONS
+REQUIRED_ROLE_ACTIONS: tuple[str, ...] = (
+    SCALE_SET_ROLE_ACTIONS + SUBSCRIPTION_READ_ROLE_ACTIONS + LINKED_ACCESS_ROLE_ACTIONS
+)
 """Every control-plane action the app's identity holds through its custom roles."""
 
 

@@ -30,6 +30,7 @@ from rebalancer.azure_operations import (
     LINKED_ACCESS_ROLE_ACTIONS,
     REQUIRED_ROLE_ACTIONS,
     SCALE_SET_ROLE_ACTIONS,
+    SUBSCRIPTION_READ_ROLE_ACTIONS,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,6 +181,7 @@ def check_roles(infra: Infra) -> list[str]:
     roles = dict(infra.resources_of_type("main", "Microsoft.Authorization/roleDefinitions"))
     expected = {
         "scaleSetRole": SCALE_SET_ROLE_ACTIONS,
+        "subscriptionReadRole": SUBSCRIPTION_READ_ROLE_ACTIONS,
         "linkedAccessRole": LINKED_ACCESS_ROLE_ACTIONS,
     }
     if set(roles) != set(expected):
