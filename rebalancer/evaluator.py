@@ -231,6 +231,7 @@ class _Plan:
     projected: dict[str, ZoneCount]
     stopped_by: Reason | None
     """Why planning stopped before reaching +/-1 (None when it reached it)."""
+    stop_detail: str = ""
 
 
 def _plan(scale_set: ScaleSet, instances: Iterable[Instance]) -> _Plan:
@@ -242,6 +243,7 @@ def _plan(scale_set: ScaleSet, instances: Iterable[Instance]) -> _Plan:
     order = {zone: position for position, zone in enumerate(counts)}
     moves: list[Move] = []
     stopped_by: Reason | None = None
+    stop_detail = ""
 
     while totals and max(totals.values()) - min(totals.values()) > 1:
         fewest = min(totals.values())
@@ -256,8 +258,20 @@ def _plan(scale_set: ScaleSet, instances: Iterable[Instance]) -> _Plan:
             # Active rule first: it is the documented reason (7/4/4) even when sources are short.
             if all(actives[zone] <= actives[receiver] for zone in tied):
                 stopped_by = Reason.ACTIVE_SPREAD
+                fullest = ", ".join(
+                    f"zone {zone} ({most} VMs, {actives[zone]} active)" for zone in tied
+                )
+                stop_detail = (
+                    f"fullest: {fullest}; emptiest: zone {receiver} ({fewest} VMs, "
+                    f"{actives[receiver]} active)"
+                )
             else:
                 stopped_by = Reason.NO_ELIGIBLE_SOURCE
+                planned = {move.source for move in moves}
+                stuck = [zone for zone in tied if actives[zone] > actives[receiver]]
+                stop_detail = "; ".join(
+                    _unmovable(zone, most, instances, planned) for zone in stuck
+                )
             break
         giver = min(givers, key=lambda zone: (-actives[zone], order[zone]))
         source = sources[giver].pop(0)
@@ -268,7 +282,18 @@ def _plan(scale_set: ScaleSet, instances: Iterable[Instance]) -> _Plan:
         actives[receiver] += 1
 
     projected = {zone: ZoneCount(totals[zone], actives[zone]) for zone in counts}
-    return _Plan(tuple(moves), projected, stopped_by)
+    return _Plan(tuple(moves), projected, stopped_by, stop_detail)
+
+
+def _unmovable(zone: str, total: int, instances: tuple[Instance, ...], planned: set[str]) -> str:
+    """Why no VM of `zone` can be a source, by kind."""
+    members = [i for i in instances if i.zone == zone and i.counts and i.id not in planned]
+    kinds = {
+        "protected": sum(1 for i in members if i.active and i.protected),
+        "not running": sum(1 for i in members if not i.active),
+    }
+    parts = ", ".join(f"{count} {kind}" for kind, count in kinds.items() if count)
+    return f"zone {zone} holds the most VMs ({total}) and none can move: {parts}"
 
 
 def plan_moves(scale_set: ScaleSet, instances: Iterable[Instance]) -> tuple[Move, ...]:
@@ -351,7 +376,7 @@ def assess(inventory: Inventory) -> Assessment:
     plan = _plan(scale_set, instances)
     if not plan.moves:
         reason = plan.stopped_by or Reason.NO_ELIGIBLE_SOURCE
-        return result(reason, _counts_text(counts), plan)
+        return result(reason, plan.stop_detail, plan)
     givers = sorted({move.from_zone for move in plan.moves}, key=zone_key)
     receivers = sorted({move.to_zone for move in plan.moves}, key=zone_key)
     detail = (
@@ -359,5 +384,5 @@ def assess(inventory: Inventory) -> Assessment:
         f"after them: {_counts_text(plan.projected)}"
     )
     if plan.stopped_by is not None:
-        detail += f". The plan stops short of +/-1: {plan.stopped_by.describe()}"
+        detail += f". The plan stops short of +/-1 ({plan.stopped_by.value}): {plan.stop_detail}"
     return result(Reason.MOVES_PLANNED, detail, plan)

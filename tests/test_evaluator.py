@@ -54,6 +54,7 @@ def test_7_4_4_with_five_deallocated_is_not_moved() -> None:
     assert result.reason is Reason.ACTIVE_SPREAD
     assert result.moves == ()
     assert result.zones["1"] == ZoneCount(total=7, active=2)
+    assert result.detail == "fullest: zone 1 (7 VMs, 2 active); emptiest: zone 2 (4 VMs, 4 active)"
 
 
 def test_2_4_7_with_two_deallocated_ends_at_4_4_5() -> None:
@@ -146,6 +147,7 @@ def test_all_sources_protected_is_a_named_skip() -> None:
     assert result.decision is Decision.SKIP
     assert result.reason is Reason.NO_ELIGIBLE_SOURCE
     assert result.moves == ()
+    assert result.detail == "zone 2 holds the most VMs (4) and none can move: 4 protected"
 
 
 def test_plan_stops_when_sources_run_out_and_says_so() -> None:
@@ -153,7 +155,10 @@ def test_plan_stops_when_sources_run_out_and_says_so() -> None:
     result = assess(inventory(instances))
     assert result.decision is Decision.MOVE
     assert result.moves == (Move("2", "1", "0"),)
-    assert "stops short" in result.detail
+    assert result.detail.endswith(
+        "stops short of +/-1 (no_eligible_source): zone 2 holds the most VMs (5) and none can "
+        "move: 5 protected"
+    )
     assert not is_balanced(result.projected)
 
 
