@@ -1,0 +1,516 @@
+"""The imperative shell: one scale set at a time, lock -> observe -> decide -> persist -> act.
+
+`Reconciler.reconcile(ref)` is safe to call any number of times, concurrently, from any
+trigger: the per-scale-set lock in Table Storage admits one actor, every decision is re-derived
+from a fresh observation, and the record of each step is written *before* the Azure call that
+performs it (see `rebalancer.operation`). Nothing here waits for Azure: a call is started, its
+intent is on disk, and the next trigger (an event or the timer) looks at the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from rebalancer import operation as op
+from rebalancer.evaluator import Assessment, Decision, assess
+from rebalancer.model import Inventory, ScaleSetRef
+from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
+
+if TYPE_CHECKING:
+    from rebalancer.compute import ComputeAdapter
+    from rebalancer.compute.errors import AdapterError
+    from rebalancer.store import Lock, OperationRow, Store
+
+log = logging.getLogger("rebalancer")
+
+Clock = Callable[[], datetime]
+AUDIT_MARKER = "subscription-audit"
+"""Key of the row that remembers when the last full audit ran."""
+MAX_STEPS_PER_CALL = 6
+"""Bound on `advance` rounds in one invocation (a round that needs no command may act at once)."""
+
+
+class Outcome(StrEnum):
+    BUSY = "busy"
+    """Another invocation holds the scale set's lock; it is doing the work."""
+    ADVANCED = "advanced"
+    STARTED = "started"
+    ASSESSED = "assessed"
+    GONE = "gone"
+    DEFERRED = "deferred"
+    """Azure or Table Storage could not answer now; the next trigger tries again."""
+
+
+class Gate(StrEnum):
+    """Why a move the evaluator planned does not start now (on top of the evaluator's reasons)."""
+
+    MODE_AUDIT = "mode_audit"
+    MODE_OFF = "mode_off"
+    NOT_OPTED_IN = "not_opted_in"
+    OPTED_OUT = "opted_out"
+    COOLDOWN = "cooldown"
+    MIN_INTERVAL = "min_interval"
+    ZONE_BACKOFF = "zone_backoff"
+    QUOTA = "quota"
+    NO_SLOT = "no_slot"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The assessment plus the reconciler's gates: what happens to the scale set now."""
+
+    assessment: Assessment
+    opt_in: OptIn
+    gate: Gate | None = None
+    gate_detail: str = ""
+
+    @property
+    def decision(self) -> str:
+        if self.gate is not None and self.assessment.decision is Decision.MOVE:
+            return "wait"
+        return str(self.assessment.decision)
+
+    @property
+    def reason(self) -> str:
+        return str(self.gate) if self.gate is not None else str(self.assessment.reason)
+
+    @property
+    def detail(self) -> str:
+        return self.gate_detail if self.gate is not None else self.assessment.detail
+
+    def to_json(self) -> str:
+        a = self.assessment
+        return json.dumps(
+            {
+                "id": a.ref.id,
+                "balanced": a.balanced,
+                "zones": {z: {"total": c.total, "active": c.active} for z, c in a.zones.items()},
+                "decision": self.decision,
+                "reason": self.reason,
+                "detail": self.detail,
+                "mode": str(self.opt_in),
+                "moves": [
+                    {"fromZone": m.from_zone, "toZone": m.to_zone, "source": m.source}
+                    for m in a.moves
+                ],
+            },
+            sort_keys=True,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    ref: ScaleSetRef
+    outcome: Outcome
+    state: str | None = None
+    verdict: Verdict | None = None
+    detail: str = ""
+
+
+@dataclass
+class Reconciler:
+    """Drives every scale set of one subscription. One per process; thread-safe."""
+
+    settings: Settings
+    store: Store
+    compute: ComputeAdapter
+    clock: Clock
+    owner: str = field(default_factory=lambda: f"rebalancer-{uuid.uuid4().hex[:12]}")
+    lease: timedelta = timedelta(minutes=5)
+    new_operation_id: Callable[[], str] = field(default_factory=lambda: _operation_id)
+    on_notify: Callable[[op.OperationRecord, op.Notify], None] | None = None
+
+    @property
+    def policy(self) -> op.OperationPolicy:
+        return op.OperationPolicy(
+            max_surge=self.settings.max_surge, health_timeout=self.settings.health_timeout
+        )
+
+    # -- one scale set --------------------------------------------------------------------
+
+    def reconcile(self, ref: ScaleSetRef, *, observed: Inventory | None = None) -> Result:
+        """Bring one scale set one step closer to balance.
+
+        `observed`: an inventory read moments ago (by the audit); it is used to assess an idle
+        scale set, but never to act: a start or an in-flight step always reads again under
+        the lock.
+        """
+        from rebalancer.store import LockLost
+
+        now = self.clock()
+        lock = self.store.try_acquire(ref.key, self.owner, now, self.lease)
+        if lock is None:
+            return Result(ref, Outcome.BUSY, detail="another invocation holds the lock")
+        try:
+            row = self.store.active_operation(ref.key)
+            if row is not None:
+                return self._advance(ref, row, lock)
+            return self._evaluate(ref, lock, observed)
+        except LockLost as error:
+            log.warning("lost the lock on %s: %s", ref, error, extra=_dims(ref))
+            return Result(ref, Outcome.BUSY, detail=str(error))
+        finally:
+            self._release(lock)
+
+    def _release(self, lock: Lock) -> None:
+        from rebalancer.store import StoreError
+
+        try:
+            self.store.release(lock)
+        except StoreError as error:  # the lease expires on its own
+            log.warning("could not release the lock on %s: %s", lock.scale_set_key, error)
+
+    def _observe(self, ref: ScaleSetRef) -> Inventory | None:
+        """A fresh inventory, or None when the scale set no longer exists."""
+        from rebalancer.compute.errors import ScaleSetGone
+
+        try:
+            return self.compute.read_inventory(ref, self.clock())
+        except ScaleSetGone:
+            return None
+
+    # -- in-flight operation --------------------------------------------------------------
+
+    def _advance(self, ref: ScaleSetRef, row: OperationRow, lock: Lock) -> Result:
+        record = op.OperationRecord.from_json(row.body)
+        for _ in range(MAX_STEPS_PER_CALL):
+            observation = self._observe(ref)
+            stand_down = self._stand_down(observation)
+            now = self.clock()
+            step = op.advance(record, observation, self.policy, now, stand_down=stand_down)
+            if step.record != record:
+                row, lock = self._persist(row, step.record, lock)
+                self._log_step(record, step.record)
+            record = step.record
+            if step.commands:
+                record = self._run(ref, record, step.commands)
+                row, lock = self._persist(row, record, lock)
+            if not step.observe_again or record.state.terminal:
+                break
+        return Result(ref, Outcome.ADVANCED, state=str(record.state), detail=record.outcome_detail)
+
+    def _stand_down(self, observation: Inventory | None) -> str | None:
+        if self.settings.mode is not Mode.ENFORCE:
+            return f"the app's mode is {self.settings.mode}"
+        if observation is None:
+            return None
+        opt_in = self.settings.opt_in(observation.scale_set.tag(OPT_IN_TAG))
+        if opt_in is not OptIn.ENABLED:
+            return f"the scale set's opt-in is now {opt_in}"
+        return None
+
+    def _persist(
+        self, row: OperationRow, record: op.OperationRecord, lock: Lock
+    ) -> tuple[OperationRow, Lock]:
+        updated = replace(
+            row,
+            state=str(record.state),
+            active=record.active,
+            updated_at=record.updated_at,
+            body=record.to_json(),
+        )
+        return self.store.commit(updated, lock, self.clock())
+
+    # -- idle scale set: assess, maybe start ----------------------------------------------
+
+    def _evaluate(self, ref: ScaleSetRef, lock: Lock, observed: Inventory | None) -> Result:
+        inventory = observed if observed is not None else self._observe(ref)
+        if inventory is None:
+            return Result(ref, Outcome.GONE, detail="the scale set does not exist")
+        verdict = self._verdict(inventory)
+        if verdict.gate is None and verdict.assessment.decision is Decision.MOVE:
+            if observed is not None:  # act only on what was read under the lock
+                fresh = self._observe(ref)
+                if fresh is None:
+                    return Result(ref, Outcome.GONE, detail="the scale set does not exist")
+                inventory, verdict = fresh, self._verdict(fresh)
+            if verdict.gate is None and verdict.assessment.decision is Decision.MOVE:
+                started = self._start(ref, inventory, verdict, lock)
+                if started is not None:
+                    return started
+                verdict = replace(
+                    verdict,
+                    gate=Gate.NO_SLOT,
+                    gate_detail=(
+                        f"{self.settings.max_concurrent_operations} operations already run in "
+                        "the subscription (REBALANCER_MAX_CONCURRENT_OPERATIONS); next pass"
+                    ),
+                )
+        self._record_verdict(verdict)
+        return Result(ref, Outcome.ASSESSED, verdict=verdict, detail=verdict.detail)
+
+    def _verdict(self, inventory: Inventory) -> Verdict:
+        scale_set = inventory.scale_set
+        assessment = assess(inventory)
+        opt_in = self.settings.opt_in(scale_set.tag(OPT_IN_TAG))
+        verdict = Verdict(assessment, opt_in)
+        if assessment.decision is not Decision.MOVE:
+            return verdict
+        gate = self._gate(inventory, assessment, opt_in)
+        return replace(verdict, gate=gate[0], gate_detail=gate[1]) if gate else verdict
+
+    def _gate(
+        self, inventory: Inventory, assessment: Assessment, opt_in: OptIn
+    ) -> tuple[Gate, str] | None:
+        """The first reason not to start now, cheapest checks first."""
+        settings, ref, now = self.settings, inventory.scale_set.ref, self.clock()
+        if opt_in is OptIn.DISABLED:
+            return Gate.OPTED_OUT, "tag zone-rebalance=disabled: not even reported as actionable"
+        if opt_in is not OptIn.ENABLED:
+            return Gate.NOT_OPTED_IN, (
+                "audited only: tag the scale set zone-rebalance=enabled to let the app move VMs"
+            )
+        if settings.mode is Mode.OFF:
+            return Gate.MODE_OFF, "REBALANCER_MODE=off"
+        if settings.mode is Mode.AUDIT:
+            return Gate.MODE_AUDIT, "REBALANCER_MODE=audit: set it to enforce to move VMs"
+        last = self.store.last_activity(ref.key)
+        if last is not None and last + settings.cooldown > now:
+            return Gate.COOLDOWN, (
+                f"outside change at {last.isoformat()}; moves wait until "
+                f"{(last + settings.cooldown).isoformat()} (REBALANCER_COOLDOWN_MINUTES)"
+            )
+        if settings.min_move_interval > timedelta(0):
+            previous = self.store.history(ref.key, limit=1)
+            if previous and previous[0].updated_at + settings.min_move_interval > now:
+                until = previous[0].updated_at + settings.min_move_interval
+                return Gate.MIN_INTERVAL, (
+                    f"the last operation ended at {previous[0].updated_at.isoformat()}; next move "
+                    f"after {until.isoformat()} (REBALANCER_MIN_MOVE_INTERVAL_MINUTES)"
+                )
+        scale_set = inventory.scale_set
+        k = min(len(assessment.moves), settings.max_surge)
+        for zone in sorted({move.to_zone for move in assessment.moves[:k]}):
+            until = self.store.backoff_until(
+                scale_set.location, scale_set.sku_name or "", zone, now
+            )
+            if until is not None:
+                return Gate.ZONE_BACKOFF, (
+                    f"zone {zone} of {scale_set.location} had no capacity for "
+                    f"{scale_set.sku_name}; next try after {until.isoformat()}"
+                )
+        return self._quota_gate(inventory, k)
+
+    def _quota_gate(self, inventory: Inventory, k: int) -> tuple[Gate, str] | None:
+        from rebalancer.compute.errors import AdapterError
+
+        scale_set = inventory.scale_set
+        try:
+            quota = self.compute.quota(scale_set.location, scale_set.sku_name or "")
+        except AdapterError as error:
+            # Unknown quota does not block: a scale-out over quota is rejected by Azure
+            # before anything is created, and the operation ends `failed` with that reason.
+            log.info("quota of %s unknown: %s", scale_set.ref, error, extra=_dims(scale_set.ref))
+            return None
+        if quota.headroom_vms < k:
+            return Gate.QUOTA, (
+                f"{quota.family} quota in {scale_set.location}: {quota.used_vcpus}/"
+                f"{quota.limit_vcpus} vCPUs used, {k} more VM(s) of {quota.vcpus_per_vm} vCPUs "
+                "do not fit; raise the quota"
+            )
+        return None
+
+    def _record_verdict(self, verdict: Verdict) -> None:
+        """Persist the verdict when it changed, and log it only then: no noise every tick."""
+        body = verdict.to_json()
+        changed = self.store.save_assessment(verdict.assessment.ref.key, body, self.clock())
+        if changed:
+            a = verdict.assessment
+            level = logging.INFO if a.balanced else logging.WARNING
+            log.log(
+                level,
+                "%s: %s (%s) %s",
+                a.ref,
+                verdict.decision,
+                verdict.reason,
+                verdict.detail,
+                extra=_dims(
+                    a.ref,
+                    decision=verdict.decision,
+                    reason=verdict.reason,
+                    zones={z: c.total for z, c in a.zones.items()},
+                    balanced=a.balanced,
+                ),
+            )
+
+    def _start(
+        self, ref: ScaleSetRef, inventory: Inventory, verdict: Verdict, lock: Lock
+    ) -> Result | None:
+        from rebalancer.store import OperationRow
+
+        now = self.clock()
+        record, commands = op.start(
+            inventory, verdict.assessment, self.policy, now, self.new_operation_id()
+        )
+        row = OperationRow(
+            operation_id=record.operation_id,
+            scale_set_key=ref.key,
+            state=str(record.state),
+            active=record.active,
+            updated_at=now,
+            body=record.to_json(),
+            created_at=now,
+        )
+        begun = self.store.begin_operation(
+            row, lock, now, slot_limit=self.settings.max_concurrent_operations
+        )
+        if begun is None:
+            return None
+        row, lock = begun
+        self._record_verdict(verdict)
+        self._log_step(None, record)
+        record = self._run(ref, record, commands)
+        self._persist(row, record, lock)
+        return Result(ref, Outcome.STARTED, state=str(record.state), verdict=verdict)
+
+    # -- commands -------------------------------------------------------------------------
+
+    def _run(
+        self, ref: ScaleSetRef, record: op.OperationRecord, commands: Iterable[op.Command]
+    ) -> op.OperationRecord:
+        """Run the commands of a step whose record is already on disk."""
+        from rebalancer.compute.errors import AdapterError, ErrorKind
+
+        now = self.clock()
+        for command in commands:
+            try:
+                if isinstance(command, op.SetCapacity):
+                    call = self.compute.set_capacity(ref, command.capacity)
+                    record = record.with_arm_call(_call_id("set_capacity", call))
+                elif isinstance(command, op.DeleteInstances):
+                    call = self.compute.delete_instances(ref, command.ids)
+                    record = record.with_arm_call(_call_id("delete_instances", call))
+                elif isinstance(command, op.BackOffZone):
+                    self.store.record_capacity_failure(
+                        command.location, command.sku, command.zone, now
+                    )
+                elif isinstance(command, op.ClearZoneBackoff):
+                    self.store.clear_backoff(command.location, command.sku, command.zone)
+                elif isinstance(command, op.Notify):
+                    self._notify(record, command)
+            except AdapterError as error:
+                record = self._command_failed(record, command, error)
+                if error.kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT):
+                    break  # the rest waits for the next pass, like this one
+        return record
+
+    def _command_failed(
+        self, record: op.OperationRecord, command: op.Command, error: AdapterError
+    ) -> op.OperationRecord:
+        from rebalancer.compute.errors import ErrorKind
+
+        log.warning(
+            "operation %s on %s: %s failed: %s",
+            record.operation_id,
+            record.scale_set_id,
+            type(command).__name__,
+            error,
+            extra=_dims(record.ref, operation=record.operation_id, error=str(error.kind)),
+        )
+        if error.request_id:
+            record = record.with_arm_call(f"failed:{error.request_id}")
+        retryable = (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CONFLICT)
+        if isinstance(command, op.SetCapacity) and error.kind not in retryable:
+            if error.kind is ErrorKind.NO_CAPACITY:
+                for zone in [error.zone] if error.zone else record.target_zones:
+                    self.store.record_capacity_failure(
+                        record.location, record.sku, zone, self.clock()
+                    )
+            return op.scale_out_rejected(record, str(error), self.clock())
+        return record
+
+    def _notify(self, record: op.OperationRecord, command: op.Notify) -> None:
+        log.info(
+            "operation %s on %s: %s %s",
+            record.operation_id,
+            record.scale_set_id,
+            command.kind,
+            command.detail,
+            extra=_dims(record.ref, operation=record.operation_id, event=command.kind),
+        )
+        if self.on_notify is not None:
+            try:
+                self.on_notify(record, command)
+            except Exception:  # a notification never breaks an operation
+                log.exception("publishing %s for %s failed", command.kind, record.operation_id)
+
+    def _log_step(self, before: op.OperationRecord | None, after: op.OperationRecord) -> None:
+        if before is not None and before.state is after.state:
+            return
+        last = after.history[-1] if after.history else None
+        log.info(
+            "operation %s on %s: %s -> %s (%s) %s",
+            after.operation_id,
+            after.scale_set_id,
+            before.state if before else "none",
+            after.state,
+            last.reason if last else "",
+            last.detail if last else "",
+            extra=_dims(
+                after.ref,
+                operation=after.operation_id,
+                state=str(after.state),
+                reason=str(last.reason) if last else "",
+            ),
+        )
+
+    # -- the subscription -----------------------------------------------------------------
+
+    def advance_all(self) -> list[Result]:
+        """Move every in-flight operation of the subscription one step (the timer's job)."""
+        results = []
+        for row in self.store.active_operations():
+            ref = ScaleSetRef.parse(op.OperationRecord.from_json(row.body).scale_set_id)
+            results.append(self._guarded(ref))
+        return results
+
+    def audit(self) -> list[Result]:
+        """Assess every zonal scale set in scope; start moves where the rules allow."""
+        from rebalancer.compute.errors import AdapterError
+
+        results = []
+        now = self.clock()
+        for item in self.compute.audit(self.settings.resource_groups or None, now):
+            if isinstance(item, AdapterError):
+                ref = item.ref
+                if ref is not None:
+                    results.append(Result(ref, Outcome.DEFERRED, detail=str(item)))
+                continue
+            results.append(self._guarded(item.scale_set.ref, observed=item))
+        self.store.save_assessment(AUDIT_MARKER, json.dumps({"at": now.isoformat()}), now)
+        return results
+
+    def audit_due(self) -> bool:
+        last = self.store.last_assessment(AUDIT_MARKER)
+        return last is None or last.at + self.settings.audit_interval <= self.clock()
+
+    def _guarded(self, ref: ScaleSetRef, observed: Inventory | None = None) -> Result:
+        """One scale set's failure (throttling, a transient error) never stops the pass."""
+        from rebalancer.compute.errors import AdapterError
+
+        try:
+            return self.reconcile(ref, observed=observed)
+        except AdapterError as error:
+            log.warning("%s deferred: %s", ref, error, extra=_dims(ref, error=str(error.kind)))
+            return Result(ref, Outcome.DEFERRED, detail=str(error))
+
+
+def _operation_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _call_id(action: str, call: Any) -> str:
+    ids = [i for i in (call.request_id, call.correlation_id) if i]
+    return f"{action}:{'/'.join(ids) or 'no-request-id'}"
+
+
+def _dims(ref: ScaleSetRef, **values: Any) -> dict[str, Any]:
+    """`custom_dimensions` as the Functions host ships them to Application Insights."""
+    return {"custom_dimensions": {"scaleSetId": ref.id, **values}}

@@ -1,0 +1,3 @@
+"""Shared fixtures: Azurite (tests/azurite.py) for every test module that asks for it."""
+
+pytest_plugins = ["tests.azurite"]
