@@ -490,14 +490,14 @@ def advance(
             f"observation of {observation.scale_set.ref} given to operation "
             f"{record.operation_id} of {record.scale_set_id}"
         )
-    if observation.scale_set.provisioning_state.lower() == "deleting":
-        detail = "provisioningState is Deleting"
-        return _finish(record, now, State.SUPERSEDED, Reason.SCALE_SET_DELETED, detail)
-    if observation.scale_set.platform_rebalancing and stand_down is None:
-        stand_down = "automaticZoneRebalancingPolicy was enabled on the scale set"
     view = _View(record, observation)
     current = _note_new_vms(record, view)
-    if current.state is State.PLANNED:
+    if observation.scale_set.platform_rebalancing and stand_down is None:
+        stand_down = "automaticZoneRebalancingPolicy was enabled on the scale set"
+    if observation.scale_set.provisioning_state.lower() == "deleting":
+        detail = "provisioningState is Deleting"
+        step = _finish(current, now, State.SUPERSEDED, Reason.SCALE_SET_DELETED, detail)
+    elif current.state is State.PLANNED:
         step = _begin_scale_out(current, now, policy)
     elif current.state is State.SCALING_OUT:
         step = _scaling_out(current, view, policy, now, stand_down)
@@ -536,7 +536,8 @@ class _View:
 
     @property
     def busy(self) -> bool:
-        return self.scale_set.provisioning_state.lower() != "succeeded"
+        """An update of the scale set is running (ours or anyone's). `Failed` is settled."""
+        return self.scale_set.provisioning_state.lower() not in ("succeeded", "failed")
 
 
 def _note_new_vms(record: OperationRecord, view: _View) -> OperationRecord:
@@ -901,20 +902,27 @@ def _await_deletes(
 def _unsafe_to_repeat(
     record: OperationRecord, view: _View, stalled: Sequence[Instance]
 ) -> str | None:
-    """Why repeating the delete of `stalled` could break the health invariant, or None.
+    """Why repeating the delete of `stalled` would act on stale information, or None.
 
-    New VMs (ours) are always safe to delete. A healthy source may only go while at least as
-    many kept new VMs are present and healthy as healthy sources are still to be deleted.
+    New VMs (ours) are always safe to delete. A source may go again only while every one still
+    present has a kept new VM present beside it, a healthy one only with a healthy new VM, and
+    the capacity shows no other actor (between the target and the target minus our deletes).
     """
     if not any(i.id in record.sources for i in stalled):
         return None
     by_id = view.by_id
-    healthy_kept = sum(1 for vm in record.kept if vm in by_id and by_id[vm].healthy)
-    healthy_sources = sum(1 for vm in record.sources if vm in by_id and by_id[vm].healthy)
-    if healthy_sources > healthy_kept:
+    replacements = [by_id[vm] for vm in record.kept if vm in by_id and not by_id[vm].deleting]
+    sources = [by_id[vm] for vm in record.sources if vm in by_id]
+    healthy_replacements = sum(1 for i in replacements if i.healthy)
+    healthy_sources = sum(1 for i in sources if i.healthy)
+    capacity = view.scale_set.capacity or 0
+    lowest = record.target_capacity - len(record.delete_requested)
+    if not lowest <= capacity <= record.target_capacity:
+        return f"capacity is {capacity}, outside {lowest}..{record.target_capacity}"
+    if len(sources) > len(replacements) or healthy_sources > healthy_replacements:
         return (
-            f"{healthy_sources} healthy source(s) left to delete but only {healthy_kept} "
-            "healthy new VM(s) present"
+            f"{len(sources)} source(s) ({healthy_sources} healthy) left to delete but only "
+            f"{len(replacements)} new VM(s) ({healthy_replacements} healthy) present"
         )
     return None
 
@@ -950,6 +958,7 @@ def _roll_back(
     """Delete the VMs this operation created (only those), and wait for them to be gone."""
     ours = [i for i in view.new if i.id in record.created and not i.protected]
     to_delete = [i.id for i in ours if not i.deleting]
+    protected = [i.id for i in view.new if i.id in record.created and i.protected]
     record = replace(
         record,
         kept=(),
@@ -959,9 +968,11 @@ def _roll_back(
         delete_deadline=_delete_deadline(view.scale_set, policy, now),
         attempts=1,
     )
+    if protected:
+        listed = ", ".join(protected)
+        record = replace(record, outcome_detail=f"not deleted (protected meanwhile): {listed}")
     if not ours:
-        step = _complete(record, now)
-        return Step(step.record, extra + step.commands)
+        return _finish(record, now, State.ROLLED_BACK, reason, detail or "nothing to remove", extra)
     commands = extra + ((DeleteInstances(_sorted_ids(to_delete)),) if to_delete else ())
     return _transition(record, State.ROLLING_BACK, now, reason, detail, commands)
 

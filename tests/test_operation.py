@@ -574,6 +574,17 @@ def test_misplaced_new_vm_is_removed_with_the_source():
     assert fleet.capacity == 6 and sorted(fleet.totals()) == [1, 2, 3]
 
 
+def test_misplaced_new_vm_in_the_fullest_zone_is_never_taken_as_a_source():
+    fleet = Fleet.of({"1": 0, "2": 2, "3": 4}, zone_room={"1": 1, "2": 0})
+    run = Run(fleet, policy=OperationPolicy(max_surge=2))
+    record = run.until_done(run.start())
+    assert record.created == {"100": "1", "101": "3"}
+    assert record.state is State.SUCCEEDED
+    assert record.kept == ("100",) and record.discarded == ("101",)
+    assert record.sources == ("5",) and run.deleted() == {"5", "101"}
+    assert fleet.totals() == (1, 2, 3)
+
+
 def test_platform_policy_enabled_mid_operation_removes_only_what_it_created():
     fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
     run = Run(fleet)
