@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,7 +13,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from rebalancer.devtools.azurite import Azurite, connection_string, free_port
+from rebalancer.devtools.azurite import (
+    Azurite,
+    AzuriteError,
+    connection_string,
+    find_executable,
+    free_port,
+)
 from rebalancer.evaluator import assess
 from rebalancer.model import (
     Health,
@@ -104,6 +111,24 @@ def test_on_disk_azurite_keeps_rows_across_a_restart(azurite_on_disk: Azurite, s
 def test_in_memory_azurite_refuses_restart(azurite: Azurite):
     with pytest.raises(RuntimeError, match="on-disk mode"):
         azurite.restart()
+
+
+def test_azurite_on_a_taken_port_fails_with_its_output():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = Azurite(port=taken.getsockname()[1], startup_timeout=15)
+        with pytest.raises(AzuriteError, match="exited with code"):
+            server.start()
+    assert not server.running
+
+
+def test_a_missing_azurite_says_how_to_install_it(tmp_path, monkeypatch):
+    with pytest.raises(AzuriteError, match="make setup"):
+        Azurite(executable=tmp_path / "azurite-table").start()
+    monkeypatch.setenv("AZURITE_TABLE", str(tmp_path / "nowhere"))
+    with pytest.raises(AzuriteError, match="AZURITE_TABLE"):
+        find_executable()
 
 
 # -- locks ---------------------------------------------------------------------------------

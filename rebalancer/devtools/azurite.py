@@ -29,6 +29,7 @@ DEV_ACCOUNT_KEY = (
 """Azurite's well-known development account (public, documented by Microsoft)."""
 
 HOST = "127.0.0.1"
+_READY = "successfully started"
 
 
 class AzuriteError(RuntimeError):
@@ -145,6 +146,9 @@ class Azurite:
                 process.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=timeout)
+        self._discard_log()
+
+    def _discard_log(self) -> None:
         if self._log_path is not None:
             self._log_path.unlink(missing_ok=True)
             self._log_path = None
@@ -195,41 +199,53 @@ class Azurite:
         command = self._command(port)
         log = tempfile.NamedTemporaryFile(prefix="azurite-", suffix=".log", delete=False)  # noqa: SIM115
         self._log_path = Path(log.name)
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.location or tempfile.gettempdir(),
-            start_new_session=True,
-        )
-        log.close()
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.location or tempfile.gettempdir(),
+                start_new_session=True,
+            )
+        except OSError as error:
+            raise AzuriteError(
+                f"cannot run {command[0]}: {error}; run `make setup` to install Azurite"
+            ) from error
+        finally:
+            log.close()
         self._process = process
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 self._process = None
+                output = self._log_tail()
+                self._discard_log()
                 raise AzuriteError(
                     f"Azurite exited with code {process.returncode} while starting on port "
-                    f"{port}: {self._log_tail()}"
+                    f"{port}: {output}"
                 )
-            if _accepts_connections(port):
+            # Azurite prints this line once it listens (also with --silent). A bare TCP
+            # connect is not enough: it would also succeed if someone else held the port.
+            if _READY in self._log_text() and _accepts_connections(port):
                 return
             time.sleep(0.05)
+        output = self._log_tail()
         self.stop(graceful=False)
         raise AzuriteError(
-            f"Azurite did not listen on {HOST}:{port} within {self.startup_timeout:.0f} s: "
-            f"{self._log_tail()}"
+            f"Azurite did not listen on {HOST}:{port} within {self.startup_timeout:.0f} s: {output}"
         )
 
-    def _log_tail(self) -> str:
+    def _log_text(self) -> str:
         if self._log_path is None:
-            return "(no output)"
+            return ""
         try:
-            text = self._log_path.read_text(errors="replace").strip()
+            return self._log_path.read_text(errors="replace")
         except OSError:
-            return "(no output)"
-        return text[-2000:] or "(no output)"
+            return ""
+
+    def _log_tail(self) -> str:
+        return self._log_text().strip()[-2000:] or "(no output)"
 
 
 def _accepts_connections(port: int) -> bool:
