@@ -548,8 +548,43 @@ def test_a_wildcard_or_owner_role_is_caught(tmp_path):
 # --- tests: azd wiring ----------------------------------------------------------------------
 
 
+# A subset of the azd azure.yaml schema (schemas/v1.0/azure.yaml.json in Azure/azure-dev).
+AZD_TOP_LEVEL_KEYS = {
+    "name", "resourceGroup", "metadata", "infra", "services", "pipeline", "hooks",
+    "requiredVersions", "state", "platform", "workflows", "cloud", "resources",
+}  # fmt: skip
+AZD_SERVICE_KEYS = {
+    "apiVersion", "resourceGroup", "resourceName", "project", "image", "host", "language",
+    "module", "dist", "docker", "k8s", "config", "hooks", "env", "uses", "remoteBuild",
+}  # fmt: skip
+AZD_HOSTS = {
+    "appservice",
+    "containerapp",
+    "function",
+    "staticwebapp",
+    "aks",
+    "springapp",
+    "ai.endpoint",
+}
+AZD_HOOK_NAMES = {
+    f"{when}{what}"
+    for when in ("pre", "post")
+    for what in ("provision", "deploy", "up", "down", "restore", "package", "build")
+}
+AZD_HOOK_KEYS = {"run", "shell", "interactive", "continueOnError", "secrets", "posix", "windows"}
+
+
 def test_azure_yaml_has_the_azd_shape():
     config = yaml.safe_load((REPO / "azure.yaml").read_text(encoding="utf-8"))
+    assert set(config) <= AZD_TOP_LEVEL_KEYS, set(config) - AZD_TOP_LEVEL_KEYS
+    for service in config["services"].values():
+        assert set(service) <= AZD_SERVICE_KEYS, set(service) - AZD_SERVICE_KEYS
+        assert service["host"] in AZD_HOSTS
+    for hook_name, hook in config["hooks"].items():
+        assert hook_name in AZD_HOOK_NAMES
+        assert set(hook) <= AZD_HOOK_KEYS
+        for platform in ("posix", "windows"):
+            assert set(hook.get(platform, {})) <= AZD_HOOK_KEYS - {"posix", "windows"}
     assert config["name"]
     assert config["infra"] == {"provider": "bicep", "path": "infra", "module": "main"}
     assert (REPO / config["infra"]["path"] / f"{config['infra']['module']}.bicep").is_file()
@@ -581,6 +616,14 @@ def test_parameters_file_matches_the_template(infra):
             assert match.group(2) == str(declared[name]["default"]).lower() or match.group(
                 2
             ) == str(declared[name]["default"]), (name, match.group(2))
+
+
+def test_every_azd_environment_value_is_documented():
+    parameters = (INFRA / "main.parameters.json").read_text(encoding="utf-8")
+    docs = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
+    names = set(re.findall(r"\$\{(\w+)", parameters)) - {"AZURE_ENV_NAME", "AZURE_LOCATION"}
+    assert names, "main.parameters.json reads no azd environment value"
+    assert {name for name in names if f"`{name}`" not in docs} == set()
 
 
 def test_hook_passes_declared_parameters_and_reads_template_outputs(infra):
