@@ -118,8 +118,9 @@ class Azurite:
         last_error: AzuriteError | None = None
         for _ in range(attempts):
             port = self.port or self._requested_port or free_port()
+            command = self._command(port)  # fails at once when Azurite is not installed
             try:
-                self._launch(port)
+                self._launch(port, command)
             except AzuriteError as error:  # e.g. the free port was taken in between: retry
                 last_error = error
                 continue
@@ -178,6 +179,8 @@ class Azurite:
 
     def _command(self, port: int) -> list[str]:
         executable = self.executable or find_executable()
+        if not Path(executable).is_file():
+            raise AzuriteError(f"{executable} does not exist: run `make setup` to install Azurite")
         command = [
             str(executable),
             "--tableHost",
@@ -195,8 +198,7 @@ class Azurite:
             command += ["--location", str(self.location)]
         return command
 
-    def _launch(self, port: int) -> None:
-        command = self._command(port)
+    def _launch(self, port: int, command: list[str]) -> None:
         log = tempfile.NamedTemporaryFile(prefix="azurite-", suffix=".log", delete=False)  # noqa: SIM115
         self._log_path = Path(log.name)
         try:
@@ -209,6 +211,7 @@ class Azurite:
                 start_new_session=True,
             )
         except OSError as error:
+            self._discard_log()
             raise AzuriteError(
                 f"cannot run {command[0]}: {error}; run `make setup` to install Azurite"
             ) from error
