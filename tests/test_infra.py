@@ -400,6 +400,7 @@ def checkov_report(process: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 _SKIP = re.compile(r"checkov:skip=(CKV2?_[A-Z]+_\d+)(?::(.*))?")
+_RESOURCE = re.compile(r"^resource\s+(\w+)\s+'")
 
 
 def checkov_problems(report: dict[str, Any], root: Path) -> list[str]:
@@ -430,9 +431,6 @@ def checkov_problems(report: dict[str, Any], root: Path) -> list[str]:
             if (check_id, resource) not in used:
                 problems.append(f"{where}: skip of {check_id} on {resource} is not used: remove it")
     return problems
-
-
-_RESOURCE = re.compile(r"^resource\s+(\w+)\s+'")
 
 
 # --- fixtures ------------------------------------------------------------------------------
@@ -468,7 +466,13 @@ def checkov_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """checkov over infra/ and over a broken copy, run side by side, once per module."""
     broken = break_copy(tmp_path_factory.mktemp("broken"))
     processes = {"infra": run_checkov(INFRA), "broken": run_checkov(broken)}
-    reports = {name: checkov_report(process) for name, process in processes.items()}
+    try:
+        reports = {name: checkov_report(process) for name, process in processes.items()}
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
     return {**reports, "broken_root": broken}
 
 
@@ -577,6 +581,7 @@ AZD_HOOK_KEYS = {"run", "shell", "interactive", "continueOnError", "secrets", "p
 def test_azure_yaml_has_the_azd_shape():
     config = yaml.safe_load((REPO / "azure.yaml").read_text(encoding="utf-8"))
     assert set(config) <= AZD_TOP_LEVEL_KEYS, set(config) - AZD_TOP_LEVEL_KEYS
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", config["name"])
     for service in config["services"].values():
         assert set(service) <= AZD_SERVICE_KEYS, set(service) - AZD_SERVICE_KEYS
         assert service["host"] in AZD_HOSTS
