@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -129,6 +133,29 @@ def test_a_missing_azurite_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setenv("AZURITE_TABLE", str(tmp_path / "nowhere"))
     with pytest.raises(AzuriteError, match="AZURITE_TABLE"):
         find_executable()
+
+
+def test_azurite_runs_standalone_until_interrupted(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rebalancer.devtools.azurite", "--location", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        start_new_session=True,
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("AzureWebJobsStorage=DefaultEndpointsProtocol=http;")
+        connection = StorageConnection("cli", connection_string=line.split("=", 1)[1].strip())
+        with Store(connection, table_prefix="cli", retry_total=0) as store:
+            assert store.first_delivery("e1", T0)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
+        process.stdout.close()
 
 
 # -- locks ---------------------------------------------------------------------------------

@@ -257,3 +257,38 @@ def _accepts_connections(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rebalancer.devtools.azurite`: run Azurite until Ctrl-C, print how to reach it.
+
+    With `--port 10002` the app's `UseDevelopmentStorage=true` reaches it.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m rebalancer.devtools.azurite",
+        description="Run Azurite's Table service on 127.0.0.1 for local development.",
+    )
+    parser.add_argument("--port", type=int, default=None, help="default: a free port")
+    parser.add_argument("--location", default=None, help="keep data in this directory")
+    args = parser.parse_args(argv)
+    server = Azurite(port=args.port, location=args.location)
+    try:
+        server.start()
+    except AzuriteError as error:
+        print(f"error: {error}", flush=True)
+        return 1
+    print(f"AzureWebJobsStorage={server.connection_string}", flush=True)
+    try:
+        while server.running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
