@@ -938,6 +938,10 @@ def _complete(record: OperationRecord, now: datetime) -> Step:
             detail += f"; {record.outcome_detail}"
         return _finish(record, now, State.SUCCEEDED, Reason.MOVES_DONE, detail, clears)
     detail = f"removed {', '.join(_sorted_ids(record.delete_requested)) or 'nothing'}"
+    if record.history and record.history[-1].state is State.ROLLING_BACK:
+        why = record.history[-1]
+        detail += f"; rolled back for {why.reason.value}"
+        detail += f": {why.detail}" if why.detail else ""
     if record.outcome_detail:
         detail += f"; {record.outcome_detail}"
     return _finish(record, now, State.ROLLED_BACK, Reason.ROLLBACK_DONE, detail)
@@ -1173,8 +1177,8 @@ def describe(record: OperationRecord, now: datetime) -> str:
     elif record.state is State.SCALING_OUT:
         seen = "confirmed" if record.scale_out_confirmed else "not visible yet"
         body = (
-            f"Capacity change {seen} (request {record.attempts} of at most the policy's "
-            f"limit); waiting for the new VMs to be placed and provisioned"
+            f"Capacity change {seen} (request {record.attempts}); waiting for the new VMs "
+            f"to be placed and provisioned"
             f"{_until(record.scale_out_deadline, now)}. New VMs so far: {created or 'none'}."
         )
     elif record.state is State.AWAITING_HEALTH:
@@ -1201,7 +1205,7 @@ def describe(record: OperationRecord, now: datetime) -> str:
         reason = record.outcome.describe() if record.outcome else ""
         body = f"Ended at {record.updated_at.isoformat()}: {reason}"
         if record.outcome_detail:
-            body += f" ({record.outcome_detail})"
+            body += f" Detail: {record.outcome_detail}."
         if created:
             body += f" VMs created by it: {created}."
     return f"{head} {body}"
