@@ -44,35 +44,41 @@ param mode string = 'audit'
 @allowed([
   'audit'
   'enabled'
+  'disabled'
 ])
-@description('What untagged zonal scale sets get: audit (report only) or enabled (rebalance).')
+@description('What untagged zonal scale sets get: audit (report only), enabled (rebalance) or disabled (ignore).')
 param defaultOptIn string = 'audit'
 
 @description('NCRONTAB schedule of the audit timer (six fields, with seconds).')
 param timerSchedule string = '0 */5 * * * *'
 
 @minValue(1)
-@maxValue(10)
+@maxValue(100)
 @description('VMs one operation may move at once (extra capacity during a move).')
 param maxSurge int = 1
 
 @minValue(0)
+@maxValue(10080)
 @description('Minutes without outside writes to a scale set before a move may start.')
 param cooldownMinutes int = 60
 
 @minValue(5)
+@maxValue(1440)
 @description('Minutes a new VM has to report healthy before the move is rolled back.')
 param healthTimeoutMinutes int = 90
 
 @minValue(0)
+@maxValue(10080)
 @description('Minimum minutes between two moves on one scale set.')
 param minMoveIntervalMinutes int = 0
 
 @minValue(1)
+@maxValue(100)
 @description('Operations allowed in flight at once in the subscription.')
 param maxConcurrentOperations int = 5
 
 @minValue(1)
+@maxValue(1440)
 @description('Minutes between two full audits of the subscription.')
 param auditIntervalMinutes int = 60
 

@@ -32,6 +32,7 @@ from rebalancer.azure_operations import (
     SCALE_SET_ROLE_ACTIONS,
     SUBSCRIPTION_READ_ROLE_ACTIONS,
 )
+from rebalancer.settings import Mode, OptIn, SettingsError, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -497,6 +498,48 @@ def test_every_template_parses_with_checkovs_parser(infra):
 @pytest.mark.parametrize("check", PROPERTY_CHECKS, ids=lambda check: check.__name__)
 def test_template_property(infra, check):
     assert check(infra) == []
+
+
+def deployed_settings(infra: Infra, **overrides: object) -> dict[str, str]:
+    """The REBALANCER_* settings the deployment gives the app with its parameter defaults."""
+    env = {
+        setting: str(infra.param_default("main", param))
+        for setting, (param, _) in SETTING_DEFAULTS.items()
+    }
+    env |= {
+        "REBALANCER_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000001",
+        "REBALANCER_APP_PRINCIPAL_ID": "00000000-0000-0000-0000-000000000002",
+        "REBALANCER_RESOURCE_GROUPS": "",
+        "REBALANCER_NOTIFY_TOPIC_ENDPOINT": "",
+        "REBALANCER_STATE_TABLE_PREFIX": app_settings(infra)["REBALANCER_STATE_TABLE_PREFIX"],
+    }
+    for param, value in overrides.items():
+        setting = next(s for s, (p, _) in SETTING_DEFAULTS.items() if p == param)
+        env[setting] = str(value)
+    return env
+
+
+def test_the_app_accepts_the_deployed_defaults(infra):
+    settings = load_settings(deployed_settings(infra))
+    assert settings.mode is Mode.AUDIT
+    assert settings.default_opt_in is OptIn.AUDIT
+    assert settings.resource_groups == ()
+
+
+def test_the_app_accepts_every_value_the_parameters_allow(infra):
+    """A deployment must not be able to set what the app then refuses at start."""
+    for param, _ in SETTING_DEFAULTS.values():
+        declared = infra.parsed["main"]["parameters"][param]
+        decorators = {d["type"]: d["argument"] for d in declared["decorators"]}
+        if declared["type"] == "int":
+            assert "max_value" in decorators and "min_value" in decorators, param
+            values = [decorators["min_value"], decorators["max_value"]]
+        else:
+            values = decorators.get("allowed", [])
+        for value in values:
+            load_settings(deployed_settings(infra, **{param: value}))
+    with pytest.raises(SettingsError):
+        load_settings(deployed_settings(infra, maxSurge=0))
 
 
 def test_docs_list_exactly_the_role_actions():
