@@ -33,6 +33,7 @@ from rebalancer.azure_operations import (
     SUBSCRIPTION_READ_ROLE_ACTIONS,
 )
 from rebalancer.settings import Mode, OptIn, SettingsError, load_settings
+from rebalancer.store import parse_connection
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -540,6 +541,25 @@ def test_the_app_accepts_every_value_the_parameters_allow(infra):
             load_settings(deployed_settings(infra, **{param: value}))
     with pytest.raises(SettingsError):
         load_settings(deployed_settings(infra, maxSurge=0))
+
+
+def test_the_store_reads_the_deployed_storage_connection(infra):
+    """The deployed AzureWebJobsStorage__* settings, with what ARM fills in at deploy time."""
+    runtime_values = {
+        "storage.properties.primaryEndpoints.blob": "https://zrstabc.blob.core.windows.net/",
+        "storage.properties.primaryEndpoints.queue": "https://zrstabc.queue.core.windows.net/",
+        "storage.properties.primaryEndpoints.table": "https://zrstabc.table.core.windows.net/",
+        "identity.properties.clientId": "00000000-0000-0000-0000-0000000000c1",
+    }
+    env = {
+        name: runtime_values.get(dotted(value), dotted(value))
+        for name, value in app_settings(infra).items()
+        if name.startswith("AzureWebJobsStorage")
+    }
+    connection = parse_connection(env)
+    assert connection.identity_based and connection.managed_identity
+    assert connection.table_service_uri == "https://zrstabc.table.core.windows.net"
+    assert connection.client_id == "00000000-0000-0000-0000-0000000000c1"
 
 
 def test_docs_list_exactly_the_role_actions():
