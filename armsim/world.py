@@ -26,7 +26,7 @@ from armsim.errors import (
     resource_not_found,
 )
 from armsim.faults import HEALTH_KINDS, OPERATION_KINDS, PLACEMENT_KINDS, Faults
-from armsim.scenario import ScaleSetSpec, Scenario, SkuSpec, VmOverride
+from armsim.scenario import ScaleSetSpec, Scenario, ScenarioError, SkuSpec, VmOverride
 
 VMSS_TYPE = "Microsoft.Compute/virtualMachineScaleSets"
 VM_TYPE = "Microsoft.Compute/virtualMachines"
@@ -262,14 +262,14 @@ class World:
                     position = int(override.instance)
                     targets = ordered[position : position + 1]
                 if not targets:
-                    raise ValueError(
+                    raise ScenarioError(
                         f"scale set {spec.name}: override instance {override.instance!r} "
                         "does not exist"
                     )
             else:
                 free = [vm for vm in by_zone.get(override.zone, []) if vm.serial not in touched]
                 if len(free) < override.count:
-                    raise ValueError(
+                    raise ScenarioError(
                         f"scale set {spec.name}: override wants {override.count} VMs in zone "
                         f"{override.zone!r}, only {len(free)} are left to override"
                     )
