@@ -121,6 +121,7 @@ class Reason(StrEnum):
     SCALE_OUT_NOT_APPLIED = "scale_out_not_applied"
     SCALE_OUT_REJECTED = "scale_out_rejected"
     SCALE_OUT_TIMEOUT = "scale_out_timeout"
+    NO_NEW_VMS = "no_new_vms"
     DELETE_NOT_APPLIED = "delete_not_applied"
     DELETE_STUCK = "delete_stuck"
     DELETE_UNSAFE = "delete_unsafe"
@@ -196,6 +197,11 @@ _REASONS: Mapping[Reason, str] = MappingProxyType(
         Reason.SCALE_OUT_TIMEOUT: (
             "The capacity change did not finish within the scale-out timeout; the VMs it "
             "created are removed."
+        ),
+        Reason.NO_NEW_VMS: (
+            "Capacity was raised but no new VM appeared within the scale-out timeout. Capacity "
+            "is left as it is: lowering it would let Azure choose which VMs to delete. Check the "
+            "scale set's activity log, then set the capacity you want."
         ),
         Reason.DELETE_NOT_APPLIED: (
             "The delete request never took effect after repeated requests; the VMs listed in "
@@ -603,8 +609,14 @@ def _scaling_out(
     new = [i for i in view.new if not i.deleting]
     provisioning = [i for i in new if i.provisioning_state.lower() not in ("succeeded", "failed")]
     timed_out = now >= deadline
-    if (view.busy or provisioning) and not timed_out:
+    if (view.busy or provisioning or not new) and not timed_out:
         return Step(record)
+    if not new:
+        detail = (
+            f"capacity is {record.target_capacity} but no VM outside the baseline appeared; "
+            "capacity is left as it is"
+        )
+        return _finish(record, now, State.FAILED, Reason.NO_NEW_VMS, detail)
 
     needs = dict(record.zone_needs)
     kept: list[str] = []

@@ -736,3 +736,17 @@ def test_describe_says_what_it_waits_for():
     assert "Ended" in describe(record, run.now) and "VMs created by it: 100" in describe(
         record, run.now
     )
+
+
+def test_capacity_raised_but_no_vm_appears_fails_without_scaling_in():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    inventory = fleet.inventory(T0)
+    policy = OperationPolicy(scale_out_timeout=timedelta(minutes=10))
+    record, _ = start(inventory, assess(inventory), policy, T0, "op-1")
+    fleet.capacity = 8  # the model says 8, yet no VM shows up
+    waiting = advance(record, fleet.inventory(T0), policy, T0 + timedelta(minutes=5))
+    assert waiting.record.state is State.SCALING_OUT and waiting.commands == ()
+    later = T0 + timedelta(minutes=10)
+    step = advance(waiting.record, fleet.inventory(later), policy, later)
+    assert step.record.state is State.FAILED and step.record.outcome is Reason.NO_NEW_VMS
+    assert not [c for c in step.commands if isinstance(c, SetCapacity | DeleteInstances)]
