@@ -555,11 +555,42 @@ class ComputeAdapter:
 
     def delete_instances(self, ref: ScaleSetRef, instance_ids: Iterable[str]) -> ArmCall:
         """Start deleting instances (Uniform instance ids, Flexible VM names) and return
-        without waiting. Lowers the capacity by as many. When ARM answers 404 while the scale
-        set still exists, the instances are already gone: a completed call is returned."""
+        without waiting. Lowers the capacity by as many.
+
+        Safe to repeat: when ARM refuses ids that no longer exist (400 "not an active ...
+        instanceId", or 404 while the scale set exists), the VMs are listed once and only
+        those still present are deleted; when none is left, a completed call is returned.
+        """
         ids = tuple(dict.fromkeys(str(i) for i in instance_ids))
         if not ids:
             return ArmCall("delete_instances", ref.id, 200)
+        try:
+            return self._begin_delete(ref, ids)
+        except AdapterError as error:
+            if not _names_missing_instances(error):
+                raise
+            present = {instance.id.lower() for instance in self._current_instances(ref)}
+            remaining = tuple(i for i in ids if i.lower() in present)
+            if not remaining:
+                return ArmCall(
+                    "delete_instances", ref.id, 200, instance_ids=ids, request_id=error.request_id
+                )
+            if remaining == ids:
+                raise
+            return self._begin_delete(ref, remaining)
+
+    def _current_instances(self, ref: ScaleSetRef) -> tuple[Instance, ...]:
+        scale_set = self.get_scale_set(ref)
+        gone = self._not_found_means_gone(ref)
+        try:
+            with self._translate(ref):
+                if scale_set.mode is OrchestrationMode.FLEXIBLE:
+                    return self._flexible_instances(ref)
+                return self._uniform_instances(ref)
+        except AdapterError as error:
+            raise gone(error) from None
+
+    def _begin_delete(self, ref: ScaleSetRef, ids: tuple[str, ...]) -> ArmCall:
         from azure.mgmt.compute.models import VirtualMachineScaleSetVMInstanceRequiredIDs
 
         def begin(hook: Callable[[Any], None]) -> Any:
@@ -581,9 +612,14 @@ class ComputeAdapter:
             )
         except ScaleSetGone as error:
             self.get_scale_set(ref)  # raises ScaleSetGone when the set itself is gone
-            return ArmCall(
-                "delete_instances", ref.id, 404, instance_ids=ids, request_id=error.request_id
-            )
+            raise AdapterError(
+                ErrorKind.NOT_FOUND,
+                f"instances {', '.join(ids)} not found",
+                code="NotFound",
+                status=404,
+                request_id=error.request_id,
+                ref=ref,
+            ) from None
 
     def operation_status(self, call: ArmCall) -> OperationStatus:
         """Read a started write's long-running operation once (no waiting)."""
@@ -692,6 +728,14 @@ class ComputeAdapter:
                     int(usage.get("limit", 0)),
                 )
         return result
+
+
+def _names_missing_instances(error: AdapterError) -> bool:
+    """ARM's answer to a delete naming instances that do not exist (any more)."""
+    if error.kind is ErrorKind.NOT_FOUND and not isinstance(error, ScaleSetGone):
+        return True
+    text = error.message.lower()
+    return error.kind is ErrorKind.INVALID and "instanceid" in text.replace(" ", "")
 
 
 def _restricted(sku: Mapping[str, Any]) -> bool:

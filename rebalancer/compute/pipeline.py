@@ -116,6 +116,8 @@ class GovernedRetryPolicy(HTTPPolicy):
         http_request = request.http_request
         kind, resource = classify_request(http_request.method, http_request.url)
         attempt = 0
+        last_response: PipelineResponse | None = None
+        last_error: Exception | None = None
         while True:
             attempt += 1
             booked_at = self.clock.monotonic()
@@ -123,6 +125,11 @@ class GovernedRetryPolicy(HTTPPolicy):
                 kind, booked_at, resource=resource, max_wait=self.max_wait
             )
             if not reservation.granted:
+                # A retry the budget cannot afford ends with what the last attempt got.
+                if last_response is not None:
+                    return last_response
+                if last_error is not None:
+                    raise last_error
                 raise BudgetExhausted(kind, reservation.wait)
             if reservation.wait > 0:
                 log.debug("budget: %s waits %.1f s", kind, reservation.wait)
@@ -132,17 +139,19 @@ class GovernedRetryPolicy(HTTPPolicy):
                 response = self.next.send(request)
             except ClientAuthenticationError:
                 raise
-            except (ServiceRequestError, ServiceResponseError):
+            except (ServiceRequestError, ServiceResponseError) as error:
                 # Every call the adapter makes is safe to repeat (GETs, an absolute capacity,
                 # deleting named instances), so a lost response is retried like a lost request.
                 wait = self._backoff(attempt)
                 if attempt >= self.attempts or wait > self.max_wait:
                     raise
+                last_response, last_error = None, error
                 self.clock.sleep(wait)
                 continue
             headers = response.http_response.headers
-            self.budget.observe_headers(kind, headers, self.clock.monotonic())
             status = response.http_response.status_code
+            if status != 429:  # a 429's Retry-After says exactly when; its remaining is 0
+                self.budget.observe_headers(kind, headers, self.clock.monotonic())
             if status not in RETRY_STATUSES:
                 return response
             retry_after = parse_retry_after(headers.get("Retry-After"))
@@ -152,5 +161,6 @@ class GovernedRetryPolicy(HTTPPolicy):
             wait = retry_after if retry_after is not None else self._backoff(attempt)
             if attempt >= self.attempts or wait > self.max_wait:
                 return response
+            last_response, last_error = response, None
             if status != 429:  # a 429's wait is the budget hold, taken at the next reserve
                 self.clock.sleep(wait)

@@ -1,0 +1,398 @@
+"""The Compute adapter against armsim, through the real azure-mgmt-compute client over HTTPS.
+
+Time is armsim's virtual clock, shared with the adapter (`VirtualTime`), so throttling waits and
+long-running operations cost no real time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from armsim import ArmSim, FaultRule, ScaleSetSpec, Scenario, VmOverride
+from rebalancer.budget import Budget
+from rebalancer.compute import (
+    AdapterError,
+    ArmCall,
+    ArmConfig,
+    ComputeAdapter,
+    ErrorKind,
+    OperationState,
+    ScaleSetGone,
+)
+from rebalancer.compute.clock import VirtualTime
+from rebalancer.evaluator import Decision, assess
+from rebalancer.model import OrchestrationMode, ScaleSetRef
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+
+
+def adapter_for(sim: ArmSim, budget: Budget | None = None, **config: Any) -> ComputeAdapter:
+    settings = ArmConfig(
+        subscription_id=sim.subscription_id,
+        endpoint=sim.endpoint,
+        ca_cert=sim.ca_cert_path,
+        **config,
+    )
+    return ComputeAdapter(settings, sim.credential, clock=VirtualTime(sim.clock), budget=budget)
+
+
+def ref(sim: ArmSim, group: str, name: str) -> ScaleSetRef:
+    return ScaleSetRef(sim.subscription_id, group, name)
+
+
+def operations(sim: ArmSim) -> Counter[str]:
+    return Counter(record.operation for record in sim.requests)
+
+
+UNIFORM = ScaleSetSpec("web", "rg-web", counts={"1": 1, "2": 3, "3": 3})
+FLEXIBLE = ScaleSetSpec(
+    "flex",
+    "rg-flex",
+    mode="Flexible",
+    counts={"1": 1, "2": 3, "3": 3},
+    overrides=(VmOverride(zone="2", count=3, protect_from_scale_in=True),),
+)
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def test_uniform_inventory_is_one_get_and_one_paged_list() -> None:
+    with ArmSim.start(Scenario(page_size=2, scale_sets=(UNIFORM,))) as sim:
+        with adapter_for(sim) as adapter:
+            inventory = adapter.read_inventory(ref(sim, "RG-WEB", "web"), NOW)
+        assert inventory.scale_set.mode is OrchestrationMode.UNIFORM
+        assert inventory.observed_at == NOW
+        assert sorted(i.id for i in inventory.instances) == [str(n) for n in range(7)]
+        assert Counter(i.zone for i in inventory.instances) == {"1": 1, "2": 3, "3": 3}
+        # 7 VMs in pages of 2: four pages of ONE list, and no GET per VM.
+        assert operations(sim) == {"vmss.get": 1, "vmss_vm.list": 4}
+        assert all(r.query.get("$expand") == "instanceView" for r in sim.requests[1:])
+        assert assess(inventory).decision is Decision.MOVE
+
+
+def test_flexible_inventory_reads_protection_of_planned_sources_only() -> None:
+    with ArmSim.start(Scenario(page_size=3, scale_sets=(FLEXIBLE,))) as sim:
+        protected = {
+            vm.instance_id for vm in sim.scale_set("rg-flex", "flex").vms if vm.zone == "2"
+        }
+        with adapter_for(sim) as adapter:
+            inventory = adapter.read_inventory(ref(sim, "rg-flex", "flex"), NOW)
+        assert inventory.scale_set.mode is OrchestrationMode.FLEXIBLE
+        assert {i.id for i in inventory.instances} == {
+            vm.instance_id for vm in sim.scale_set("rg-flex", "flex").vms
+        }
+        for instance in inventory.instances:
+            if instance.id in protected:
+                assert instance.protect_from_scale_in, instance.id
+        # The plan avoids zone 2's protected VMs and takes a verified one from zone 3.
+        (move,) = assess(inventory).moves
+        assert move.from_zone == "3" and move.to_zone == "1"
+        assert move.source not in protected
+        calls = operations(sim)
+        assert calls["vm.list"] == 3  # 7 VMs in pages of 3, one filtered list
+        assert calls["vmss_vm.get"] <= len(protected) + 1  # planned sources, not every VM
+        vm_list = next(r for r in sim.requests if r.operation == "vm.list")
+        assert vm_list.query["$expand"] == "instanceView"
+        assert "virtualMachineScaleSet/id" in vm_list.query["$filter"]
+
+
+def test_list_scale_sets_is_zonal_and_scoped_case_insensitively() -> None:
+    scenario = Scenario(
+        page_size=2,
+        scale_sets=(
+            UNIFORM,
+            FLEXIBLE,
+            ScaleSetSpec("regional", "rg-web", zones=(), counts={"": 2}),
+            ScaleSetSpec("other", "rg-other", counts={"1": 1, "2": 1}),
+        ),
+    )
+    with ArmSim.start(scenario) as sim, adapter_for(sim) as adapter:
+        everything = {s.ref.name for s in adapter.list_scale_sets(None)}
+        scoped = {s.ref.name for s in adapter.list_scale_sets(["RG-WEB", "rg-Flex"])}
+    assert everything == {"web", "flex", "other"}
+    assert scoped == {"web", "flex"}
+
+
+def test_audit_reads_every_set_once_with_bounded_concurrency() -> None:
+    small = [
+        ScaleSetSpec(f"s{n:02d}", f"rg-{n % 3}", counts={"1": 1, "2": n % 3, "3": 1})
+        for n in range(12)
+    ]
+    sets = (*small, FLEXIBLE)
+    with ArmSim.start(Scenario(page_size=5, scale_sets=sets)) as sim:
+        with adapter_for(sim, audit_concurrency=4) as adapter:
+            results = adapter.audit(None, NOW)
+        assert len(results) == 13
+        assert not [r for r in results if isinstance(r, AdapterError)]
+        calls = operations(sim)
+        assert calls["vmss.list_all"] == 3  # 13 sets in pages of 5
+        assert calls["vmss.get"] == 0  # list_all already returned the models
+        assert calls["vmss_vm.list"] == 12
+
+
+def test_missing_scale_set_is_gone() -> None:
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,))) as sim, adapter_for(sim) as adapter:
+        with pytest.raises(ScaleSetGone) as caught:
+            adapter.read_inventory(ref(sim, "rg-web", "nope"), NOW)
+        assert caught.value.kind is ErrorKind.NOT_FOUND
+        assert caught.value.ref == ref(sim, "rg-web", "nope")
+        with pytest.raises(ScaleSetGone):
+            adapter.set_capacity(ref(sim, "rg-web", "nope"), 3)
+
+
+# --- acting -------------------------------------------------------------------------------
+
+
+def test_capacity_change_returns_at_once_and_resumes_from_its_record() -> None:
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,))) as sim:
+        target = ref(sim, "rg-web", "web")
+        with adapter_for(sim) as adapter:
+            call = adapter.set_capacity(target, 9)
+            assert call.async_operation_url and call.request_id
+            assert adapter.operation_status(call).state is OperationState.IN_PROGRESS
+            record = json.dumps(call.to_record())
+        # Another invocation, another adapter: it knows only the recorded call.
+        sim.advance(600)
+        with adapter_for(sim) as later:
+            resumed = ArmCall.from_record(json.loads(record))
+            assert resumed == call
+            assert later.operation_status(resumed).state is OperationState.SUCCEEDED
+            # Absolute capacity: repeating the call changes nothing.
+            again = later.set_capacity(target, 9)
+            sim.advance(60)
+            assert later.operation_status(again).state is OperationState.SUCCEEDED
+        view = sim.scale_set("rg-web", "web")
+        assert view.capacity == 9 and len(view.vms) == 9
+        assert sim.requests[-1].operation == "operation.status"
+
+
+def test_delete_instances_uniform_ids_and_flexible_names_idempotently() -> None:
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM, FLEXIBLE))) as sim, adapter_for(sim) as adapter:
+        uniform = ref(sim, "rg-web", "web")
+        call = adapter.delete_instances(uniform, ["5", "6"])
+        assert call.instance_ids == ("5", "6")
+        sim.advance(120)
+        assert adapter.operation_status(call).state is OperationState.SUCCEEDED
+        assert {vm.instance_id for vm in sim.scale_set("rg-web", "web").vms} == {
+            "0",
+            "1",
+            "2",
+            "3",
+            "4",
+        }
+        repeat = adapter.delete_instances(uniform, ["5", "6"])
+        assert repeat.synchronous
+        assert adapter.operation_status(repeat).state is OperationState.SUCCEEDED
+        partly = adapter.delete_instances(uniform, ["4", "5"])
+        assert partly.instance_ids == ("4",)
+
+        flexible = ref(sim, "rg-flex", "flex")
+        name = next(vm.name for vm in sim.scale_set("rg-flex", "flex").vms if vm.zone == "3")
+        flex_call = adapter.delete_instances(flexible, [name])
+        sim.advance(120)
+        assert adapter.operation_status(flex_call).state is OperationState.SUCCEEDED
+        assert name not in {vm.name for vm in sim.scale_set("rg-flex", "flex").vms}
+        assert sim.scale_set("rg-flex", "flex").capacity == 6
+
+
+def test_allocation_failure_is_read_from_the_failed_operation() -> None:
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,))) as sim, adapter_for(sim) as adapter:
+        for zone in ("1", "2", "3"):
+            sim.actor.set_zone_room("westeurope", "Standard_D2s_v5", zone, 0)
+        call = adapter.set_capacity(ref(sim, "rg-web", "web"), 8)
+        sim.advance(300)
+        status = adapter.operation_status(call)
+    assert status.state is OperationState.FAILED
+    assert status.error is not None and status.error.kind is ErrorKind.NO_CAPACITY
+    assert status.error.code in ("ZonalAllocationFailed", "AllocationFailed")
+
+
+def test_preempted_operation_is_a_conflict() -> None:
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,))) as sim, adapter_for(sim) as adapter:
+        call = adapter.set_capacity(ref(sim, "rg-web", "web"), 9)
+        assert sim.actor.preempt("rg-web", "web")
+        status = adapter.operation_status(call)
+    assert status.state is OperationState.FAILED
+    assert status.error is not None and status.error.kind is ErrorKind.CONFLICT
+    assert status.error.code == "OperationPreempted"
+
+
+def test_another_operation_in_progress_is_a_conflict() -> None:
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,))) as sim, adapter_for(sim) as adapter:
+        sim.actor.hold("rg-web", "web")
+        with pytest.raises(AdapterError) as caught:
+            adapter.set_capacity(ref(sim, "rg-web", "web"), 9)
+    assert caught.value.kind is ErrorKind.CONFLICT
+    assert caught.value.ref == ref(sim, "rg-web", "web")
+
+
+AUTHORIZATION_FAILED = (
+    "The client 'x' with object id 'x' does not have authorization to perform action "
+    "'Microsoft.Compute/virtualMachineScaleSets/write' over scope '/subscriptions/s' or the "
+    "scope is invalid."
+)
+
+
+@pytest.mark.parametrize(
+    ("rule", "kind", "extra"),
+    [
+        (FaultRule("quota", operation="vmss.update"), ErrorKind.QUOTA, {}),
+        (FaultRule("sku_not_available", operation="vmss.update"), ErrorKind.SKU_UNAVAILABLE, {}),
+        (
+            FaultRule("linked_authorization_failed", operation="vmss.update"),
+            ErrorKind.FORBIDDEN,
+            {"missing_action": "Microsoft.Network/virtualNetworks/subnets/join/action"},
+        ),
+        (
+            FaultRule(
+                "error",
+                operation="vmss.update",
+                status=403,
+                code="AuthorizationFailed",
+                message=AUTHORIZATION_FAILED,
+            ),
+            ErrorKind.FORBIDDEN,
+            {"missing_action": "Microsoft.Compute/virtualMachineScaleSets/write"},
+        ),
+        (FaultRule("conflict", operation="vmss.update"), ErrorKind.CONFLICT, {}),
+        (
+            FaultRule("error", operation="vmss.update", status=400, code="InvalidParameter"),
+            ErrorKind.INVALID,
+            {},
+        ),
+        (
+            FaultRule(
+                "error", operation="vmss.update", status=503, code="ServiceUnavailable", count=None
+            ),
+            ErrorKind.TRANSIENT,
+            {},
+        ),
+        (FaultRule("reset", operation="vmss.update", count=None), ErrorKind.TRANSIENT, {}),
+    ],
+)
+def test_failures_are_classified(rule: FaultRule, kind: ErrorKind, extra: dict[str, str]) -> None:
+    scenario = Scenario(scale_sets=(UNIFORM,), faults=(rule,))
+    with (
+        ArmSim.start(scenario) as sim,
+        adapter_for(sim) as adapter,
+        pytest.raises(AdapterError) as caught,
+    ):
+        adapter.set_capacity(ref(sim, "rg-web", "web"), 9)
+    error = caught.value
+    assert error.kind is kind, error
+    assert error.ref == ref(sim, "rg-web", "web")
+    for name, value in extra.items():
+        assert getattr(error, name) == value
+    if rule.kind != "reset":
+        assert error.request_id
+
+
+def test_failed_operation_codes_are_classified() -> None:
+    rule = FaultRule(
+        "operation_failure",
+        operation="vmss.update",
+        code="OverconstrainedZonalAllocationRequest",
+        message="Allocation failed. VM(s) with the following constraints cannot be allocated, "
+        "because the condition is too restrictive: zone 2.",
+    )
+    scenario = Scenario(scale_sets=(UNIFORM,), faults=(rule,))
+    with ArmSim.start(scenario) as sim, adapter_for(sim) as adapter:
+        call = adapter.set_capacity(ref(sim, "rg-web", "web"), 9)
+        sim.advance(300)
+        status = adapter.operation_status(call)
+    assert status.state is OperationState.FAILED
+    assert status.error is not None
+    assert (status.error.kind, status.error.zone) == (ErrorKind.NO_CAPACITY, "2")
+
+
+def test_transient_errors_are_retried_within_the_call() -> None:
+    rule = FaultRule("error", operation="vmss_vm.list", status=503, code="ServiceUnavailable")
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,), faults=(rule,))) as sim:
+        with adapter_for(sim) as adapter:
+            inventory = adapter.read_inventory(ref(sim, "rg-web", "web"), NOW)
+        assert len(inventory.instances) == 7
+        assert [r.status for r in sim.requests if r.operation == "vmss_vm.list"] == [503, 200]
+
+
+# --- throttling ---------------------------------------------------------------------------
+
+
+def test_short_retry_after_is_waited_on_the_clock() -> None:
+    rule = FaultRule("throttle", operation="vmss_vm.list", retry_after=20)
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,), faults=(rule,))) as sim:
+        start = sim.clock.now()
+        with adapter_for(sim, max_wait=60) as adapter:
+            inventory = adapter.read_inventory(ref(sim, "rg-web", "web"), NOW)
+        assert len(inventory.instances) == 7
+        assert (sim.clock.now() - start).total_seconds() >= 20
+        assert [r.status for r in sim.requests if r.operation == "vmss_vm.list"] == [429, 200]
+
+
+def test_long_retry_after_is_not_slept_through() -> None:
+    rule = FaultRule("throttle", operation="vmss_vm.list", retry_after=1200, count=None)
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,), faults=(rule,))) as sim:
+        start = sim.clock.now()
+        with adapter_for(sim, max_wait=60) as adapter:
+            with pytest.raises(AdapterError) as caught:
+                adapter.read_inventory(ref(sim, "rg-web", "web"), NOW)
+            assert caught.value.kind is ErrorKind.THROTTLED
+            assert caught.value.retry_after == 1200
+            # The next call of the same kind is not even sent: the hold is remembered.
+            with pytest.raises(AdapterError) as again:
+                adapter.read_inventory(ref(sim, "rg-web", "web"), NOW)
+            assert again.value.kind is ErrorKind.THROTTLED
+            assert again.value.code == "ClientThrottlingBudget"
+            assert again.value.retry_after == pytest.approx(1200, abs=1)
+        assert (sim.clock.now() - start).total_seconds() < 60
+        assert [r.status for r in sim.requests if r.operation == "vmss_vm.list"] == [429]
+
+
+def test_throttled_audit_stops_reading_and_reports_when_to_come_back() -> None:
+    sets = tuple(ScaleSetSpec(f"s{n}", "rg", counts={"1": 1, "2": 1}) for n in range(6))
+    rule = FaultRule("throttle", operation="vmss_vm.list", retry_after=900, count=None)
+    with ArmSim.start(Scenario(scale_sets=sets, faults=(rule,))) as sim:
+        with adapter_for(sim, audit_concurrency=1, max_wait=30) as adapter:
+            results = adapter.audit(None, NOW)
+        assert all(isinstance(r, AdapterError) for r in results)
+        assert {r.kind for r in results} == {ErrorKind.THROTTLED}
+        assert {r.ref.name for r in results} == {f"s{n}" for n in range(6)}
+        assert operations(sim)["vmss_vm.list"] == 1
+
+
+def test_large_audit_stays_within_the_budget_without_a_single_429() -> None:
+    """1,000 scale sets, Compute-shaped limits on in armsim: the budget paces the audit."""
+    sets = tuple(
+        ScaleSetSpec(f"s{n:04d}", f"rg-{n % 10}", counts={"1": 1, "2": 1}) for n in range(1000)
+    )
+    scenario = Scenario(scale_sets=sets, throttling=True, page_size=200)
+    with ArmSim.start(scenario) as sim:
+        start = sim.clock.now()
+        with adapter_for(sim, audit_concurrency=8, max_wait=600) as adapter:
+            results = adapter.audit(None, NOW)
+        elapsed = (sim.clock.now() - start).total_seconds()
+        statuses = Counter(r.status for r in sim.requests)
+    errors = [r for r in results if isinstance(r, AdapterError)]
+    assert not errors, errors[:3]
+    assert len(results) == 1000
+    assert statuses.get(429, 0) == 0
+    # 20% of the subscription's high-cost bucket (1080, +360/min) paces the reads: the audit
+    # takes about (1000 - 216) / 72 per minute of (virtual) time, and no faster.
+    assert elapsed >= (1000 - 0.2 * 1080) / (0.2 * 360 / 60) * 0.95
+
+
+def test_without_the_budget_the_same_kind_of_audit_is_throttled() -> None:
+    """The control for the test above: no client-side limits, and armsim answers 429."""
+    sets = tuple(ScaleSetSpec(f"s{n:03d}", "rg", counts={"1": 1, "2": 1}) for n in range(300))
+    with ArmSim.start(Scenario(scale_sets=sets, throttling=True, page_size=200)) as sim:
+        unlimited = Budget(share=1.0, policies={})
+        with adapter_for(sim, budget=unlimited, audit_concurrency=8, max_wait=600) as adapter:
+            adapter.audit(None, NOW)
+        assert Counter(r.status for r in sim.requests)[429] > 0
