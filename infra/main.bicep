@@ -271,7 +271,7 @@ resource linkedAccessRoleOnSubscription 'Microsoft.Authorization/roleAssignments
 
 module scaleSetRoleOnResourceGroups 'modules/role-assignment.bicep' = [
   for name in managedResourceGroups: {
-    name: 'rebalancer-scale-sets-${uniqueString(name)}'
+    name: 'rebalancer-scale-sets-${uniqueString(environmentName, name)}'
     scope: resourceGroup(name)
     params: {
       roleDefinitionId: scaleSetRole.id
@@ -283,7 +283,7 @@ module scaleSetRoleOnResourceGroups 'modules/role-assignment.bicep' = [
 
 module linkedAccessRoleOnResourceGroups 'modules/role-assignment.bicep' = [
   for name in (managesWholeSubscription ? [] : linkedAccessResourceGroups): {
-    name: 'rebalancer-linked-access-${uniqueString(name)}'
+    name: 'rebalancer-linked-access-${uniqueString(environmentName, name)}'
     scope: resourceGroup(name)
     params: {
       roleDefinitionId: linkedAccessRole.id
