@@ -750,3 +750,26 @@ def test_capacity_raised_but_no_vm_appears_fails_without_scaling_in():
     step = advance(waiting.record, fleet.inventory(later), policy, later)
     assert step.record.state is State.FAILED and step.record.outcome is Reason.NO_NEW_VMS
     assert not [c for c in step.commands if isinstance(c, SetCapacity | DeleteInstances)]
+
+
+def test_a_planned_record_requests_the_scale_out_on_its_first_step():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    inventory = fleet.inventory(T0)
+    record, _ = start(inventory, assess(inventory), POLICY, T0, "op-1")
+    planned = replace(record, state=State.PLANNED, history=())
+    step = advance(planned, inventory, POLICY, T0)
+    assert step.record.state is State.SCALING_OUT
+    assert step.commands[0] == SetCapacity(8)
+
+
+def test_flexible_vm_names_flow_through_as_ids():
+    fleet = Fleet(mode=OrchestrationMode.FLEXIBLE)
+    for number, zone in enumerate("1222333"):
+        name = f"vmss-web_{number:08x}"
+        fleet.instances[name] = replace(vm(name, zone), name=name)
+    fleet.capacity = 7
+    run = Run(fleet)
+    record = run.until_done(run.start())
+    assert record.state is State.SUCCEEDED and record.mode is OrchestrationMode.FLEXIBLE
+    assert record.sources[0].startswith("vmss-web_") and fleet.capacity == 7
+    assert OperationRecord.from_json(record.to_json()) == record
