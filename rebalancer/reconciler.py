@@ -138,21 +138,29 @@ class Reconciler:
     def reconcile(self, ref: ScaleSetRef, *, observed: Inventory | None = None) -> Result:
         """Bring one scale set one step closer to balance.
 
-        `observed`: an inventory read moments ago (by the audit); it is used to assess an idle
-        scale set, but never to act: a start or an in-flight step always reads again under
-        the lock.
+        An idle scale set is assessed without the lock, so a pass over a balanced fleet only
+        reads. The lock is taken to act: to advance an in-flight operation, or to start one,
+        and then the scale set is read again under it. `observed` (an inventory the audit read
+        moments ago) is used to assess, never to act.
         """
         from rebalancer.store import LockLost
 
-        now = self.clock()
-        lock = self.store.try_acquire(ref.key, self.owner, now, self.lease)
+        if self.store.active_operation(ref.key) is None:
+            inventory = observed if observed is not None else self._observe(ref)
+            if inventory is None:
+                return Result(ref, Outcome.GONE, detail="the scale set does not exist")
+            verdict = self._verdict(inventory)
+            if not _actionable(verdict):
+                self._record_verdict(verdict)
+                return Result(ref, Outcome.ASSESSED, verdict=verdict, detail=verdict.detail)
+        lock = self.store.try_acquire(ref.key, self.owner, self.clock(), self.lease)
         if lock is None:
             return Result(ref, Outcome.BUSY, detail="another invocation holds the lock")
         try:
             row = self.store.active_operation(ref.key)
             if row is not None:
                 return self._advance(ref, row, lock)
-            return self._evaluate(ref, lock, observed)
+            return self._evaluate(ref, lock)
         except LockLost as error:
             log.warning("lost the lock on %s: %s", ref, error, extra=_dims(ref))
             return Result(ref, Outcome.BUSY, detail=str(error))
@@ -220,29 +228,24 @@ class Reconciler:
 
     # -- idle scale set: assess, maybe start ----------------------------------------------
 
-    def _evaluate(self, ref: ScaleSetRef, lock: Lock, observed: Inventory | None) -> Result:
-        inventory = observed if observed is not None else self._observe(ref)
+    def _evaluate(self, ref: ScaleSetRef, lock: Lock) -> Result:
+        """Under the lock, with no operation in flight: read, assess, start if allowed."""
+        inventory = self._observe(ref)
         if inventory is None:
             return Result(ref, Outcome.GONE, detail="the scale set does not exist")
         verdict = self._verdict(inventory)
-        if verdict.gate is None and verdict.assessment.decision is Decision.MOVE:
-            if observed is not None:  # act only on what was read under the lock
-                fresh = self._observe(ref)
-                if fresh is None:
-                    return Result(ref, Outcome.GONE, detail="the scale set does not exist")
-                inventory, verdict = fresh, self._verdict(fresh)
-            if verdict.gate is None and verdict.assessment.decision is Decision.MOVE:
-                started = self._start(ref, inventory, verdict, lock)
-                if started is not None:
-                    return started
-                verdict = replace(
-                    verdict,
-                    gate=Gate.NO_SLOT,
-                    gate_detail=(
-                        f"{self.settings.max_concurrent_operations} operations already run in "
-                        "the subscription (REBALANCER_MAX_CONCURRENT_OPERATIONS); next pass"
-                    ),
-                )
+        if _actionable(verdict):
+            started = self._start(ref, inventory, verdict, lock)
+            if started is not None:
+                return started
+            verdict = replace(
+                verdict,
+                gate=Gate.NO_SLOT,
+                gate_detail=(
+                    f"{self.settings.max_concurrent_operations} operations already run in "
+                    "the subscription (REBALANCER_MAX_CONCURRENT_OPERATIONS); next pass"
+                ),
+            )
         self._record_verdict(verdict)
         return Result(ref, Outcome.ASSESSED, verdict=verdict, detail=verdict.detail)
 
@@ -500,6 +503,10 @@ class Reconciler:
         except AdapterError as error:
             log.warning("%s deferred: %s", ref, error, extra=_dims(ref, error=str(error.kind)))
             return Result(ref, Outcome.DEFERRED, detail=str(error))
+
+
+def _actionable(verdict: Verdict) -> bool:
+    return verdict.gate is None and verdict.assessment.decision is Decision.MOVE
 
 
 def _operation_id() -> str:

@@ -127,3 +127,22 @@ def test_outside_scale_out_mid_operation_supersedes_and_deletes_nothing(store):
         assert not [
             r for r in stack.sim.requests if r.method == "POST" and r.path.endswith("/delete")
         ]
+
+
+def test_auditing_a_balanced_fleet_again_writes_nothing(store):
+    scenario = Scenario(
+        scale_sets=tuple(
+            ScaleSetSpec(f"web{i}", "rg-web", counts={"1": 2, "2": 2, "3": 3}, tags=ENABLED)
+            for i in range(5)
+        )
+    )
+    with running_stack(scenario, store) as stack:
+        reconciler = stack.reconciler()
+        first = reconciler.audit()
+        assert {r.verdict.reason for r in first if r.verdict} == {"balanced"}
+        stack.sim.advance(300)
+        before = store.stats
+        again = reconciler.audit()
+        spent = store.stats - before
+        assert len(again) == 5
+        assert spent.writes == 1  # only the audit marker; nothing about the scale sets changed

@@ -1,0 +1,42 @@
+"""Azure Functions entry points (Python v2 programming model). Triggers only: decode, delegate.
+
+Everything heavy (the Azure SDKs, Table Storage, the reconciler) is imported on first use in
+`rebalancer.service`, so a cold start pays only for `azure.functions`.
+"""
+
+import logging
+
+import azure.functions as func
+
+from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME
+
+app = func.FunctionApp()
+
+
+@app.function_name(EVENT_GRID_FUNCTION_NAME)
+@app.event_grid_trigger(arg_name="event")
+def on_resource_event(event: func.EventGridEvent) -> None:
+    """A scale set or VM changed somewhere in the subscription: reconcile that scale set now."""
+    from rebalancer import service
+
+    try:
+        data = event.get_json()
+    except ValueError:
+        data = None
+    service.handle_event(event.id, event.event_type, event.subject, event.event_time, data)
+
+
+@app.function_name("on_timer")
+@app.timer_trigger(arg_name="timer", schedule="%REBALANCER_TIMER_SCHEDULE%", run_on_startup=False)
+def on_timer(timer: func.TimerRequest) -> None:
+    """Advance in-flight operations every tick; audit the subscription when the audit is due."""
+    from rebalancer import service
+
+    report = service.handle_timer(past_due=timer.past_due)
+    if report is not None:
+        logging.getLogger("rebalancer").info(
+            "timer tick: %d operation(s) advanced, %d scale set(s) audited, %d deferred",
+            report.advanced,
+            report.audited,
+            report.deferred,
+        )

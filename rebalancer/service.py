@@ -1,0 +1,208 @@
+"""What the Functions triggers do, independent of the Functions host.
+
+`function_app.py` only decodes the trigger input and calls `handle_event` / `handle_timer`.
+The `Runtime` (settings, store, Compute adapter, reconciler) is built once per process from the
+app settings on first use, so importing the app stays cheap; tests and the demo install their
+own runtime with `use_runtime`.
+
+Failure policy, as Event Grid and the timer expect it:
+- a transient failure (Table Storage or ARM unavailable, throttled) of an event raises, so Event
+  Grid delivers the event again later; the event's de-duplication mark is removed first;
+- everything permanent (a malformed or irrelevant event, a bad setting, a missing scale set,
+  a forbidden call) is logged once with its reason and acknowledged;
+- the timer never raises for one scale set's trouble: the next tick tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from rebalancer.settings import Mode, Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from rebalancer.events import Trigger
+    from rebalancer.reconciler import Reconciler, Result
+    from rebalancer.store import Store
+
+log = logging.getLogger("rebalancer")
+
+HISTORY_RETENTION = timedelta(days=30)
+
+
+class TransientFailure(RuntimeError):
+    """Raised out of a trigger so that the platform retries the invocation later."""
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: Store
+    reconciler: Reconciler
+    clock: Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def build_runtime(env: Mapping[str, str]) -> Runtime:
+    """The production wiring: app settings -> store, Compute adapter (managed identity)."""
+    from rebalancer.compute import ArmConfig, ComputeAdapter
+    from rebalancer.reconciler import Reconciler
+    from rebalancer.store import open_store
+
+    settings = load_settings(env)
+    store = open_store(env, table_prefix=settings.table_prefix)
+    compute = ComputeAdapter(ArmConfig.from_settings(settings))
+    reconciler = Reconciler(settings=settings, store=store, compute=compute, clock=utc_now)
+    return Runtime(settings, store, reconciler, utc_now)
+
+
+_runtime: Runtime | None = None
+_runtime_error: str | None = None
+_runtime_lock = threading.Lock()
+
+
+def use_runtime(runtime: Runtime | None) -> None:
+    """Install a runtime (tests, the demo), or None to build from app settings again."""
+    global _runtime, _runtime_error
+    with _runtime_lock:
+        _runtime, _runtime_error = runtime, None
+
+
+def runtime() -> Runtime | None:
+    """The process's runtime, built on first use; None when the settings are invalid."""
+    global _runtime, _runtime_error
+    with _runtime_lock:
+        if _runtime is None and _runtime_error is None:
+            try:
+                _runtime = build_runtime(os.environ)
+            except (SettingsError, ValueError) as error:
+                _runtime_error = str(error)
+        if _runtime is None:
+            log.error("the rebalancer refuses to act: %s", _runtime_error)
+        return _runtime
+
+
+# -- Event Grid -------------------------------------------------------------------------
+
+
+def handle_event(
+    event_id: Any, event_type: Any, subject: Any, event_time: Any, data: Any
+) -> Result | None:
+    """One Event Grid event: classify, de-duplicate, note outside activity, reconcile."""
+    from rebalancer.events import Ignored, classify
+
+    rt = runtime()
+    if rt is None or rt.settings.mode is Mode.OFF:
+        return None
+    verdict = classify(event_id, event_type, subject, event_time, data, rt.settings)
+    if isinstance(verdict, Ignored):
+        log.info("event %s ignored: %s", verdict.event_id, verdict.reason)
+        return None
+    return _transient_guard(rt, verdict.event_id, lambda: _handle_trigger(rt, verdict))
+
+
+def _handle_trigger(rt: Runtime, trigger: Trigger) -> Result | None:
+    now = rt.clock()
+    if not rt.store.first_delivery(trigger.event_id, now):
+        log.info("event %s ignored: already handled (duplicate delivery)", trigger.event_id)
+        return None
+    if trigger.ref is None:
+        log.info(
+            "event %s: VM %s names no scale set; the next audit will see its effect",
+            trigger.event_id,
+            trigger.flexible_vm,
+        )
+        return None
+    if trigger.outside:
+        rt.store.record_activity(trigger.ref.key, trigger.at or now)
+    result = rt.reconciler.reconcile(trigger.ref)
+    log.info(
+        "event %s (%s by %s) on %s: %s %s",
+        trigger.event_id,
+        trigger.operation_name,
+        "someone else" if trigger.outside else "the rebalancer",
+        trigger.ref,
+        result.outcome,
+        result.state or result.detail,
+    )
+    return result
+
+
+def _transient_guard(rt: Runtime, event_id: str, action: Callable[[], Any]) -> Any:
+    """Run the action; make transient failures retryable and permanent ones logged."""
+    from rebalancer.compute.errors import AdapterError, ErrorKind
+    from rebalancer.store import StoreUnavailable
+
+    try:
+        result = action()
+    except StoreUnavailable as error:
+        _forget(rt, event_id)
+        raise TransientFailure(f"Table Storage unavailable: {error}") from error
+    except AdapterError as error:
+        if error.kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CONFLICT):
+            _forget(rt, event_id)
+            raise TransientFailure(f"Azure Compute: {error}") from error
+        log.error("event %s: %s; not retried", event_id, error)
+        return None
+    from rebalancer.reconciler import Outcome
+
+    if getattr(result, "outcome", None) is Outcome.DEFERRED:
+        _forget(rt, event_id)
+        raise TransientFailure(f"event {event_id} deferred: {result.detail}")
+    return result
+
+
+def _forget(rt: Runtime, event_id: str) -> None:
+    from rebalancer.store import StoreError
+
+    try:
+        rt.store.forget_event(event_id)
+    except StoreError:
+        log.warning("could not clear the delivery mark of event %s", event_id)
+
+
+# -- timer ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TickReport:
+    advanced: int
+    audited: int
+    deferred: int
+
+
+def handle_timer(past_due: bool = False) -> TickReport | None:
+    """One timer tick: advance in-flight operations; audit when due; clean up after audits."""
+    from rebalancer.reconciler import Outcome
+    from rebalancer.store import StoreError
+
+    rt = runtime()
+    if rt is None or rt.settings.mode is Mode.OFF:
+        return None
+    if past_due:
+        log.info("timer tick is past due; catching up with one pass")
+    try:
+        advanced = rt.reconciler.advance_all()
+        audited = rt.reconciler.audit() if rt.reconciler.audit_due() else []
+        if audited:
+            rt.store.purge(rt.clock(), HISTORY_RETENTION)
+    except StoreError as error:
+        log.error("timer tick stopped: Table Storage: %s; the next tick tries again", error)
+        return None
+    results = [*advanced, *audited]
+    report = TickReport(
+        advanced=len(advanced),
+        audited=len(audited),
+        deferred=sum(1 for r in results if r.outcome is Outcome.DEFERRED),
+    )
+    if report.deferred:
+        log.warning("timer tick: %d scale set(s) deferred to the next tick", report.deferred)
+    return report
