@@ -1,12 +1,14 @@
-"""`rebalancer audit`: argument handling that needs no endpoint."""
+"""`rebalancer audit`: argument handling, then the report and its errors against armsim."""
 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 
+from armsim import ArmSim, FaultRule, ScaleSetSpec, Scenario
 from rebalancer.cli import main
 from rebalancer.cli.audit import EXIT_CODES, default_subscription
 
@@ -56,3 +58,256 @@ def test_exit_codes_are_distinct_and_documented() -> None:
     documented = (Path(__file__).parent.parent / "docs" / "audit-command.md").read_text()
     for code in EXIT_CODES:
         assert f"| {code} |" in documented
+
+
+# --- against armsim -----------------------------------------------------------------------
+
+MIXED = (
+    ScaleSetSpec("balanced", "rg-a", counts={"1": 2, "2": 2, "3": 2}),
+    ScaleSetSpec(
+        "tilted", "rg-a", counts={"1": 1, "2": 3, "3": 3}, tags={"zone-rebalance": "enabled"}
+    ),
+    ScaleSetSpec(
+        "flex",
+        "rg-b",
+        mode="Flexible",
+        counts={"1": 3, "2": 1},
+        zones=("1", "2"),
+        tags={"Zone-Rebalance": "Disabled"},
+    ),
+    ScaleSetSpec(
+        "platform", "rg-b", counts={"1": 1, "2": 3}, zones=("1", "2"), platform_rebalancing=True
+    ),
+    ScaleSetSpec(
+        "unmonitored",
+        "rg-b",
+        counts={"1": 0, "2": 2},
+        zones=("1", "2"),
+        health_monitoring="none",
+        tags={"zone-rebalance": "audit"},
+    ),
+    ScaleSetSpec("regional", "rg-a", zones=(), counts={"": 2}),
+)
+
+
+def audit_json(
+    sim: ArmSim, capsys: pytest.CaptureFixture[str], *extra: str
+) -> tuple[int, dict | None, str]:
+    code = main(
+        [
+            "audit",
+            "--subscription",
+            sim.subscription_id,
+            "--arm-endpoint",
+            sim.endpoint,
+            "--ca-cert",
+            str(sim.ca_cert_path),
+            "--json",
+            *extra,
+        ]
+    )
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if out.strip() else None), err
+
+
+@pytest.fixture
+def static_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REBALANCER_ARM_STATIC_TOKEN", "test-token")
+    monkeypatch.delenv("REBALANCER_DEFAULT_OPT_IN", raising=False)
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("static_token")
+def test_json_report_of_a_mixed_subscription(capsys: pytest.CaptureFixture[str]) -> None:
+    with ArmSim.start(Scenario(scale_sets=MIXED, page_size=2)) as sim:
+        code, report, err = audit_json(sim, capsys)
+    assert code == 0, err
+    assert report is not None
+    assert report["subscription"] == sim.subscription_id
+    by_name = {entry["id"].rsplit("/", 1)[1]: entry for entry in report["scaleSets"]}
+    assert list(by_name) == ["balanced", "tilted", "flex", "platform", "unmonitored"]
+    assert set(by_name["tilted"]) == {
+        "id",
+        "balanced",
+        "zones",
+        "decision",
+        "reason",
+        "mode",
+        "moves",
+    }
+
+    assert by_name["balanced"] | {"id": ""} == {
+        "id": "",
+        "balanced": True,
+        "zones": {z: {"total": 2, "active": 2} for z in ("1", "2", "3")},
+        "decision": "none",
+        "reason": "balanced",
+        "mode": "audit",
+        "moves": [],
+    }
+    tilted = by_name["tilted"]
+    assert (tilted["balanced"], tilted["decision"], tilted["reason"], tilted["mode"]) == (
+        False,
+        "move",
+        "moves_planned",
+        "enabled",
+    )
+    assert len(tilted["moves"]) == 1 and tilted["moves"][0]["toZone"] == "1"
+    assert tilted["moves"][0]["source"] in {
+        vm.instance_id for vm in sim.scale_set("rg-a", "tilted").vms
+    }
+
+    flex = by_name["flex"]
+    assert flex["mode"] == "disabled"
+    assert flex["zones"] == {"1": {"total": 3, "active": 3}, "2": {"total": 1, "active": 1}}
+    assert flex["decision"] == "move"
+    assert flex["moves"][0]["fromZone"] == "1" and flex["moves"][0]["source"].startswith("flex")
+
+    assert (by_name["platform"]["decision"], by_name["platform"]["reason"]) == (
+        "skip",
+        "platform_rebalancing",
+    )
+    assert (by_name["unmonitored"]["decision"], by_name["unmonitored"]["reason"]) == (
+        "skip",
+        "no_health_monitoring",
+    )
+    assert by_name["unmonitored"]["mode"] == "audit"
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("static_token")
+def test_table_output_and_resource_group_scope(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    with ArmSim.start(Scenario(scale_sets=MIXED)) as sim:
+        code = main(
+            [
+                "audit",
+                "--subscription",
+                sim.subscription_id,
+                "--arm-endpoint",
+                sim.endpoint,
+                "--ca-cert",
+                str(sim.ca_cert_path),
+                "--resource-group",
+                "RG-A",
+                "--default-opt-in",
+                "enabled",
+            ]
+        )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "tilted" in out and "balanced" in out and "moves_planned" in out
+    assert "flex" not in out and "platform" not in out
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("static_token")
+@pytest.mark.parametrize(
+    ("rule", "exit_code", "words"),
+    [
+        (
+            FaultRule(
+                "error",
+                operation="vmss.list_all",
+                status=403,
+                code="AuthorizationFailed",
+                message="The client 'x' with object id 'x' does not have authorization "
+                "to perform action 'Microsoft.Compute/virtualMachineScaleSets/read' over "
+                "scope '/subscriptions/x' or the scope is invalid.",
+            ),
+            4,
+            ("Microsoft.Compute/virtualMachineScaleSets/read", "Reader"),
+        ),
+        (
+            FaultRule(
+                "error",
+                operation="vmss.list_all",
+                status=401,
+                code="InvalidAuthenticationToken",
+                message="The access token is invalid.",
+            ),
+            3,
+            ("az login",),
+        ),
+        (
+            FaultRule("throttle", operation="vmss.list_all", retry_after=1200, count=None),
+            6,
+            ("1200 s",),
+        ),
+    ],
+)
+def test_listing_failures_exit_with_their_code(
+    capsys: pytest.CaptureFixture[str], rule: FaultRule, exit_code: int, words: tuple[str, ...]
+) -> None:
+    with ArmSim.start(Scenario(scale_sets=MIXED, faults=(rule,))) as sim:
+        code, report, err = audit_json(sim, capsys, "--max-wait", "5")
+    assert code == exit_code, err
+    assert report is None
+    assert err.startswith("rebalancer audit: ") and err.count("\n") == 1
+    for word in words:
+        assert word in err
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("static_token")
+def test_unknown_subscription(capsys: pytest.CaptureFixture[str]) -> None:
+    with ArmSim.start(Scenario(scale_sets=MIXED)) as sim:
+        code = main(
+            [
+                "audit",
+                "--subscription",
+                "11111111-2222-3333-4444-555555555555",
+                "--arm-endpoint",
+                sim.endpoint,
+                "--ca-cert",
+                str(sim.ca_cert_path),
+            ]
+        )
+    assert code == 5
+    assert "11111111-2222-3333-4444-555555555555 was not found" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("static_token")
+def test_unreachable_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = main(
+        [
+            "audit",
+            "--subscription",
+            "s",
+            "--arm-endpoint",
+            f"https://127.0.0.1:{port}",
+            "--max-wait",
+            "0",
+        ]
+    )
+    assert code == 7
+    assert f"cannot reach the ARM endpoint https://127.0.0.1:{port}" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("static_token")
+def test_a_set_that_cannot_be_read_is_reported_beside_the_others(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rule = FaultRule(
+        "error",
+        operation="vmss_vm.list",
+        target="/tilted",
+        status=403,
+        code="AuthorizationFailed",
+        message="no read on VMs",
+        count=None,
+    )
+    with ArmSim.start(Scenario(scale_sets=MIXED, faults=(rule,))) as sim:
+        code, report, _ = audit_json(sim, capsys)
+    assert code == 1
+    assert report is not None
+    assert [e["id"].rsplit("/", 1)[1] for e in report["errors"]] == ["tilted"]
+    assert report["errors"][0]["kind"] == "forbidden"
+    assert len(report["scaleSets"]) == 4
