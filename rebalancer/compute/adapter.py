@@ -693,41 +693,46 @@ class ComputeAdapter:
         )
 
     def _sku_catalog(self, location: str) -> dict[str, tuple[str, int]]:
-        catalog: dict[str, tuple[str, int]] = {}
         with self._translate():
-            skus = [
-                sku.as_dict()
-                for sku in self.client.resource_skus.list(filter=f"location eq '{location}'")
-            ]
-        for sku in skus:
-            if str(sku.get("resourceType", "")).lower() != "virtualmachines":
-                continue
-            if _restricted(sku):
-                continue
-            vcpus = next(
-                (
-                    c.get("value")
-                    for c in sku.get("capabilities") or ()
-                    if str(c.get("name", "")).lower() == "vcpus"
-                ),
-                None,
-            )
-            if sku.get("name") and sku.get("family") and str(vcpus or "").isdigit():
-                catalog[str(sku["name"]).lower()] = (str(sku["family"]), int(str(vcpus)))
-        return catalog
+            skus = self.client.resource_skus.list(filter=f"location eq '{location}'")
+            return sku_catalog(sku.as_dict() for sku in skus)
 
     def _usages(self, location: str) -> dict[str, tuple[int, int]]:
         with self._translate():
-            usages = [usage.as_dict() for usage in self.client.usage.list(location)]
-        result: dict[str, tuple[int, int]] = {}
-        for usage in usages:
-            name = (usage.get("name") or {}).get("value")
-            if name:
-                result[str(name).lower()] = (
-                    int(usage.get("currentValue", 0)),
-                    int(usage.get("limit", 0)),
-                )
-        return result
+            return usage_table(usage.as_dict() for usage in self.client.usage.list(location))
+
+
+def sku_catalog(documents: Iterable[Mapping[str, Any]]) -> dict[str, tuple[str, int]]:
+    """Resource SKU documents -> {lowercased VM size: (family, vCPUs)}; sizes restricted for
+    the whole location (not offered to the subscription) are left out."""
+    catalog: dict[str, tuple[str, int]] = {}
+    for sku in documents:
+        if str(sku.get("resourceType", "")).lower() != "virtualmachines" or _restricted(sku):
+            continue
+        vcpus = next(
+            (
+                str(c.get("value", ""))
+                for c in sku.get("capabilities") or ()
+                if str(c.get("name", "")).lower() == "vcpus"
+            ),
+            "",
+        )
+        if sku.get("name") and sku.get("family") and vcpus.isdigit():
+            catalog[str(sku["name"]).lower()] = (str(sku["family"]), int(vcpus))
+    return catalog
+
+
+def usage_table(documents: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Usage documents -> {lowercased usage name (a family, or `cores`): (current, limit)}."""
+    table: dict[str, tuple[int, int]] = {}
+    for usage in documents:
+        name = (usage.get("name") or {}).get("value")
+        if name:
+            table[str(name).lower()] = (
+                int(usage.get("currentValue") or 0),
+                int(usage.get("limit") or 0),
+            )
+    return table
 
 
 def _names_missing_instances(error: AdapterError) -> bool:
