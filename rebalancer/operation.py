@@ -67,15 +67,17 @@ class OperationPolicy:
     """How long the capacity change may take until its new VMs are placed and provisioned."""
     delete_grace: timedelta = timedelta(minutes=15)
     """Added to the terminate notification's `notBeforeTimeout` before a delete counts as stuck."""
-    max_attempts: int = 3
+    max_attempts: int = 4
     """How often a command whose effect is not visible yet is issued before the step fails."""
+    retry_interval: timedelta = timedelta(minutes=2)
+    """Wait before repeating such a command; doubles with each repeat (2, 4, 8 minutes...)."""
 
     def __post_init__(self) -> None:
         if self.max_surge < 1:
             raise ValueError(f"max_surge must be at least 1, got {self.max_surge}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
-        for name in ("health_timeout", "scale_out_timeout", "delete_grace"):
+        for name in ("health_timeout", "scale_out_timeout", "delete_grace", "retry_interval"):
             if getattr(self, name) < timedelta(0):
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
@@ -332,6 +334,8 @@ class OperationRecord:
     delete_deadline: datetime | None = None
     attempts: int = 0
     """Commands issued in the current step, including the first."""
+    last_request_at: datetime | None = None
+    """When the current step's command was last issued (spaces out repeats)."""
     rejected: str | None = None
     """A permanent error the shell reported for the scale-out (see `scale_out_rejected`)."""
     outcome: Reason | None = None
@@ -451,7 +455,12 @@ def _begin_scale_out(record: OperationRecord, now: datetime, policy: OperationPo
         f"capacity {record.baseline.capacity} -> {record.target_capacity} for {record.k} of "
         f"{record.moves_needed} move(s) into zone(s) {', '.join(record.target_zones)}"
     )
-    record = replace(record, scale_out_deadline=now + policy.scale_out_timeout, attempts=1)
+    record = replace(
+        record,
+        scale_out_deadline=now + policy.scale_out_timeout,
+        attempts=1,
+        last_request_at=now,
+    )
     record = _enter(record, State.SCALING_OUT, now, Reason.SCALE_OUT_REQUESTED, detail)
     return Step(record, (SetCapacity(record.target_capacity), _notify(record)))
 
@@ -674,14 +683,28 @@ def _scale_out_not_visible(
         return _finish(record, now, State.FAILED, Reason.SCALE_OUT_REJECTED, record.rejected)
     if view.busy and now < deadline:
         return Step(record)  # someone else's update, or ours not visible yet: let it finish
+    if not _repeat_due(record, policy, now) and now < deadline:
+        return Step(record)
     if record.attempts >= policy.max_attempts or now >= deadline:
         detail = (
             f"capacity still {record.baseline.capacity} after {record.attempts} request(s) "
             f"for {record.target_capacity}"
         )
         return _finish(record, now, State.FAILED, Reason.SCALE_OUT_NOT_APPLIED, detail)
-    record = replace(record, attempts=record.attempts + 1)
+    record = replace(record, attempts=record.attempts + 1, last_request_at=now)
     return Step(record, (SetCapacity(record.target_capacity),))
+
+
+def _repeat_due(record: OperationRecord, policy: OperationPolicy, now: datetime) -> bool:
+    """Has the current command had its time to show an effect (interval doubling per repeat)?
+
+    Spacing repeats keeps a throttled or briefly failing call from using up every attempt
+    within a few minutes; a command lost in a crash is still repeated on a later pass.
+    """
+    if record.last_request_at is None:
+        return True
+    wait = policy.retry_interval * 2 ** max(record.attempts - 1, 0)
+    return now >= record.last_request_at + wait
 
 
 # awaiting_health -----------------------------------------------------------------------------
@@ -760,6 +783,7 @@ def _scaling_in(
         delete_requested=MappingProxyType(dict.fromkeys(wait_for, now)),
         delete_deadline=_delete_deadline(view.scale_set, policy, now),
         attempts=1,
+        last_request_at=now,
     )
     detail = choice.detail
     if not wait_for:
@@ -896,6 +920,8 @@ def _await_deletes(
         return Step(record)
     if view.busy and (record.delete_deadline is None or now < record.delete_deadline):
         return Step(record)  # an update is running; a delete request now would conflict
+    if not _repeat_due(record, policy, now):
+        return Step(record)
     if record.attempts >= policy.max_attempts:
         detail = f"still present after {record.attempts} request(s): "
         detail += ", ".join(i.id for i in stalled)
@@ -906,6 +932,7 @@ def _await_deletes(
     record = replace(
         record,
         attempts=record.attempts + 1,
+        last_request_at=now,
         delete_deadline=_delete_deadline(view.scale_set, policy, now),
     )
     return Step(record, (DeleteInstances(_sorted_ids(i.id for i in stalled)),))
@@ -983,6 +1010,7 @@ def _roll_back(
         delete_requested=MappingProxyType(dict.fromkeys((i.id for i in ours), now)),
         delete_deadline=_delete_deadline(view.scale_set, policy, now),
         attempts=1,
+        last_request_at=now,
     )
     if protected:
         listed = ", ".join(protected)
@@ -1110,6 +1138,7 @@ def _encode(record: OperationRecord) -> dict[str, Any]:
         "health_deadline": _time(record.health_deadline),
         "delete_deadline": _time(record.delete_deadline),
         "attempts": record.attempts,
+        "last_request_at": _time(record.last_request_at),
         "rejected": record.rejected,
         "outcome": record.outcome.value if record.outcome else None,
         "outcome_detail": record.outcome_detail,
@@ -1151,6 +1180,7 @@ def _decode(doc: Mapping[str, Any]) -> OperationRecord:
         health_deadline=_parse_time(doc["health_deadline"]),
         delete_deadline=_parse_time(doc["delete_deadline"]),
         attempts=int(doc["attempts"]),
+        last_request_at=_parse_time(doc["last_request_at"]),
         rejected=doc["rejected"],
         outcome=Reason(doc["outcome"]) if doc["outcome"] else None,
         outcome_detail=doc["outcome_detail"],

@@ -500,10 +500,17 @@ def test_lost_delete_request_is_repeated_then_fails_bounded():
         record = step.record
         fleet.apply(tuple(c for c in step.commands if not isinstance(c, DeleteInstances)))
     first = record.delete_requested
-    # the shell crashed before the delete: the next step repeats it, for the same ids
-    step = advance(record, fleet.inventory(run.now), run.policy, run.now)
+    # the shell crashed before the delete: a later step repeats it, for the same ids, once the
+    # retry interval (2 minutes by default) has passed
+    soon = run.now + timedelta(minutes=1)
+    assert advance(record, fleet.inventory(soon), run.policy, soon).commands == ()
+    later = run.now + timedelta(minutes=2)
+    step = advance(record, fleet.inventory(later), run.policy, later)
     assert step.commands == (DeleteInstances(tuple(sorted(first, key=int))),)
-    step = advance(step.record, fleet.inventory(run.now), run.policy, run.now)
+    # the interval doubles: 4 minutes after the repeat, attempts (2) are used up
+    assert advance(step.record, fleet.inventory(later), run.policy, later).commands == ()
+    last = later + timedelta(minutes=4)
+    step = advance(step.record, fleet.inventory(last), run.policy, last)
     assert step.record.state is State.FAILED and step.record.outcome is Reason.DELETE_NOT_APPLIED
 
 
@@ -516,7 +523,8 @@ def test_repeat_of_a_source_delete_is_refused_when_the_new_vm_is_no_longer_healt
         run.now += timedelta(minutes=5)
         record = advance(record, fleet.inventory(run.now), run.policy, run.now).record
     fleet.add(replace(fleet.instances["100"], health=Health.UNHEALTHY))
-    step = advance(record, fleet.inventory(run.now), run.policy, run.now)
+    later = run.now + timedelta(minutes=5)
+    step = advance(record, fleet.inventory(later), run.policy, later)
     assert step.record.state is State.FAILED and step.record.outcome is Reason.DELETE_UNSAFE
     assert not [c for c in step.commands if isinstance(c, DeleteInstances)]
 
@@ -526,9 +534,10 @@ def test_lost_scale_out_is_repeated_then_fails():
     inventory = fleet.inventory(T0)
     policy = OperationPolicy(max_attempts=2)
     record, _ = start(inventory, assess(inventory), policy, T0, "op-1")
-    step = advance(record, inventory, policy, T0 + timedelta(minutes=1))
+    assert advance(record, inventory, policy, T0 + timedelta(minutes=1)).commands == ()
+    step = advance(record, inventory, policy, T0 + timedelta(minutes=2))
     assert step.commands == (SetCapacity(8),) and step.record.attempts == 2
-    step = advance(step.record, inventory, policy, T0 + timedelta(minutes=2))
+    step = advance(step.record, inventory, policy, T0 + timedelta(minutes=6))
     assert step.record.state is State.FAILED and step.record.outcome is Reason.SCALE_OUT_NOT_APPLIED
 
 

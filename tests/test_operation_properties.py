@@ -76,7 +76,8 @@ policies = st.builds(
     health_timeout=st.sampled_from([timedelta(minutes=30), timedelta(minutes=90)]),
     scale_out_timeout=st.sampled_from([timedelta(minutes=15), timedelta(minutes=30)]),
     delete_grace=st.sampled_from([timedelta(minutes=5), timedelta(minutes=15)]),
-    max_attempts=st.integers(1, 3),
+    max_attempts=st.integers(1, 4),
+    retry_interval=st.sampled_from([timedelta(minutes=1), timedelta(minutes=2)]),
 )
 
 
@@ -254,6 +255,7 @@ def test_undisturbed_operation_never_worsens_balance_or_health(fleet, policy):
     actions=st.lists(st.tuples(st.sampled_from(OUTSIDE[:-1]), st.integers(0, 50)), max_size=3),
 )
 def test_repeating_a_lost_delete_is_safe_whatever_changed_meanwhile(fleet, policy, actions):
+    policy = replace(policy, max_attempts=max(policy.max_attempts, 2))
     inventory = fleet.inventory(T0)
     assessment = assess(inventory)
     assume(assessment.moves)
