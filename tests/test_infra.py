@@ -562,6 +562,24 @@ def test_the_store_reads_the_deployed_storage_connection(infra):
     assert connection.client_id == "00000000-0000-0000-0000-0000000000c1"
 
 
+def test_the_deployment_targets_and_configures_the_apps_functions(infra):
+    """The event subscription's target exists in function_app.py, and every %SETTING% a
+    trigger binds to is an app setting the deployment writes."""
+    import function_app
+
+    functions = {f.get_function_name(): f for f in function_app.app.get_functions()}
+    target = infra.param_default("event_subscription", "functionName")
+    assert target in functions, sorted(functions)
+    assert functions[target].get_trigger().get_binding_name() == "eventGridTrigger"
+    settings = app_settings(infra)
+    bound = {
+        name
+        for f in functions.values()
+        for name in re.findall(r"%(\w+)%", str(getattr(f.get_trigger(), "schedule", "")))
+    }
+    assert bound and bound <= set(settings), bound - set(settings)
+
+
 def test_docs_list_exactly_the_role_actions():
     text = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
     section = text.split("### Role actions", 1)[1].split("\n#", 1)[0]
