@@ -1180,7 +1180,7 @@ def _decode(doc: Mapping[str, Any]) -> OperationRecord:
         health_deadline=_parse_time(doc["health_deadline"]),
         delete_deadline=_parse_time(doc["delete_deadline"]),
         attempts=int(doc["attempts"]),
-        last_request_at=_parse_time(doc["last_request_at"]),
+        last_request_at=_parse_time(doc.get("last_request_at")),
         rejected=doc["rejected"],
         outcome=Reason(doc["outcome"]) if doc["outcome"] else None,
         outcome_detail=doc["outcome_detail"],

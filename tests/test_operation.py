@@ -698,7 +698,8 @@ def test_record_for_a_1000_vm_set_with_k_10_stays_small(mode):
     fleet = Fleet(mode=mode)
     for n in range(1000):
         zone = "1" if n < 100 else ("2" if n < 550 else "3")
-        vm_id = str(n * 7 + 3) if mode is OrchestrationMode.UNIFORM else f"vmss-web_{n:04x}a9c1"
+        suffix = f"{n * 2654435761 % 2**32:08x}"  # Flexible names end in random-looking hex
+        vm_id = str(n * 7 + 3) if mode is OrchestrationMode.UNIFORM else f"vmss-web_{suffix}"
         fleet.instances[vm_id] = vm(vm_id, zone)
     fleet.capacity = 1000
     inventory = fleet.inventory(T0)
