@@ -73,6 +73,18 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     )
 ]
 WRITE_METHODS = frozenset({"PUT", "PATCH", "POST", "DELETE"})
+# operation -> (event kind, operationName, which resource): what a refused write reports.
+_EVENTS: dict[str, tuple[str, str, str]] = {
+    "vmss.create_or_update": ("write", f"{VMSS_TYPE}/write", "vmss"),
+    "vmss.update": ("write", f"{VMSS_TYPE}/write", "vmss"),
+    "vmss.delete": ("delete", f"{VMSS_TYPE}/delete", "vmss"),
+    "vmss.delete_instances": ("action", f"{VMSS_TYPE}/delete/action", "vmss"),
+    "vmss_vm.update": ("write", f"{VMSS_TYPE}/virtualMachines/write", "vmss_vm"),
+    "vmss_vm.delete": ("delete", f"{VMSS_TYPE}/virtualMachines/delete", "vmss_vm"),
+    "vmss_vm.deallocate": ("action", f"{VMSS_TYPE}/virtualMachines/deallocate/action", "vmss_vm"),
+    "vm.delete": ("delete", f"{VM_TYPE}/delete", "vm"),
+    "vm.deallocate": ("action", f"{VM_TYPE}/deallocate/action", "vm"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,35 +144,35 @@ class Api:
     def handle(self, request: Request) -> Reply:
         started = time.perf_counter()
         operation = "unknown"
-        principal: str | None = None
+        params: dict[str, str] = {}
+        caller: Caller | None = None
         policies: tuple[str, ...] = ()
         try:
             if self.sim.latency > 0:
                 time.sleep(self.sim.latency)
             operation, params = self._route(request)
-            claims = self._authenticate(request)
-            principal = claims.get(OBJECT_ID_CLAIM)
+            caller = self._caller(request, self._authenticate(request))
             self._check_api_version(request)
-            reply = self._faults(request, operation, principal)
-            if reply is not None:
-                return reply
-            self._advance_for_poll(operation, params)
-            with self.world.lock:
-                self.world.settle(self.sim.clock.now())
-                headers, policies = self.sim.throttle.charge(
-                    operation,
-                    self.world.subscription_id,
-                    _throttle_scope(request.path),
-                    self.world.now,
-                )
-                reply = getattr(self, "_" + operation.replace(".", "_"))(
-                    request, params, self._caller(request, claims)
-                )
-                reply.headers.update(headers)
+            reply = self._faults(request, operation, caller.principal_id)
+            if reply is None:
+                self._advance_for_poll(operation, params)
+                with self.world.lock:
+                    self.world.settle(self.sim.clock.now())
+                    headers, policies = self.sim.throttle.charge(
+                        operation,
+                        self.world.subscription_id,
+                        _throttle_scope(request.path),
+                        self.world.now,
+                    )
+                    reply = getattr(self, "_" + operation.replace(".", "_"))(
+                        request, params, caller
+                    )
+                    reply.headers.update(headers)
         except ArmError as error:
             reply = Reply(error.status, error.to_json(), dict(error.headers))
             if error.status == 429:
                 policies = policies or ("throttled",)
+            self._report_refused(request, operation, params, caller, error)
         finally:
             self.sim.flush_events()
         reply.headers.setdefault("x-ms-request-id", self.world.new_id())
@@ -179,12 +191,38 @@ class Api:
                 api_version=request.query.get("api-version"),
                 status=0 if reply.reset else reply.status,
                 policies=policies,
-                principal_id=principal,
+                principal_id=caller.principal_id if caller else None,
                 query=dict(request.query),
                 duration_ms=(time.perf_counter() - started) * 1000.0,
             )
         )
         return reply
+
+    def _report_refused(
+        self,
+        request: Request,
+        operation: str,
+        params: Mapping[str, str],
+        caller: Caller | None,
+        error: ArmError,
+    ) -> None:
+        """A write ARM authorized but refused (403, 409, 5xx) is reported as a Failure event."""
+        if caller is None or request.method not in WRITE_METHODS:
+            return
+        if error.status not in (403, 409) and error.status < 500:
+            return
+        event = _EVENTS.get(operation)
+        if event is None:
+            return
+        kind, name, level = event
+        sub = f"/subscriptions/{params['sub']}/resourceGroups/{params['rg']}/providers"
+        if level == "vm":
+            resource_id = f"{sub}/{VM_TYPE}/{params['vm']}"
+        else:
+            resource_id = f"{sub}/{VMSS_TYPE}/{params['name']}"
+            if level == "vmss_vm":
+                resource_id += f"/virtualMachines/{params['instance']}"
+        self.sim.emit_rejected(kind, name, resource_id, caller)
 
     def _route(self, request: Request) -> tuple[str, dict[str, str]]:
         path = request.path.rstrip("/")
@@ -401,13 +439,7 @@ class Api:
 
     def _vmss_update(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         ss = self.world.find_scale_set(params["rg"], params["name"])
-        op = self._write(
-            lambda: self.world.update_scale_set(ss, self._json(request), caller),
-            caller,
-            ss.resource_id,
-            "write",
-            f"{VMSS_TYPE}/write",
-        )
+        op = self.world.update_scale_set(ss, self._json(request), caller)
         return self._lro(request, op, 200, render.scale_set(ss))
 
     def _vmss_create_or_update(
@@ -420,13 +452,7 @@ class Api:
 
     def _vmss_delete(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         ss = self.world.find_scale_set(params["rg"], params["name"])
-        op = self._write(
-            lambda: self.world.delete_scale_set(ss, caller),
-            caller,
-            ss.resource_id,
-            "delete",
-            f"{VMSS_TYPE}/delete",
-        )
+        op = self.world.delete_scale_set(ss, caller)
         return self._lro(request, op, 202)
 
     def _vmss_delete_instances(
@@ -441,13 +467,7 @@ class Api:
                 "InvalidParameter",
                 "instanceIds",
             )
-        op = self._write(
-            lambda: self.world.delete_instances(ss, ids, caller),
-            caller,
-            ss.resource_id,
-            "action",
-            f"{VMSS_TYPE}/delete/action",
-        )
+        op = self.world.delete_instances(ss, ids, caller)
         return self._lro(request, op, 202)
 
     def _vmss_get_instance_view(
@@ -457,22 +477,6 @@ class Api:
         if ss.mode == "Flexible":
             raise _not_allowed_on_flexible("VirtualMachineScaleSets.instanceView.GET", ss.name)
         return Reply(200, render.scale_set_instance_view(ss, self.world.now))
-
-    def _write(
-        self,
-        action: Callable[[], Operation],
-        caller: Caller,
-        resource_id: str,
-        kind: str,
-        operation_name: str,
-    ) -> Operation:
-        """Run a write; a rejection that ARM would report also goes out as a Failure event."""
-        try:
-            return action()
-        except ArmError as error:
-            if error.status in (403, 409) or error.status >= 500:
-                self.sim.emit_rejected(kind, operation_name, resource_id, caller)
-            raise
 
     # --- scale set VMs ------------------------------------------------------------------
 
@@ -499,37 +503,19 @@ class Api:
         vm = self.world.find_scale_set_vm(params["rg"], params["name"], params["instance"])
         body = self._json(request)
         policy = (body.get("properties") or {}).get("protectionPolicy") or {}
-        op = self._write(
-            lambda: self.world.update_protection(vm, policy, caller),
-            caller,
-            vm.resource_id,
-            "write",
-            f"{VMSS_TYPE}/virtualMachines/write",
-        )
+        op = self.world.update_protection(vm, policy, caller)
         return self._lro(request, op, 200, render.scale_set_vm(vm, self.world.now, False))
 
     def _vmss_vm_delete(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         vm = self.world.find_scale_set_vm(params["rg"], params["name"], params["instance"])
-        op = self._write(
-            lambda: self.world.delete_vm(vm, caller, flexible_api=False),
-            caller,
-            vm.resource_id,
-            "delete",
-            f"{VMSS_TYPE}/virtualMachines/delete",
-        )
+        op = self.world.delete_vm(vm, caller, flexible_api=False)
         return self._lro(request, op, 202)
 
     def _vmss_vm_deallocate(
         self, request: Request, params: Mapping[str, str], caller: Caller
     ) -> Reply:
         vm = self.world.find_scale_set_vm(params["rg"], params["name"], params["instance"])
-        op = self._write(
-            lambda: self.world.deallocate_vm(vm, caller, flexible_api=False),
-            caller,
-            vm.resource_id,
-            "action",
-            f"{VMSS_TYPE}/virtualMachines/deallocate/action",
-        )
+        op = self.world.deallocate_vm(vm, caller, flexible_api=False)
         return self._lro(request, op, 202)
 
     # --- Flexible VMs -------------------------------------------------------------------
@@ -585,24 +571,12 @@ class Api:
 
     def _vm_delete(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         vm = self.world.find_vm(params["rg"], params["vm"])
-        op = self._write(
-            lambda: self.world.delete_vm(vm, caller, flexible_api=True),
-            caller,
-            vm.resource_id,
-            "delete",
-            f"{VM_TYPE}/delete",
-        )
+        op = self.world.delete_vm(vm, caller, flexible_api=True)
         return self._lro(request, op, 202)
 
     def _vm_deallocate(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         vm = self.world.find_vm(params["rg"], params["vm"])
-        op = self._write(
-            lambda: self.world.deallocate_vm(vm, caller, flexible_api=True),
-            caller,
-            vm.resource_id,
-            "action",
-            f"{VM_TYPE}/deallocate/action",
-        )
+        op = self.world.deallocate_vm(vm, caller, flexible_api=True)
         return self._lro(request, op, 202)
 
     # --- usages and operations ----------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -162,3 +163,24 @@ def test_http_delivery_posts_event_grid_arrays(make_sim: SimFactory) -> None:
         thread.join(5)
     assert len(received) == 1 and isinstance(received[0], list)
     assert received[0][0]["eventType"] == "Microsoft.Resources.ResourceWriteSuccess"
+
+
+def test_refused_write_emits_failure_at_once(sim: ArmSim, compute) -> None:
+    from azure.core.exceptions import HttpResponseError
+
+    sim.faults.add(kind="linked_authorization_failed", operation="vmss.update")
+    try:
+        compute.virtual_machine_scale_sets.begin_update(
+            "rg-web", "web", VirtualMachineScaleSetUpdate(sku=Sku(capacity=14))
+        )
+    except HttpResponseError as error:
+        assert error.status_code == 403
+    event = sim.events[-1]
+    assert event["eventType"] == "Microsoft.Resources.ResourceWriteFailure"
+    assert event["data"]["claims"][OBJECT_ID_CLAIM] == sim.scenario.app_principal_id
+    assert event["subject"].endswith("/virtualMachineScaleSets/web")
+    refused_reads = len(sim.events)
+    sim.faults.add(kind="error", operation="vmss.get")
+    with contextlib.suppress(HttpResponseError):
+        compute.virtual_machine_scale_sets.get("rg-web", "web")
+    assert len(sim.events) == refused_reads

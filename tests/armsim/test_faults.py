@@ -82,6 +82,7 @@ def test_connection_reset_surfaces_as_a_transport_error(sim: ArmSim, compute) ->
     with pytest.raises((ServiceRequestError, ServiceResponseError)):
         compute.virtual_machine_scale_sets.get("rg-web", "web")
     assert compute.virtual_machine_scale_sets.get("rg-web", "web").name == "web"
+    assert [r.status for r in sim.requests] == [0, 200]
 
 
 def test_slow_fault_delays_the_answer(sim: ArmSim, compute) -> None:
