@@ -844,8 +844,14 @@ def _choose_sources(record: OperationRecord, view: _View) -> _Choice:
         sources.append(candidate.id)
         totals[candidate.zone] -= 1  # type: ignore[index]
         actives[candidate.zone] -= 1  # type: ignore[index]
-        why = "replaced by healthy" if vm.healthy else f"unhealthy, kept {vm.health}"
-        notes.append(f"deleting source {candidate.id} in zone {candidate.zone} ({why} {vm.id})")
+        if vm.healthy:
+            note = f"deleting source {candidate.id} in zone {candidate.zone}, replaced by {vm.id}"
+        else:
+            note = (
+                f"deleting unhealthy source {candidate.id} in zone {candidate.zone}, keeping "
+                f"new VM {vm.id} ({vm.health} at the health deadline)"
+            )
+        notes.append(note)
     for vm in record.discarded:
         if vm in by_id:
             notes.append(f"removing new VM {vm} (misplaced, surplus or failed)")
