@@ -406,17 +406,33 @@ class ArmSim:
             self._outbox.append(event)
 
     def flush_events(self) -> None:
-        """Hand queued events to the sinks, in order. Never called under the world lock."""
-        with self._flush_lock:
+        """Hand queued events to the sinks, in order. Never called under the world lock.
+
+        One thread delivers at a time; a sink that calls back into armsim (directly or over
+        HTTP) does not wait for it: the delivering thread also hands over what that call
+        queued.
+        """
+        while True:
+            if not self._flush_lock.acquire(blocking=False):
+                return
+            try:
+                while True:
+                    with self._outbox_lock:
+                        pending, self._outbox = self._outbox, []
+                    if not pending:
+                        break
+                    for event in pending:
+                        self.events.append(event)
+                        sinks = list(self._sinks)
+                        if self.on_event is not None:
+                            sinks.append(self.on_event)
+                        for sink in sinks:
+                            sink(event)
+            finally:
+                self._flush_lock.release()
             with self._outbox_lock:
-                pending, self._outbox = self._outbox, []
-            for event in pending:
-                self.events.append(event)
-                sinks = list(self._sinks)
-                if self.on_event is not None:
-                    sinks.append(self.on_event)
-                for sink in sinks:
-                    sink(event)
+                if not self._outbox:
+                    return
 
 
 class Actor:

@@ -776,6 +776,10 @@ class World:
                 )
             ss.zones = (*ss.zones, *added)
         props = body.get("properties") or {}
+        if props.get("virtualMachineProfile"):
+            # A new model: with a Manual upgrade policy existing VMs keep the old one.
+            for vm in ss.vms.values():
+                vm.latest_model = False
         if "zoneBalance" in props:
             ss.zone_balance = bool(props["zoneBalance"])
         policy = (props.get("resiliencyPolicy") or {}).get("automaticZoneRebalancingPolicy")

@@ -184,3 +184,20 @@ def test_refused_write_emits_failure_at_once(sim: ArmSim, compute) -> None:
     with contextlib.suppress(HttpResponseError):
         compute.virtual_machine_scale_sets.get("rg-web", "web")
     assert len(sim.events) == refused_reads
+
+
+def test_a_sink_may_call_back_into_armsim_over_http(sim: ArmSim, compute) -> None:
+    """An event handler that reads the scale set (as the app's trigger does) must not hang."""
+    seen: list[int] = []
+
+    def handler(event: dict[str, Any]) -> None:
+        seen.append(compute.virtual_machine_scale_sets.get("rg-web", "web").sku.capacity)
+        if len(seen) == 1:
+            sim.actor.set_capacity("rg-web", "web", 11)
+
+    sim.on_event = handler
+    sim.actor.set_capacity("rg-web", "web", 12)
+    sim.clock.advance(31)
+    sim.clock.advance(31)
+    assert seen == [12, 11]
+    assert len(sim.events) == 2
