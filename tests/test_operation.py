@@ -783,3 +783,116 @@ def test_flexible_vm_names_flow_through_as_ids():
     assert record.state is State.SUCCEEDED and record.mode is OrchestrationMode.FLEXIBLE
     assert record.sources[0].startswith("vmss-web_") and fleet.capacity == 7
     assert OperationRecord.from_json(record.to_json()) == record
+
+
+# --- against armsim, through the real Compute adapter and SDK ------------------------------
+
+
+def drive_on_armsim(spec, policy=POLICY, capacity=(), step=60.0, disturb=None):
+    """Run one operation against armsim: observe with the real adapter, advance, act.
+
+    `disturb(sim, record)` runs once, as an outside actor, when the record is awaiting health.
+    Returns the final record, the ids of every delete requested, and armsim's scale set.
+    """
+    from armsim import ArmSim, Scenario
+    from rebalancer.compute.errors import ScaleSetGone
+    from tests.stack import compute_for, settings_for
+
+    with ArmSim.start(Scenario(scale_sets=(spec,), capacity=capacity)) as sim:
+        compute = compute_for(sim, settings_for(sim))
+        try:
+            ref = ScaleSetRef.parse(sim.scale_set(spec.resource_group, spec.name).id)
+            inventory = compute.read_inventory(ref, sim.clock.now())
+            record, commands = start(inventory, assess(inventory), policy, sim.clock.now(), "op")
+            deleted: list[str] = []
+            for _ in range(300):
+                for command in commands:
+                    if isinstance(command, SetCapacity):
+                        compute.set_capacity(ref, command.capacity)
+                    elif isinstance(command, DeleteInstances):
+                        deleted.extend(command.ids)
+                        compute.delete_instances(ref, command.ids)
+                if record.state.terminal:
+                    break
+                sim.advance(step)
+                if disturb and record.state is State.AWAITING_HEALTH:
+                    disturb(sim, record)
+                    disturb = None
+                try:
+                    observation = compute.read_inventory(ref, sim.clock.now())
+                except ScaleSetGone:
+                    observation = None
+                step_ = advance(record, observation, policy, sim.clock.now())
+                record, commands = step_.record, step_.commands
+            assert record.state.terminal, describe(record, sim.clock.now())
+            gone = observation is None
+            final = None if gone else sim.scale_set(spec.resource_group, spec.name)
+            return record, deleted, final
+        finally:
+            compute.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["Uniform", "Flexible"])
+def test_armsim_2_4_7_with_deallocated_vms(mode):
+    from armsim import ScaleSetSpec, VmOverride
+
+    spec = ScaleSetSpec(
+        "web",
+        "rg",
+        mode=mode,
+        counts={"1": 2, "2": 4, "3": 7},
+        overrides=(VmOverride(zone="3", count=2, power_state="deallocated"),),
+    )
+    record, deleted, final = drive_on_armsim(spec, OperationPolicy(max_surge=2))
+    assert record.state is State.SUCCEEDED and len(deleted) == 2
+    assert final.zone_counts() == {"1": 4, "2": 4, "3": 5} and final.capacity == 13
+    assert all(final.vm(vm_id).health == "healthy" for vm_id in record.kept)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["Uniform", "Flexible"])
+def test_armsim_zone_without_capacity_rolls_back(mode):
+    from armsim import ScaleSetSpec
+    from armsim.scenario import ZoneCapacity
+
+    spec = ScaleSetSpec("web", "rg", mode=mode, counts={"1": 1, "2": 3, "3": 3})
+    no_room = (ZoneCapacity("westeurope", "Standard_D2s_v5", "1", 0),)
+    record, deleted, final = drive_on_armsim(spec, capacity=no_room)
+    assert record.state is State.ROLLED_BACK
+    assert deleted == list(record.created) and final.zone_counts() == {"1": 1, "2": 3, "3": 3}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("source_health", ["healthy", "unhealthy"])
+def test_armsim_new_vm_never_healthy(source_health):
+    from armsim import ScaleSetSpec, VmOverride
+
+    spec = ScaleSetSpec(
+        "web",
+        "rg",
+        counts={"1": 1, "2": 3, "3": 3},
+        new_vm_health="unhealthy",
+        overrides=(VmOverride(zone="2", count=3, health=source_health),),
+    )
+    record, deleted, final = drive_on_armsim(spec, step=600.0)
+    if source_health == "healthy":
+        assert record.state is State.ROLLED_BACK and deleted == list(record.created)
+        assert final.zone_counts() == {"1": 1, "2": 3, "3": 3}
+    else:
+        assert record.state is State.SUCCEEDED and record.sources == tuple(deleted)
+        remaining = {vm.instance_id for vm in final.vms}
+        assert deleted[0] not in remaining and record.kept[0] in remaining
+        assert sorted(final.zone_counts().values()) == [2, 2, 3]
+
+
+@pytest.mark.integration
+def test_armsim_autoscale_mid_operation_supersedes():
+    from armsim import ScaleSetSpec
+
+    spec = ScaleSetSpec("web", "rg", mode="Flexible", counts={"1": 1, "2": 3, "3": 3})
+    record, deleted, final = drive_on_armsim(
+        spec, disturb=lambda sim, _: sim.actor.set_capacity("rg", "web", 10)
+    )
+    assert record.state is State.SUPERSEDED and record.outcome is Reason.CAPACITY_CHANGED
+    assert deleted == [] and final.capacity == 10
