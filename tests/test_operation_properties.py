@@ -196,15 +196,17 @@ def test_invariants_hold_under_crashes_and_outside_actors(fleet, policy, data):
         observation = observe(fleet, gone, now)
         step = advance(record, observation, policy, now)
         check_step(record, observation, step, policy, now)
+        stored = OperationRecord.from_json(step.record.to_json())
+        assert stored == step.record, "the record round-trips exactly"
         crash = data.draw(st.sampled_from(["none"] * 6 + ["before", "after"]), label="crash")
         if crash == "before":
             # the record was written, the process died before running the commands
-            record = OperationRecord.from_json(step.record.to_json())
+            record = stored
         elif crash == "after":
             # the commands ran, the process died before writing the next record
             fleet.apply(step.commands)
         else:
-            record = OperationRecord.from_json(step.record.to_json())
+            record = stored
             fleet.apply(step.commands)
         if record.state.terminal:
             break
