@@ -244,7 +244,11 @@ class SetCapacity:
 
 @dataclass(frozen=True, slots=True)
 class DeleteInstances:
-    """`delete_instances` with these ids (Flexible: VM names). A 404 means already gone."""
+    """`delete_instances` with these ids (Flexible: VM names), all present when decided.
+
+    If one vanished before the call, Azure rejects the whole request (`InvalidParameter`, "not
+    an active ... instanceId"); the next observation decides again with the VMs still there.
+    """
 
     ids: tuple[str, ...]
 
