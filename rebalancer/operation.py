@@ -244,10 +244,12 @@ class SetCapacity:
 
 @dataclass(frozen=True, slots=True)
 class DeleteInstances:
-    """`delete_instances` with these ids (Flexible: VM names), all present when decided.
+    """`delete_instances` with these ids (Flexible: VM names): present and not yet `Deleting`
+    in the observation it was decided on.
 
-    If one vanished before the call, Azure rejects the whole request (`InvalidParameter`, "not
-    an active ... instanceId"); the next observation decides again with the VMs still there.
+    Azure rejects the whole request when one id is gone or already being deleted
+    (`InvalidParameter`, "not an active ... instanceId"), so such ids are never included; if
+    one vanishes just before the call, the next observation decides again.
     """
 
     ids: tuple[str, ...]
