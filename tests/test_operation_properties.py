@@ -147,6 +147,7 @@ def check_step(
     for vm_id in deleted:
         assert vm_id in by_id, f"delete of {vm_id}, not in the latest observation"
         assert not by_id[vm_id].protected, f"delete of protected {vm_id}"
+        assert not by_id[vm_id].deleting, f"delete of {vm_id}, already deleting (Azure rejects it)"
     assert len(record.kept) + len(record.discarded) <= record.k, "more new VMs than requested"
     assert not deleted & set(record.kept), "a kept new VM is never deleted"
     assert not set(record.sources) & set(record.created), "a source is never a VM we created"
