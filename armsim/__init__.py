@@ -19,6 +19,7 @@ from armsim.scenario import (
     load_scenario,
 )
 from armsim.testing import ArmSim, OperationView, ScaleSetView, VmView
+from armsim.world import VmChange
 
 __all__ = [
     "ArmSim",
@@ -33,6 +34,7 @@ __all__ = [
     "SkuSpec",
     "Timings",
     "VirtualClock",
+    "VmChange",
     "VmOverride",
     "VmView",
     "WallClock",

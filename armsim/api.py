@@ -36,6 +36,8 @@ _VM_FILTER = re.compile(
     r"^\s*'?virtualMachineScaleSet/id'?\s+eq\s+'(?P<id>[^']+)'\s*$", re.IGNORECASE
 )
 
+_LOCATION_FILTER = re.compile(r"^\s*location\s+eq\s+'(?P<loc>[^']+)'\s*$", re.IGNORECASE)
+
 # (method, path pattern, operation name): the operation name keys faults, throttling, the log.
 ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     (m, re.compile(p + "$", re.IGNORECASE), op)
@@ -52,6 +54,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
             r"(?P<op>[^/]+)",
             "operation.status",
         ),
+        ("GET", _SUB + r"/providers/Microsoft\.Compute/skus", "sku.list"),
         ("GET", _RG + r"/virtualMachineScaleSets", "vmss.list"),
         ("GET", _VMSS, "vmss.get"),
         ("PUT", _VMSS, "vmss.create_or_update"),
@@ -132,6 +135,8 @@ class RequestRecord:
     principal_id: str | None
     query: Mapping[str, str]
     duration_ms: float
+    body: Any = None
+    """The parsed JSON body of a write (PUT/PATCH/POST), for checks like "capacity set to N"."""
 
 
 class Api:
@@ -194,6 +199,7 @@ class Api:
                 principal_id=caller.principal_id if caller else None,
                 query=dict(request.query),
                 duration_ms=(time.perf_counter() - started) * 1000.0,
+                body=_logged_body(request),
             )
         )
         return reply
@@ -584,6 +590,20 @@ class Api:
     def _usage_list(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         return Reply(200, render.usages(self.world.usages(params["loc"])))
 
+    def _sku_list(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
+        raw_filter = request.query.get("$filter")
+        location = None
+        if raw_filter:
+            match = _LOCATION_FILTER.match(raw_filter)
+            if match is None:
+                raise bad_request(
+                    f"The $filter '{raw_filter}' is not supported. Use location eq '<location>'.",
+                    "InvalidParameter",
+                    "$filter",
+                )
+            location = match["loc"]
+        return Reply(200, render.resource_skus(self.world.sku_catalog(location)))
+
     def _operation_status(
         self, request: Request, params: Mapping[str, str], caller: Caller
     ) -> Reply:
@@ -616,3 +636,12 @@ def _throttle_scope(path: str) -> str:
         return lowered
     end = lowered.find("/", index + len(marker))
     return lowered if end < 0 else lowered[:end]
+
+
+def _logged_body(request: Request) -> Any:
+    if request.method not in WRITE_METHODS or not request.body:
+        return None
+    try:
+        return json.loads(request.body)
+    except (ValueError, UnicodeDecodeError):
+        return None

@@ -57,6 +57,7 @@ OPERATIONS = frozenset(
         "vm.delete",
         "vm.deallocate",
         "usage.list",
+        "sku.list",
         "operation.status",
         "operation.result",
         "placement",

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from armsim.clock import iso
+from armsim.scenario import SkuSpec
 from armsim.world import VM_TYPE, VMSS_TYPE, Operation, ScaleSetState, Vm
 
 HEALTH_EXTENSION = "ApplicationHealthLinux"
@@ -350,3 +351,41 @@ def usages(rows: list[tuple[str, str, int, int]]) -> dict[str, Any]:
             for name, localized, current, limit in rows
         ]
     }
+
+
+def resource_skus(entries: list[tuple[SkuSpec, str]]) -> dict[str, Any]:
+    """The `skus` list: one entry per size and location, with vCPUs and restrictions."""
+    value = []
+    for sku, location in entries:
+        restricted = location.lower() in {loc.lower() for loc in sku.unavailable_locations}
+        restrictions = []
+        if restricted:
+            restrictions.append(
+                {
+                    "type": "Location",
+                    "values": [location],
+                    "restrictionInfo": {"locations": [location]},
+                    "reasonCode": "NotAvailableForSubscription",
+                }
+            )
+        size = sku.name.split("_", 1)[-1]
+        value.append(
+            {
+                "resourceType": "virtualMachines",
+                "name": sku.name,
+                "tier": "Standard",
+                "size": size,
+                "family": sku.family,
+                "locations": [location],
+                "locationInfo": [
+                    {"location": location, "zones": ["1", "2", "3"], "zoneDetails": []}
+                ],
+                "capabilities": [
+                    {"name": "vCPUs", "value": str(sku.vcpus)},
+                    {"name": "vCPUsAvailable", "value": str(sku.vcpus)},
+                    {"name": "MemoryGB", "value": str(sku.vcpus * 4)},
+                ],
+                "restrictions": restrictions,
+            }
+        )
+    return {"value": value}

@@ -30,7 +30,7 @@ from armsim.faults import Faults
 from armsim.scenario import ScaleSetSpec, Scenario
 from armsim.server import SimHTTPServer, make_certificates
 from armsim.throttling import Throttle
-from armsim.world import VMSS_TYPE, Caller, Operation, ScaleSetState, Vm, World
+from armsim.world import VMSS_TYPE, Caller, Operation, ScaleSetState, Vm, VmChange, World
 
 ARM_SCOPE = "https://management.azure.com/.default"
 
@@ -355,6 +355,19 @@ class ArmSim:
                 for op in self.world.operations.values()
             )
 
+    def history(self, scale_set_id: str | None = None) -> tuple[VmChange, ...]:
+        """The VM journal (created, provisioned, failed, health, deleting, deleted, power,
+        protection), oldest first; only changes after the start, optionally for one scale set
+        (its resource id, compared case-insensitively)."""
+        with self.world.lock:
+            self.world.settle(self.clock.now())
+            journal = list(self.world.journal)
+        self.flush_events()
+        if scale_set_id is None:
+            return tuple(journal)
+        wanted = scale_set_id.lower()
+        return tuple(change for change in journal if change.scale_set_id.lower() == wanted)
+
     def zone_room(self, location: str, sku: str, zone: str) -> int | None:
         """Free VM slots left for `sku` in a zone (None: unlimited)."""
         with self.world.lock:
@@ -604,7 +617,7 @@ class Actor:
             vm = self._vm(world, resource_group, name, instance_id)
             if vm.scale_set.health_monitoring == "none":
                 raise ValueError(f"{name} has no health monitoring; its VMs report no health")
-            vm.health = health
+            world.set_health(vm, health)
 
         self._run(act)
 
@@ -684,5 +697,6 @@ __all__ = [
     "ArmSim",
     "OperationView",
     "ScaleSetView",
+    "VmChange",
     "VmView",
 ]

@@ -67,6 +67,7 @@ CHARGES: Mapping[str, tuple[str, ...]] = {
     "vm.get": ("reads",),
     "vm.instance_view": ("reads",),
     "usage.list": ("reads",),
+    "sku.list": ("reads",),
     "operation.status": ("reads",),
     "operation.result": ("reads",),
     "vmss.create_or_update": ("writes", VMSS_ACTIONS.name),

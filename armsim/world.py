@@ -46,6 +46,26 @@ class Caller:
     client_ip: str = "127.0.0.1"
 
 
+@dataclass(frozen=True, slots=True)
+class VmChange:
+    """One entry of the VM journal: what happened to a VM, when, and who caused it."""
+
+    time: datetime
+    scale_set_id: str
+    instance_id: str
+    zone: str | None
+    change: str
+    """created, provisioned, failed, health, deleting, deleted, power, protection."""
+    value: str | None
+    """The new health, power state or failure code, where the change has one."""
+    health: str | None
+    """The VM's health at the time (after the change)."""
+    protected: bool
+    """Protected from scale-in or from scale set actions at the time."""
+    principal_id: str | None
+    """Caller of the operation behind the change (None for the platform's own steps)."""
+
+
 @dataclass(eq=False)
 class Vm:
     serial: int
@@ -188,6 +208,7 @@ class World:
         self.scale_sets: dict[str, ScaleSetState] = {}
         self.vms_by_group: dict[str, dict[str, Vm]] = {}
         self.operations: dict[str, Operation] = {}
+        self.journal: list[VmChange] = []
         self.skus: dict[str, SkuSpec] = {sku.name.lower(): sku for sku in scenario.skus}
         self.free: dict[tuple[str, str, str], int] = {}
         self.quota: dict[tuple[str, str], int] = {}
@@ -219,6 +240,29 @@ class World:
 
     def new_id(self) -> str:
         return str(uuid.UUID(int=self.random.getrandbits(128), version=4))
+
+    def note(
+        self,
+        vm: Vm,
+        change: str,
+        value: str | None = None,
+        principal_id: str | None = None,
+        at: datetime | None = None,
+    ) -> None:
+        """Add to the VM journal (runtime changes only, not the scenario's seeding)."""
+        self.journal.append(
+            VmChange(
+                time=at or self.now,
+                scale_set_id=vm.scale_set.resource_id,
+                instance_id=vm.instance_id,
+                zone=vm.zone,
+                change=change,
+                value=value,
+                health=vm.health,
+                protected=vm.protect_from_scale_in or vm.protect_from_scale_set_actions,
+                principal_id=principal_id,
+            )
+        )
 
     # --- seeding ------------------------------------------------------------------------
 
@@ -418,6 +462,22 @@ class World:
                 "or different zone. See https://aka.ms/azureskunotavailable for details.",
             )
 
+    def sku_catalog(self, location: str | None) -> list[tuple[SkuSpec, str]]:
+        """(size, location) pairs the `skus` list shows: every known size in every location."""
+        locations = {ss.location.lower(): ss.location for ss in self.scale_sets.values()}
+        locations |= {q_loc: q_loc for (q_loc, _family) in self.quota}
+        locations |= {room[0]: room[0] for room in self.free}
+        if location is not None:
+            locations = {location.lower(): location}
+        sizes = dict(self.skus)
+        for ss in self.scale_sets.values():
+            sizes.setdefault(ss.sku.lower(), self.sku(ss.sku))
+        return [
+            (size, name)
+            for size in sorted(sizes.values(), key=lambda s: s.name.lower())
+            for name in sorted(locations.values(), key=str.lower)
+        ]
+
     def usages(self, location: str) -> list[tuple[str, str, int, int]]:
         """(name, localized name, current vCPUs or count, limit) rows of `usages`."""
         loc = location.lower()
@@ -604,6 +664,7 @@ class World:
         if vm.failure is not None:
             vm.provisioning_state, vm.power_state, vm.health = "Failed", "stopped", None
             self._release(vm)
+            self.note(vm, "failed", vm.failure.code, at=at)
         else:
             vm.provisioning_state, vm.power_state = "Succeeded", "running"
             if ss.health_monitoring != "none":
@@ -614,14 +675,21 @@ class World:
                 elif fault is not None and fault.rule.kind == "unhealthy":
                     outcome = "unhealthy"
                 if outcome != "initializing":
-                    self.after(at, self.timings.health, lambda t: self._health(vm, outcome))
+                    self.after(at, self.timings.health, lambda t: self._health(vm, outcome, t))
+            self.note(vm, "provisioned", at=at)
         self._notify(vm, at)
 
-    def _health(self, vm: Vm, outcome: str) -> None:
+    def _health(self, vm: Vm, outcome: str, at: datetime) -> None:
         if vm.gone or vm.provisioning_state != "Succeeded" or vm.power_state != "running":
             return
         if vm.health == "initializing":
             vm.health = outcome
+            self.note(vm, "health", outcome, at=at)
+
+    def set_health(self, vm: Vm, health: str) -> None:
+        if vm.health != health:
+            vm.health = health
+            self.note(vm, "health", health)
 
     def start_delete(self, vm: Vm, op: Operation, at: datetime) -> None:
         """Deleting for the terminate notification delay plus the delete time, then gone."""
@@ -629,6 +697,7 @@ class World:
         if vm.provisioning_state == "Deleting":
             return
         vm.provisioning_state = "Deleting"
+        self.note(vm, "deleting", principal_id=op.caller.principal_id, at=at)
         self._notify(vm, at)
         seconds = (vm.scale_set.terminate_notification_seconds or 0) + self.timings.delete
         self.after(at, seconds, lambda t: self._gone(vm, t))
@@ -642,6 +711,7 @@ class World:
         ss.vms.pop(vm.instance_id.lower(), None)
         if ss.mode == "Flexible":
             self.vms_by_group.get(ss.resource_group.lower(), {}).pop(vm.name.lower(), None)
+        self.note(vm, "deleted", at=at)
         self._notify(vm, at)
 
     # --- scale set behaviours -----------------------------------------------------------
@@ -681,6 +751,7 @@ class World:
                 self._allocate(vm)
                 counts[chosen] = counts.get(chosen, 0) + 1
             self.wait_for(op, vm, "provisioned")
+            self.note(vm, "created", principal_id=op.caller.principal_id)
             self.after(self.now, self.timings.create, lambda at, vm=vm: self._provisioned(vm, at))
 
     @staticmethod
@@ -963,6 +1034,7 @@ class World:
             vm.protect_from_scale_in = bool(policy["protectFromScaleIn"])
         if "protectFromScaleSetActions" in policy:
             vm.protect_from_scale_set_actions = bool(policy["protectFromScaleSetActions"])
+        self.note(vm, "protection", principal_id=caller.principal_id)
         return self.begin(
             "write",
             f"{VMSS_TYPE}/virtualMachines/write",
@@ -998,10 +1070,12 @@ class World:
         )
         if vm.power_state != "deallocated":
             vm.power_state, vm.health = "deallocating", None
+            self.note(vm, "power", "deallocating", caller.principal_id)
 
             def done(at: datetime) -> None:
                 if not vm.gone and vm.power_state == "deallocating":
                     vm.power_state = "deallocated"
+                    self.note(vm, "power", "deallocated", at=at)
 
             self.after(self.now, self.timings.deallocate, done)
         return op
@@ -1015,7 +1089,8 @@ class World:
             vm.health = "initializing"
             outcome = vm.scale_set.new_vm_health
             if outcome != "initializing":
-                self.after(self.now, self.timings.health, lambda t: self._health(vm, outcome))
+                self.after(self.now, self.timings.health, lambda t: self._health(vm, outcome, t))
+        self.note(vm, "power", "running")
 
 
 def _allocation_failure(ss: ScaleSetState, zone: str | None) -> OperationFailure:
