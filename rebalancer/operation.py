@@ -679,6 +679,8 @@ def _scale_out_not_visible(
     deadline: datetime,
 ) -> Step:
     """Capacity still at the baseline: the scale-out was not applied (yet)."""
+    if view.busy and len(view.new) <= record.k and now < deadline:
+        return Step(record)  # an update runs: ours may show its VMs before its capacity
     if view.new:
         listed = ", ".join(i.id for i in view.new)
         detail = f"VMs {listed} appeared while capacity stayed at {record.baseline.capacity}"
@@ -687,8 +689,6 @@ def _scale_out_not_visible(
         return _finish(record, now, State.SUPERSEDED, Reason.STAND_DOWN, stand_down)
     if record.rejected is not None:
         return _finish(record, now, State.FAILED, Reason.SCALE_OUT_REJECTED, record.rejected)
-    if view.busy and now < deadline:
-        return Step(record)  # someone else's update, or ours not visible yet: let it finish
     if not _repeat_due(record, policy, now) and now < deadline:
         return Step(record)
     if record.attempts >= policy.max_attempts or now >= deadline:

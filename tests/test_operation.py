@@ -896,3 +896,18 @@ def test_armsim_autoscale_mid_operation_supersedes():
     )
     assert record.state is State.SUPERSEDED and record.outcome is Reason.CAPACITY_CHANGED
     assert deleted == [] and final.capacity == 10
+
+
+def test_new_vms_seen_before_the_capacity_during_an_update_are_waited_for():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    inventory = fleet.inventory(T0)
+    record, _ = start(inventory, assess(inventory), POLICY, T0, "op-1")
+    fleet.add(vm("100", "1", state="Creating", health=Health.NOT_REPORTED))
+    fleet.capacity, fleet.provisioning_state = 7, "Updating"
+    step = advance(record, fleet.inventory(T0), POLICY, T0 + timedelta(minutes=1))
+    assert step.record.state is State.SCALING_OUT and step.commands == ()
+    assert step.record.created == {"100": "1"}
+    fleet.provisioning_state = "Succeeded"  # settled, and still not our capacity: not ours
+    step = advance(step.record, fleet.inventory(T0), POLICY, T0 + timedelta(minutes=2))
+    assert step.record.state is State.SUPERSEDED
+    assert step.record.outcome is Reason.UNEXPECTED_INSTANCES
