@@ -1,0 +1,281 @@
+"""Notifications through the real EventGridPublisherClient to a loopback HTTPS receiver.
+
+The receiver speaks the Event Grid publish API as a basic topic with the CloudEvents 1.0 input
+schema does: `POST /api/events?api-version=...` with a `application/cloudevents-batch+json`
+body and an Entra ID bearer token, answering 200 with an empty body.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import trustme
+
+from rebalancer import notify
+from rebalancer import operation as op
+from rebalancer.compute.credentials import StaticTokenCredential
+from rebalancer.evaluator import assess
+from rebalancer.model import Inventory
+from rebalancer.notify import EventGridNotifier, EventType
+from rebalancer.reconciler import Verdict
+from rebalancer.settings import OptIn
+from tests.fleets import fleet, inventory, scale_set
+
+T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+TOKEN = "test-token-for-loopback"
+
+
+@dataclass
+class Received:
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: object
+
+
+@dataclass
+class Receiver:
+    """A loopback Event Grid topic. `statuses`: what to answer, in turn (then 200)."""
+
+    endpoint: str
+    ca_path: str
+    received: list[Received] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, str]:
+    authority = trustme.CA()
+    cert = authority.issue_cert("127.0.0.1", "localhost")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    ca_path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    authority.cert_pem.write_to_path(str(ca_path))
+    return context, str(ca_path)
+
+
+@pytest.fixture
+def receiver(tls: tuple[ssl.SSLContext, str]) -> Iterator[Receiver]:
+    context, ca_path = tls
+    state = Receiver(endpoint="", ca_path=ca_path)
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            raw = self.rfile.read(length)
+            url = urlsplit(self.path)
+            with lock:
+                state.received.append(
+                    Received(
+                        url.path,
+                        parse_qs(url.query),
+                        {k.lower(): v for k, v in self.headers.items()},
+                        json.loads(raw or b"null"),
+                    )
+                )
+                status = state.statuses.pop(0) if state.statuses else 200
+            body = b"" if status == 200 else b'{"error":{"code":"InternalServerError"}}'
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.timeout = 5
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    state.endpoint = f"https://127.0.0.1:{server.server_address[1]}/api/events"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def notifier_for(endpoint: str, ca_path: str, **options: object) -> EventGridNotifier:
+    sleeps: list[float] = []
+    defaults: dict[str, object] = {
+        "credential": StaticTokenCredential(TOKEN, endpoint),
+        "client_options": {"connection_verify": ca_path},
+        "timeout": 5.0,
+        "sleep": sleeps.append,
+    }
+    defaults.update(options)
+    return EventGridNotifier(endpoint, **defaults)  # type: ignore[arg-type]
+
+
+def imbalanced() -> Inventory:
+    """2/4/7 VMs in zones 1/2/3: two moves from zone 3 to zone 1."""
+    instances = fleet(("1", 2, 0), ("2", 4, 0), ("3", 7, 0))
+    return inventory(instances, replace(scale_set(), capacity=len(instances)))
+
+
+def started_record() -> tuple[op.OperationRecord, tuple[op.Command, ...]]:
+    observed = imbalanced()
+    return op.start(observed, assess(observed), op.OperationPolicy(), T0, "op-1")
+
+
+def notify_of(commands: tuple[op.Command, ...]) -> op.Notify:
+    return next(c for c in commands if isinstance(c, op.Notify))
+
+
+# -- building events --------------------------------------------------------------------
+
+
+def test_operation_started_event_names_the_moves_and_the_scale_set() -> None:
+    record, commands = started_record()
+    event = notify.for_operation(record, notify_of(commands))
+    assert event is not None
+    assert event.type is EventType.OPERATION_STARTED
+    assert event.type == "Rebalancer.OperationStarted"
+    assert event.source == record.scale_set_id
+    assert event.subject == "operations/op-1"
+    assert event.id == "op-1-scaling_out"
+    assert event.time == T0
+    assert event.data["reason"] == "scale_out_requested"
+    assert event.data["capacityBefore"] == 13
+    assert event.data["capacityTarget"] == 14
+    assert event.data["targetZones"] == ["1"]
+    assert event.data["moves"][0]["fromZone"] == "3"
+    assert "endedAt" not in event.data
+
+
+def test_terminal_events_carry_the_outcome_and_duration() -> None:
+    record, _ = started_record()
+    ended = T0 + timedelta(minutes=12)
+    superseded = op.advance(record, None, op.OperationPolicy(), ended)
+    event = notify.for_operation(superseded.record, notify_of(superseded.commands))
+    assert event is not None
+    assert event.type is EventType.OPERATION_SUPERSEDED
+    assert event.data["reason"] == "scale_set_deleted"
+    assert event.data["durationSeconds"] == 720
+    assert event.data["endedAt"] == ended.isoformat()
+    assert event.data["deleted"] == []
+    assert event.id == "op-1-superseded"
+
+
+def test_intermediate_steps_are_not_published() -> None:
+    record, _ = started_record()
+    assert notify.for_operation(record, op.Notify("operation.awaiting_health", "x")) is None
+    assert notify.for_operation(record, op.Notify("operation.rolling_back", "x")) is None
+
+
+def test_imbalance_and_backoff_events() -> None:
+    observed = imbalanced()
+    verdict = Verdict(assess(observed), OptIn.AUDIT)
+    event = notify.for_imbalance(verdict, T0)
+    assert event.type == "Rebalancer.ScaleSetImbalanced"
+    assert event.data["zones"]["3"] == {"total": 7, "active": 7}
+    assert event.data["decision"] == "move"
+    assert len(event.data["moves"]) == 2
+    assert notify.for_imbalance(verdict, T0).id == event.id  # same fact, same id
+    backoff = notify.for_backoff(
+        observed.scale_set.ref.id, "op-1", "WestEurope", "Standard_D2s_v5", "1", T0, failures=2
+    )
+    assert backoff.subject == "locations/westeurope/skus/standard_d2s_v5/zones/1"
+    assert backoff.data["failures"] == 2
+    assert backoff.id != event.id
+
+
+# -- publishing through the real client ---------------------------------------------------
+
+
+def test_publishes_a_cloud_event_with_a_bearer_token(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    record, commands = started_record()
+    notifier = notifier_for(receiver.endpoint, receiver.ca_path)
+    with caplog.at_level("WARNING"):
+        try:
+            notifier(record, notify_of(commands))
+        finally:
+            notifier.close()
+    assert "not a known attribute" not in caplog.text  # the SDK's noise about send options
+    assert len(receiver.received) == 1
+    request = receiver.received[0]
+    assert request.path == "/api/events"
+    assert request.query["api-version"] == ["2018-01-01"]
+    assert request.headers["authorization"] == f"Bearer {TOKEN}"
+    assert request.headers["content-type"].startswith("application/cloudevents-batch+json")
+    assert isinstance(request.body, list) and len(request.body) == 1
+    event = request.body[0]
+    assert event["specversion"] == "1.0"
+    assert event["type"] == "Rebalancer.OperationStarted"
+    assert event["source"] == record.scale_set_id
+    assert event["subject"] == "operations/op-1"
+    assert event["id"] == "op-1-scaling_out"
+    assert event["time"].startswith("2026-05-01T12:00:00")
+    assert event["datacontenttype"] == "application/json"
+    assert event["data"]["operationId"] == "op-1"
+    assert event["data"]["version"] == 1
+
+
+def test_a_failing_topic_is_retried_a_bounded_number_of_times(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.statuses = [500, 500]
+    notifier = notifier_for(receiver.endpoint, receiver.ca_path, attempts=3)
+    record, commands = started_record()
+    try:
+        assert notifier.publish(notify.for_operation(record, notify_of(commands))) is True
+    finally:
+        notifier.close()
+    assert len(receiver.received) == 3
+    assert notifier.sleep.__self__ == [0.5, 1.0]  # type: ignore[attr-defined]
+    assert len({json.dumps(r.body, sort_keys=True) for r in receiver.received}) == 1
+
+    receiver.received.clear()
+    receiver.statuses = [500] * 5
+    notifier = notifier_for(receiver.endpoint, receiver.ca_path, attempts=2)
+    with caplog.at_level("WARNING", logger="rebalancer.notify"):
+        try:
+            assert notifier.publish(notify.for_operation(record, notify_of(commands))) is False
+        finally:
+            notifier.close()
+    assert len(receiver.received) == 2
+    assert "could not publish Rebalancer.OperationStarted" in caplog.text
+    assert "dropped" in caplog.text
+
+
+def test_an_unreachable_topic_never_raises(tls: tuple[ssl.SSLContext, str]) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"https://127.0.0.1:{port}/api/events"
+    notifier = notifier_for(endpoint, tls[1], attempts=2, timeout=2.0)
+    record, commands = started_record()
+    try:
+        notifier(record, notify_of(commands))  # no exception
+        assert notifier.publish(notify.for_operation(record, notify_of(commands))) is False
+    finally:
+        notifier.close()
+
+
+def test_the_endpoint_must_be_https() -> None:
+    with pytest.raises(ValueError, match="must start with https://"):
+        EventGridNotifier("http://127.0.0.1:1/api/events")
+
+
+def test_default_credential_is_not_built_before_the_first_publish(
+    receiver: Receiver,
+) -> None:
+    notifier = EventGridNotifier(receiver.endpoint)
+    assert notifier.credential is None
+    assert notifier._client is None
