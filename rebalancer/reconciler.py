@@ -22,6 +22,7 @@ from rebalancer import operation as op
 from rebalancer.evaluator import Assessment, Decision, assess
 from rebalancer.model import Inventory, ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
+from rebalancer.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from rebalancer.compute import ComputeAdapter
@@ -126,6 +127,7 @@ class Reconciler:
     lease: timedelta = timedelta(minutes=5)
     new_operation_id: Callable[[], str] = field(default_factory=lambda: _operation_id)
     on_notify: Callable[[op.OperationRecord, op.Notify], None] | None = None
+    telemetry: Telemetry = field(default_factory=Telemetry)
 
     @property
     def policy(self) -> op.OperationPolicy:
@@ -342,6 +344,7 @@ class Reconciler:
                     balanced=a.balanced,
                 ),
             )
+            self.telemetry.assessment_changed(verdict, self.clock())
 
     def _start(
         self, ref: ScaleSetRef, inventory: Inventory, verdict: Verdict, lock: Lock
@@ -391,9 +394,10 @@ class Reconciler:
                     call = self.compute.delete_instances(ref, command.ids)
                     record = record.with_arm_call(_call_id("delete_instances", call))
                 elif isinstance(command, op.BackOffZone):
-                    self.store.record_capacity_failure(
+                    backoff = self.store.record_capacity_failure(
                         command.location, command.sku, command.zone, now
                     )
+                    self.telemetry.zone_backed_off(record, backoff, now)
                 elif isinstance(command, op.ClearZoneBackoff):
                     self.store.clear_backoff(command.location, command.sku, command.zone)
                 elif isinstance(command, op.Notify):
@@ -417,15 +421,18 @@ class Reconciler:
             error,
             extra=_dims(record.ref, operation=record.operation_id, error=str(error.kind)),
         )
+        if error.kind is ErrorKind.THROTTLED:
+            self.telemetry.throttled(record.scale_set_id, error.retry_after, type(command).__name__)
         if error.request_id:
             record = record.with_arm_call(f"failed:{error.request_id}")
         retryable = (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CONFLICT)
         if isinstance(command, op.SetCapacity) and error.kind not in retryable:
             if error.kind is ErrorKind.NO_CAPACITY:
                 for zone in [error.zone] if error.zone else record.target_zones:
-                    self.store.record_capacity_failure(
+                    backoff = self.store.record_capacity_failure(
                         record.location, record.sku, zone, self.clock()
                     )
+                    self.telemetry.zone_backed_off(record, backoff, self.clock())
             return op.scale_out_rejected(record, str(error), self.clock())
         return record
 
@@ -447,6 +454,7 @@ class Reconciler:
     def _log_step(self, before: op.OperationRecord | None, after: op.OperationRecord) -> None:
         if before is not None and before.state is after.state:
             return
+        self.telemetry.operation_changed(before, after)
         last = after.history[-1] if after.history else None
         log.info(
             "operation %s on %s: %s -> %s (%s) %s",
@@ -488,6 +496,7 @@ class Reconciler:
                 continue
             results.append(self._guarded(item.scale_set.ref, observed=item))
         self.store.save_assessment(AUDIT_MARKER, json.dumps({"at": now.isoformat()}), now)
+        self.telemetry.audited(results)
         return results
 
     def audit_due(self) -> bool:
@@ -496,12 +505,14 @@ class Reconciler:
 
     def _guarded(self, ref: ScaleSetRef, observed: Inventory | None = None) -> Result:
         """One scale set's failure (throttling, a transient error) never stops the pass."""
-        from rebalancer.compute.errors import AdapterError
+        from rebalancer.compute.errors import AdapterError, ErrorKind
 
         try:
             return self.reconcile(ref, observed=observed)
         except AdapterError as error:
             log.warning("%s deferred: %s", ref, error, extra=_dims(ref, error=str(error.kind)))
+            if error.kind is ErrorKind.THROTTLED:
+                self.telemetry.throttled(ref.id, error.retry_after, "reconcile")
             return Result(ref, Outcome.DEFERRED, detail=str(error))
 
 

@@ -1,122 +1,38 @@
-"""Notifications through the real EventGridPublisherClient to a loopback HTTPS receiver.
-
-The receiver speaks the Event Grid publish API as a basic topic with the CloudEvents 1.0 input
-schema does: `POST /api/events?api-version=...` with a `application/cloudevents-batch+json`
-body and an Entra ID bearer token, answering 200 with an empty body.
-"""
+"""Notifications through the real EventGridPublisherClient to a loopback HTTPS topic
+(tests/eventgrid_topic.py), and the events' shapes."""
 
 from __future__ import annotations
 
 import json
-import ssl
-import threading
+import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
-import trustme
 
 from rebalancer import notify
 from rebalancer import operation as op
-from rebalancer.compute.credentials import StaticTokenCredential
 from rebalancer.evaluator import assess
 from rebalancer.model import Inventory
 from rebalancer.notify import EventGridNotifier, EventType
 from rebalancer.reconciler import Verdict
 from rebalancer.settings import OptIn
+from tests.eventgrid_topic import TOKEN, Receiver, Tls, make_tls, notifier_for, running_topic
 from tests.fleets import fleet, inventory, scale_set
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
-TOKEN = "test-token-for-loopback"
-
-
-@dataclass
-class Received:
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    body: object
-
-
-@dataclass
-class Receiver:
-    """A loopback Event Grid topic. `statuses`: what to answer, in turn (then 200)."""
-
-    endpoint: str
-    ca_path: str
-    received: list[Received] = field(default_factory=list)
-    statuses: list[int] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, str]:
-    authority = trustme.CA()
-    cert = authority.issue_cert("127.0.0.1", "localhost")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(context)
-    ca_path = tmp_path_factory.mktemp("ca") / "ca.pem"
-    authority.cert_pem.write_to_path(str(ca_path))
-    return context, str(ca_path)
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    return make_tls(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
-def receiver(tls: tuple[ssl.SSLContext, str]) -> Iterator[Receiver]:
-    context, ca_path = tls
-    state = Receiver(endpoint="", ca_path=ca_path)
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", "0"))
-            raw = self.rfile.read(length)
-            url = urlsplit(self.path)
-            with lock:
-                state.received.append(
-                    Received(
-                        url.path,
-                        parse_qs(url.query),
-                        {k.lower(): v for k, v in self.headers.items()},
-                        json.loads(raw or b"null"),
-                    )
-                )
-                status = state.statuses.pop(0) if state.statuses else 200
-            body = b"" if status == 200 else b'{"error":{"code":"InternalServerError"}}'
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            return None
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    server.timeout = 5
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.daemon = True
-    thread.start()
-    state.endpoint = f"https://127.0.0.1:{server.server_address[1]}/api/events"
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def notifier_for(endpoint: str, ca_path: str, **options: object) -> EventGridNotifier:
-    sleeps: list[float] = []
-    defaults: dict[str, object] = {
-        "credential": StaticTokenCredential(TOKEN, endpoint),
-        "client_options": {"connection_verify": ca_path},
-        "timeout": 5.0,
-        "sleep": sleeps.append,
-    }
-    defaults.update(options)
-    return EventGridNotifier(endpoint, **defaults)  # type: ignore[arg-type]
+def receiver(tls: Tls) -> Iterator[Receiver]:
+    with running_topic(tls) as topic:
+        yield topic
 
 
 def imbalanced() -> Inventory:
@@ -252,9 +168,7 @@ def test_a_failing_topic_is_retried_a_bounded_number_of_times(
     assert "dropped" in caplog.text
 
 
-def test_an_unreachable_topic_never_raises(tls: tuple[ssl.SSLContext, str]) -> None:
-    import socket
-
+def test_an_unreachable_topic_never_raises(tls: Tls) -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
