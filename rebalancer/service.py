@@ -54,13 +54,27 @@ def utc_now() -> datetime:
 def build_runtime(env: Mapping[str, str]) -> Runtime:
     """The production wiring: app settings -> store, Compute adapter (managed identity)."""
     from rebalancer.compute import ArmConfig, ComputeAdapter
+    from rebalancer.notify import EventGridNotifier
     from rebalancer.reconciler import Reconciler
     from rebalancer.store import open_store
+    from rebalancer.telemetry import Telemetry
 
     settings = load_settings(env)
     store = open_store(env, table_prefix=settings.table_prefix)
     compute = ComputeAdapter(ArmConfig.from_settings(settings))
-    reconciler = Reconciler(settings=settings, store=store, compute=compute, clock=utc_now)
+    notifier = (
+        EventGridNotifier(settings.notify_topic_endpoint)
+        if settings.notify_topic_endpoint
+        else None
+    )
+    reconciler = Reconciler(
+        settings=settings,
+        store=store,
+        compute=compute,
+        clock=utc_now,
+        on_notify=notifier,
+        telemetry=Telemetry(notifier=notifier),
+    )
     return Runtime(settings, store, reconciler, utc_now)
 
 

@@ -193,3 +193,25 @@ def test_default_credential_is_not_built_before_the_first_publish(
     notifier = EventGridNotifier(receiver.endpoint)
     assert notifier.credential is None
     assert notifier._client is None
+
+
+def test_the_runtime_publishes_only_when_a_topic_is_configured() -> None:
+    from rebalancer.service import build_runtime
+
+    env = {
+        "REBALANCER_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000000",
+        "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+    }
+    plain = build_runtime(env)
+    assert plain.reconciler.on_notify is None
+    assert plain.reconciler.telemetry.notifier is None
+    endpoint = "https://topic.westeurope-1.eventgrid.azure.net/api/events"
+    wired = build_runtime({**env, "REBALANCER_NOTIFY_TOPIC_ENDPOINT": endpoint})
+    notifier = wired.reconciler.on_notify
+    assert isinstance(notifier, EventGridNotifier)
+    assert notifier.endpoint == endpoint
+    assert wired.reconciler.telemetry.notifier is notifier
+    assert notifier._client is None  # nothing is built or imported before the first event
+    for runtime in (plain, wired):
+        runtime.store.close()
+        runtime.reconciler.compute.close()
