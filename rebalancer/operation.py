@@ -117,6 +117,7 @@ class Reason(StrEnum):
     CAPACITY_CHANGED = "capacity_changed"
     UNEXPECTED_INSTANCES = "unexpected_instances"
     NEW_VM_REMOVED = "new_vm_removed"
+    OUTSIDE_DELETE = "outside_delete"
     SCALE_SET_DELETED = "scale_set_deleted"
     SCALE_SET_BUSY = "scale_set_busy"
     STAND_DOWN = "stand_down"
@@ -178,6 +179,10 @@ _REASONS: Mapping[Reason, str] = MappingProxyType(
         Reason.NEW_VM_REMOVED: (
             "A VM this operation created was deleted or is being deleted by someone else; the "
             "operation stops without deleting anything."
+        ),
+        Reason.OUTSIDE_DELETE: (
+            "A VM of the scale set is being deleted and this operation did not ask for it; "
+            "the operation stops without deleting anything, so deletes never add up."
         ),
         Reason.SCALE_SET_DELETED: "The scale set no longer exists.",
         Reason.SCALE_SET_BUSY: (
@@ -304,6 +309,8 @@ class Baseline:
     instance_ids: frozenset[str]
     healthy: int
     """Healthy active VMs at start; our deletes never take the set below this."""
+    deleting: frozenset[str] = frozenset()
+    """VMs already being deleted at start; any other VM seen deleting is someone's act."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +441,7 @@ def start(
         capacity=scale_set.capacity,
         instance_ids=frozenset(i.id for i in inventory.instances),
         healthy=sum(1 for i in inventory.instances if i.healthy),
+        deleting=frozenset(i.id for i in inventory.instances if i.deleting),
     )
     target = scale_set.capacity + k
     record = OperationRecord(
@@ -581,6 +589,16 @@ def _outside_change(
         listed = ", ".join(i.id for i in view.new)
         detail = f"{len(view.new)} VMs appeared ({listed}) where {record.k} were requested"
         return _finish(record, now, State.SUPERSEDED, Reason.UNEXPECTED_INSTANCES, detail)
+    known = record.baseline.deleting | set(record.delete_requested)
+    deleting = [
+        i.id
+        for i in view.inventory.instances
+        if i.deleting and i.id in record.baseline.instance_ids and i.id not in known
+    ]
+    if deleting:
+        # Not by this operation (as far as its record knows): never choose sources beside it.
+        detail = f"VM(s) {', '.join(deleting)} being deleted by someone else"
+        return _finish(record, now, State.SUPERSEDED, Reason.OUTSIDE_DELETE, detail)
     return None
 
 
@@ -1137,6 +1155,7 @@ def _encode(record: OperationRecord) -> dict[str, Any]:
         "baseline": {
             "capacity": record.baseline.capacity,
             "healthy": record.baseline.healthy,
+            "deleting": list(_sorted_ids(record.baseline.deleting)),
             **_encode_ids(record.baseline.instance_ids),
         },
         "target_capacity": record.target_capacity,
@@ -1178,6 +1197,7 @@ def _decode(doc: Mapping[str, Any]) -> OperationRecord:
             capacity=int(baseline["capacity"]),
             instance_ids=_decode_ids(baseline),
             healthy=int(baseline["healthy"]),
+            deleting=frozenset(baseline.get("deleting", ())),
         ),
         target_capacity=int(doc["target_capacity"]),
         scale_out_confirmed=bool(doc["scale_out_confirmed"]),

@@ -87,6 +87,9 @@ class Fleet:
     deleting_for: dict[str, int] = field(default_factory=dict)
     mode: OrchestrationMode = OrchestrationMode.UNIFORM
     tags: dict[str, str] = field(default_factory=dict)
+    capacity_drops_when_gone: bool = False
+    """Lower `sku.capacity` when a deleted VM is gone, not when its delete is requested."""
+    capacity_pending: set[str] = field(default_factory=set)
 
     @classmethod
     def of(cls, layout: dict[str, int], **kw: object) -> Fleet:
@@ -144,12 +147,12 @@ class Fleet:
             state = "Creating" if zone is not None else "Failed"
             zone = zone or self._fewest(self.zones)
             self.instances[vm_id] = vm(vm_id, zone, health=Health.NOT_REPORTED, state=state)
-        while self.capacity > capacity:  # a scale-in by someone else: highest id goes
-            victim = max(
-                (i for i in self.instances.values() if not i.deleting and not i.protected),
-                key=Instance.sort_id,
-            )
-            self.delete((victim.id,))
+        if self.capacity > capacity:  # a scale-in by someone else: highest ids go
+            candidates = [i for i in self.instances.values() if not i.deleting and not i.protected]
+            candidates.sort(key=Instance.sort_id, reverse=True)
+            victims = tuple(i.id for i in candidates[: self.capacity - capacity])
+            self.capacity = capacity
+            self.delete(victims, lowers_capacity=False)
 
     def _fewest(self, zones: tuple[str, ...]) -> str:
         counts = zone_counts(self.scale_set(), self.instances.values())
@@ -165,14 +168,17 @@ class Fleet:
             self.zone_room[zone] -= 1
         return zone
 
-    def delete(self, ids: tuple[str, ...]) -> None:
+    def delete(self, ids: tuple[str, ...], *, lowers_capacity: bool = True) -> None:
         for vm_id in ids:
             instance = self.instances.get(vm_id)
             if instance is None or instance.deleting:
                 continue
             self.instances[vm_id] = replace(instance, provisioning_state="Deleting")
             self.deleting_for[vm_id] = self.delete_ticks
-            self.capacity -= 1
+            if lowers_capacity and self.capacity_drops_when_gone:
+                self.capacity_pending.add(vm_id)
+            elif lowers_capacity:
+                self.capacity -= 1
 
     def tick(self) -> None:
         for vm_id, instance in list(self.instances.items()):
@@ -181,6 +187,9 @@ class Fleet:
                 if self.deleting_for[vm_id] <= 0:
                     del self.instances[vm_id]
                     del self.deleting_for[vm_id]
+                    if vm_id in self.capacity_pending:
+                        self.capacity_pending.discard(vm_id)
+                        self.capacity -= 1
             elif instance.provisioning_state == "Creating":
                 self.instances[vm_id] = replace(
                     instance, provisioning_state="Succeeded", health=Health.INITIALIZING
@@ -911,3 +920,24 @@ def test_new_vms_seen_before_the_capacity_during_an_update_are_waited_for():
     step = advance(step.record, fleet.inventory(T0), POLICY, T0 + timedelta(minutes=2))
     assert step.record.state is State.SUPERSEDED
     assert step.record.outcome is Reason.UNEXPECTED_INSTANCES
+
+
+def test_a_delete_the_record_does_not_know_about_is_never_added_to():
+    # Capacity that drops only once a VM is gone hides a delete in flight; a record that lost
+    # its last step (or any actor deleting a VM) must not lead to a second source delete.
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3}, capacity_drops_when_gone=True, delete_ticks=3)
+    run = Run(fleet)
+    record = run.start()
+    while record.state is not State.SCALING_IN:
+        fleet.tick()
+        run.now += timedelta(minutes=5)
+        record = run.step(record).record
+    lost = advance(record, fleet.inventory(run.now), POLICY, run.now)
+    (source,) = lost.record.sources
+    fleet.apply(lost.commands)  # the delete ran; its record never made it to storage
+    fleet.tick()
+    later = run.now + timedelta(minutes=5)
+    assert fleet.capacity == 8 and fleet.instances[source].deleting
+    step = advance(record, fleet.inventory(later), POLICY, later)
+    assert step.record.state is State.SUPERSEDED and step.record.outcome is Reason.OUTSIDE_DELETE
+    assert not [c for c in step.commands if isinstance(c, DeleteInstances)]

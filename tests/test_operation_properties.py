@@ -67,6 +67,7 @@ def fleets(draw: st.DrawFn) -> Fleet:
     fleet.never_healthy = draw(st.sets(st.sampled_from([str(n) for n in range(100, 104)])))
     fleet.terminate_notification = draw(st.sampled_from([None, timedelta(minutes=10)]))
     fleet.delete_ticks = draw(st.integers(1, 4))
+    fleet.capacity_drops_when_gone = draw(st.booleans())
     return fleet
 
 
@@ -282,3 +283,41 @@ def test_repeating_a_lost_delete_is_safe_whatever_changed_meanwhile(fleet, polic
     step = advance(record, observation, policy, now)
     check_step(record, observation, step, policy, now)
     event(f"after the lost delete: {step.record.state.value} ({step.record.outcome})")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(fleet=fleets(), policy=policies, data=st.data())
+def test_crashes_anywhere_never_add_up_to_an_unsafe_end(fleet, policy, data):
+    """Crashes alone (no outside actors), at any step, in either place: when the operation has
+    ended, no more original VMs are gone than new VMs remain beside them, and the scale set
+    has at least as many healthy VMs as at the start."""
+    inventory = fleet.inventory(T0)
+    assessment = assess(inventory)
+    assume(assessment.moves)
+    healthy_before = fleet.healthy()
+    record, commands = start(inventory, assessment, policy, T0, "op-p")
+    if data.draw(st.booleans(), label="first scale-out lost"):
+        commands = ()
+    fleet.apply(commands)
+    now = T0
+    for _ in range(400):
+        fleet.tick()
+        now += timedelta(minutes=data.draw(st.sampled_from([1, 5, 20]), label="minutes"))
+        observation = fleet.inventory(now)
+        step = advance(record, observation, policy, now)
+        check_step(record, observation, step, policy, now)
+        crash = data.draw(st.sampled_from(["none"] * 4 + ["before", "after"]), label="crash")
+        if crash != "before":
+            fleet.apply(step.commands)
+        if crash != "after":
+            record = step.record
+        if record.state.terminal:
+            break
+    assert record.state.terminal, record.history[-3:]
+    for _ in range(20):  # let requested deletes finish
+        fleet.tick()
+    originals_gone = record.baseline.instance_ids - set(fleet.instances) - record.baseline.deleting
+    new_remaining = [vm_id for vm_id in fleet.instances if vm_id in record.created]
+    assert len(originals_gone) <= len(new_remaining)
+    assert fleet.healthy() >= healthy_before
+    event(f"ended {record.state.value} ({record.outcome})")
