@@ -1,0 +1,180 @@
+"""`python -m rebalancer demo` as a user runs it: a subprocess, its JSON summary, and what it
+leaves behind (nothing: no process, no listening port, no temporary file), also when it is
+interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rebalancer.demo import describe_verdict, is_balanced
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTED = re.compile(
+    r"Started Azurite on 127\.0\.0\.1:(\d+) and armsim on https://127\.0\.0\.1:(\d+)"
+)
+FIRST_MOVE = "operation scaling_out"
+
+pytestmark = pytest.mark.integration
+
+
+def demo(tmp: Path, *args: str) -> subprocess.Popen[str]:
+    """The demo in its own temporary directory (TMPDIR), to check that it empties it."""
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+    env.pop("COLUMNS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rebalancer", "demo", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def lines_of(stream: Any) -> queue.Queue[str | None]:
+    """Read a pipe on a thread, so that waiting for a line can time out."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def wait_for(lines: queue.Queue[str | None], pattern: str, seen: list[str]) -> re.Match[str]:
+    while True:
+        try:
+            line = lines.get(timeout=60)
+        except queue.Empty:
+            pytest.fail(f"no line matching {pattern!r} within 60 s; got: {''.join(seen)}")
+        if line is None:
+            pytest.fail(f"the demo ended before printing {pattern!r}: {''.join(seen)}")
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def processes_in(directory: Path) -> list[str]:
+    """Processes whose working directory is inside `directory` (Azurite runs in TMPDIR)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cwd = (proc / "cwd").readlink()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if cwd == directory or directory in cwd.parents:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def assert_nothing_left(tmp: Path, ports: tuple[int, ...]) -> None:
+    assert ports and all(not listening(port) for port in ports), ports
+    assert processes_in(tmp) == []
+    assert sorted(p.name for p in tmp.iterdir()) == []
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Iterator[Path]:
+    directory = tmp_path / "tmp"
+    directory.mkdir()
+    yield directory
+
+
+def test_the_demo_balances_what_it_may_and_leaves_the_rest_alone(tmp):
+    process = demo(tmp, "--json")
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert stdout.count("\n") == 1, "stdout holds exactly one JSON document"
+    summary = json.loads(stdout)
+    sets = {item["id"].rsplit("/", 1)[-1]: item for item in summary["scaleSets"]}
+    assert set(sets) == {"web", "api", "batch", "cache"}
+    for item in sets.values():
+        assert set(item) >= {"id", "before", "after", "balanced", "mode", "operations"}
+        assert item["balanced"] == is_balanced(item["after"])
+        assert sum(item["after"].values()) == sum(item["before"].values())
+    enforced = [item for item in sets.values() if item["mode"] == "enforce"]
+    assert {s["id"].rsplit("/", 1)[-1] for s in enforced} == {"web", "api", "cache"}
+    assert all(item["balanced"] for item in enforced)
+    # the scale-out into a full zone and the imbalanced Flexible set were fixed by moves
+    assert sets["web"]["before"] == {"1": 3, "2": 6, "3": 6}
+    assert not is_balanced(sets["api"]["before"])
+    for name in ("web", "api"):
+        operations = sets[name]["operations"]
+        assert operations and all(o["state"] == "succeeded" for o in operations)
+        assert sum(o["moves"] for o in operations) == 2
+    # the untagged set is reported, never changed; the balanced one is left alone
+    assert sets["batch"]["mode"] == "audit"
+    assert sets["batch"]["before"] == sets["batch"]["after"] == {"1": 1, "2": 1, "3": 4}
+    assert sets["batch"]["operations"] == []
+    assert sets["cache"]["operations"] == []
+    # the protected VMs are still there
+    protected = sets["api"]["protected"]
+    assert len(protected["before"]) == 2
+    assert protected["after"] == protected["before"]
+    ports = tuple(int(port) for port in STARTED.search(stderr).groups())
+    assert_nothing_left(tmp, ports)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_demo_stops_what_it_started(tmp, signum):
+    process = demo(tmp, "--json", "--pace", "0.3")
+    seen: list[str] = []
+    try:
+        lines = lines_of(process.stderr)
+        ports = tuple(int(port) for port in wait_for(lines, STARTED.pattern, seen).groups())
+        assert all(listening(port) for port in ports)
+        wait_for(lines, FIRST_MOVE, seen)  # well inside the run: servers up, calls in flight
+        process.send_signal(signum)
+        stdout = process.stdout.read()
+        process.wait(timeout=30)
+        while (line := lines.get(timeout=10)) is not None:
+            seen.append(line)
+    finally:
+        process.kill()
+    assert process.returncode == 130, "".join(seen)
+    assert stdout == ""
+    assert "interrupted" in seen[-1]
+    assert_nothing_left(tmp, ports)
+
+
+def test_verdicts_read_as_plain_words():
+    assert describe_verdict(None) == "not assessed yet"
+    assert describe_verdict("{not json") == "not assessed yet"
+    body = json.dumps({"balanced": False, "decision": "wait", "reason": "cooldown", "detail": ""})
+    assert "cooldown" in describe_verdict(body)
+    body = json.dumps(
+        {"balanced": False, "decision": "skip", "reason": "no_eligible_source", "detail": "x"}
+    )
+    assert describe_verdict(body) == "skip (no eligible source): x"
