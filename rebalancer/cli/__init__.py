@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("plan", "audit", "demo")
+COMMANDS = ("plan", "audit", "demo", "status")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -1,0 +1,414 @@
+"""`rebalancer status`: what the rebalancer is doing now and what it did, from Table Storage.
+
+Reads only the app's tables (never Azure Compute): operations in flight with their state, age
+and next step; recent finished operations per scale set; zones backed off for lack of
+capacity. `--scale-set ID` shows one scale set's full history, with every step and the ARM
+request ids of its calls, and the last assessment (why it did or did not move).
+
+Storage, first match wins: `--connection-string`, `--table-endpoint` (identity-based, with
+`DefaultAzureCredential`: `az login` works), else the app's own settings
+(`AzureWebJobsStorage`, `AzureWebJobsStorage__tableServiceUri`; `UseDevelopmentStorage=true`
+is Azurite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from rebalancer.cli import EXIT_FAILURE, EXIT_OK, CliError
+
+if TYPE_CHECKING:
+    from rebalancer.operation import OperationRecord
+    from rebalancer.store import OperationRow, Store, ZoneBackoff
+
+PREFIX_ENV = "REBALANCER_STATE_TABLE_PREFIX"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        help="show in-flight operations, recent history and zone backoffs (from Table Storage)",
+        description=(
+            "Read the rebalancer's Table Storage state: operations in flight (state, age, next "
+            "step), recent finished operations per scale set, and zones backed off for lack "
+            "of capacity. With --scale-set, one scale set's full history with every step and "
+            "the ARM request ids of its calls. Changes nothing."
+        ),
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--connection-string",
+        metavar="CS",
+        help="storage connection string (default: $AzureWebJobsStorage; "
+        "UseDevelopmentStorage=true is Azurite)",
+    )
+    where.add_argument(
+        "--table-endpoint",
+        metavar="URL",
+        help="https://<account>.table.core.windows.net, read with DefaultAzureCredential "
+        "(needs Storage Table Data Reader)",
+    )
+    parser.add_argument(
+        "--table-prefix",
+        metavar="PREFIX",
+        help=f"table name prefix (default: ${PREFIX_ENV} or rebalancer)",
+    )
+    parser.add_argument(
+        "--scale-set", metavar="ID", help="one scale set's full history (its resource id)"
+    )
+    parser.add_argument(
+        "--days",
+        type=float,
+        default=7.0,
+        metavar="N",
+        help="recent history: operations that finished in the last N days (default 7)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="at most N operations per scale set (default 10; with --scale-set: 100)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of tables"
+    )
+    parser.set_defaults(handler=run)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def open_status_store(args: argparse.Namespace, env: Mapping[str, str]) -> Store:
+    from rebalancer.store import StorageConnection, Store, StoreConfigError, open_store
+
+    prefix = args.table_prefix or env.get(PREFIX_ENV, "").strip() or "rebalancer"
+    options: dict[str, Any] = {"retry_total": 1, "connection_timeout": 10, "read_timeout": 30}
+    try:
+        if args.connection_string:
+            connection = StorageConnection("--connection-string", args.connection_string)
+            return Store(connection, table_prefix=prefix, **options)
+        if args.table_endpoint:
+            if not args.table_endpoint.lower().startswith("https://"):
+                raise CliError(
+                    f"--table-endpoint {args.table_endpoint!r} must start with https:// "
+                    "(e.g. https://<account>.table.core.windows.net)"
+                )
+            connection = StorageConnection(
+                "--table-endpoint", table_service_uri=args.table_endpoint.rstrip("/")
+            )
+            return Store(connection, table_prefix=prefix, **options)
+        return open_store(env, table_prefix=prefix, **options)
+    except StoreConfigError as error:
+        raise CliError(
+            f"{error} (or pass --connection-string / --table-endpoint to `status`)"
+        ) from error
+
+
+def recent_finished(store: Store, since: datetime, limit: int) -> list[OperationRow]:
+    """Finished operations of every scale set that ended after `since` (newest first)."""
+    # The store has no public query across scale sets yet; this reads its history table
+    # the way `Store.history` does, by FinishedAt instead of by partition.
+    from rebalancer.store import _translated
+
+    with _translated("list recent operations"):
+        entities = store._query("history", "FinishedAt ge @since", {"since": since}, limit=limit)
+    rows = [store._operation(entity) for entity in entities]
+    return sorted(rows, key=lambda row: row.updated_at, reverse=True)
+
+
+# -- the report (pure) -----------------------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _age(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    return f"{hours // 24} d {hours % 24} h"
+
+
+def _record(row: OperationRow) -> OperationRecord | None:
+    from rebalancer.operation import OperationRecord
+
+    try:
+        return OperationRecord.from_json(row.body)
+    except ValueError:
+        return None
+
+
+def operation_summary(row: OperationRow, now: datetime, *, full: bool = False) -> dict[str, Any]:
+    """One operation for the report; `full` adds every step, the VMs and the ARM request ids."""
+    from rebalancer.operation import describe
+
+    record = _record(row)
+    started = row.created_at or row.updated_at
+    summary: dict[str, Any] = {
+        "scaleSetId": record.scale_set_id if record else row.scale_set_key,
+        "operationId": row.operation_id,
+        "state": row.state,
+        "startedAt": _iso(started),
+        "updatedAt": _iso(row.updated_at),
+        "ageSeconds": round((now - started).total_seconds()),
+    }
+    if record is None:
+        summary["error"] = "the stored record cannot be read by this version"
+        return summary
+    summary |= {
+        "moves": [
+            {"fromZone": m.from_zone, "toZone": m.to_zone, "source": m.source} for m in record.moves
+        ],
+        "targetZones": list(record.target_zones),
+        "capacity": {"before": record.baseline.capacity, "target": record.target_capacity},
+    }
+    if record.active:
+        summary["nextStep"] = describe(record, now)
+    else:
+        summary |= {
+            "endedAt": _iso(record.updated_at),
+            "durationSeconds": round((record.updated_at - record.created_at).total_seconds()),
+            "outcome": record.outcome.value if record.outcome else None,
+            "detail": record.outcome_detail,
+            "description": record.outcome.describe() if record.outcome else "",
+        }
+    if full:
+        summary |= {
+            "steps": [
+                {
+                    "at": _iso(t.at),
+                    "state": t.state.value,
+                    "reason": t.reason.value,
+                    "detail": t.detail,
+                }
+                for t in record.history
+            ],
+            "created": dict(record.created),
+            "kept": list(record.kept),
+            "sources": list(record.sources),
+            "deleteRequested": sorted(record.delete_requested),
+            "armCalls": list(record.arm_calls),
+        }
+    return summary
+
+
+def backoff_summary(backoff: ZoneBackoff) -> dict[str, Any]:
+    return {
+        "location": backoff.location,
+        "sku": backoff.sku,
+        "zone": backoff.zone,
+        "failures": backoff.failures,
+        "lastFailureAt": _iso(backoff.last_failure_at),
+        "until": _iso(backoff.until),
+    }
+
+
+def build_status(
+    active: Sequence[OperationRow],
+    finished: Sequence[OperationRow],
+    backoffs: Sequence[ZoneBackoff],
+    now: datetime,
+    *,
+    per_scale_set: int = 10,
+) -> dict[str, Any]:
+    """The subscription-wide report: in flight, recent history grouped by scale set, backoffs."""
+    history: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted(finished, key=lambda r: r.updated_at, reverse=True):
+        summary = operation_summary(row, now)
+        entries = history.setdefault(summary["scaleSetId"], [])
+        if len(entries) < per_scale_set:
+            entries.append(summary)
+    return {
+        "at": now.isoformat(),
+        "inFlight": [
+            operation_summary(row, now) for row in sorted(active, key=lambda r: r.updated_at)
+        ],
+        "history": history,
+        "backoffs": [backoff_summary(b) for b in sorted(backoffs, key=lambda b: b.until)],
+    }
+
+
+def build_scale_set_status(
+    scale_set_id: str,
+    rows: Sequence[OperationRow],
+    assessment: Mapping[str, Any] | None,
+    assessed_at: datetime | None,
+    now: datetime,
+) -> dict[str, Any]:
+    return {
+        "at": now.isoformat(),
+        "scaleSetId": scale_set_id,
+        "lastAssessment": (
+            {"at": _iso(assessed_at), **assessment} if assessment is not None else None
+        ),
+        "operations": [operation_summary(row, now, full=True) for row in rows],
+    }
+
+
+# -- printing --------------------------------------------------------------------------------
+
+
+def _short(scale_set_id: str) -> str:
+    from rebalancer.model import ScaleSetRef
+
+    try:
+        ref = ScaleSetRef.parse(scale_set_id)
+    except ValueError:
+        return scale_set_id
+    return f"{ref.resource_group}/{ref.name}"
+
+
+def _when(text: str | None) -> str:
+    if not text:
+        return "-"
+    return datetime.fromisoformat(text).astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def print_status(report: Mapping[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    in_flight = Table(title="Operations in flight", title_justify="left", expand=True)
+    for column in ("scale set", "operation", "state", "age"):
+        in_flight.add_column(column, no_wrap=True)
+    in_flight.add_column("next step", ratio=1)
+    for op in report["inFlight"]:
+        in_flight.add_row(
+            _short(op["scaleSetId"]),
+            op["operationId"][:12],
+            op["state"],
+            _age(op["ageSeconds"]),
+            op.get("nextStep", op.get("error", "")),
+        )
+    console.print(in_flight if report["inFlight"] else "No operation in flight.")
+
+    history = Table(title="Recent operations", title_justify="left", expand=True)
+    for column in ("scale set", "operation", "ended", "state", "took"):
+        history.add_column(column, no_wrap=True)
+    history.add_column("outcome", ratio=1)
+    for scale_set_id, ops in report["history"].items():
+        for op in ops:
+            history.add_row(
+                _short(scale_set_id),
+                op["operationId"][:12],
+                _when(op.get("endedAt")),
+                op["state"],
+                _age(op.get("durationSeconds", 0)),
+                f"{op.get('outcome') or ''}: {op.get('detail') or ''}".strip(": "),
+            )
+    console.print(history if report["history"] else "No finished operation in the period.")
+
+    backoffs = Table(title="Zones backed off (no capacity)", title_justify="left")
+    for column in ("location", "size", "zone", "failures", "until"):
+        backoffs.add_column(column)
+    for b in report["backoffs"]:
+        backoffs.add_row(b["location"], b["sku"], b["zone"], str(b["failures"]), _when(b["until"]))
+    console.print(backoffs if report["backoffs"] else "No zone is backed off.")
+
+
+def print_scale_set_status(report: Mapping[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    console.print(f"[bold]{report['scaleSetId']}[/bold]")
+    assessment = report["lastAssessment"]
+    if assessment is None:
+        console.print("Never assessed (or the assessment was purged).")
+    else:
+        zones = "  ".join(
+            f"{z}: {c.get('total')}/{c.get('active')}"
+            for z, c in (assessment.get("zones") or {}).items()
+        )
+        console.print(
+            f"Last assessment {_when(assessment['at'])}: zones total/active {zones}; "
+            f"decision [bold]{assessment.get('decision')}[/bold] "
+            f"({assessment.get('reason')}) {assessment.get('detail', '')}"
+        )
+    if not report["operations"]:
+        console.print("No operation recorded.")
+    for op in report["operations"]:
+        title = (
+            f"Operation {op['operationId']}: {op['state']}, started {_when(op['startedAt'])}"
+            + (f", ended {_when(op.get('endedAt'))}" if op.get("endedAt") else "")
+        )
+        steps = Table(title=title, title_justify="left", expand=True)
+        for column in ("at", "state", "reason"):
+            steps.add_column(column, no_wrap=True)
+        steps.add_column("detail", ratio=1)
+        for step in op.get("steps", ()):
+            steps.add_row(_when(step["at"]), step["state"], step["reason"], step["detail"])
+        console.print(steps)
+        if op.get("nextStep"):
+            console.print(f"Next: {op['nextStep']}")
+        if op.get("description"):
+            console.print(f"Outcome: {op['description']}")
+        if op.get("armCalls"):
+            console.print("ARM calls (request/correlation ids): " + ", ".join(op["armCalls"]))
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def run(
+    args: argparse.Namespace,
+    env: Mapping[str, str] | None = None,
+    now: datetime | None = None,
+) -> int:
+    from rebalancer.model import ScaleSetRef
+    from rebalancer.store import StoreError
+
+    env = os.environ if env is None else env
+    now = now or datetime.now(UTC)
+    if args.limit is not None and args.limit < 1:
+        raise CliError(f"--limit must be at least 1, got {args.limit}")
+    if args.days <= 0:
+        raise CliError(f"--days must be more than 0, got {args.days}")
+    ref = None
+    if args.scale_set:
+        try:
+            ref = ScaleSetRef.parse(args.scale_set)
+        except ValueError as error:
+            raise CliError(
+                f"--scale-set {args.scale_set!r} is not a scale set resource id "
+                "(/subscriptions/.../resourceGroups/.../providers/Microsoft.Compute/"
+                "virtualMachineScaleSets/NAME)"
+            ) from error
+    store = open_status_store(args, env)
+    try:
+        with store:
+            if ref is not None:
+                rows = store.history(ref.key, limit=args.limit or 100)
+                stored = store.last_assessment(ref.key)
+                assessment = json.loads(stored.body) if stored is not None else None
+                report = build_scale_set_status(
+                    ref.id, rows, assessment, stored.at if stored else None, now
+                )
+            else:
+                since = now - timedelta(days=args.days)
+                report = build_status(
+                    store.active_operations(),
+                    recent_finished(store, since, limit=1000),
+                    store.backoffs(now),
+                    now,
+                    per_scale_set=args.limit or 10,
+                )
+    except StoreError as error:
+        raise CliError(f"Table Storage: {error}", EXIT_FAILURE) from error
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif ref is not None:
+        print_scale_set_status(report)
+    else:
+        print_status(report)
+    return EXIT_OK
