@@ -24,8 +24,7 @@ $(CHECKOV_STAMP): infra/requirements-checkov.txt
 	touch $(CHECKOV_STAMP)
 
 demo: setup
-	@echo "demo: the end-to-end demo is not built yet; showing 'rebalancer plan' on a shipped example (examples/uniform-2-4-7)."
-	$(PY) -m rebalancer plan --scale-set examples/uniform-2-4-7/vmss.json --instances examples/uniform-2-4-7/instances.json
+	$(PY) -m rebalancer demo
 
 lint: setup
 	$(PY) -m ruff check .

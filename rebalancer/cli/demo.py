@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections import deque
@@ -22,9 +23,10 @@ from rebalancer.cli import EXIT_FAILURE, EXIT_OK, CliError
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-    from rebalancer.demo import Endpoints, Frame, SetView, Summary
+    from rebalancer.demo import Endpoints, Frame, SetSummary, SetView, Summary
 
 EXIT_INTERRUPTED = 130
+LOG_WIDTH = 120
 LIVE_PACE = 0.5
 """Real seconds per tick when someone watches the live view."""
 
@@ -100,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.pace is not None and not 0 <= args.pace <= 10:
         raise CliError(f"--pace must be between 0 and 10 seconds, got {args.pace}")
     console = Console(stderr=args.json, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = LOG_WIDTH  # a log file or CI output, not an 80-column screen
     live = console.is_terminal and not args.plain
     pace = args.pace if args.pace is not None else (LIVE_PACE if live else 0.0)
     view = LiveView(console) if live else PlainView(console)
@@ -296,32 +300,22 @@ def legend() -> Any:
     return text
 
 
-def story(item: Any) -> str:
-    """What happened to one scale set, in a sentence."""
-    moved = sum(o.moves for o in item.operations)
-    failed = [o for o in item.operations if o.state != "succeeded"]
-    kept = (
-        f"; its {len(item.protected_before)} protected VMs were never touched"
-        if item.protected_before and set(item.protected_before) <= set(item.protected_after)
-        else ""
-    )
+def story(item: SetSummary) -> str:
+    """What happened to one scale set, in a few words."""
     if item.mode == "audit":
-        return (
-            "not opted in: reported as out of balance and left exactly as it was"
-            if not item.balanced
-            else "not opted in: reported only"
-        )
+        return "not opted in: reported, never changed"
     if item.mode == "disabled":
         return "opted out: left alone"
     if not item.operations:
-        return "already balanced: left alone" if item.balanced else "not balanced: no move ran"
-    text = (
-        f"{moved} VM(s) moved in {len(item.operations)} operation(s), each new VM healthy "
-        "before its source was deleted"
-    )
+        return "already balanced: left alone" if item.balanced else "no move could start"
+    moved = sum(o.moves for o in item.operations)
+    text = f"{moved} VM(s) moved, each new VM healthy before its source was deleted"
+    failed = [o.state for o in item.operations if o.state != "succeeded"]
     if failed:
-        text += f" ({len(failed)} operation(s) did not succeed: see docs/operations.md)"
-    return text + kept
+        text += f"; {len(failed)} operation(s) ended {', '.join(sorted(set(failed)))}"
+    if item.protected_before and set(item.protected_before) <= set(item.protected_after):
+        text += f"; its {len(item.protected_before)} protected VMs kept"
+    return text
 
 
 def print_summary(console: Console, summary: Summary) -> None:
