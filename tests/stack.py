@@ -1,23 +1,31 @@
 """The whole stack on loopback for integration tests: armsim + Azurite + a Reconciler.
 
+`running_stack(scenario, store)` starts armsim and wires a reconciler to it; `Drive(stack)`
+reconciles every opted-in scale set once per tick, checks the invariants (tests/invariants.py)
+and moves virtual time on, until the fleet settles.
+
 Real clients throughout: azure-mgmt-compute talks HTTPS to armsim, azure-data-tables talks to
 Azurite. Time is armsim's virtual clock, so a 90-minute health timeout runs in milliseconds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from armsim import ArmSim, Scenario
 from armsim.testing import ARM_SCOPE
 from rebalancer.compute import ArmConfig, ComputeAdapter
 from rebalancer.compute.clock import VirtualTime
-from rebalancer.reconciler import Reconciler
+from rebalancer.compute.errors import AdapterError, ErrorKind
+from rebalancer.model import ScaleSetRef
+from rebalancer.operation import OperationRecord, State
+from rebalancer.reconciler import Outcome, Reconciler, Result
 from rebalancer.settings import Settings, load_settings
 from rebalancer.store import Store
+from tests.invariants import Invariants
 
 
 @dataclass
@@ -68,3 +76,109 @@ def running_stack(scenario: Scenario, store: Store, **env: str) -> Iterator[Stac
             yield Stack(sim, store, compute, settings)
         finally:
             compute.close()
+
+
+@dataclass
+class Drive:
+    stack: Stack
+    step: float = 30.0
+    names: tuple[tuple[str, str], ...] = ()
+    """(resource group, name) of the sets to reconcile; default: every set tagged enabled."""
+    reconciler: Reconciler | None = None
+    checker: Invariants | None = None
+    single_scale_out: bool = True
+    results: list[Result] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            self.names = tuple(
+                (v.resource_group, v.name)
+                for v in self.stack.sim.state
+                if v.tags.get("zone-rebalance", "").lower() == "enabled"
+            )
+        self.refs = {
+            name: ScaleSetRef.parse(self.stack.sim.scale_set(*name).id) for name in self.names
+        }
+        if self.reconciler is None:
+            self.reconciler = self.stack.reconciler()
+        if self.checker is None:
+            self.checker = Invariants.watch(self.stack.sim, self.stack.store, self.stack.settings)
+
+    def ref(self, name: str = "web", resource_group: str = "rg-web") -> ScaleSetRef:
+        return self.refs[(resource_group, name)]
+
+    def check(self, where: str = "", **options: Any) -> list[OperationRecord]:
+        assert self.checker is not None
+        options.setdefault("single_scale_out", self.single_scale_out)
+        return self.checker.check(where, **options)
+
+    def tick(self) -> list[Result]:
+        assert self.reconciler is not None
+        results = [self._reconcile(ref) for ref in self.refs.values()]
+        self.results += results
+        self.check(f"at {self.stack.sim.clock.now().isoformat()}")
+        self.stack.sim.advance(self.step)
+        return results
+
+    def _reconcile(self, ref: ScaleSetRef) -> Result:
+        """One call as a trigger makes it: throttling or a transient error defers it (the
+        service lets Event Grid deliver again); anything else fails the test."""
+        assert self.reconciler is not None
+        try:
+            return self.reconciler.reconcile(ref)
+        except AdapterError as error:
+            if error.kind not in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CONFLICT):
+                raise
+            return Result(ref, Outcome.DEFERRED, detail=str(error))
+
+    def until(self, done: Callable[[], bool], *, ticks: int = 100, what: str = "") -> int:
+        for count in range(1, ticks + 1):
+            self.tick()
+            if done():
+                return count
+        raise AssertionError(f"not reached within {ticks} ticks: {what or done}")
+
+    def records(self, name: str = "web", resource_group: str = "rg-web") -> list[OperationRecord]:
+        """The set's operations, oldest first."""
+        key = self.ref(name, resource_group).key
+        rows = self.stack.store.history(key, limit=200)
+        return sorted(
+            (OperationRecord.from_json(row.body) for row in rows),
+            key=lambda r: r.created_at,
+        )
+
+    def idle(self) -> bool:
+        return not self.stack.store.active_operations()
+
+    def balanced(self, name: str = "web", resource_group: str = "rg-web") -> bool:
+        counts = self.stack.sim.scale_set(resource_group, name).zone_counts()
+        return max(counts.values()) - min(counts.values()) <= 1
+
+    def until_settled(self, *, ticks: int = 100) -> int:
+        """Until nothing is in flight and every watched set is balanced; then a final check."""
+        count = self.until(
+            lambda: self.idle() and all(self.balanced(n, rg) for rg, n in self.names),
+            ticks=ticks,
+            what="every set balanced, nothing in flight",
+        )
+        self.check("at the end", settled=True)
+        return count
+
+    def until_terminal(self, *, ticks: int = 100, name: str = "web", rg: str = "rg-web") -> None:
+        """Until the set has at least one operation and none is in flight."""
+        self.until(
+            lambda: bool(self.records(name, rg)) and self.idle(),
+            ticks=ticks,
+            what="an operation that ended",
+        )
+
+    def app_deletes(self) -> list[Any]:
+        app = self.stack.sim.scenario.app_principal_id
+        return [
+            change
+            for change in self.stack.sim.history()
+            if change.change == "deleting" and change.principal_id == app
+        ]
+
+    def states(self, name: str = "web", resource_group: str = "rg-web") -> list[State]:
+        return [r.state for r in self.records(name, resource_group)]

@@ -1,0 +1,392 @@
+"""The never-rules of DESIGN.md section 2, checked from the outside.
+
+`Invariants.watch(sim, store, settings)` takes armsim's starting state; `check()` then replays
+armsim's VM journal (who created, deleted, protected what, and each VM's health at the time),
+reads the request log (with write bodies) and every operation record in Table Storage, and
+raises AssertionError listing every broken rule:
+
+1. no source deleted by the app unless a new VM of the same operation is present beside it,
+   and a healthy source only beside a healthy new VM (the unhealthy-source case is allowed);
+2. no protected VM deleted by the app;
+3. every VM the app created is tracked in an operation record (`created`); once settled, none
+   is left behind by a rolled-back operation;
+4. at most one in-flight operation per scale set, at most `maxConcurrentOperations` at once,
+   and (optionally) exactly one capacity PATCH per operation, always to its target capacity;
+5. the app's deletes never take the healthy active count below the operation's baseline;
+6. the app writes only to the scale sets it may change.
+
+The checks read nothing from the reconciler under test: only armsim and the Table rows, so a
+chaos or crash suite can call `check()` at any moment.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from armsim import ArmSim
+from rebalancer.operation import OperationRecord, State
+from rebalancer.settings import Settings
+from rebalancer.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class _Vm:
+    """A VM as the journal replay knows it at one moment."""
+
+    scale_set: str
+    """Lower-case scale set id."""
+    id: str
+    zone: str | None
+    provisioning: str
+    power: str
+    health: str | None
+    protected: bool
+    creator: str | None
+    """Principal whose write created it; None for the scenario's starting VMs."""
+
+    @property
+    def healthy(self) -> bool:
+        running = self.provisioning == "Succeeded" and self.power == "running"
+        return running and self.health == "healthy"
+
+    @property
+    def deleting(self) -> bool:
+        return self.provisioning == "Deleting"
+
+
+def _key(scale_set_id: str, vm_id: str) -> tuple[str, str]:
+    return scale_set_id.lower(), vm_id.lower()
+
+
+@dataclass
+class Invariants:
+    sim: ArmSim
+    store: Store
+    max_concurrent: int
+    writable: frozenset[str]
+    """Lower-case ids of the scale sets the app may write to."""
+    scale_set_ids: tuple[str, ...]
+    start: dict[tuple[str, str], _Vm]
+    journal_offset: int
+    checks: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def watch(
+        cls, sim: ArmSim, store: Store, settings: Settings, *, writable: Iterable[str] = ()
+    ) -> Invariants:
+        """Take the starting state. `writable`: scale set names the app may change (default:
+        every set tagged zone-rebalance=enabled)."""
+        views = sim.state
+        names = set(writable) or {
+            v.name for v in views if v.tags.get("zone-rebalance", "").lower() == "enabled"
+        }
+        start = {
+            _key(v.id, vm.instance_id): _Vm(
+                scale_set=v.id.lower(),
+                id=vm.instance_id,
+                zone=vm.zone,
+                provisioning=vm.provisioning_state,
+                power=vm.power_state,
+                health=vm.health,
+                protected=vm.protect_from_scale_in or vm.protect_from_scale_set_actions,
+                creator=None,
+            )
+            for v in views
+            for vm in v.vms
+        }
+        return cls(
+            sim=sim,
+            store=store,
+            max_concurrent=settings.max_concurrent_operations,
+            writable=frozenset(v.id.lower() for v in views if v.name in names),
+            scale_set_ids=tuple(v.id for v in views),
+            start=start,
+            journal_offset=len(sim.history()),
+        )
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def records(self) -> list[OperationRecord]:
+        """Every operation record of the watched scale sets: in flight and finished."""
+        seen: dict[str, OperationRecord] = {}
+        for scale_set_id in self.scale_set_ids:
+            for row in self.store.history(scale_set_id.lower(), limit=200):
+                seen.setdefault(row.operation_id, OperationRecord.from_json(row.body))
+        for row in self.store.active_operations():
+            seen[row.operation_id] = OperationRecord.from_json(row.body)
+        return sorted(seen.values(), key=lambda r: (r.created_at, r.operation_id))
+
+    # -- the check ---------------------------------------------------------------------
+
+    def check(
+        self, where: str = "", *, settled: bool = False, single_scale_out: bool = True
+    ) -> list[OperationRecord]:
+        """Raise AssertionError naming every broken rule; return the records read.
+
+        `settled`: nothing may be in flight any more (the end of a run). `single_scale_out`:
+        each operation PATCHed capacity exactly once (true unless faults force repeats).
+        """
+        self.checks += 1
+        records = self.records()
+        problems: list[str] = []
+        vms = self._replay(records, problems)
+        self._tracking(records, vms, problems, settled)
+        self._one_at_a_time(records, problems, settled)
+        self._writes(records, problems, single_scale_out)
+        if problems:
+            listing = "\n  ".join(problems)
+            raise AssertionError(f"invariants broken{' ' + where if where else ''}:\n  {listing}")
+        return records
+
+    # 1, 2, 5: replay the journal, judging each batch of deletes the app started ---------------
+
+    def _replay(self, records: Sequence[OperationRecord], problems: list[str]) -> dict:
+        app = self.sim.scenario.app_principal_id
+        vms = dict(self.start)
+        journal = self.sim.history()[self.journal_offset :]
+        deleted_sources: dict[str, tuple[int, int]] = {}
+        index = 0
+        while index < len(journal):
+            change = journal[index]
+            if change.change == "deleting" and change.principal_id == app:
+                batch = [change]
+                while (
+                    index + len(batch) < len(journal)
+                    and (nxt := journal[index + len(batch)]).change == "deleting"
+                    and nxt.principal_id == app
+                    and nxt.time == change.time
+                    and nxt.scale_set_id.lower() == change.scale_set_id.lower()
+                ):
+                    batch.append(nxt)
+                before = dict(vms)
+                for item in batch:
+                    self._apply(vms, item)
+                self._judge_deletes(batch, before, vms, records, deleted_sources, problems)
+                index += len(batch)
+                continue
+            self._apply(vms, change)
+            index += 1
+        return vms
+
+    @staticmethod
+    def _apply(vms: dict[tuple[str, str], _Vm], change) -> None:
+        key = _key(change.scale_set_id, change.instance_id)
+        if change.change == "created":
+            vms[key] = _Vm(
+                scale_set=change.scale_set_id.lower(),
+                id=change.instance_id,
+                zone=change.zone,
+                provisioning="Creating",
+                power="starting",
+                health=None,
+                protected=change.protected,
+                creator=change.principal_id,
+            )
+            return
+        vm = vms.get(key)
+        if vm is None:
+            return
+        if change.change == "deleted":
+            del vms[key]
+        elif change.change == "provisioned":
+            vms[key] = replace(vm, provisioning="Succeeded", power="running", health=change.health)
+        elif change.change == "failed":
+            vms[key] = replace(vm, provisioning="Failed", power="stopped", health=None)
+        elif change.change == "health":
+            vms[key] = replace(vm, health=change.value)
+        elif change.change == "deleting":
+            vms[key] = replace(vm, provisioning="Deleting")
+        elif change.change == "power":
+            vms[key] = replace(vm, power=change.value or vm.power, health=change.health)
+        elif change.change == "protection":
+            vms[key] = replace(vm, protected=change.protected)
+
+    def _judge_deletes(
+        self,
+        batch: Sequence,
+        before: dict[tuple[str, str], _Vm],
+        after: dict[tuple[str, str], _Vm],
+        records: Sequence[OperationRecord],
+        deleted_sources: dict[str, tuple[int, int]],
+        problems: list[str],
+    ) -> None:
+        at = batch[0].time
+        scale_set = batch[0].scale_set_id.lower()
+        mine = [r for r in records if r.scale_set_id.lower() == scale_set]
+        for change in batch:
+            vm = before.get(_key(change.scale_set_id, change.instance_id))
+            label = f"{at.isoformat()} {change.instance_id} of {_name(scale_set)}"
+            if change.protected or (vm is not None and vm.protected):
+                problems.append(f"[2] {label}: the app deleted a protected VM")
+            owner = _latest(
+                [r for r in mine if _lower(change.instance_id) in _lower_all(r.delete_requested)],
+                at,
+            )
+            if owner is None:
+                problems.append(f"[1] {label}: deleted, but no operation record asked for it")
+                continue
+            if _lower(change.instance_id) in _lower_all(owner.created):
+                continue  # one of the operation's own new VMs
+            if _lower(change.instance_id) not in _lower_all(owner.sources):
+                problems.append(
+                    f"[1] {label}: deleted, neither a chosen source nor a VM that operation "
+                    f"{owner.operation_id} created"
+                )
+                continue
+            total, healthy = deleted_sources.get(owner.operation_id, (0, 0))
+            healthy_source = vm is not None and vm.healthy
+            deleted_sources[owner.operation_id] = (total + 1, healthy + int(healthy_source))
+        for owner in {r.operation_id: r for r in mine}.values():
+            if owner.operation_id not in deleted_sources:
+                continue
+            total, healthy = deleted_sources[owner.operation_id]
+            kept = [
+                after.get(_key(scale_set, vm))
+                for vm in owner.kept
+                if _key(scale_set, vm) in after and not after[_key(scale_set, vm)].deleting
+            ]
+            kept_healthy = sum(1 for vm in kept if vm is not None and vm.healthy)
+            if total > len(kept) or healthy > kept_healthy:
+                problems.append(
+                    f"[1] {at.isoformat()} {_name(scale_set)}: operation {owner.operation_id} "
+                    f"deleted {total} source(s) ({healthy} healthy) with only {len(kept)} new "
+                    f"VM(s) ({kept_healthy} healthy) beside them"
+                )
+        owner = _latest(mine, at)
+        if owner is not None:
+            healthy_before = _healthy(before, scale_set)
+            healthy_after = _healthy(after, scale_set)
+            floor = min(owner.baseline.healthy, healthy_before)
+            if healthy_after < floor:
+                problems.append(
+                    f"[5] {at.isoformat()} {_name(scale_set)}: the app's delete took healthy "
+                    f"VMs from {healthy_before} to {healthy_after}, below operation "
+                    f"{owner.operation_id}'s baseline of {owner.baseline.healthy}"
+                )
+
+    # 3: every VM the app created is tracked ----------------------------------------------
+
+    def _tracking(
+        self,
+        records: Sequence[OperationRecord],
+        vms: dict[tuple[str, str], _Vm],
+        problems: list[str],
+        settled: bool,
+    ) -> None:
+        app = self.sim.scenario.app_principal_id
+        present = {_key(view.id, vm.instance_id): vm for view in self.sim.state for vm in view.vms}
+        for key, vm in vms.items():
+            if vm.creator != app or key not in present:
+                continue
+            mine = [r for r in records if r.scale_set_id.lower() == vm.scale_set]
+            tracked = [r for r in mine if _lower(vm.id) in _lower_all(r.created)]
+            in_flight = any(r.active for r in mine)
+            label = f"VM {vm.id} of {_name(vm.scale_set)}"
+            if not tracked and (settled or not in_flight):
+                problems.append(f"[3] {label}: created by the app, in no operation record")
+            rolled_back = [r for r in tracked if r.state is State.ROLLED_BACK]
+            if settled and rolled_back and present[key].counts and not vm.protected:
+                problems.append(
+                    f"[3] {label}: operation {rolled_back[-1].operation_id} rolled back but "
+                    "left it behind"
+                )
+
+    # 4: one operation per scale set, a bounded number at once ----------------------------
+
+    def _one_at_a_time(
+        self, records: Sequence[OperationRecord], problems: list[str], settled: bool
+    ) -> None:
+        by_set: dict[str, list[OperationRecord]] = {}
+        for record in records:
+            by_set.setdefault(record.scale_set_id.lower(), []).append(record)
+        for scale_set, mine in by_set.items():
+            active = [r.operation_id for r in mine if r.active]
+            if len(active) > 1:
+                problems.append(f"[4] {_name(scale_set)}: operations {active} in flight at once")
+            for first, second in itertools.pairwise(mine):
+                if first.active or second.created_at < first.updated_at:
+                    problems.append(
+                        f"[4] {_name(scale_set)}: operation {second.operation_id} started at "
+                        f"{second.created_at.isoformat()} while {first.operation_id} "
+                        f"({first.state.value}) ran until {first.updated_at.isoformat()}"
+                    )
+        moments: list[tuple[datetime, int]] = []
+        for record in records:
+            moments.append((record.created_at, 1))
+            if not record.active:
+                moments.append((record.updated_at, -1))
+        running = peak = 0
+        for _, delta in sorted(moments):
+            running += delta
+            peak = max(peak, running)
+        if peak > self.max_concurrent:
+            limit = self.max_concurrent
+            problems.append(f"[4] {peak} operations ran at once; the limit is {limit}")
+        slots = self.store.slots_in_use()
+        if len(slots) > self.max_concurrent:
+            problems.append(f"[4] {len(slots)} concurrency slots held: {slots}")
+        if settled and any(r.active for r in records):
+            active = [r.operation_id for r in records if r.active]
+            problems.append(f"[4] operations still in flight at the end: {active}")
+
+    # 4, 6: what the app wrote --------------------------------------------------------------
+
+    def _writes(
+        self, records: Sequence[OperationRecord], problems: list[str], single_scale_out: bool
+    ) -> None:
+        app = self.sim.scenario.app_principal_id
+        patches: dict[str, int] = {}
+        for request in self.sim.requests:
+            if request.method == "GET" or request.principal_id != app:
+                continue
+            path = request.path.lower()
+            target = next((s for s in self.writable if path.startswith(s)), None)
+            if target is None:
+                problems.append(f"[6] {request.method} {request.path}: outside the app's scope")
+                continue
+            if request.operation != "vmss.update":
+                continue
+            mine = [r for r in records if r.scale_set_id.lower() == target]
+            owner = _latest(mine, request.time)
+            capacity = ((request.body or {}).get("sku") or {}).get("capacity")
+            if owner is None:
+                problems.append(
+                    f"[4] {request.time.isoformat()} PATCH of {_name(target)} outside any operation"
+                )
+                continue
+            if capacity != owner.target_capacity:
+                problems.append(
+                    f"[4] {request.time.isoformat()} PATCH of {_name(target)} to capacity "
+                    f"{capacity}; operation {owner.operation_id} targets {owner.target_capacity}"
+                )
+            patches[owner.operation_id] = patches.get(owner.operation_id, 0) + 1
+        if single_scale_out:
+            for operation_id, count in patches.items():
+                if count != 1:
+                    problems.append(f"[4] operation {operation_id} PATCHed capacity {count} times")
+
+
+def _latest(records: Sequence[OperationRecord], at: datetime) -> OperationRecord | None:
+    """The record that was running at `at` (the latest one started by then)."""
+    started = [r for r in records if r.created_at <= at]
+    return max(started, key=lambda r: r.created_at) if started else None
+
+
+def _healthy(vms: dict[tuple[str, str], _Vm], scale_set: str) -> int:
+    return sum(1 for vm in vms.values() if vm.scale_set == scale_set and vm.healthy)
+
+
+def _lower(value: str) -> str:
+    return value.lower()
+
+
+def _lower_all(values: Iterable[str]) -> set[str]:
+    return {value.lower() for value in values}
+
+
+def _name(scale_set_id: str) -> str:
+    return scale_set_id.rsplit("/", 1)[-1]
