@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from armsim import ArmSim, FaultRule, ScaleSetSpec, Scenario, VmOverride
-from rebalancer.budget import Budget
+from armsim.errors import ArmError
+from rebalancer.budget import Budget, parse_remaining_header
 from rebalancer.compute import (
     AdapterError,
     ArmCall,
@@ -396,3 +397,51 @@ def test_without_the_budget_the_same_kind_of_audit_is_throttled() -> None:
         with adapter_for(sim, budget=unlimited, audit_concurrency=8, max_wait=600) as adapter:
             adapter.audit(None, NOW)
         assert Counter(r.status for r in sim.requests)[429] > 0
+
+
+class HeaderBlindBudget(Budget):
+    """The budget without its reading of `x-ms-ratelimit-remaining-*` (the control)."""
+
+    def observe_headers(self, kind: Any, headers: Any, now: float) -> float | None:
+        return None
+
+
+def others_use_the_subscription_bucket(sim: ArmSim, leave: int) -> None:
+    """Other tools of the user spend the subscription's high-cost VMSS bucket down to about
+    `leave` calls, as ARM would count them (through armsim's own throttle)."""
+    policy = "Microsoft.Compute/HighCostGet30Min"
+    for call in range(100_000):
+        try:
+            headers, _ = sim.throttle.charge(
+                "vmss_vm.list", sim.subscription_id, f"/others/{call}", sim.clock.now()
+            )
+        except ArmError:
+            sim.advance(1)  # their reads bucket ran dry first; it refills faster
+            continue
+        remaining = parse_remaining_header(headers["x-ms-ratelimit-remaining-resource"])
+        if remaining[policy] <= leave:
+            break
+    else:
+        raise AssertionError("the bucket never ran down")
+    sim.advance(10)  # let the subscription's read bucket refill; the high-cost one barely does
+
+
+@pytest.mark.parametrize("reads_headers", [True, False])
+def test_remaining_headers_slow_the_audit_before_azure_says_no(reads_headers: bool) -> None:
+    sets = tuple(ScaleSetSpec(f"s{n:03d}", "rg", counts={"1": 1, "2": 1}) for n in range(150))
+    with ArmSim.start(Scenario(scale_sets=sets, throttling=True, page_size=200)) as sim:
+        # Half of Azure's limits: fast enough that the static buckets alone would overrun
+        # what the others left (at 20% the ARM read share paces the audit below the refill).
+        budget = Budget(share=0.5) if reads_headers else HeaderBlindBudget(share=0.5)
+        with adapter_for(sim, budget=budget, audit_concurrency=4, max_wait=3600) as adapter:
+            adapter.read_inventory(ref(sim, "rg", "s000"), NOW)  # sees the bucket nearly full
+            others_use_the_subscription_bucket(sim, leave=40)
+            sim.clear_requests()
+            results = adapter.audit(None, NOW)
+        throttled = Counter(r.status for r in sim.requests)[429]
+    assert len(results) == 150
+    if reads_headers:
+        assert throttled == 0
+        assert all(not isinstance(r, AdapterError) for r in results)
+    else:
+        assert throttled > 0  # without the headers, its own 20% budget alone is too late
