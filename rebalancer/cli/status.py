@@ -293,7 +293,7 @@ def print_status(report: Mapping[str, Any]) -> None:
     console.print(in_flight if report["inFlight"] else "No operation in flight.")
 
     history = Table(title="Recent operations", title_justify="left", expand=True)
-    for column in ("scale set", "operation", "ended", "state", "took"):
+    for column in ("scale set", "operation", "ended (UTC)", "state", "took"):
         history.add_column(column, no_wrap=True)
     history.add_column("outcome", ratio=1)
     for scale_set_id, ops in report["history"].items():
@@ -309,7 +309,7 @@ def print_status(report: Mapping[str, Any]) -> None:
     console.print(history if report["history"] else "No finished operation in the period.")
 
     backoffs = Table(title="Zones backed off (no capacity)", title_justify="left")
-    for column in ("location", "size", "zone", "failures", "until"):
+    for column in ("location", "size", "zone", "failures", "until (UTC)"):
         backoffs.add_column(column)
     for b in report["backoffs"]:
         backoffs.add_row(b["location"], b["sku"], b["zone"], str(b["failures"]), _when(b["until"]))
@@ -343,7 +343,7 @@ def print_scale_set_status(report: Mapping[str, Any]) -> None:
             + (f", ended {_when(op.get('endedAt'))}" if op.get("endedAt") else "")
         )
         steps = Table(title=title, title_justify="left", expand=True)
-        for column in ("at", "state", "reason"):
+        for column in ("at (UTC)", "state", "reason"):
             steps.add_column(column, no_wrap=True)
         steps.add_column("detail", ratio=1)
         for step in op.get("steps", ()):
