@@ -311,7 +311,8 @@ class Api:
         if rule.kind == "reset":
             return Reply(0, reset=True)
         if rule.kind == "throttle":
-            raise throttle_error_for_fault(rule.retry_after, rule.code or "HighCostGet30Min")
+            retry_after = 10 if rule.retry_after is None else rule.retry_after
+            raise throttle_error_for_fault(retry_after, rule.code or "HighCostGet30Min")
         defaults: dict[str, tuple[int, str, str]] = {
             "error": (500, "InternalServerError", "An internal server error occurred."),
             "quota": (
@@ -347,9 +348,7 @@ class Api:
             ),
         }
         status, code, message = defaults[rule.kind]
-        headers = {"Retry-After": str(rule.retry_after)} if rule.kind == "error" else {}
-        if rule.kind == "error" and (rule.status or status) not in (500, 503, 502, 504, 408):
-            headers = {}
+        headers = {} if rule.retry_after is None else {"Retry-After": str(rule.retry_after)}
         raise ArmError(
             rule.status or status, rule.code or code, rule.message or message, headers=headers
         )

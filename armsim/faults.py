@@ -84,7 +84,8 @@ class FaultRule:
     status: int | None = None
     code: str | None = None
     message: str | None = None
-    retry_after: int = 10
+    retry_after: int | None = None
+    """Seconds in `Retry-After`: a throttle sends 10 unless told; an error only when set."""
     delay: float = 0.0
     zone: str | None = None
     principal: str | None = None

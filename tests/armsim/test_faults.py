@@ -198,3 +198,14 @@ def test_provisioning_failure_fault_fails_the_operation(sim: ArmSim, compute) ->
 def test_unknown_fault_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown fault kind"):
         FaultRule("explode")
+
+
+def test_error_sends_retry_after_only_when_asked(sim: ArmSim, compute) -> None:
+    sim.faults.add(FaultRule("error", operation="vmss.get", status=503))
+    sim.faults.add(FaultRule("error", operation="vmss.get", status=503, retry_after=7))
+    headers = []
+    for _ in range(2):
+        with pytest.raises(HttpResponseError) as error:
+            compute.virtual_machine_scale_sets.get("rg-web", "web")
+        headers.append(error.value.response.headers.get("Retry-After"))
+    assert headers == [None, "7"]
