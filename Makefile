@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: setup demo test lint fmt plan clean
+.PHONY: setup demo test lint fmt plan clean bench
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ lint: setup
 
 test: lint $(CHECKOV_STAMP)
 	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m bench
 
 fmt: setup
 	$(PY) -m ruff check --fix .

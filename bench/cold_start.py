@@ -1,0 +1,133 @@
+"""Figure 4: cold start of the function app.
+
+Import time of `function_app` against a bare `import azure.functions`, each the median over
+fresh Python processes (the Functions host imports the app in a fresh worker). Then, in another
+fresh process, the first timer invocation (building the runtime: settings, Table Storage, the
+Compute adapter and their SDKs, then one tick against armsim and Azurite) against the second.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.common import Figure, armsim_process, fleet_document, mixed_fleet
+
+ROOT = Path(__file__).resolve().parent.parent
+_IMPORT = "import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+
+
+def import_seconds(module: str, runs: int, timeout: float = 60.0) -> list[float]:
+    """Seconds `import module` takes in each of `runs` fresh interpreters."""
+    times = []
+    for _ in range(runs):
+        done = subprocess.run(
+            [sys.executable, "-c", _IMPORT.format(module=module)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
+        times.append(float(done.stdout.strip().splitlines()[-1]))
+    return times
+
+
+def child(info: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: import the app, then time the first and the second timer tick."""
+    started = time.perf_counter()
+    import function_app  # noqa: F401
+
+    imported = time.perf_counter() - started
+    from armsim.clock import VirtualClock
+    from bench.common import call_timer, functions
+    from bench.steady_state import _wire
+    from rebalancer.store import StorageConnection, Store
+
+    handlers = functions()
+    begin = time.perf_counter()
+    connection = StorageConnection("bench", connection_string=info["storage"])
+    store = Store(connection, table_prefix=info["prefix"], retry_total=0)
+    clock = VirtualClock()
+    compute = _wire(info, store, clock)
+    call_timer(handlers)
+    first = time.perf_counter() - begin
+    clock.advance(3600)  # the audit is due again: the same work, warm
+    begin = time.perf_counter()
+    call_timer(handlers)
+    second = time.perf_counter() - begin
+    compute.close()
+    store.close()
+    return {"import": imported, "first": first, "second": second}
+
+
+def run(
+    *, runs: int = 7, scale_sets: int = 10, vms: int = 6, timeout: float = 120.0
+) -> list[Figure]:
+    from rebalancer.devtools.azurite import Azurite
+
+    app = import_seconds("function_app", runs)
+    bare = import_seconds("azure.functions", runs)
+    fleet = mixed_fleet(scale_sets, vms, tags={"zone-rebalance": "enabled"})
+    with Azurite() as azurite, armsim_process(fleet_document(fleet)) as info:
+        info = {**info, "storage": azurite.connection_string, "prefix": f"c{uuid.uuid4().hex[:12]}"}
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.cold_start", "child", json.dumps(info)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"cold start child failed ({done.returncode}): {done.stderr[-2000:]}")
+    invocation = json.loads(done.stdout.strip().splitlines()[-1])
+    app_median, bare_median = statistics.median(app), statistics.median(bare)
+    return [
+        Figure(
+            "cold_start.import_function_app",
+            round(app_median * 1000, 1),
+            "ms",
+            round(bare_median * 1000, 1),
+            "<=1.5x",
+            app_median <= 1.5 * bare_median,
+            detail=(
+                f"median of {runs} fresh processes each; baseline: bare import azure.functions "
+                f"(function_app: {min(app) * 1000:.0f}-{max(app) * 1000:.0f} ms)"
+            ),
+            baseline_label="import azure.functions",
+        ),
+        Figure(
+            "cold_start.first_invocation",
+            round(invocation["first"] * 1000),
+            "ms",
+            round(invocation["second"] * 1000),
+            "report",
+            None,
+            detail=(
+                "first timer tick in a fresh process (runtime built, SDKs imported, audit of "
+                f"{scale_sets} sets x {vms} VMs); baseline: the same tick again, warm, an "
+                "hour later"
+            ),
+            baseline_label="second invocation",
+        ),
+    ]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "child":
+        print(json.dumps(child(json.loads(argv[1]))))
+        return 0
+    for figure in run():
+        print(figure.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

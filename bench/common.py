@@ -1,0 +1,399 @@
+"""What every benchmark shares: the figure line, fleets, clocks and local servers.
+
+A figure is printed as exactly one line,
+`bench: <name> <value> <unit> (baseline <value>, ratio <r>, goal <g>)`, so that a reviewer (or
+a script) can compare runs; the absolute numbers behind it go into `detail` (the table).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from armsim import ScaleSetSpec
+
+LINE = re.compile(
+    r"^bench: (?P<name>[a-z0-9_.-]+) (?P<value>\S+) (?P<unit>\S+) "
+    r"\(baseline (?P<baseline>\S+), ratio (?P<ratio>\S+), goal (?P<goal>[^()]+)\)$"
+)
+
+
+def number(value: float | int | None) -> str:
+    """Compact, space-free rendering: integers as such, others with 3 significant digits."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return str(int(value))
+    if not math.isfinite(value):
+        return "inf"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    name: str
+    value: float | int | None
+    unit: str
+    baseline: float | int | None
+    goal: str
+    met: bool | None
+    """None when the figure has no pass/fail goal (a contrast only)."""
+    detail: str = ""
+    baseline_label: str = ""
+    """What the baseline is (the table shows it; the line keeps one number)."""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.value is None or self.baseline is None:
+            return None
+        if self.baseline == 0:
+            return 0.0 if self.value == 0 else math.inf
+        return self.value / self.baseline
+
+    def line(self) -> str:
+        return (
+            f"bench: {self.name} {number(self.value)} {self.unit} "
+            f"(baseline {number(self.baseline)}, ratio {number(self.ratio)}, goal {self.goal})"
+        )
+
+
+def parse_line(text: str) -> dict[str, str]:
+    """The fields of one `bench:` line; ValueError naming the line when it does not parse."""
+    match = LINE.match(text.strip())
+    if match is None:
+        raise ValueError(f"not a bench line: {text!r}")
+    return match.groupdict()
+
+
+# -- fleets -------------------------------------------------------------------------------
+
+
+def mixed_fleet(
+    scale_sets: int,
+    vms: int,
+    *,
+    per_group: int = 20,
+    tags: dict[str, str] | None = None,
+    prefix: str = "vmss",
+) -> tuple[ScaleSetSpec, ...]:
+    """`scale_sets` balanced zonal scale sets of `vms` VMs, Uniform and Flexible alternating,
+    `per_group` to a resource group (as real subscriptions spread them)."""
+    base, extra = divmod(vms, 3)
+    counts = {zone: base + (1 if i < extra else 0) for i, zone in enumerate(("1", "2", "3"))}
+    return tuple(
+        ScaleSetSpec(
+            f"{prefix}{i:05d}",
+            f"rg-bench-{i // per_group:04d}",
+            mode="Uniform" if i % 2 == 0 else "Flexible",
+            counts=counts,
+            tags=dict(tags or {}),
+        )
+        for i in range(scale_sets)
+    )
+
+
+# -- clocks -------------------------------------------------------------------------------
+
+
+class SkipAheadTime:
+    """The adapter's `Clock` over armsim's wall clock: real time runs, waits are skipped.
+
+    Requests take their real (latency + CPU) time, while a wait for the throttling budget or a
+    `Retry-After` moves armsim's clock forward instead of sleeping. Elapsed time on that clock
+    is what the same run would take against Azure: the real seconds plus the waits.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._origin = clock.now()
+        self._lock = threading.Lock()
+        self.skipped = 0.0
+
+    def monotonic(self) -> float:
+        return (self._clock.now() - self._origin).total_seconds()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        deadline = self.monotonic() + seconds
+        with self._lock:
+            remaining = deadline - self.monotonic()
+            if remaining > 0:
+                self.skipped += remaining
+                self._clock.advance(remaining)
+
+
+def elapsed(clock: Any, since: datetime) -> float:
+    return (clock.now() - since).total_seconds()
+
+
+# -- local servers ------------------------------------------------------------------------
+
+
+@contextmanager
+def azurite_store(**options: Any) -> Iterator[Callable[[], Any]]:
+    """An in-memory Azurite; yields a factory of Stores, each on fresh tables."""
+    from rebalancer.devtools.azurite import Azurite
+    from rebalancer.store import StorageConnection, Store
+
+    opened: list[Store] = []
+    with Azurite() as server:
+
+        def factory() -> Store:
+            options.setdefault("retry_total", 0)
+            connection = StorageConnection("bench", connection_string=server.connection_string)
+            store = Store(connection, table_prefix=f"b{uuid.uuid4().hex[:16]}", **options)
+            opened.append(store)
+            return store
+
+        try:
+            yield factory
+        finally:
+            for store in opened:
+                store.close()
+
+
+# -- throttling arithmetic ----------------------------------------------------------------
+
+
+def _scope(path: str) -> str:
+    lowered = path.lower()
+    marker = "/virtualmachinescalesets/"
+    index = lowered.find(marker)
+    if index < 0:
+        return lowered
+    end = lowered.find("/", index + len(marker))
+    return lowered if end < 0 else lowered[:end]
+
+
+def charges(requests: list[Any]) -> dict[tuple[str, str], int]:
+    """Requests charged to each (policy, scope) by armsim (scope: the scale set, or '')."""
+    from armsim.throttling import DEFAULT_POLICIES
+
+    counted: dict[tuple[str, str], int] = {}
+    for record in requests:
+        for name in record.policies:
+            policy = DEFAULT_POLICIES.get(name)
+            if policy is None:
+                continue
+            key = (name, _scope(record.path) if policy.per_resource else "")
+            counted[key] = counted.get(key, 0) + 1
+    return counted
+
+
+def budget_floor(requests: list[Any], share: float) -> tuple[float, str]:
+    """Least time the requests need when each Azure policy allows only `share` of its burst
+    and refill: max over policies of `(charged - share x burst) / (share x rate)`."""
+    from armsim.throttling import DEFAULT_POLICIES
+
+    worst, which = 0.0, "none"
+    for (name, _), count in charges(requests).items():
+        policy = DEFAULT_POLICIES[name]
+        seconds = max(0.0, count - share * policy.burst) / (share * policy.per_minute / 60.0)
+        if seconds > worst:
+            worst, which = seconds, name.rsplit("/", 1)[-1]
+    return worst, which
+
+
+def budget_share_used(requests: list[Any], seconds: float) -> tuple[float, str]:
+    """Largest share of a subscription-wide policy's allowance (burst + refill over
+    `seconds`) that the requests used, and the policy's name."""
+    from armsim.throttling import DEFAULT_POLICIES
+
+    worst, which = 0.0, "none"
+    for (name, scope), count in charges(requests).items():
+        policy = DEFAULT_POLICIES[name]
+        if scope:
+            continue
+        allowance = policy.burst + policy.per_minute * seconds / 60.0
+        if count / allowance > worst:
+            worst, which = count / allowance, name.rsplit("/", 1)[-1]
+    return worst, which
+
+
+# -- the app on armsim + Azurite ----------------------------------------------------------
+
+
+@dataclass
+class App:
+    """The function app's runtime wired to armsim and a Store, installed for the handlers."""
+
+    sim: Any
+    store: Any
+    settings: Any
+    compute: Any
+    reconciler: Any
+
+    def close(self) -> None:
+        from rebalancer import service
+
+        service.use_runtime(None)
+        self.compute.close()
+
+
+def install_app(sim: Any, store: Any, **env: str) -> App:
+    """Settings as the app reads them (enforce mode, armsim's endpoint), the real Compute
+    adapter on armsim's clock, a Reconciler, installed as the process's runtime."""
+    from rebalancer import service
+    from rebalancer.compute import ArmConfig, ComputeAdapter
+    from rebalancer.compute.clock import VirtualTime
+    from rebalancer.reconciler import Reconciler
+    from rebalancer.settings import load_settings
+
+    values = {
+        "REBALANCER_SUBSCRIPTION_ID": sim.subscription_id,
+        "REBALANCER_MODE": "enforce",
+        "REBALANCER_APP_PRINCIPAL_ID": sim.scenario.app_principal_id,
+        "REBALANCER_ARM_ENDPOINT": sim.endpoint,
+    }
+    values.update({f"REBALANCER_{key.upper()}": value for key, value in env.items()})
+    settings = load_settings(values)
+    config = ArmConfig.from_settings(
+        settings,
+        ca_cert=sim.ca_cert_path,
+        credential_scopes=("https://management.azure.com/.default",),
+    )
+    compute = ComputeAdapter(config, credential=sim.credential, clock=VirtualTime(sim.clock))
+    reconciler = Reconciler(settings=settings, store=store, compute=compute, clock=sim.clock.now)
+    service.use_runtime(service.Runtime(settings, store, reconciler, sim.clock.now))
+    return App(sim, store, settings, compute, reconciler)
+
+
+@functools.cache
+def functions() -> dict[str, Any]:
+    """The decorated functions of function_app, by name, as the Functions host finds them
+    (once: azure.functions refuses to list an app's functions twice)."""
+    from function_app import app
+
+    return {f.get_function_name(): f.get_user_function() for f in app.get_functions()}
+
+
+def call_timer(handlers: dict[str, Any], past_due: bool = False) -> None:
+    import json
+
+    from azure.functions.meta import Datum
+    from azure.functions.timer import TimerRequestConverter
+
+    timer = TimerRequestConverter.decode(
+        Datum(json.dumps({"IsPastDue": past_due, "ScheduleStatus": {}}), "json"),
+        trigger_metadata={},
+    )
+    handlers["on_timer"](timer)
+
+
+def call_event(handlers: dict[str, Any], payload: dict[str, Any]) -> None:
+    import json
+
+    from azure.functions.eventgrid import EventGridEventInConverter
+    from azure.functions.meta import Datum
+
+    from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME
+
+    event = EventGridEventInConverter.decode(
+        Datum(json.dumps(payload), "json"), trigger_metadata={}
+    )
+    handlers[EVENT_GRID_FUNCTION_NAME](event)
+
+
+# -- armsim in its own process ------------------------------------------------------------
+
+
+def fleet_document(specs: tuple[ScaleSetSpec, ...]) -> dict[str, Any]:
+    """A scenario file's content for `python -m armsim serve`."""
+    return {
+        "scale_sets": [
+            {
+                "name": spec.name,
+                "resource_group": spec.resource_group,
+                "mode": spec.mode,
+                "counts": dict(spec.counts),
+                "tags": dict(spec.tags),
+            }
+            for spec in specs
+        ]
+    }
+
+
+@contextmanager
+def armsim_process(document: dict[str, Any], *, startup: float = 60.0) -> Iterator[dict[str, Any]]:
+    """`python -m armsim serve` on a scenario, in its own process (so that what is measured
+    here is the app's CPU and memory, not the simulator's). Yields its start line: endpoint,
+    ca_cert, subscription_id, app_principal_id."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="bench-armsim-") as tmp:
+        path = Path(tmp) / "scenario.json"
+        path.write_text(json.dumps(document))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "armsim", "serve", "--scenario", str(path)],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            lines: list[str] = []
+            reader = threading.Thread(
+                target=lambda: lines.append(process.stdout.readline() if process.stdout else ""),
+                daemon=True,
+            )
+            reader.start()
+            reader.join(startup)
+            if not lines or not lines[0].strip():
+                process.kill()
+                _, err = process.communicate(timeout=10)
+                raise RuntimeError(f"armsim did not start within {startup:.0f} s: {err[-2000:]}")
+            yield json.loads(lines[0])
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+class RequestCounter:
+    """Counts the HTTP requests this process sends to an endpoint (every azure-core client
+    here uses the requests transport): what the app costs ARM, seen from the app's side."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.count = 0
+        self._lock = threading.Lock()
+        self._original: Any = None
+
+    def __enter__(self) -> RequestCounter:
+        from azure.core.pipeline.transport import RequestsTransport
+
+        original = self._original = RequestsTransport.send
+        counter = self
+
+        def send(transport: Any, request: Any, **kwargs: Any) -> Any:
+            if str(request.url).startswith(counter.endpoint):
+                with counter._lock:
+                    counter.count += 1
+            return original(transport, request, **kwargs)
+
+        RequestsTransport.send = send  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from azure.core.pipeline.transport import RequestsTransport
+
+        RequestsTransport.send = self._original  # type: ignore[method-assign]
