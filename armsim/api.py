@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from armsim import render
 from armsim.auth import claims_from_token
+from armsim.clock import iso
 from armsim.errors import ArmError, bad_request, entity_not_found
 from armsim.events import OBJECT_ID_CLAIM
 from armsim.faults import REQUEST_KINDS
@@ -147,6 +148,8 @@ class Api:
     # --- entry point --------------------------------------------------------------------
 
     def handle(self, request: Request) -> Reply:
+        if request.path.startswith("/armsim/"):
+            return self._control(request)
         started = time.perf_counter()
         operation = "unknown"
         params: dict[str, str] = {}
@@ -203,6 +206,38 @@ class Api:
             )
         )
         return reply
+
+    def _control(self, request: Request) -> Reply:
+        """armsim's own endpoints (not ARM): move the clock, look at the state and events.
+
+        For people and other processes using `python -m armsim serve`; tests in the same
+        process use the Python API instead.
+        """
+        path = request.path.rstrip("/")
+        if path == "/armsim/clock" and request.method == "GET":
+            return Reply(200, {"now": iso(self.sim.clock.now()), "virtual": self.sim.clock.virtual})
+        if path == "/armsim/clock/advance" and request.method == "POST":
+            try:
+                seconds = float(request.query.get("seconds", ""))
+            except ValueError:
+                return Reply(400, bad_request("Give ?seconds=N (a number).").to_json())
+            if seconds < 0:
+                return Reply(400, bad_request("seconds must not be negative.").to_json())
+            now = self.sim.clock.advance(seconds)
+            return Reply(200, {"now": iso(now), "virtual": self.sim.clock.virtual})
+        if path == "/armsim/state" and request.method == "GET":
+            return Reply(200, {"scaleSets": [_view_json(view) for view in self.sim.state]})
+        if path == "/armsim/events" and request.method == "GET":
+            return Reply(200, list(self.sim.events))
+        return Reply(
+            404,
+            ArmError(
+                404,
+                "NotFound",
+                "armsim serves GET /armsim/clock, POST /armsim/clock/advance?seconds=N, "
+                "GET /armsim/state and GET /armsim/events.",
+            ).to_json(),
+        )
 
     def _report_refused(
         self,
@@ -644,3 +679,24 @@ def _logged_body(request: Request) -> Any:
         return json.loads(request.body)
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+def _view_json(view: Any) -> dict[str, Any]:
+    return {
+        "id": view.id,
+        "mode": view.mode,
+        "capacity": view.capacity,
+        "provisioningState": view.provisioning_state,
+        "zones": view.zone_counts(),
+        "vms": [
+            {
+                "instanceId": vm.instance_id,
+                "zone": vm.zone,
+                "provisioningState": vm.provisioning_state,
+                "powerState": vm.power_state,
+                "health": vm.health,
+                "protected": vm.protect_from_scale_in or vm.protect_from_scale_set_actions,
+            }
+            for vm in view.vms
+        ],
+    }

@@ -127,3 +127,19 @@ def test_latency_option_slows_every_request(make_sim) -> None:  # type: ignore[n
     sim = make_sim(latency=0.05)
     call(sim, "GET", vmss_path(sim) + "?api-version=2024-07-01")
     assert sim.requests[-1].duration_ms >= 50
+
+
+def test_control_endpoints_move_the_clock_and_show_state(sim: ArmSim) -> None:
+    def control(method: str, path: str):  # type: ignore[no-untyped-def]
+        return requests.request(method, sim.endpoint + path, verify=sim.ca_cert_path, timeout=10)
+
+    sim.actor.set_capacity("rg-web", "web", 14)
+    assert control("GET", "/armsim/clock").json()["virtual"] is True
+    moved = control("POST", "/armsim/clock/advance?seconds=60").json()
+    assert moved["now"].startswith("2026-11-20T09:01:00")
+    state = control("GET", "/armsim/state").json()["scaleSets"]
+    web = next(s for s in state if s["id"].endswith("/web"))
+    assert web["zones"] == {"1": 3, "2": 4, "3": 7}
+    assert control("GET", "/armsim/events").json()[0]["eventType"].endswith("WriteSuccess")
+    assert control("POST", "/armsim/clock/advance?seconds=x").status_code == 400
+    assert control("GET", "/armsim/nothing").status_code == 404
