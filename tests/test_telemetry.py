@@ -140,6 +140,7 @@ def test_emitting_never_raises_and_uses_opentelemetry_only_when_loaded(
             return Meter()
 
     telemetry = Telemetry()
+    monkeypatch.delitem(sys.modules, "opentelemetry.metrics", raising=False)
     with caplog.at_level(logging.INFO, logger="rebalancer.metrics"):
         telemetry.emit([Measurement(Metric.ZONE_BACKOFFS, 1, {"zone": "2"})])
         assert recorded == []  # OpenTelemetry not loaded: logs only
@@ -255,3 +256,47 @@ def test_one_full_operation_logs_each_decision_once_and_emits_its_metrics(
     assert succeeded_event["data"]["deleted"] == list(record.sources)
     assert succeeded_event["data"]["armCalls"] == list(record.arm_calls)
     assert all(r.headers["authorization"].startswith("Bearer ") for r in receiver.received)
+
+
+def test_measurements_reach_a_real_opentelemetry_meter_provider() -> None:
+    """With the OpenTelemetry API loaded (as the distro does), instruments record for real."""
+    from opentelemetry import metrics as otel
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    otel.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    telemetry = Telemetry()
+    record = started()
+    done = replace(
+        record,
+        state=op.State.SUCCEEDED,
+        kept=("7",),
+        outcome=op.Reason.MOVES_DONE,
+        updated_at=T0 + timedelta(minutes=5),
+    )
+    telemetry.operation_changed(None, record)
+    telemetry.operation_changed(record, done)
+    telemetry.emit([Measurement(Metric.SCALE_SETS_IMBALANCED, 2)])
+    telemetry.emit([Measurement(Metric.SCALE_SETS_IMBALANCED, 1)])
+    points = {
+        m.name: m.data.data_points
+        for rm in reader.get_metrics_data().resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    (started_point,) = points["rebalancer.moves.started"]
+    assert started_point.value == 1
+    assert dict(started_point.attributes) == {
+        "resourceGroup": "rg-web",
+        "scaleSet": "web",
+        "location": "westeurope",
+        "sku": "Standard_D2s_v5",
+    }
+    (duration,) = points["rebalancer.operation.duration"]
+    assert (duration.count, duration.sum) == (1, 300)
+    assert duration.attributes["outcome"] == "succeeded"
+    (balance,) = points["rebalancer.time_to_balance"]
+    assert balance.sum == 300
+    (gauge,) = points["rebalancer.scale_sets.imbalanced"]
+    assert gauge.value == 1  # the last audit's number
