@@ -93,7 +93,10 @@ class StepClock:
         return self.now
 
     def sleep(self, seconds: float) -> None:
-        self.now += seconds
+        self.now += max(0.0, seconds)
+
+    def sleep_until(self, deadline: float) -> None:
+        self.now = max(self.now, deadline)
 
 
 def test_cache_serves_until_its_ttl_on_the_injected_clock() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -282,6 +283,9 @@ def run(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
     from rebalancer.settings import OptIn, Settings
 
     env = os.environ if env is None else env
+    # The SDK logs each failed credential attempt as a warning; the one-line error below says
+    # what matters.
+    logging.getLogger("azure").setLevel(logging.ERROR)
     subscription = args.subscription or default_subscription(env)
     if not subscription:
         raise CliError(

@@ -18,6 +18,10 @@ class Clock(Protocol):
 
     def sleep(self, seconds: float) -> None: ...
 
+    def sleep_until(self, deadline: float) -> None:
+        """Wait until `monotonic()` reaches `deadline` (no wait if it has already)."""
+        ...
+
 
 class SystemClock:
     def monotonic(self) -> float:
@@ -26,6 +30,9 @@ class SystemClock:
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
             time.sleep(seconds)
+
+    def sleep_until(self, deadline: float) -> None:
+        self.sleep(deadline - self.monotonic())
 
 
 class _Advancing(Protocol):
@@ -37,8 +44,9 @@ class _Advancing(Protocol):
 class VirtualTime:
     """A `Clock` over a simulated clock that has `now()` and `advance(seconds)` (armsim's).
 
-    Waiting moves the simulated time forward instead of sleeping. Concurrent waiters wait
-    *until* their own deadline, so two threads waiting 5 s move time by 5 s, not 10.
+    Waiting moves the simulated time forward instead of sleeping. Waits are serialised, and
+    `sleep_until` never moves time past its deadline, so several callers waiting for slots
+    booked at once move time to the latest deadline, not by the sum of their waits.
     """
 
     def __init__(self, clock: _Advancing) -> None:
@@ -50,9 +58,10 @@ class VirtualTime:
         return (self._clock.now() - self._origin).total_seconds()
 
     def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        deadline = self.monotonic() + seconds
+        if seconds > 0:
+            self.sleep_until(self.monotonic() + seconds)
+
+    def sleep_until(self, deadline: float) -> None:
         with self._lock:
             remaining = deadline - self.monotonic()
             if remaining > 0:

@@ -134,7 +134,7 @@ class GovernedRetryPolicy(HTTPPolicy):
             if reservation.wait > 0:
                 log.debug("budget: %s waits %.1f s", kind, reservation.wait)
                 # Sleep until the booked slot; other threads may have moved the clock already.
-                self.clock.sleep(booked_at + reservation.wait - self.clock.monotonic())
+                self.clock.sleep_until(booked_at + reservation.wait)
             try:
                 response = self.next.send(request)
             except ClientAuthenticationError:
