@@ -389,6 +389,16 @@ class ArmSim:
         with self._log_lock:
             self._log.clear()
 
+    def clear_events(self) -> None:
+        """Forget the events emitted so far (`sim.events`); sinks are not affected."""
+        with self._flush_lock:
+            self.events.clear()
+
+    def clear_history(self) -> None:
+        """Forget the VM journal so far (for long runs that reuse one simulator)."""
+        with self.world.lock:
+            self.world.journal.clear()
+
     # --- events -------------------------------------------------------------------------
 
     def add_event_sink(self, sink: EventSink) -> None:
@@ -546,10 +556,12 @@ class Actor:
     def create_scale_set(self, spec: ScaleSetSpec) -> None:
         """A scale set appears (already deployed, as a scenario would seed it); no event."""
 
+        Scenario(scale_sets=(spec,), skus=self._sim.scenario.skus)  # validates the spec
+
         def act(world: World) -> None:
             if spec.key in world.scale_sets and not world.scale_sets[spec.key].deleted:
                 raise ValueError(f"scale set {spec.resource_group}/{spec.name} already exists")
-            world._seed_scale_set(spec)
+            world.seed_scale_set(spec)
 
         self._run(act)
 

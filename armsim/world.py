@@ -26,7 +26,14 @@ from armsim.errors import (
     resource_not_found,
 )
 from armsim.faults import HEALTH_KINDS, OPERATION_KINDS, PLACEMENT_KINDS, Faults
-from armsim.scenario import ScaleSetSpec, Scenario, ScenarioError, SkuSpec, VmOverride
+from armsim.scenario import (
+    ScaleSetSpec,
+    Scenario,
+    ScenarioError,
+    SkuSpec,
+    VmOverride,
+    parse_iso_duration,
+)
 
 VMSS_TYPE = "Microsoft.Compute/virtualMachineScaleSets"
 VM_TYPE = "Microsoft.Compute/virtualMachines"
@@ -220,7 +227,7 @@ class World:
         for quota in scenario.quotas:
             self.quota[(quota.location.lower(), quota.family.lower())] = quota.limit
         for spec in scenario.scale_sets:
-            self._seed_scale_set(spec)
+            self.seed_scale_set(spec)
 
     # --- time -------------------------------------------------------------------------
 
@@ -269,7 +276,7 @@ class World:
     def sku(self, name: str) -> SkuSpec:
         return self.skus.get(name.lower()) or SkuSpec(name)
 
-    def _seed_scale_set(self, spec: ScaleSetSpec) -> None:
+    def seed_scale_set(self, spec: ScaleSetSpec) -> None:
         ss = self._new_scale_set(
             resource_group=spec.resource_group,
             name=spec.name,
@@ -861,8 +868,6 @@ class World:
             "terminateNotificationProfile"
         )
         if isinstance(terminate, Mapping):
-            from armsim.scenario import parse_iso_duration
-
             if terminate.get("enable") is False:
                 ss.terminate_notification_seconds = None
             elif terminate.get("notBeforeTimeout"):

@@ -79,3 +79,22 @@ def test_resource_skus_give_vcpus_family_and_restrictions(make_sim: SimFactory) 
     assert d4.location_info[0].zones == ["1", "2", "3"]
     assert d4.restrictions == []
     assert skus["Standard_F2s_v2"].restrictions[0].reason_code == "NotAvailableForSubscription"
+
+
+def test_one_simulator_can_be_reused_with_fresh_scale_sets(sim: ArmSim) -> None:
+    sim.actor.set_capacity("rg-web", "web", 14)
+    sim.clock.advance(60)
+    sim.clear_requests()
+    sim.clear_events()
+    sim.clear_history()
+    assert (sim.requests, sim.events, sim.history()) == ([], [], ())
+    sim.actor.create_scale_set(ScaleSetSpec("fresh", "rg-new", counts={"1": 1, "2": 1}))
+    assert sim.scale_set("rg-new", "fresh").zone_counts() == {"1": 1, "2": 1, "3": 0}
+    import pytest
+
+    from armsim import ScenarioError
+
+    with pytest.raises(ScenarioError, match="mode must be"):
+        sim.actor.create_scale_set(ScaleSetSpec("bad", "rg-new", mode="Flex"))
+    with pytest.raises(ValueError, match="already exists"):
+        sim.actor.create_scale_set(ScaleSetSpec("fresh", "rg-new"))
