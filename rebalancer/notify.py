@@ -200,6 +200,8 @@ class EventGridNotifier:
     managed identity in Azure, `az login` on a workstation), which needs the role
     *EventGrid Data Sender* on the topic. `attempts` tries per event with `backoff` seconds
     doubling in between; `timeout` bounds each attempt's connect and read. Never raises.
+    After an event is dropped, later events get a single attempt for `quiet_period` seconds,
+    so a topic that is down or hanging cannot stall a pass over many scale sets.
     `client_options` go to each `send` call (e.g. `connection_verify` for a private CA).
     """
 
@@ -208,8 +210,11 @@ class EventGridNotifier:
     attempts: int = 3
     backoff: float = 0.5
     timeout: float = 10.0
+    quiet_period: float = 300.0
     client_options: Mapping[str, Any] = field(default_factory=dict)
     sleep: Callable[[float], None] = time.sleep
+    monotonic: Callable[[], float] = time.monotonic
+    _failing_until: float = field(default=0.0, init=False, repr=False)
     _client: Any = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -234,7 +239,8 @@ class EventGridNotifier:
 
         event = self._cloud_event(notification)
         error: Exception | None = None
-        for attempt in range(1, self.attempts + 1):
+        attempts = 1 if self.monotonic() < self._failing_until else self.attempts
+        for attempt in range(1, attempts + 1):
             try:
                 self._get_client().send(
                     [event],
@@ -245,9 +251,10 @@ class EventGridNotifier:
                 )
             except (AzureError, OSError, ValueError) as failure:
                 error = failure
-                if attempt < self.attempts:
+                if attempt < attempts:
                     self.sleep(self.backoff * 2 ** (attempt - 1))
                 continue
+            self._failing_until = 0.0
             log.info(
                 "published %s for %s (%s)",
                 notification.type,
@@ -256,12 +263,13 @@ class EventGridNotifier:
                 extra={"eventType": str(notification.type), "scaleSetId": notification.source},
             )
             return True
+        self._failing_until = self.monotonic() + self.quiet_period
         log.warning(
             "could not publish %s for %s after %d attempt(s): %s; the event is dropped "
             "(check the topic endpoint and the app's EventGrid Data Sender role)",
             notification.type,
             notification.source,
-            self.attempts,
+            attempts,
             _one_line(error),
             extra={"eventType": str(notification.type), "scaleSetId": notification.source},
         )

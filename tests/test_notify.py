@@ -168,6 +168,37 @@ def test_a_failing_topic_is_retried_a_bounded_number_of_times(
     assert "dropped" in caplog.text
 
 
+def test_after_a_dropped_event_the_next_ones_get_one_attempt_for_a_while(
+    receiver: Receiver,
+) -> None:
+    now = [1000.0]
+    notifier = notifier_for(
+        receiver.endpoint, receiver.ca_path, attempts=3, quiet_period=60.0, monotonic=lambda: now[0]
+    )
+    event = notify.for_operation(*_started_and_notify())
+    receiver.statuses = [500] * 10
+    try:
+        assert notifier.publish(event) is False
+        assert len(receiver.received) == 3
+        now[0] += 30  # still within the quiet period: one attempt
+        assert notifier.publish(event) is False
+        assert len(receiver.received) == 4
+        now[0] += 61  # each drop restarts the period; now it is over: full attempts again
+        receiver.statuses = [500]
+        assert notifier.publish(event) is True
+        assert len(receiver.received) == 6
+        receiver.statuses = [500, 500]  # success reset the period
+        assert notifier.publish(event) is True
+        assert len(receiver.received) == 9
+    finally:
+        notifier.close()
+
+
+def _started_and_notify() -> tuple[op.OperationRecord, op.Notify]:
+    record, commands = started_record()
+    return record, notify_of(commands)
+
+
 def test_an_unreachable_topic_never_raises(tls: Tls) -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
