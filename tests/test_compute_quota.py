@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from rebalancer.compute.adapter import Quota, _TtlCache, sku_catalog, usage_table
+from rebalancer.compute.errors import AdapterError, ErrorKind
 
 # The body of the REST spec's Usage_List_MaximumSet_Gen example (2025-04-01).
 USAGE_EXAMPLE = {
@@ -114,3 +117,28 @@ def test_cache_serves_until_its_ttl_on_the_injected_clock() -> None:
     assert cache.get(("skus", "northeurope"), 60, load) == 2
     clock.sleep(2)
     assert cache.get(("skus", "westeurope"), 60, load) == 3
+
+
+def test_cache_remembers_a_lasting_failure_briefly_and_a_throttle_not_at_all() -> None:
+    clock = StepClock()
+    cache = _TtlCache(clock)
+    calls: list[ErrorKind] = []
+
+    def failing(kind: ErrorKind):
+        def load() -> int:
+            calls.append(kind)
+            raise AdapterError(kind, "no")
+
+        return load
+
+    for _ in range(2):
+        with pytest.raises(AdapterError):
+            cache.get(("skus", "x"), 3600, failing(ErrorKind.NOT_FOUND))
+    assert calls == [ErrorKind.NOT_FOUND]
+    clock.sleep(61)
+    with pytest.raises(AdapterError):
+        cache.get(("skus", "x"), 3600, failing(ErrorKind.NOT_FOUND))
+    for _ in range(2):
+        with pytest.raises(AdapterError):
+            cache.get(("usages", "x"), 3600, failing(ErrorKind.THROTTLED))
+    assert calls == [ErrorKind.NOT_FOUND, ErrorKind.NOT_FOUND] + [ErrorKind.THROTTLED] * 2
