@@ -208,6 +208,8 @@ class World:
         self.emit = emit
         self.now = now
         self.random = random.Random(scenario.seed)
+        """Resource names and ids: the same scenario and the same writes give the same VMs."""
+        self._ids = random.Random(f"{scenario.seed}/ids")
         self._serials = itertools.count(1)
         self._timer_seq = itertools.count()
         self._timers: list[tuple[datetime, int, Callable[[datetime], None]]] = []
@@ -246,6 +248,11 @@ class World:
         self.at(start + timedelta(seconds=seconds), action)
 
     def new_id(self) -> str:
+        """A request, correlation, event or operation id (drawn apart from resource names, so
+        the number of reads a client makes does not change the VMs' names)."""
+        return str(uuid.UUID(int=self._ids.getrandbits(128), version=4))
+
+    def new_resource_id(self) -> str:
         return str(uuid.UUID(int=self.random.getrandbits(128), version=4))
 
     def note(
@@ -363,7 +370,9 @@ class World:
     def _new_scale_set(self, **kwargs: Any) -> ScaleSetState:
         group = kwargs["resource_group"]
         self.resource_groups.setdefault(group.lower(), group)
-        ss = ScaleSetState(subscription_id=self.subscription_id, unique_id=self.new_id(), **kwargs)
+        ss = ScaleSetState(
+            subscription_id=self.subscription_id, unique_id=self.new_resource_id(), **kwargs
+        )
         self.scale_sets[ss.key] = ss
         return ss
 
@@ -385,7 +394,7 @@ class World:
             instance_id=instance_id,
             name=name,
             zone=zone,
-            vm_id=self.new_id(),
+            vm_id=self.new_resource_id(),
             created=created,
         )
         ss.vms[instance_id.lower()] = vm

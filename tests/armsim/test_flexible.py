@@ -95,3 +95,15 @@ def test_deleting_a_vm_lowers_capacity(sim: ArmSim, compute) -> None:
     poller.result(timeout=10)
     assert sim.scale_set("rg-api", "api").capacity == 3
     assert compute.virtual_machine_scale_sets.get("rg-api", "api").sku.capacity == 3
+
+
+def test_vm_names_depend_on_the_seed_and_writes_not_on_reads(make_sim) -> None:  # type: ignore[no-untyped-def]
+    def names(reads: int) -> list[str]:
+        sim = make_sim()
+        compute = sim.compute_client(retry_total=0)
+        for _ in range(reads):
+            compute.virtual_machine_scale_sets.get("rg-api", "api")
+        sim.actor.set_capacity("rg-api", "api", 6)
+        return [vm.name for vm in sim.scale_set("rg-api", "api").vms]
+
+    assert names(0) == names(3)
