@@ -157,7 +157,8 @@ def test_capacity_change_returns_at_once_and_resumes_from_its_record() -> None:
         target = ref(sim, "rg-web", "web")
         with adapter_for(sim) as adapter:
             call = adapter.set_capacity(target, 9)
-            assert call.async_operation_url and call.request_id
+            assert call.async_operation_url and call.request_id and call.correlation_id
+            assert call.client_request_id
             assert adapter.operation_status(call).state is OperationState.IN_PROGRESS
             record = json.dumps(call.to_record())
         # Another invocation, another adapter: it knows only the recorded call.
@@ -173,6 +174,13 @@ def test_capacity_change_returns_at_once_and_resumes_from_its_record() -> None:
         view = sim.scale_set("rg-web", "web")
         assert view.capacity == 9 and len(view.vms) == 9
         assert sim.requests[-1].operation == "operation.status"
+        # The write's event names our request, so the app can tell its own writes apart.
+        ours = [
+            e
+            for e in sim.events
+            if e["data"]["httpRequest"]["clientRequestId"] == call.client_request_id
+        ]
+        assert [e["eventType"] for e in ours] == ["Microsoft.Resources.ResourceWriteSuccess"]
 
 
 def test_delete_instances_uniform_ids_and_flexible_names_idempotently() -> None:

@@ -140,6 +140,8 @@ class ArmCall:
     instance_ids: tuple[str, ...] = ()
     request_id: str | None = None
     correlation_id: str | None = None
+    client_request_id: str | None = None
+    """Our `x-ms-client-request-id`: Event Grid's `data.httpRequest.clientRequestId`."""
     async_operation_url: str | None = None
     location_url: str | None = None
 
@@ -161,6 +163,7 @@ class ArmCall:
             "instance_ids": list(self.instance_ids),
             "request_id": self.request_id,
             "correlation_id": self.correlation_id,
+            "client_request_id": self.client_request_id,
             "async_operation_url": self.async_operation_url,
             "location_url": self.location_url,
         }
@@ -175,6 +178,7 @@ class ArmCall:
             instance_ids=tuple(record.get("instance_ids") or ()),
             request_id=record.get("request_id"),
             correlation_id=record.get("correlation_id"),
+            client_request_id=record.get("client_request_id"),
             async_operation_url=record.get("async_operation_url"),
             location_url=record.get("location_url"),
         )
@@ -536,6 +540,9 @@ class ComputeAdapter:
             status_code=response.status_code,
             request_id=_header(headers, "x-ms-request-id"),
             correlation_id=_header(headers, "x-ms-correlation-request-id"),
+            client_request_id=_header(
+                getattr(response.request, "headers", None), "x-ms-client-request-id"
+            ),
             async_operation_url=_header(headers, "Azure-AsyncOperation"),
             location_url=_header(headers, "Location") if response.status_code == 202 else None,
             **fields,
