@@ -402,7 +402,13 @@ class ArmSim:
     # --- events -------------------------------------------------------------------------
 
     def add_event_sink(self, sink: EventSink) -> None:
+        """Also hand every following event to `sink` (after `on_event`'s peers, in order)."""
         self._sinks.append(sink)
+
+    def remove_event_sink(self, sink: EventSink) -> None:
+        """Stop handing events to `sink`; unknown sinks are ignored."""
+        if sink in self._sinks:
+            self._sinks.remove(sink)
 
     def deliver_events_to(self, url: str) -> HttpEventDelivery:
         """POST every following event to `url` in the Event Grid schema."""

@@ -201,3 +201,18 @@ def test_a_sink_may_call_back_into_armsim_over_http(sim: ArmSim, compute) -> Non
     sim.clock.advance(31)
     assert seen == [12, 11]
     assert len(sim.events) == 2
+
+
+def test_sinks_can_be_added_and_removed(sim: ArmSim) -> None:
+    first: list[str] = []
+    second: list[str] = []
+    sim.add_event_sink(lambda e: first.append(e["id"]))
+    sink = second.append
+    sim.add_event_sink(sink)
+    sim.actor.set_capacity("rg-web", "web", 12)
+    sim.clock.advance(60)
+    sim.remove_event_sink(sink)
+    sim.remove_event_sink(print)  # unknown: ignored
+    sim.actor.set_capacity("rg-web", "web", 11)
+    sim.clock.advance(60)
+    assert len(first) == 2 and len(second) == 1
