@@ -7,6 +7,7 @@ Build one in code (`Scenario(scale_sets=(ScaleSetSpec(...),))`) or load a TOML/J
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import tomllib
@@ -206,11 +207,16 @@ def parse_iso_duration(text: str) -> int:
 _ALIASES = {"terminate_notification": "terminate_notification_seconds"}
 
 
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Type hints and fields of a scenario dataclass (cached: files can hold thousands)."""
+    return typing.get_type_hints(cls), {f.name: f for f in fields(cls)}
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, Mapping):
         raise ScenarioError(f"{where}: expected a table/object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+    hints, known = _schema(cls)
     values: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = _ALIASES.get(raw_key, raw_key)
