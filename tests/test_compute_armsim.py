@@ -175,12 +175,10 @@ def test_capacity_change_returns_at_once_and_resumes_from_its_record() -> None:
         assert view.capacity == 9 and len(view.vms) == 9
         assert sim.requests[-1].operation == "operation.status"
         # The write's event names our request, so the app can tell its own writes apart.
-        ours = [
-            e
-            for e in sim.events
-            if e["data"]["httpRequest"]["clientRequestId"] == call.client_request_id
-        ]
+        ours = [e for e in sim.events if e["data"]["correlationId"] == call.correlation_id]
         assert [e["eventType"] for e in ours] == ["Microsoft.Resources.ResourceWriteSuccess"]
+        assert ours[0]["data"]["httpRequest"]["clientRequestId"] == call.client_request_id
+        assert call.correlation_id != again.correlation_id
 
 
 def test_delete_instances_uniform_ids_and_flexible_names_idempotently() -> None:

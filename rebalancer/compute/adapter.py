@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -539,7 +540,8 @@ class ComputeAdapter:
         return ArmCall(
             status_code=response.status_code,
             request_id=_header(headers, "x-ms-request-id"),
-            correlation_id=_header(headers, "x-ms-correlation-request-id"),
+            correlation_id=_header(headers, "x-ms-correlation-request-id")
+            or _header(getattr(response.request, "headers", None), "x-ms-correlation-request-id"),
             client_request_id=_header(
                 getattr(response.request, "headers", None), "x-ms-client-request-id"
             ),
@@ -562,6 +564,7 @@ class ComputeAdapter:
                 VirtualMachineScaleSetUpdate(sku=Sku(capacity=capacity)),
                 polling=False,
                 raw_response_hook=hook,
+                headers=_correlation_headers(),
             )
 
         return self._start(
@@ -619,6 +622,7 @@ class ComputeAdapter:
                 VirtualMachineScaleSetVMInstanceRequiredIDs(instance_ids=list(ids)),
                 polling=False,
                 raw_response_hook=hook,
+                headers=_correlation_headers(),
             )
 
         try:
@@ -752,6 +756,13 @@ def usage_table(documents: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, 
                 int(usage.get("limit") or 0),
             )
     return table
+
+
+def _correlation_headers() -> dict[str, str]:
+    """A fresh correlation id for a write. ARM keeps a client's `x-ms-correlation-request-id`
+    and reports it as the `correlationId` of the write's activity log entry and Event Grid
+    event, so the app can match events to the writes it made."""
+    return {"x-ms-correlation-request-id": str(uuid.uuid4())}
 
 
 def _names_missing_instances(error: AdapterError) -> bool:
