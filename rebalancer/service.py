@@ -57,8 +57,9 @@ def build_runtime(env: Mapping[str, str]) -> Runtime:
     from rebalancer.notify import EventGridNotifier
     from rebalancer.reconciler import Reconciler
     from rebalancer.store import open_store
-    from rebalancer.telemetry import Telemetry
+    from rebalancer.telemetry import Telemetry, flatten_dimensions
 
+    flatten_dimensions()
     settings = load_settings(env)
     store = open_store(env, table_prefix=settings.table_prefix)
     compute = ComputeAdapter(ArmConfig.from_settings(settings))

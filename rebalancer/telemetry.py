@@ -306,3 +306,35 @@ class Telemetry:
                     instrument = meter.create_counter(str(metric), unit=unit)
                 self._instruments[metric] = instrument
             return instrument
+
+
+# -- decision logs ---------------------------------------------------------------------------
+
+
+class FlatDimensions(logging.Filter):
+    """Copy a record's `custom_dimensions` dict onto the record as flat attributes.
+
+    The reconciler's decision lines carry `extra={"custom_dimensions": {...}}`. The
+    OpenTelemetry distro turns each record attribute into one `customDimensions` key, but a
+    dict would arrive as one opaque string; flat attributes arrive as columns (`scaleSetId`,
+    `operation`, `state`, `reason`, ...). Values that are not str/int/float/bool become JSON.
+    An attribute the record already has is left alone.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        dims = getattr(record, "custom_dimensions", None)
+        if isinstance(dims, Mapping):
+            for key, value in dims.items():
+                if not isinstance(key, str) or hasattr(record, key):
+                    continue
+                if not isinstance(value, str | int | float | bool):
+                    value = json.dumps(value, sort_keys=True, default=str)
+                setattr(record, key, value)
+        return True
+
+
+def flatten_dimensions(logger: logging.Logger | None = None) -> None:
+    """Install `FlatDimensions` on the `rebalancer` logger (once; idempotent)."""
+    target = logger or logging.getLogger("rebalancer")
+    if not any(isinstance(f, FlatDimensions) for f in target.filters):
+        target.addFilter(FlatDimensions())

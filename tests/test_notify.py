@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import replace
@@ -228,6 +229,7 @@ def test_default_credential_is_not_built_before_the_first_publish(
 
 def test_the_runtime_publishes_only_when_a_topic_is_configured() -> None:
     from rebalancer.service import build_runtime
+    from rebalancer.telemetry import FlatDimensions
 
     env = {
         "REBALANCER_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000000",
@@ -243,6 +245,7 @@ def test_the_runtime_publishes_only_when_a_topic_is_configured() -> None:
     assert notifier.endpoint == endpoint
     assert wired.reconciler.telemetry.notifier is notifier
     assert notifier._client is None  # nothing is built or imported before the first event
+    assert any(isinstance(f, FlatDimensions) for f in logging.getLogger("rebalancer").filters)
     for runtime in (plain, wired):
         runtime.store.close()
         runtime.reconciler.compute.close()

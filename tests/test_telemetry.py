@@ -300,3 +300,31 @@ def test_measurements_reach_a_real_opentelemetry_meter_provider() -> None:
     assert balance.sum == 300
     (gauge,) = points["rebalancer.scale_sets.imbalanced"]
     assert gauge.value == 1  # the last audit's number
+
+
+def test_decision_lines_get_flat_dimensions_for_application_insights(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from rebalancer.telemetry import flatten_dimensions
+
+    logger = logging.getLogger("rebalancer.test-flat")
+    flatten_dimensions(logger)
+    flatten_dimensions(logger)  # idempotent
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.INFO, logger="rebalancer.test-flat"):
+        logger.info(
+            "decided",
+            extra={
+                "custom_dimensions": {
+                    "scaleSetId": "/x",
+                    "zones": {"1": 2},
+                    "balanced": False,
+                    "name": "must not replace the logger name",
+                }
+            },
+        )
+    (record,) = [r for r in caplog.records if r.name == "rebalancer.test-flat"]
+    assert record.scaleSetId == "/x"  # type: ignore[attr-defined]
+    assert record.zones == '{"1": 2}'  # type: ignore[attr-defined]
+    assert record.balanced is False  # type: ignore[attr-defined]
+    assert record.name == "rebalancer.test-flat"
