@@ -17,6 +17,7 @@ import importlib
 import json
 import logging
 import queue
+import re
 import signal
 import sys
 import threading
@@ -192,6 +193,9 @@ class OperationView:
     moves: int
     """VMs moved: the deleted sources of a succeeded operation, else 0."""
     planned: int
+    reason: str
+    """The code of its last transition (docs/operations.md), e.g. `new_vms_placed`."""
+    updated_at: datetime
     says: str
     """Where it stands, in words."""
 
@@ -375,6 +379,8 @@ def describe_verdict(body: str | None) -> str:
     decision, reason, detail = verdict.get("decision"), verdict.get("reason"), verdict.get("detail")
     if verdict.get("balanced"):
         return "balanced: nothing to do"
+    if decision == "move":
+        return f"out of balance: {str(detail).split(';', 1)[0]}"
     if reason == "not_opted_in":
         return f"out of balance; {detail or 'not opted in'}"
     if reason == "cooldown":
@@ -394,7 +400,8 @@ def news_between(previous: tuple[SetView, ...], current: tuple[SetView, ...]) ->
             seen = old_ops.get(operation.operation_id)
             if seen is None or (seen.state, seen.says) != (operation.state, operation.says):
                 lines.append(f"{s.name}: operation {operation.state}: {operation.says}")
-        if old is not None and old.verdict != s.verdict and s.in_flight is None:
+        fresh = not s.verdict.startswith("last operation")  # that news was told already
+        if old is not None and old.verdict != s.verdict and s.in_flight is None and fresh:
             lines.append(f"{s.name}: {s.verdict}")
         if old is not None and old.counts != s.counts:
             lines.append(f"{s.name}: VMs per zone now {format_counts(s.counts)}")
@@ -655,11 +662,20 @@ def _outside_event(payload: Mapping[str, Any], settings: Settings, sim: ArmSim) 
     if principal == settings.app_principal_id:
         return []
     name = str(payload.get("subject", "")).rsplit("/", 1)[-1]
-    until = sim.clock.now() + settings.cooldown
+    until = _event_time(payload, sim.clock.now()) + settings.cooldown
     return [
         f"Event Grid -> on_resource_event: {data.get('operationName')} on {name} by someone "
         f"else; {name} cools down until {until:%H:%M:%S}"
     ]
+
+
+def _event_time(payload: Mapping[str, Any], default: datetime) -> datetime:
+    """`eventTime` (ARM writes 7 fractional digits; Python reads up to 6)."""
+    text = str(payload.get("eventTime", ""))
+    try:
+        return datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", text).replace("Z", "+00:00"))
+    except ValueError:
+        return default
 
 
 def _picture(
@@ -743,7 +759,7 @@ def _set_view(
         counts=MappingProxyType(view.zone_counts()),
         protected=protected,
         operations=tuple(operations),
-        verdict=describe_verdict(assessment.body if assessment else None),
+        verdict=_status(operations, assessment),
     )
 
 
@@ -760,10 +776,21 @@ def _operations(store: Any, key: str) -> tuple[OperationView, ...]:
                 active=record.active,
                 moves=len(record.sources) if record.state is State.SUCCEEDED else 0,
                 planned=record.k,
+                reason=str(record.history[-1].reason) if record.history else "",
+                updated_at=record.updated_at,
                 says=describe_operation(record),
             )
         )
     return tuple(views)
+
+
+def _status(operations: tuple[OperationView, ...], assessment: Any) -> str:
+    """The app's verdict, unless an operation finished since it was recorded."""
+    last = operations[-1] if operations else None
+    newer = last is not None and (assessment is None or assessment.at < last.updated_at)
+    if last is not None and not last.active and newer:
+        return f"last operation {last.state}: {last.says}"
+    return describe_verdict(assessment.body if assessment else None)
 
 
 _MARK_ORDER = (VmMark.PROTECTED, VmMark.RUNNING, VmMark.OTHER, VmMark.NEW, VmMark.DELETING)

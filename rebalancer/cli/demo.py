@@ -277,7 +277,8 @@ def set_table(view: SetView) -> Any:
         table.add_row(f"zone {zone}", bar, str(view.counts.get(zone, 0)))
     operation = view.in_flight
     if operation is not None:
-        caption = Text(f"{operation.state}: ", style="bold yellow")
+        caption = Text(f"{operation.state}", style="bold yellow")
+        caption.append(f" ({operation.reason}): " if operation.reason else ": ", style="dim")
         caption.append(operation.says, style="default")
     else:
         caption = Text(view.verdict)
