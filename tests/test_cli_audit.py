@@ -236,6 +236,17 @@ def test_table_output_and_resource_group_scope(
             6,
             ("1200 s",),
         ),
+        (
+            FaultRule(
+                "error",
+                operation="vmss.list_all",
+                status=401,
+                code="InvalidAuthenticationTokenTenant",
+                message="The access token is from the wrong issuer.",
+            ),
+            5,
+            ("az login --tenant",),
+        ),
     ],
 )
 def test_listing_failures_exit_with_their_code(

@@ -151,6 +151,12 @@ def _fatal(error, subscription: str, endpoint: str) -> CliError:
     from rebalancer.compute import ErrorKind
 
     kind = error.kind
+    if (error.code or "").lower() == "invalidauthenticationtokentenant":
+        return CliError(
+            f"subscription {subscription} belongs to another Entra ID tenant than your login: "
+            "run `az login --tenant <its tenant>` (or check --subscription).",
+            EXIT_SUBSCRIPTION_NOT_FOUND,
+        )
     if kind is ErrorKind.UNAUTHENTICATED:
         return CliError(
             "not logged in to Azure: run `az login` (or configure a managed identity or the "
