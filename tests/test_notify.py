@@ -249,3 +249,44 @@ def test_the_runtime_publishes_only_when_a_topic_is_configured() -> None:
     for runtime in (plain, wired):
         runtime.store.close()
         runtime.reconciler.compute.close()
+
+
+def test_an_operation_completes_while_the_topic_fails(
+    store, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Failure isolation end to end: every publish gets HTTP 500, the move still finishes."""
+    from armsim import ScaleSetSpec, Scenario
+    from rebalancer.model import ScaleSetRef
+    from rebalancer.telemetry import Telemetry
+    from tests.stack import running_stack
+
+    receiver.statuses = [500] * 100
+    scenario = Scenario(
+        scale_sets=(
+            ScaleSetSpec(
+                "web", "rg-web", counts={"1": 1, "2": 3, "3": 3}, tags={"zone-rebalance": "enabled"}
+            ),
+        )
+    )
+    notifier = notifier_for(receiver.endpoint, receiver.ca_path, attempts=2)
+    with running_stack(scenario, store) as stack, caplog.at_level("WARNING", "rebalancer"):
+        ref = ScaleSetRef.parse(stack.sim.scale_set("rg-web", "web").id)
+        reconciler = stack.reconciler(on_notify=notifier, telemetry=Telemetry(notifier=notifier))
+        reconciler.reconcile(ref)
+        for _ in range(120):
+            if store.active_operation(ref.key) is None:
+                break
+            stack.sim.advance(30)
+            reconciler.reconcile(ref)
+        counts = stack.counts("rg-web", "web")
+    notifier.close()
+    (finished,) = store.history(ref.key)
+    assert finished.state == "succeeded"
+    assert sorted(counts.values()) == [2, 2, 3]
+    dropped = [r for r in caplog.records if "could not publish" in r.getMessage()]
+    assert {r.getMessage().split()[3] for r in dropped} == {
+        "Rebalancer.ScaleSetImbalanced",
+        "Rebalancer.OperationStarted",
+        "Rebalancer.OperationSucceeded",
+    }
+    assert len(receiver.received) == 2 + 1 + 1  # full attempts once, then one per event
