@@ -178,3 +178,55 @@ def test_verdicts_read_as_plain_words():
         {"balanced": False, "decision": "skip", "reason": "no_eligible_source", "detail": "x"}
     )
     assert describe_verdict(body) == "skip (no eligible source): x"
+
+
+def test_without_azurite_the_demo_says_what_is_wrong_and_leaves_nothing(tmp):
+    env = {**os.environ, "TMPDIR": str(tmp), "AZURITE_TABLE": str(tmp / "missing")}
+    result = subprocess.run(
+        [sys.executable, "-m", "rebalancer", "demo", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"rebalancer demo: AZURITE_TABLE={str(tmp / 'missing')!r} is not a file"
+    )
+    assert list(tmp.iterdir()) == []
+
+
+def test_each_scale_set_gets_a_one_line_story():
+    from datetime import UTC, datetime
+
+    from rebalancer.cli.demo import story
+    from rebalancer.demo import OperationView, SetSummary
+
+    def summary(mode: str, operations: tuple[OperationView, ...], **counts: Any) -> SetSummary:
+        return SetSummary(
+            name="web",
+            id="/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/"
+            "virtualMachineScaleSets/web",
+            orchestration="Uniform",
+            mode=mode,
+            before=counts.get("before", {"1": 1, "2": 3}),
+            after=counts.get("after", {"1": 2, "2": 2}),
+            balanced=True,
+            operations=operations,
+            protected_before=("web_1",),
+            protected_after=("web_1",),
+        )
+
+    def operation(state: str, moves: int) -> OperationView:
+        at = datetime(2026, 11, 20, 9, tzinfo=UTC)
+        return OperationView("op", state, False, moves, 1, "moves_done", at, "done")
+
+    moved = story(summary("enforce", (operation("succeeded", 1), operation("rolled_back", 0))))
+    assert moved == (
+        "1 VM(s) moved, each new VM healthy before its source was deleted; "
+        "1 operation(s) ended rolled_back; its 1 protected VMs kept"
+    )
+    assert story(summary("audit", ())) == "not opted in: reported, never changed"
+    assert story(summary("enforce", ())) == "already balanced: left alone"
