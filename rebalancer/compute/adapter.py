@@ -290,18 +290,40 @@ class ComputeAdapter:
                 max_wait=self.config.max_wait,
                 attempts=self.config.retry_attempts,
             ),
-            "connection_timeout": self.config.connection_timeout,
-            "read_timeout": self.config.read_timeout,
+            "transport": self._transport(),
             "polling_interval": 0,
         }
-        if self.config.ca_cert:
-            options["connection_verify"] = self.config.ca_cert
         return ComputeManagementClient(
             credential,
             self.config.subscription_id,
             base_url=self.config.endpoint.rstrip("/"),
             **options,
         )
+
+    def _transport(self) -> Any:
+        """requests' default pool keeps 10 connections per host; the audit's threads need one
+        each, or connections are dropped and opened again (a TLS handshake per request)."""
+        import requests
+        from azure.core.pipeline.transport import RequestsTransport
+        from urllib3.util.retry import Retry
+
+        pool = max(10, self.config.audit_concurrency + 2)
+        session = requests.Session()
+        session.mount(
+            "https://",
+            requests.adapters.HTTPAdapter(
+                pool_connections=pool,
+                pool_maxsize=pool,
+                max_retries=Retry(total=False, redirect=False, raise_on_status=False),
+            ),
+        )
+        options: dict[str, Any] = {
+            "connection_timeout": self.config.connection_timeout,
+            "read_timeout": self.config.read_timeout,
+        }
+        if self.config.ca_cert:
+            options["connection_verify"] = self.config.ca_cert
+        return RequestsTransport(session=session, session_owner=True, **options)
 
     def close(self) -> None:
         with self._lock:
