@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -171,7 +172,7 @@ SETTINGS_SHOWN = (
 # -- what the observer sees --------------------------------------------------------------
 
 
-class VmMark:
+class VmMark(StrEnum):
     """How one VM is drawn: the kinds a zone's bar is made of."""
 
     RUNNING = "running"
@@ -192,7 +193,6 @@ class OperationView:
     active: bool
     moves: int
     """VMs moved: the deleted sources of a succeeded operation, else 0."""
-    planned: int
     reason: str
     """The code of its last transition (docs/operations.md), e.g. `new_vms_placed`."""
     updated_at: datetime
@@ -210,7 +210,6 @@ class SetView:
     mode: str
     """What the app does with it: `enforce` (moves VMs), `audit` (reports), `disabled`."""
     tag: str | None
-    capacity: int
     zones: Mapping[str, tuple[str, ...]]
     """Zone -> the VMs in it that count as capacity (and deleting ones), as `VmMark` kinds."""
     counts: Mapping[str, int]
@@ -310,7 +309,7 @@ def is_balanced(counts: Mapping[str, int]) -> bool:
 
 
 def summarize(
-    before: tuple[SetView, ...], after: tuple[SetView, ...], frame: Frame, converged: bool
+    before: tuple[SetView, ...], after: tuple[SetView, ...], frame: Frame, settled: bool
 ) -> Summary:
     first = {s.id: s for s in before}
     sets = tuple(
@@ -328,7 +327,7 @@ def summarize(
         )
         for s in after
     )
-    return Summary(sets, converged, frame.elapsed, frame.tick, frame.events)
+    return Summary(sets, settled, frame.elapsed, frame.tick, frame.events)
 
 
 def converged(sets: tuple[SetView, ...]) -> bool:
@@ -630,7 +629,7 @@ def _drive(
         done = not script and not retry and converged(current)
         calm = calm + 1 if done else 0
         if calm > SETTLE_TICKS or now - start >= TIME_LIMIT:
-            return summarize(first, current, frame, converged=done)
+            return summarize(first, current, frame, settled=done)
         sleep(pace)
         sim.advance(TICK.total_seconds())
 
@@ -752,7 +751,6 @@ def _set_view(
         orchestration=view.mode,
         mode=mode,
         tag=tag,
-        capacity=view.capacity,
         zones=MappingProxyType(
             {z: tuple(sorted(m, key=_MARK_ORDER.index)) for z, m in zones.items()}
         ),
@@ -775,7 +773,6 @@ def _operations(store: Any, key: str) -> tuple[OperationView, ...]:
                 state=str(record.state),
                 active=record.active,
                 moves=len(record.sources) if record.state is State.SUCCEEDED else 0,
-                planned=record.k,
                 reason=str(record.history[-1].reason) if record.history else "",
                 updated_at=record.updated_at,
                 says=describe_operation(record),

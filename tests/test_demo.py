@@ -221,7 +221,7 @@ def test_each_scale_set_gets_a_one_line_story():
 
     def operation(state: str, moves: int) -> OperationView:
         at = datetime(2026, 11, 20, 9, tzinfo=UTC)
-        return OperationView("op", state, False, moves, 1, "moves_done", at, "done")
+        return OperationView("op", state, False, moves, "moves_done", at, "done")
 
     moved = story(summary("enforce", (operation("succeeded", 1), operation("rolled_back", 0))))
     assert moved == (
