@@ -283,6 +283,14 @@ AUTHORIZATION_FAILED = (
             {},
         ),
         (FaultRule("reset", operation="vmss.update", count=None), ErrorKind.TRANSIENT, {}),
+        (
+            FaultRule(
+                "error", operation="vmss.update", status=401, code="ExpiredAuthenticationToken"
+            ),
+            ErrorKind.UNAUTHENTICATED,
+            {},
+        ),
+        (FaultRule("not_found", operation="vmss.update"), ErrorKind.NOT_FOUND, {"status": 404}),
     ],
 )
 def test_failures_are_classified(rule: FaultRule, kind: ErrorKind, extra: dict[str, str]) -> None:
