@@ -161,3 +161,20 @@ def test_mistakes_are_reported_with_what_to_do(capsys: pytest.CaptureFixture[str
     assert "--connection-string" in str(caught.value)
     with pytest.raises(CliError, match="must start with https://"):
         status.run(args_of("--table-endpoint", "http://acct.table.core.windows.net"), {})
+
+
+def test_an_unreachable_account_fails_with_what_to_check() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cs = (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+        f"KBHBeksoGMGw==;TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+    )
+    with pytest.raises(CliError, match="Table Storage") as caught:
+        status.run(args_of("--connection-string", cs), {})
+    assert caught.value.exit_code == 1
+    assert "retry" in str(caught.value)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -384,6 +385,10 @@ def run(
                 "(/subscriptions/.../resourceGroups/.../providers/Microsoft.Compute/"
                 "virtualMachineScaleSets/NAME)"
             ) from error
+    # The credential chain's own warning repeats what the error below says.
+    identity_log = logging.getLogger("azure.identity")
+    level = identity_log.level
+    identity_log.setLevel(logging.ERROR)
     store = open_status_store(args, env)
     try:
         with store:
@@ -404,7 +409,15 @@ def run(
                     per_scale_set=args.limit or 10,
                 )
     except StoreError as error:
-        raise CliError(f"Table Storage: {error}", EXIT_FAILURE) from error
+        hint = ""
+        if args.table_endpoint:
+            hint = (
+                " (for --table-endpoint, `az login` as someone with Storage Table Data Reader "
+                "on the account)"
+            )
+        raise CliError(f"Table Storage: {error}{hint}", EXIT_FAILURE) from error
+    finally:
+        identity_log.setLevel(level)
     if args.json:
         print(json.dumps(report, indent=2))
     elif ref is not None:
