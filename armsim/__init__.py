@@ -7,6 +7,7 @@ The real azure-mgmt-compute client talks to it over HTTPS. Start one with
 from armsim.auth import SimCredential
 from armsim.clock import VirtualClock, WallClock
 from armsim.faults import FaultRule
+from armsim.resources import VmChange
 from armsim.scenario import (
     QuotaSpec,
     ScaleSetSpec,
@@ -19,7 +20,6 @@ from armsim.scenario import (
     load_scenario,
 )
 from armsim.testing import ArmSim, OperationView, ScaleSetView, VmView
-from armsim.world import VmChange
 
 __all__ = [
     "ArmSim",

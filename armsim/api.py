@@ -21,8 +21,8 @@ from armsim.clock import iso
 from armsim.errors import ArmError, bad_request, entity_not_found
 from armsim.events import OBJECT_ID_CLAIM
 from armsim.faults import REQUEST_KINDS
+from armsim.resources import VM_TYPE, VMSS_TYPE, Caller, Operation
 from armsim.throttling import throttle_error_for_fault
-from armsim.world import VM_TYPE, VMSS_TYPE, Caller, Operation
 
 if TYPE_CHECKING:
     from armsim.testing import ArmSim

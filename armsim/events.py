@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from armsim.clock import iso
-from armsim.world import Caller
+from armsim.resources import Caller
 
 OBJECT_ID_CLAIM = "http://schemas.microsoft.com/identity/claims/objectidentifier"
 TENANT_ID_CLAIM = "http://schemas.microsoft.com/identity/claims/tenantid"

@@ -11,8 +11,8 @@ from datetime import datetime
 from typing import Any
 
 from armsim.clock import iso
+from armsim.resources import VM_TYPE, VMSS_TYPE, Operation, ScaleSetState, Vm
 from armsim.scenario import SkuSpec
-from armsim.world import VM_TYPE, VMSS_TYPE, Operation, ScaleSetState, Vm
 
 HEALTH_EXTENSION = "ApplicationHealthLinux"
 _HEALTH_TEXT = {

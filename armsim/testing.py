@@ -27,10 +27,11 @@ from armsim.clock import Clock, VirtualClock
 from armsim.errors import OperationFailure
 from armsim.events import EventFacts, EventSink, HttpEventDelivery, build_event
 from armsim.faults import Faults
+from armsim.resources import VMSS_TYPE, Caller, Operation, ScaleSetState, Vm, VmChange
 from armsim.scenario import ScaleSetSpec, Scenario
 from armsim.server import SimHTTPServer, make_certificates
 from armsim.throttling import Throttle
-from armsim.world import VMSS_TYPE, Caller, Operation, ScaleSetState, Vm, VmChange, World
+from armsim.world import World
 
 ARM_SCOPE = "https://management.azure.com/.default"
 

@@ -13,7 +13,6 @@ import random
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,6 +25,17 @@ from armsim.errors import (
     resource_not_found,
 )
 from armsim.faults import HEALTH_KINDS, OPERATION_KINDS, PLACEMENT_KINDS, Faults
+from armsim.placement import placement_order, scale_in_order
+from armsim.resources import (
+    DEFAULT_LIMIT,
+    VM_TYPE,
+    VMSS_TYPE,
+    Caller,
+    Operation,
+    ScaleSetState,
+    Vm,
+    VmChange,
+)
 from armsim.scenario import (
     ScaleSetSpec,
     Scenario,
@@ -34,160 +44,6 @@ from armsim.scenario import (
     VmOverride,
     parse_iso_duration,
 )
-
-VMSS_TYPE = "Microsoft.Compute/virtualMachineScaleSets"
-VM_TYPE = "Microsoft.Compute/virtualMachines"
-DEFAULT_LIMIT = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who sent a write, as Event Grid reports it."""
-
-    principal_id: str
-    claims: Mapping[str, str]
-    method: str
-    url: str
-    client_request_id: str
-    correlation_id: str
-    client_ip: str = "127.0.0.1"
-
-
-@dataclass(frozen=True, slots=True)
-class VmChange:
-    """One entry of the VM journal: what happened to a VM, when, and who caused it."""
-
-    time: datetime
-    scale_set_id: str
-    instance_id: str
-    zone: str | None
-    change: str
-    """created, provisioned, failed, health, deleting, deleted, power, protection."""
-    value: str | None
-    """The new health, power state or failure code, where the change has one."""
-    health: str | None
-    """The VM's health at the time (after the change)."""
-    protected: bool
-    """Protected from scale-in or from scale set actions at the time."""
-    principal_id: str | None
-    """Caller of the operation behind the change (None for the platform's own steps)."""
-
-
-@dataclass(eq=False)
-class Vm:
-    serial: int
-    scale_set: ScaleSetState
-    instance_id: str
-    """Uniform: "0", "1", ...; Flexible: the VM name (what delete_instances takes)."""
-    name: str
-    zone: str | None
-    vm_id: str
-    created: datetime
-    provisioning_state: str = "Creating"
-    power_state: str = "starting"
-    health: str | None = None
-    protect_from_scale_in: bool = False
-    protect_from_scale_set_actions: bool = False
-    latest_model: bool = True
-    failure: OperationFailure | None = None
-    allocated: bool = False
-    """Holds a zone capacity slot and counts in quota usage."""
-    gone: bool = False
-    waiters: set[Operation] = field(default_factory=set)
-
-    @property
-    def counts(self) -> bool:
-        return self.provisioning_state not in ("Deleting", "Failed") and not self.gone
-
-    @property
-    def resource_id(self) -> str:
-        ss = self.scale_set
-        if ss.mode == "Flexible":
-            return (
-                f"/subscriptions/{ss.subscription_id}/resourceGroups/{ss.resource_group}"
-                f"/providers/{VM_TYPE}/{self.name}"
-            )
-        return f"{ss.resource_id}/virtualMachines/{self.instance_id}"
-
-    def sort_key(self) -> tuple[int, int | str]:
-        return (0, int(self.instance_id)) if self.instance_id.isdigit() else (1, self.serial)
-
-
-@dataclass(eq=False)
-class ScaleSetState:
-    subscription_id: str
-    resource_group: str
-    name: str
-    location: str
-    mode: str
-    sku: str
-    zones: tuple[str, ...]
-    capacity: int
-    tags: dict[str, str]
-    health_monitoring: str
-    platform_rebalancing: bool
-    zone_balance: bool
-    terminate_notification_seconds: int | None
-    new_vm_health: str
-    unique_id: str
-    created: datetime
-    provisioning_state: str = "Succeeded"
-    vms: dict[str, Vm] = field(default_factory=dict)
-    next_instance_id: int = 0
-    model_op: Operation | None = None
-    active_ops: int = 0
-    hold: ArmError | None = None
-    deleted: bool = False
-    extra_model: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def resource_id(self) -> str:
-        return (
-            f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
-            f"/providers/{VMSS_TYPE}/{self.name}"
-        )
-
-    @property
-    def key(self) -> str:
-        return f"{self.resource_group}/{self.name}".lower()
-
-    def members(self) -> list[Vm]:
-        """VMs that hold a place in `sku.capacity` (everything not being deleted)."""
-        return [vm for vm in self.vms.values() if vm.provisioning_state != "Deleting"]
-
-    def zone_counts(self) -> dict[str | None, int]:
-        counts: dict[str | None, int] = dict.fromkeys(self.zones or (None,), 0)
-        for vm in self.vms.values():
-            if vm.counts:
-                counts[vm.zone] = counts.get(vm.zone, 0) + 1
-        return counts
-
-
-@dataclass(eq=False)
-class Operation:
-    id: str
-    kind: str
-    """`write`, `delete` or `action`: which Event Grid event type family it ends in."""
-    operation_name: str
-    resource_id: str
-    location: str
-    caller: Caller
-    start: datetime
-    scale_set: ScaleSetState | None
-    not_before: datetime
-    result: str | None = None
-    """What the `Location` monitor answers when done: `vmss` (the scale set), or None."""
-    status: str = "InProgress"
-    end: datetime | None = None
-    failure: OperationFailure | None = None
-    pending_failure: OperationFailure | None = None
-    waiting: dict[int, str] = field(default_factory=dict)
-    """VM serial -> what the operation waits for: `provisioned` or `gone`."""
-    on_done: list[Callable[[Operation], None]] = field(default_factory=list)
-
-    @property
-    def done(self) -> bool:
-        return self.status != "InProgress"
 
 
 class World:
@@ -739,17 +595,14 @@ class World:
         if delta > 0:
             self._scale_out(ss, delta, op)
         elif delta < 0:
-            for vm in self._scale_in_order(ss, members, -delta):
+            for vm in scale_in_order(members, ss.zone_counts(), -delta):
                 self.start_delete(vm, op, self.now)
 
     def _scale_out(self, ss: ScaleSetState, count: int, op: Operation) -> None:
         counts = ss.zone_counts()
         zones: list[str | None] = list(ss.zones) if ss.zones else [None]
         for _ in range(count):
-            ranked = sorted(zones, key=lambda z: (counts.get(z, 0), zones.index(z)))
-            if ss.zone_balance:
-                lowest = counts.get(ranked[0], 0)
-                ranked = [z for z in ranked if counts.get(z, 0) == lowest]
+            ranked = placement_order(zones, counts, strict=ss.zone_balance)
             chosen = None
             for zone in ranked:
                 if not self.has_room(ss, zone):
@@ -769,28 +622,6 @@ class World:
             self.wait_for(op, vm, "provisioned")
             self.note(vm, "created", principal_id=op.caller.principal_id)
             self.after(self.now, self.timings.create, lambda at, vm=vm: self._provisioned(vm, at))
-
-    @staticmethod
-    def _scale_in_order(ss: ScaleSetState, members: list[Vm], count: int) -> list[Vm]:
-        """The platform's default scale-in: failed first, then balance zones, highest id."""
-        candidates = [vm for vm in members if not vm.protect_from_scale_in]
-        chosen: list[Vm] = []
-        failed = sorted(
-            (vm for vm in candidates if vm.provisioning_state == "Failed"),
-            key=Vm.sort_key,
-            reverse=True,
-        )
-        chosen.extend(failed[:count])
-        remaining = [vm for vm in candidates if vm not in chosen]
-        counts = ss.zone_counts()
-        while len(chosen) < count and remaining:
-            zones_with = {vm.zone for vm in remaining}
-            zone = max(zones_with, key=lambda z: (counts.get(z, 0), str(z)))
-            pick = max((vm for vm in remaining if vm.zone == zone), key=Vm.sort_key)
-            chosen.append(pick)
-            remaining.remove(pick)
-            counts[zone] = counts.get(zone, 0) - 1
-        return chosen
 
     def update_scale_set(
         self, ss: ScaleSetState, body: Mapping[str, Any], caller: Caller
