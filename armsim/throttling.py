@@ -56,8 +56,9 @@ DEFAULT_POLICIES: Mapping[str, Policy] = {
 
 # Which policies each operation is charged to (by name; see DEFAULT_POLICIES).
 CHARGES: Mapping[str, tuple[str, ...]] = {
-    "vmss.list_all": ("reads", VMSS_HIGH_COST_GET_SUB.name),
-    "vmss.list": ("reads", VMSS_HIGH_COST_GET_SUB.name),
+    # Compute documents no bucket for listing scale sets: only ARM's reads.
+    "vmss.list_all": ("reads",),
+    "vmss.list": ("reads",),
     "vmss.get": ("reads", VMSS_LOW_COST_GET.name),
     "vmss.get_instance_view": ("reads", VMSS_HIGH_COST_GET.name, VMSS_HIGH_COST_GET_SUB.name),
     "vmss_vm.list": ("reads", VMSS_HIGH_COST_GET.name, VMSS_HIGH_COST_GET_SUB.name),
