@@ -3,10 +3,11 @@ app's real Functions handlers, in accelerated virtual time.
 
 `run_demo(observer)` starts Azurite and armsim on 127.0.0.1, seeds the fleet below, plays the
 script (an autoscale scale-out into a zone without capacity, the capacity coming back), and
-then, tick by tick: hands every event armsim emits to the Event Grid function (decoded by the
-azure.functions converter, as the host does), calls the timer function, and moves virtual time
-on. After each tick it gives the observer a `Frame` (what the fleet looks like and what just
-happened). It returns a `Summary` and always stops what it started, also on Ctrl-C.
+then, tick by tick: hands every event armsim emits to the Event Grid function twice (decoded
+by the azure.functions converter, as the host does; Event Grid delivers at least once), calls
+the timer function, and moves virtual time on. After each tick it gives the observer a `Frame`
+(what the fleet looks like and what just happened). It returns a `Summary` and always stops
+what it started, also on Ctrl-C.
 
 `python -m rebalancer demo` (`rebalancer/cli/demo.py`) draws the frames; docs/demo.md.
 """
@@ -616,6 +617,7 @@ def _drive(
             news.extend(_outside_event(payload, settings, sim))
             try:
                 app.event(payload)
+                app.event(payload)  # at-least-once delivery: the app must act only once
                 delivered += 1
             except service.TransientFailure:
                 retry.append(payload)  # Event Grid delivers it again later

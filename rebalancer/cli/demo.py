@@ -41,7 +41,8 @@ WHAT_IT_DOES = (
 HOW_IT_RUNS = (
     "Nothing here touches Azure: armsim (a simulated Azure Compute API) and Azurite (Table "
     "Storage) run on 127.0.0.1, and the app's real Azure Functions handlers get the Event Grid "
-    "events armsim emits and a timer tick every 30 s of virtual time."
+    "events armsim emits (each twice, as Event Grid may deliver it: the app acts once) and a "
+    "timer tick every 30 s of virtual time."
 )
 
 _MARKS = {
