@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from armsim import ArmSim, FaultRule, ScaleSetSpec, Scenario, VmOverride
+from armsim import ArmSim, FaultRule, QuotaSpec, ScaleSetSpec, Scenario, SkuSpec, VmOverride
 from armsim.errors import ArmError
 from rebalancer.budget import Budget, parse_remaining_header
 from rebalancer.compute import (
@@ -23,6 +23,7 @@ from rebalancer.compute import (
     ComputeAdapter,
     ErrorKind,
     OperationState,
+    Quota,
     ScaleSetGone,
 )
 from rebalancer.compute.clock import VirtualTime
@@ -459,3 +460,46 @@ def test_remaining_headers_slow_the_audit_before_azure_says_no(reads_headers: bo
         assert all(not isinstance(r, AdapterError) for r in results)
     else:
         assert throttled > 0  # without the headers, its own 20% budget alone is too late
+
+
+# --- quota --------------------------------------------------------------------------------
+
+
+def test_quota_of_a_size_in_a_location_is_read_once_and_cached() -> None:
+    scenario = Scenario(
+        skus=(
+            SkuSpec("Standard_D4s_v5", vcpus=4, family="standardDSv5Family"),
+            SkuSpec(
+                "Standard_E2s_v5",
+                vcpus=2,
+                family="standardESv5Family",
+                unavailable_locations=("westeurope",),
+            ),
+        ),
+        quotas=(
+            QuotaSpec("westeurope", "standardDSv5Family", 40),
+            QuotaSpec("westeurope", "cores", 100),
+        ),
+        scale_sets=(ScaleSetSpec("web", "rg-web", sku="Standard_D4s_v5", counts={"1": 3, "2": 3}),),
+    )
+    with ArmSim.start(scenario) as sim, adapter_for(sim, usage_cache_ttl=300) as adapter:
+        quota = adapter.quota("westeurope", "standard_d4s_v5")
+        assert quota == Quota(
+            family="standardDSv5Family",
+            used_vcpus=24,
+            limit_vcpus=40,
+            vcpus_per_vm=4,
+            regional_used_vcpus=24,
+            regional_limit_vcpus=100,
+        )
+        assert quota.headroom_vms == 4
+        assert adapter.quota("westeurope", "Standard_D4s_v5") == quota
+        with pytest.raises(AdapterError) as caught:
+            adapter.quota("westeurope", "Standard_E2s_v5")
+        assert caught.value.kind is ErrorKind.SKU_UNAVAILABLE
+        assert operations(sim) == {"sku.list": 1, "usage.list": 1}
+        sim.advance(301)  # usages expire, SKUs do not
+        adapter.quota("westeurope", "Standard_D4s_v5")
+        assert operations(sim) == {"sku.list": 1, "usage.list": 2}
+        sku_list = next(r for r in sim.requests if r.operation == "sku.list")
+        assert sku_list.query["$filter"] == "location eq 'westeurope'"
