@@ -24,8 +24,11 @@ def placement_order(
 
 def scale_in_order(members: Sequence[Vm], counts: Mapping[str | None, int], count: int) -> list[Vm]:
     """The platform's default scale-in: failed VMs first, then from the zone with the most
-    VMs, highest instance id first; VMs protected from scale-in are never chosen."""
-    candidates = [vm for vm in members if not vm.protect_from_scale_in]
+    VMs, highest instance id first. VMs protected from scale-in, or from scale set actions
+    (which includes scale-in), are never chosen."""
+    candidates = [
+        vm for vm in members if not (vm.protect_from_scale_in or vm.protect_from_scale_set_actions)
+    ]
     failed = sorted(
         (vm for vm in candidates if vm.provisioning_state == "Failed"),
         key=Vm.sort_key,

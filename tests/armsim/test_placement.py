@@ -65,6 +65,12 @@ def test_scale_in_takes_failed_then_fullest_zone_highest_id() -> None:
     assert [vm.instance_id for vm in scale_in_order(members, counts, 3)] == ["3", "4", "2"]
 
 
+def test_protection_from_scale_set_actions_also_guards_against_scale_in() -> None:
+    members = vms(["1", "1"], [False, False], [False, False])
+    members[1].protect_from_scale_set_actions = True
+    assert [vm.instance_id for vm in scale_in_order(members, {"1": 2}, 2)] == ["0"]
+
+
 @given(
     st.lists(
         st.tuples(st.sampled_from(["1", "2", "3"]), st.booleans(), st.booleans()),
