@@ -230,3 +230,48 @@ def test_each_scale_set_gets_a_one_line_story():
     )
     assert story(summary("audit", ())) == "not opted in: reported, never changed"
     assert story(summary("enforce", ())) == "already balanced: left alone"
+
+
+def test_the_live_view_draws_each_zone_as_a_bar_with_the_operation_under_it():
+    from datetime import UTC, datetime, timedelta
+    from types import MappingProxyType
+
+    from rich.console import Console
+
+    from rebalancer.cli.demo import LiveView
+    from rebalancer.demo import Frame, OperationView, SetView, VmMark
+
+    at = datetime(2026, 11, 20, 9, 6, tzinfo=UTC)
+    moving = OperationView(
+        "op1", "scaling_out", True, 0, "scale_out_requested", at, "capacity raised 15 -> 16"
+    )
+    web = SetView(
+        name="web",
+        id="/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/"
+        "virtualMachineScaleSets/web",
+        orchestration="Uniform",
+        mode="enforce",
+        tag="enabled",
+        zones=MappingProxyType(
+            {
+                "1": (VmMark.RUNNING, VmMark.NEW),
+                "2": (VmMark.PROTECTED,) + (VmMark.RUNNING,) * 5,
+                "3": (VmMark.RUNNING,) * 5 + (VmMark.DELETING,),
+            }
+        ),
+        counts=MappingProxyType({"1": 2, "2": 6, "3": 5}),
+        protected=("web_2",),
+        operations=(moving,),
+        verdict="out of balance",
+    )
+    frame = Frame(at, timedelta(minutes=6), 12, 3, (web,), ("web: operation scaling_out",))
+    console = Console(record=True, width=100, color_system=None)
+    view = LiveView(console)
+    view.news.append("09:06:00  web: operation scaling_out")
+    console.print(view.render(frame))
+    text = console.export_text()
+    assert "web (Uniform, enforce) out of balance" in text
+    assert "│ zone 1 │ ████" in text and "│ 2 │" in text
+    assert "│ zone 3 │ ██████████░░ " in text  # five running, one being deleted
+    assert "scaling_out (scale_out_requested): capacity" in text
+    assert "09:06:00 virtual time (+6m00s), tick 12, 3 Event Grid events delivered" in text
