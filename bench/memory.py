@@ -2,8 +2,9 @@
 
 The audit runs in a fresh child process (`python -m bench.memory child`): the Compute adapter
 reads every scale set of an armsim that runs in a process of its own, and the child reports
-its peak RSS (`resource.getrusage`). The baseline is the same child that only imports and builds
-the adapter: what any audit pays before it reads anything.
+its peak RSS (`resource.getrusage`, checked against the kernel's `VmHWM`). The baseline is the
+same child that only imports and builds the adapter: what any audit pays before it reads
+anything.
 """
 
 from __future__ import annotations
@@ -22,7 +23,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+    """This process's peak RSS in MB.
+
+    `getrusage` keeps `ru_maxrss` across `execve` on Linux, so a child started by a large
+    parent reports at least the parent's peak; `VmHWM` in /proc/self/status belongs to the
+    child's own address space. Both are read; the smaller is this process's own peak.
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return min(peak, int(line.split()[1]) / 1024.0)
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak
 
 
 def child(info: dict[str, Any], audit: bool) -> dict[str, Any]:

@@ -35,6 +35,8 @@ class Case:
     short_zone: str | None = None
     short_for: float = 0.0
     """Seconds the zone has no capacity from the start."""
+    env: tuple[tuple[str, str], ...] = ()
+    """App settings besides the defaults (`REBALANCER_` left out), e.g. the audit interval."""
 
 
 CASES: tuple[Case, ...] = (
@@ -45,6 +47,8 @@ CASES: tuple[Case, ...] = (
     Case("10-30-50-surge1", {"1": 10, "2": 30, "3": 50}, surge=1),
     Case("10-30-50-surge5", {"1": 10, "2": 30, "3": 50}, surge=5),
     Case("0-4-4-zone1-short-1h", {"1": 0, "2": 4, "3": 4}, short_zone="1", short_for=3600.0),
+    # Not a reference scenario: shows how much of 0-10-10 is the wait for the next audit.
+    Case("0-10-10-audit-5min", {"1": 0, "2": 10, "3": 10}, env=(("audit_interval_minutes", "5"),)),
 )
 SMALL_CASES: tuple[Case, ...] = (CASES[0],)
 
@@ -137,7 +141,7 @@ def drive(
     timings = scenario.timings
     with ArmSim.start(scenario) as sim:
         store = store_factory()
-        app = install_app(sim, store, max_surge=str(case.surge))
+        app = install_app(sim, store, max_surge=str(case.surge), **dict(case.env))
         try:
             handlers = functions()
             queue: list[dict[str, Any]] = []
