@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from armsim import ScaleSetSpec, Scenario, ZoneCapacity
-from function_app import app
 from rebalancer import service
 from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME, HANDLED_OPERATION_NAMES
+from rebalancer.devtools.host import indexed_functions
 from tests.stack import Stack, running_stack
 
 EVENTS = Path(__file__).parent / "data" / "events"
-FUNCTIONS = {f.get_function_name(): f for f in app.get_functions()}
+FUNCTIONS = indexed_functions()
 
 
 def decode_event(payload: dict[str, Any]) -> Any:
