@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: setup demo test lint fmt plan clean bench
+.PHONY: setup demo test lint fmt plan clean chaos bench
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test: lint $(CHECKOV_STAMP)
 
 bench: setup
 	$(PY) -m bench
+
+# The chaos suite (docs/safety.md): SEED=N picks the run, SCENARIO=NAME replays one scenario.
+chaos: setup
+	$(PY) -m chaos $(if $(SEED),--seed $(SEED)) $(if $(SCENARIO),--scenario $(SCENARIO)) $(if $(SCENARIOS),--scenarios $(SCENARIOS))
 
 fmt: setup
 	$(PY) -m ruff check --fix .
