@@ -333,6 +333,8 @@ def check_notification_topic(infra: Infra) -> list[str]:
     props = infra.resource("app", "notificationTopic")["properties"]
     if props.get("disableLocalAuth") is not True:
         problems.append("the notification topic allows local (key) auth")
+    if props.get("inputSchema") != "CloudEventSchemaV1_0":
+        problems.append("the notification topic does not take the CloudEvents the app publishes")
     sender = infra.resource("app", "identityNotificationSender")["properties"]["roleDefinitionId"]
     if sender["function"]["parameters"]["resource_name_1"] != "eventGridDataSender":
         problems.append("the app cannot send to the notification topic")

@@ -394,7 +394,7 @@ resource notificationTopic 'Microsoft.EventGrid/topics@2022-06-15' = if (deployN
   location: location
   tags: tags
   properties: {
-    inputSchema: 'EventGridSchema'
+    inputSchema: 'CloudEventSchemaV1_0' // the app publishes CloudEvents 1.0 (rebalancer/notify.py)
     disableLocalAuth: true
     publicNetworkAccess: 'Enabled'
   }
