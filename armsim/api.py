@@ -182,7 +182,7 @@ class Api:
                 policies = policies or ("throttled",)
             self._report_refused(request, operation, params, caller, error)
         finally:
-            self.sim.flush_events()
+            self.sim.flush_events(raise_errors=False)
         reply.headers.setdefault("x-ms-request-id", self.world.new_id())
         correlation = (
             request.headers.get("x-ms-correlation-request-id") or reply.headers["x-ms-request-id"]

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -34,6 +35,7 @@ from armsim.throttling import Throttle
 from armsim.world import World
 
 ARM_SCOPE = "https://management.azure.com/.default"
+log = logging.getLogger(__name__)
 
 
 # --- read-only views of the state -------------------------------------------------------
@@ -179,6 +181,8 @@ class ArmSim:
         self.on_event: EventSink | None = None
         """Called with each Event Grid event (a dict), outside the simulator's lock."""
         self.events: list[dict[str, Any]] = []
+        self.sink_errors: list[BaseException] = []
+        """Exceptions raised by event sinks (each also logged)."""
         self._sinks: list[EventSink] = []
         self._delivery: HttpEventDelivery | None = None
         if event_url:
@@ -435,16 +439,19 @@ class ArmSim:
         with self._outbox_lock:
             self._outbox.append(event)
 
-    def flush_events(self) -> None:
+    def flush_events(self, *, raise_errors: bool = True) -> None:
         """Hand queued events to the sinks, in order. Never called under the world lock.
 
         One thread delivers at a time; a sink that calls back into armsim (directly or over
         HTTP) does not wait for it: the delivering thread also hands over what that call
-        queued.
+        queued. A sink that raises does not stop delivery to the others; the error is kept in
+        `sink_errors` and, unless `raise_errors` is false (the HTTP server's case), raised
+        once everything queued has been delivered.
         """
+        errors: list[BaseException] = []
         while True:
             if not self._flush_lock.acquire(blocking=False):
-                return
+                break
             try:
                 while True:
                     with self._outbox_lock:
@@ -457,12 +464,19 @@ class ArmSim:
                         if self.on_event is not None:
                             sinks.append(self.on_event)
                         for sink in sinks:
-                            sink(event)
+                            try:
+                                sink(event)
+                            except Exception as error:
+                                log.exception("event sink %r failed on %s", sink, event["id"])
+                                self.sink_errors.append(error)
+                                errors.append(error)
             finally:
                 self._flush_lock.release()
             with self._outbox_lock:
                 if not self._outbox:
-                    return
+                    break
+        if errors and raise_errors:
+            raise errors[0]
 
 
 class Actor:

@@ -216,3 +216,26 @@ def test_sinks_can_be_added_and_removed(sim: ArmSim) -> None:
     sim.actor.set_capacity("rg-web", "web", 11)
     sim.clock.advance(60)
     assert len(first) == 2 and len(second) == 1
+
+
+def test_a_failing_sink_neither_breaks_requests_nor_other_sinks(sim: ArmSim, compute) -> None:
+    import pytest
+
+    delivered: list[str] = []
+
+    def broken(event: dict[str, Any]) -> None:
+        raise RuntimeError("handler bug")
+
+    sim.add_event_sink(broken)
+    sim.add_event_sink(lambda e: delivered.append(e["id"]))
+    compute.virtual_machine_scale_set_vms.begin_delete("rg-web", "web", "3")
+    sim.faults.add(kind="conflict", operation="vmss.update")
+    with pytest.raises(Exception, match="another operation"):
+        compute.virtual_machine_scale_sets.begin_update(
+            "rg-web", "web", VirtualMachineScaleSetUpdate(sku=Sku(capacity=14))
+        )
+    assert len(delivered) == 1  # the refusal's Failure event reached the healthy sink
+    with pytest.raises(RuntimeError, match="handler bug"):
+        sim.clock.advance(30)  # the delete ends: in-process callers see the sink's error
+    assert len(delivered) == 2
+    assert len(sim.sink_errors) == 2
