@@ -471,10 +471,12 @@ def function_app() -> Any:
 class Functions:
     """The app's decorated functions, fed as the Functions host feeds them."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self) -> None:
         from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME
+        from rebalancer.devtools.host import indexed_functions
 
-        functions = {f.get_function_name(): f for f in app.get_functions()}
+        function_app()  # importable also when the current directory is not the project
+        functions = indexed_functions()
         self._on_event = functions[EVENT_GRID_FUNCTION_NAME].get_user_function()
         self._on_timer = functions["on_timer"].get_user_function()
 
@@ -512,7 +514,7 @@ def run_demo(
     sim = ArmSim(scenario())
     resources: list[Callable[[], None]] = []
     with captured_logs() as capture:
-        app = Functions(function_app())  # azure.functions logs a warning on import
+        app = Functions()  # azure.functions logs a warning on import
         try:
             try:
                 azurite.start()
