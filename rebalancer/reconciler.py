@@ -190,6 +190,7 @@ class Reconciler:
 
     def _advance(self, ref: ScaleSetRef, row: OperationRow, lock: Lock) -> Result:
         record = op.OperationRecord.from_json(row.body)
+        self._repair_backoff(record)
         for _ in range(MAX_STEPS_PER_CALL):
             observation = self._observe(ref)
             stand_down = self._stand_down(observation)
@@ -201,7 +202,8 @@ class Reconciler:
             record = step.record
             if step.commands:
                 record = self._run(ref, record, step.commands)
-                row, lock = self._persist(row, record, lock)
+                if record != step.record:  # call ids or a rejection to remember
+                    row, lock = self._persist(row, record, lock)
             if not step.observe_again or record.state.terminal:
                 break
         return Result(ref, Outcome.ADVANCED, state=str(record.state), detail=record.outcome_detail)
@@ -394,10 +396,7 @@ class Reconciler:
                     call = self.compute.delete_instances(ref, command.ids)
                     record = record.with_arm_call(_call_id("delete_instances", call))
                 elif isinstance(command, op.BackOffZone):
-                    backoff = self.store.record_capacity_failure(
-                        command.location, command.sku, command.zone, now
-                    )
-                    self.telemetry.zone_backed_off(record, backoff, now)
+                    self._back_off(record, command, now)
                 elif isinstance(command, op.ClearZoneBackoff):
                     self.store.clear_backoff(command.location, command.sku, command.zone)
                 elif isinstance(command, op.Notify):
@@ -407,6 +406,39 @@ class Reconciler:
                 if error.kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT):
                     break  # the rest waits for the next pass, like this one
         return record
+
+    def _back_off(self, record: op.OperationRecord, command: op.BackOffZone, now: datetime) -> None:
+        """Count the zone's capacity failure once per rollback, however often this runs.
+
+        A failure of the zone recorded at or after the rollback began (by this operation, or
+        by another one: the zone is backed off either way) makes this a no-op, so a repeat
+        after a crash does not double the backoff.
+        """
+        entered = _capacity_rollback(record)
+        since = entered.at if entered is not None else now
+        zone = (command.location.lower(), command.sku.lower(), command.zone)
+        for known in self.store.backoffs(since):
+            if (known.location, known.sku, known.zone) == zone and known.last_failure_at >= since:
+                return
+        backoff = self.store.record_capacity_failure(
+            command.location, command.sku, command.zone, now
+        )
+        self.telemetry.zone_backed_off(record, backoff, now)
+
+    def _repair_backoff(self, record: op.OperationRecord) -> None:
+        """Record the backoff of a capacity rollback whose process died before it could.
+
+        The rollback is persisted before its commands run (intent first), so a crash in
+        between leaves a `rolling_back` record whose zone was never backed off; without this,
+        the next audit would try the starved zone again at once.
+        """
+        entered = _capacity_rollback(record)
+        if record.state is not op.State.ROLLING_BACK or entered is None:
+            return
+        now = self.clock()
+        for zone in record.target_zones:
+            reason = op.Reason.NO_CAPACITY_IN_TARGET_ZONE.value
+            self._back_off(record, op.BackOffZone(record.location, record.sku, zone, reason), now)
 
     def _command_failed(
         self, record: op.OperationRecord, command: op.Command, error: AdapterError
@@ -514,6 +546,13 @@ class Reconciler:
             if error.kind is ErrorKind.THROTTLED:
                 self.telemetry.throttled(ref.id, error.retry_after, "reconcile")
             return Result(ref, Outcome.DEFERRED, detail=str(error))
+
+
+def _capacity_rollback(record: op.OperationRecord) -> op.Transition | None:
+    """The history entry of the record's latest rollback for want of zone capacity."""
+    reason = op.Reason.NO_CAPACITY_IN_TARGET_ZONE
+    entries = [t for t in record.history if t.reason is reason]
+    return entries[-1] if entries else None
 
 
 def _actionable(verdict: Verdict) -> bool:
