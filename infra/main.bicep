@@ -82,6 +82,11 @@ param maxConcurrentOperations int = 5
 @description('Minutes between two full audits of the subscription.')
 param auditIntervalMinutes int = 60
 
+@minValue(1)
+@maxValue(3650)
+@description('Days finished operations are kept in Table Storage.')
+param historyRetentionDays int = 30
+
 @description('Share of the ARM request budget the app may use, between 0 and 1 (a string: Bicep has no decimals).')
 param armBudgetShare string = '0.2'
 
@@ -139,6 +144,7 @@ module app 'modules/app.bicep' = {
     minMoveIntervalMinutes: minMoveIntervalMinutes
     maxConcurrentOperations: maxConcurrentOperations
     auditIntervalMinutes: auditIntervalMinutes
+    historyRetentionDays: historyRetentionDays
     armBudgetShare: armBudgetShare
     deployNotificationTopic: deployNotificationTopic
     maximumInstanceCount: maximumInstanceCount

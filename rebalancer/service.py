@@ -20,7 +20,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from rebalancer.settings import Mode, Settings, SettingsError, load_settings
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from rebalancer.store import Store
 
 log = logging.getLogger("rebalancer")
-
-HISTORY_RETENTION = timedelta(days=30)
 
 
 class TransientFailure(RuntimeError):
@@ -208,7 +206,7 @@ def handle_timer(past_due: bool = False) -> TickReport | None:
         advanced = rt.reconciler.advance_all()
         audited = rt.reconciler.audit() if rt.reconciler.audit_due() else []
         if audited:
-            rt.store.purge(rt.clock(), HISTORY_RETENTION)
+            rt.store.purge(rt.clock(), rt.settings.history_retention)
     except StoreError as error:
         log.error("timer tick stopped: Table Storage: %s; the next tick tries again", error)
         return None

@@ -39,6 +39,27 @@ class OptIn(StrEnum):
 OPT_IN_TAG = "zone-rebalance"
 
 
+SETTING_NAMES: tuple[str, ...] = (
+    PREFIX + "SUBSCRIPTION_ID",
+    PREFIX + "APP_PRINCIPAL_ID",
+    PREFIX + "ARM_BUDGET_SHARE",
+    PREFIX + "ARM_ENDPOINT",
+    PREFIX + "AUDIT_INTERVAL_MINUTES",
+    PREFIX + "COOLDOWN_MINUTES",
+    PREFIX + "DEFAULT_OPT_IN",
+    PREFIX + "HEALTH_TIMEOUT_MINUTES",
+    PREFIX + "HISTORY_RETENTION_DAYS",
+    PREFIX + "MAX_CONCURRENT_OPERATIONS",
+    PREFIX + "MAX_SURGE",
+    PREFIX + "MIN_MOVE_INTERVAL_MINUTES",
+    PREFIX + "MODE",
+    PREFIX + "NOTIFY_TOPIC_ENDPOINT",
+    PREFIX + "RESOURCE_GROUPS",
+    PREFIX + "STATE_TABLE_PREFIX",
+)
+"""Every app setting `load_settings` reads (the deployment sets each of them)."""
+
+
 class SettingsError(ValueError):
     def __init__(self, name: str, value: str, allowed: str) -> None:
         super().__init__(f"setting {name}={value!r} is invalid: {allowed}")
@@ -57,6 +78,7 @@ class Settings:
     min_move_interval: timedelta = timedelta(0)
     max_concurrent_operations: int = 5
     audit_interval: timedelta = timedelta(minutes=60)
+    history_retention: timedelta = timedelta(days=30)
     app_principal_id: str | None = None
     table_prefix: str = "rebalancer"
     notify_topic_endpoint: str | None = None
@@ -203,6 +225,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             timedelta(minutes=60),
             _minutes(1, 1440),
             "whole minutes from 1 to 1440",
+        ),
+        history_retention=_parse(
+            env,
+            p + "HISTORY_RETENTION_DAYS",
+            timedelta(days=30),
+            lambda raw: timedelta(days=_int_in(1, 3650)(raw)),
+            "whole days from 1 to 3650 (how long finished operations are kept)",
         ),
         app_principal_id=_parse(
             env,

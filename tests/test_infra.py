@@ -74,6 +74,7 @@ SETTING_DEFAULTS = {
     "REBALANCER_MAX_CONCURRENT_OPERATIONS": ("maxConcurrentOperations", 5),
     "REBALANCER_TIMER_SCHEDULE": ("timerSchedule", "0 */5 * * * *"),
     "REBALANCER_AUDIT_INTERVAL_MINUTES": ("auditIntervalMinutes", 60),
+    "REBALANCER_HISTORY_RETENTION_DAYS": ("historyRetentionDays", 30),
     "REBALANCER_ARM_BUDGET_SHARE": ("armBudgetShare", "0.2"),
 }
 REQUIRED_SETTINGS = {
@@ -83,6 +84,7 @@ REQUIRED_SETTINGS = {
     "REBALANCER_APP_PRINCIPAL_ID",
     "REBALANCER_STATE_TABLE_PREFIX",
     "REBALANCER_NOTIFY_TOPIC_ENDPOINT",
+    "REBALANCER_ARM_ENDPOINT",
     "AZURE_CLIENT_ID",
     "AzureWebJobsStorage__blobServiceUri",
     "AzureWebJobsStorage__queueServiceUri",

@@ -98,3 +98,30 @@ def test_opt_in_tag_values():
     assert settings.opt_in(" Enabled ") is OptIn.ENABLED
     assert settings.opt_in("disabled") is OptIn.DISABLED
     assert settings.opt_in("maybe") is OptIn.AUDIT
+
+
+class _Recording(dict):
+    def __init__(self, values):
+        super().__init__(values)
+        self.read = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def test_setting_names_list_exactly_what_is_read():
+    from rebalancer.settings import SETTING_NAMES
+
+    env = _Recording({"REBALANCER_SUBSCRIPTION_ID": SUB})
+    load_settings(env)
+    assert env.read == set(SETTING_NAMES)
+
+
+def test_history_retention():
+    settings = load_settings(
+        {"REBALANCER_SUBSCRIPTION_ID": SUB, "REBALANCER_HISTORY_RETENTION_DAYS": "7"}
+    )
+    assert settings.history_retention == timedelta(days=7)
+    with pytest.raises(SettingsError, match="REBALANCER_HISTORY_RETENTION_DAYS"):
+        load_settings({"REBALANCER_SUBSCRIPTION_ID": SUB, "REBALANCER_HISTORY_RETENTION_DAYS": "0"})

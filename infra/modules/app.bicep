@@ -17,6 +17,7 @@ param healthTimeoutMinutes int
 param minMoveIntervalMinutes int
 param maxConcurrentOperations int
 param auditIntervalMinutes int
+param historyRetentionDays int
 param armBudgetShare string
 param deployNotificationTopic bool
 param maximumInstanceCount int
@@ -258,6 +259,15 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'REBALANCER_AUDIT_INTERVAL_MINUTES'
           value: string(auditIntervalMinutes)
+        }
+        {
+          name: 'REBALANCER_HISTORY_RETENTION_DAYS'
+          value: string(historyRetentionDays)
+        }
+        {
+          // The cloud's own Resource Manager endpoint (sovereign clouds included).
+          name: 'REBALANCER_ARM_ENDPOINT'
+          value: environment().resourceManager
         }
         {
           name: 'REBALANCER_APP_PRINCIPAL_ID'
