@@ -118,9 +118,13 @@ def test_list_scale_sets_is_zonal_and_scoped_case_insensitively() -> None:
     )
     with ArmSim.start(scenario) as sim, adapter_for(sim) as adapter:
         everything = {s.ref.name for s in adapter.list_scale_sets(None)}
+        sim.clear_requests()
         scoped = {s.ref.name for s in adapter.list_scale_sets(["RG-WEB", "rg-Flex"])}
+        paths = [r.path.lower() for r in sim.requests if r.method == "GET"]
     assert everything == {"web", "flex", "other"}
     assert scoped == {"web", "flex"}
+    # A scoped app's role covers only its resource groups: it never lists the subscription.
+    assert paths and all("/resourcegroups/" in path for path in paths)
 
 
 def test_audit_reads_every_set_once_with_bounded_concurrency() -> None:

@@ -380,12 +380,22 @@ class ComputeAdapter:
 
     def list_scale_sets(self, resource_groups: Sequence[str] | None = None) -> list[ScaleSet]:
         """Every zonal scale set of the subscription in the given resource groups (all when
-        None or empty), matched case-insensitively. One paged `list_all`."""
+        None or empty), matched case-insensitively.
+
+        The whole subscription is one paged `list_all`. A scoped app lists each resource
+        group instead: its role is assigned on those groups only, and a subscription-wide list
+        needs read access on the subscription."""
         wanted = {group.lower() for group in resource_groups or ()}
+        scale_sets_api = self.client.virtual_machine_scale_sets
         with self._translate():
-            documents = [
-                model.as_dict() for model in self.client.virtual_machine_scale_sets.list_all()
-            ]
+            if wanted:
+                documents = [
+                    model.as_dict()
+                    for group in sorted(wanted)
+                    for model in scale_sets_api.list(group)
+                ]
+            else:
+                documents = [model.as_dict() for model in scale_sets_api.list_all()]
         scale_sets: list[ScaleSet] = []
         for document in documents:
             try:
