@@ -797,3 +797,9 @@ def test_hook_names_a_missing_environment_value(tmp_path):
     assert process.returncode == 1
     assert "REBALANCER_SYSTEM_TOPIC_NAME is not set" in process.stderr
     assert calls == []
+
+
+def test_every_setting_the_app_reads_is_deployed():
+    from rebalancer.settings import SETTING_NAMES
+
+    assert set(SETTING_NAMES) <= REQUIRED_SETTINGS, set(SETTING_NAMES) - REQUIRED_SETTINGS
