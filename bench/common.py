@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from armsim import ScaleSetSpec
+from rebalancer.compute.clock import VirtualTime
 
 LINE = re.compile(
     r"^bench: (?P<name>[a-z0-9_.-]+) (?P<value>\S+) (?P<unit>\S+) "
@@ -105,32 +106,14 @@ def mixed_fleet(
 # -- clocks -------------------------------------------------------------------------------
 
 
-class SkipAheadTime:
+class SkipAheadTime(VirtualTime):
     """The adapter's `Clock` over armsim's wall clock: real time runs, waits are skipped.
 
     Requests take their real (latency + CPU) time, while a wait for the throttling budget or a
     `Retry-After` moves armsim's clock forward instead of sleeping. Elapsed time on that clock
     is what the same run would take against Azure: the real seconds plus the waits.
+    (That is exactly `VirtualTime` over a `WallClock`; the name says what it is for here.)
     """
-
-    def __init__(self, clock: Any) -> None:
-        self._clock = clock
-        self._origin = clock.now()
-        self._lock = threading.Lock()
-        self.skipped = 0.0
-
-    def monotonic(self) -> float:
-        return (self._clock.now() - self._origin).total_seconds()
-
-    def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        deadline = self.monotonic() + seconds
-        with self._lock:
-            remaining = deadline - self.monotonic()
-            if remaining > 0:
-                self.skipped += remaining
-                self._clock.advance(remaining)
 
 
 def elapsed(clock: Any, since: datetime) -> float:
