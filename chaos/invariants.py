@@ -90,6 +90,7 @@ class Checker:
     """(scale set key, VM id) of every delete the hook saw: the request log must match."""
     _sources_deleted: dict[str, dict[str, bool]] = field(default_factory=dict)
     _log_seen: int = 0
+    _orphans: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- reporting ------------------------------------------------------------------------
@@ -334,7 +335,8 @@ class Checker:
                 untracked = {vm for vm in untracked if vm in baseline}
             if untracked:
                 untracked -= self._in_history(key, ref)
-            for vm in sorted(untracked):
+            for vm in sorted(untracked - self._orphans):
+                self._orphans.add(vm)  # reported once, though it stays an orphan every step
                 self.violate(3, f"{view.name}: VM {vm} created by the app is in no operation")
 
     def _in_history(self, key: str, ref: ScaleSetRef) -> set[str]:
