@@ -1,0 +1,323 @@
+"""Drive the app only through its Azure Functions entry points, as the host and Event Grid do.
+
+`FunctionsDriver(stack)` installs a runtime on the stack (armsim + Azurite) and collects every
+Event Grid event armsim emits. Each `tick()`:
+
+1. delivers the queued events to the real decorated Event Grid function, each decoded by
+   `EventGridEventInConverter` from the exact payload armsim produced, the way Event Grid
+   does it: at least once (sometimes twice), in a shuffled order, some held back a tick;
+   a delivery that raises `service.TransientFailure` is delivered again later;
+2. when the schedule is due (every `timer_every` virtual seconds, 5 minutes as the deployed
+   `REBALANCER_TIMER_SCHEDULE`), invokes the timer function with a payload decoded by
+   `TimerRequestConverter`; between two timer ticks only events move the app;
+3. checks the never-rules (tests/invariants.py) and that every write the app sent to armsim
+   is recorded once by the operation step that sent it;
+4. moves armsim's virtual time on by `step` seconds.
+
+Randomness comes from one seeded generator, so a failing run repeats exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from azure.functions.eventgrid import EventGridEventInConverter
+from azure.functions.meta import Datum
+from azure.functions.timer import TimerRequestConverter
+
+from rebalancer import service
+from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME
+from rebalancer.devtools.host import user_function
+from rebalancer.operation import OperationRecord, State
+from tests.invariants import Invariants
+from tests.stack import Stack
+
+TIMER_FUNCTION_NAME = "on_timer"
+APP_WRITES = {"vmss.update": "set_capacity", "vmss.delete_instances": "delete_instances"}
+"""armsim's name of each write the app makes -> the action its operation record names."""
+
+
+def decode_event(payload: dict[str, Any]) -> Any:
+    """The `func.EventGridEvent` the host hands the function for this Event Grid payload."""
+    datum = Datum(json.dumps(payload), "json")
+    return EventGridEventInConverter.decode(datum, trigger_metadata={})
+
+
+def decode_timer(now: datetime, period: timedelta, past_due: bool = False) -> Any:
+    """The `func.TimerRequest` of one tick, with the schedule status the host sends."""
+    status = {
+        "Last": (now - period).isoformat(),
+        "Next": (now + period).isoformat(),
+        "LastUpdated": (now - period).isoformat(),
+    }
+    body = {"Schedule": {"AdjustForDST": True}, "ScheduleStatus": status, "IsPastDue": past_due}
+    return TimerRequestConverter.decode(Datum(json.dumps(body), "json"), trigger_metadata={})
+
+
+@dataclass
+class Delivery:
+    """One attempt to deliver an event to the function."""
+
+    event_id: str
+    operation_name: str
+    at: datetime
+    retried: bool
+    """The function raised TransientFailure: Event Grid delivers the event again later."""
+
+
+@dataclass
+class FunctionsDriver:
+    stack: Stack
+    seed: int = 0
+    step: float = 30.0
+    """Virtual seconds per tick (events are delivered every tick)."""
+    timer_every: float = 300.0
+    """Virtual seconds between two timer invocations (the first is at the first tick)."""
+    duplicate: float = 0.5
+    """Chance that an event is delivered twice in a row."""
+    hold_back: float = 0.25
+    """Chance that an event waits for the next tick (so it arrives after later ones)."""
+    writable: tuple[str, ...] = ()
+    """Names of the scale sets the app may change (default: those tagged enabled)."""
+    runtime: service.Runtime | None = None
+    """The runtime the functions use (default: the stack's settings, store and a reconciler)."""
+    check_every_tick: bool = True
+    deliveries: list[Delivery] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.next_timer = self.stack.sim.clock.now()
+        self.timer_calls = 0
+        self._lock = threading.Lock()
+        self._inbox: list[dict[str, Any]] = []
+        self._retry: list[dict[str, Any]] = []
+        self.received: list[dict[str, Any]] = []
+        self.on_event = user_function(EVENT_GRID_FUNCTION_NAME)
+        self.on_timer = user_function(TIMER_FUNCTION_NAME)
+        if self.runtime is None:
+            self.runtime = service.Runtime(
+                self.stack.settings,
+                self.stack.store,
+                self.stack.reconciler(),
+                self.stack.sim.clock.now,
+            )
+        self.ids = {(v.resource_group.lower(), v.name.lower()): v.id for v in self.stack.sim.state}
+        """Scale set ids by (resource group, name), kept after a set is deleted."""
+        self.checker = Invariants.watch(
+            self.stack.sim, self.stack.store, self.stack.settings, writable=self.writable
+        )
+        service.use_runtime(self.runtime)
+        self.stack.sim.add_event_sink(self._receive)
+
+    def close(self) -> None:
+        self.stack.sim.remove_event_sink(self._receive)
+        service.use_runtime(None)
+
+    def __enter__(self) -> FunctionsDriver:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _receive(self, payload: dict[str, Any]) -> None:
+        with self._lock:
+            self._inbox.append(payload)
+            self.received.append(payload)
+
+    # -- the two functions -------------------------------------------------------------
+
+    def event(self, payload: dict[str, Any]) -> None:
+        """One delivery to the Event Grid function (raises what the function raises)."""
+        self.on_event(decode_event(payload))
+
+    def timer(self, past_due: bool = False) -> None:
+        now = self.stack.sim.clock.now()
+        self.timer_calls += 1
+        self.on_timer(decode_timer(now, timedelta(seconds=self.timer_every), past_due))
+
+    # -- Event Grid's delivery ---------------------------------------------------------
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._inbox) + len(self._retry)
+
+    def deliver(self) -> int:
+        """Deliver what is queued: shuffled, some twice, some held back; returns how many."""
+        with self._lock:
+            batch, self._inbox = self._inbox, []
+        batch, self._retry = self._retry + batch, []
+        self.rng.shuffle(batch)
+        delivered = 0
+        for payload in batch:
+            if self.rng.random() < self.hold_back:
+                with self._lock:
+                    self._inbox.append(payload)
+                continue
+            for _ in range(2 if self.rng.random() < self.duplicate else 1):
+                if not self.deliver_one(payload):
+                    self._retry.append(payload)
+                    break
+            delivered += 1
+        return delivered
+
+    def deliver_one(self, payload: dict[str, Any]) -> bool:
+        """One attempt; False when the function asked for a retry (TransientFailure)."""
+        operation = (payload.get("data") or {}).get("operationName", "")
+        try:
+            self.event(payload)
+        except service.TransientFailure:
+            self._record(payload, operation, retried=True)
+            return False
+        self._record(payload, operation, retried=False)
+        return True
+
+    def _record(self, payload: dict[str, Any], operation: str, *, retried: bool) -> None:
+        now = self.stack.sim.clock.now()
+        self.deliveries.append(Delivery(payload["id"], operation, now, retried))
+
+    def flush(self) -> None:
+        """Deliver everything still queued or held back (no more holding back)."""
+        hold, self.hold_back = self.hold_back, 0.0
+        try:
+            self.deliver()
+        finally:
+            self.hold_back = hold
+
+    # -- time --------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        self.deliver()
+        now = self.stack.sim.clock.now()
+        if now >= self.next_timer:
+            self.timer()
+            self.next_timer = now + timedelta(seconds=self.timer_every)
+        if self.check_every_tick:
+            self.check(f"at {self.stack.sim.clock.now().isoformat()}")
+        self.stack.sim.advance(self.step)
+
+    def until(self, done: Callable[[], bool], *, ticks: int = 200, what: str = "") -> int:
+        for count in range(1, ticks + 1):
+            self.tick()
+            if done():
+                return count
+        raise AssertionError(f"not reached within {ticks} ticks: {what or done}")
+
+    def until_settled(self, names: Iterable[str] = ("web",), *, ticks: int = 200) -> int:
+        """Until nothing is in flight and the named sets (of rg-web) are balanced."""
+        count = self.until(
+            lambda: self.idle() and all(self.balanced(name) for name in names),
+            ticks=ticks,
+            what="balanced, nothing in flight",
+        )
+        self.flush()
+        self.check("at the end", settled=True)
+        return count
+
+    def until_state(self, state: State, *, name: str = "web", ticks: int = 200) -> OperationRecord:
+        """Until the set's latest operation is in `state`; returns that record."""
+
+        def reached() -> bool:
+            records = self.records(name)
+            return bool(records) and records[-1].state is state
+
+        self.until(reached, ticks=ticks, what=f"an operation in state {state}")
+        return self.records(name)[-1]
+
+    # -- checks ------------------------------------------------------------------------
+
+    def check(self, where: str = "", *, settled: bool = False) -> list[OperationRecord]:
+        """The never-rules, plus: each app write is one operation step's, sent once."""
+        records = self.checker.check(where, settled=settled)
+        problems = self.write_problems(records)
+        if problems:
+            listing = "\n  ".join(problems)
+            raise AssertionError(f"duplicate or untracked writes {where}:\n  {listing}")
+        return records
+
+    def app_writes(self, name: str = "web", resource_group: str = "rg-web") -> list[Any]:
+        """The app's accepted writes to one scale set, from armsim's request log."""
+        scale_set = self.ids[(resource_group.lower(), name.lower())].lower()
+        return [
+            r
+            for r in self.stack.sim.requests
+            if r.operation in APP_WRITES
+            and r.principal_id == self.stack.sim.scenario.app_principal_id
+            and r.path.lower().startswith(scale_set)
+            and 200 <= r.status < 300
+        ]
+
+    def write_problems(self, records: list[OperationRecord]) -> list[str]:
+        """Every accepted write of the app belongs to the operation running at that moment,
+        which recorded exactly as many calls of that kind as armsim received: a duplicate or
+        reordered event never repeats a step."""
+        app = self.stack.sim.scenario.app_principal_id
+        sent: dict[tuple[str, str], int] = {}
+        problems = []
+        by_set: dict[str, list[OperationRecord]] = {}
+        for record in records:
+            by_set.setdefault(record.scale_set_id.lower(), []).append(record)
+        for request in self.stack.sim.requests:
+            if request.operation not in APP_WRITES or request.principal_id != app:
+                continue
+            if not 200 <= request.status < 300:
+                continue
+            path = request.path.lower()
+            scale_set = next((s for s in by_set if path.startswith(s + "/") or path == s), None)
+            started = [r for r in by_set.get(scale_set or "", []) if r.created_at <= request.time]
+            if not started:
+                problems.append(f"{request.time.isoformat()} {request.operation} {request.path}")
+                continue
+            owner = max(started, key=lambda r: r.created_at)
+            key = (owner.operation_id, APP_WRITES[request.operation])
+            sent[key] = sent.get(key, 0) + 1
+        for record in records:
+            for action in APP_WRITES.values():
+                recorded = sum(1 for call in record.arm_calls if call.startswith(action + ":"))
+                count = sent.get((record.operation_id, action), 0)
+                if count != recorded:
+                    problems.append(
+                        f"operation {record.operation_id} ({record.state}): armsim received "
+                        f"{count} {action} call(s), its record names {recorded}"
+                    )
+        return problems
+
+    # -- what happened -----------------------------------------------------------------
+
+    def records(self, name: str = "web", resource_group: str = "rg-web") -> list[OperationRecord]:
+        """The set's operations, oldest first."""
+        key = self.ids[(resource_group.lower(), name.lower())].lower()
+        return sorted(
+            (OperationRecord.from_json(r.body) for r in self.stack.store.history(key, limit=200)),
+            key=lambda r: r.created_at,
+        )
+
+    def states(self, name: str = "web", resource_group: str = "rg-web") -> list[State]:
+        return [r.state for r in self.records(name, resource_group)]
+
+    def idle(self) -> bool:
+        return not self.stack.store.active_operations()
+
+    def balanced(self, name: str = "web", resource_group: str = "rg-web") -> bool:
+        counts = self.stack.sim.scale_set(resource_group, name).zone_counts()
+        return max(counts.values()) - min(counts.values()) <= 1
+
+    def app_deletes(self) -> list[Any]:
+        """armsim's journal entries of VMs the app started deleting."""
+        app = self.stack.sim.scenario.app_principal_id
+        return [
+            c for c in self.stack.sim.history() if c.change == "deleting" and c.principal_id == app
+        ]
+
+    def duplicates_delivered(self) -> int:
+        """Events the function received more than once (and acknowledged)."""
+        seen: dict[str, int] = {}
+        for delivery in self.deliveries:
+            if not delivery.retried:
+                seen[delivery.event_id] = seen.get(delivery.event_id, 0) + 1
+        return sum(1 for count in seen.values() if count > 1)
