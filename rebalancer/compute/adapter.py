@@ -68,7 +68,10 @@ class ArmConfig:
     connection_timeout: float = 10.0
     read_timeout: float = 60.0
     flexible_protection_reads: int = 10
-    """Most instance-protection GETs per Flexible inventory (planned sources only)."""
+    """Most instance-protection GETs per Flexible inventory (possible sources only)."""
+    source_candidates: int = 1
+    """Possible sources per zone whose protection a Flexible inventory reads: the most VMs
+    one operation deletes from a zone, i.e. the app's `maxSurge`."""
     sku_cache_ttl: float = 6 * 3600.0
     usage_cache_ttl: float = 300.0
 
@@ -85,6 +88,8 @@ class ArmConfig:
             raise ValueError(f"audit concurrency must be >= 1, got {self.audit_concurrency}")
         if self.max_wait < 0:
             raise ValueError(f"max wait must be >= 0 seconds, got {self.max_wait}")
+        if self.source_candidates < 1:
+            raise ValueError(f"source candidates must be >= 1, got {self.source_candidates}")
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -102,6 +107,7 @@ class ArmConfig:
             "subscription_id": settings.subscription_id,
             "endpoint": settings.arm_endpoint,
             "budget_share": settings.arm_budget_share,
+            "source_candidates": settings.max_surge,
         }
         values.update(overrides)
         return cls(**values)
@@ -420,10 +426,19 @@ class ComputeAdapter:
             raise gone(error) from None
 
     def read_inventory(
-        self, ref: ScaleSetRef, now: datetime, *, scale_set: ScaleSet | None = None
+        self,
+        ref: ScaleSetRef,
+        now: datetime,
+        *,
+        scale_set: ScaleSet | None = None,
+        to_act: bool = True,
     ) -> Inventory:
         """The scale set (one GET, skipped when `scale_set` is given, e.g. from list_all) and
-        its VMs (one paged list). Raises ScaleSetGone when the scale set does not exist."""
+        its VMs (one paged list). Raises ScaleSetGone when the scale set does not exist.
+
+        `to_act=False` (the audit, which only assesses) reads Flexible protection of the
+        planned sources only; otherwise also of every VM an operation could delete from this
+        observation (see `_verify_flexible_protection`)."""
         if scale_set is None:
             scale_set = self.get_scale_set(ref)
         gone = self._not_found_means_gone(ref)
@@ -438,7 +453,7 @@ class ComputeAdapter:
         inventory = Inventory(scale_set=scale_set, instances=instances, observed_at=now)
         if scale_set.mode is OrchestrationMode.FLEXIBLE and instances:
             try:
-                inventory = self._verify_flexible_protection(inventory)
+                inventory = self._verify_flexible_protection(inventory, to_act)
             except AdapterError as error:
                 raise gone(error) from None
         return inventory
@@ -459,27 +474,34 @@ class ComputeAdapter:
         documents = [doc for doc in documents if arm.instance_belongs_to(doc, ref)]
         return arm.parse_instances(documents, OrchestrationMode.FLEXIBLE)
 
-    def _verify_flexible_protection(self, inventory: Inventory) -> Inventory:
-        """Read instance protection of the Flexible VMs a plan would move, and re-plan.
+    def _verify_flexible_protection(self, inventory: Inventory, to_act: bool) -> Inventory:
+        """Read instance protection of the Flexible VMs a move could delete, and re-plan.
 
         The virtualMachines list has no `protectionPolicy`, and Azure refuses the scale-set VM
         *list* on Flexible sets; only the scale-set VM GET (VM name as instance id) shows it.
-        Rather than one GET per VM, only planned sources are read: a protected one is marked
-        and the plan is made again, until every planned source is known to be unprotected.
-        At most `flexible_protection_reads` GETs per inventory; VMs still unread then are
-        treated as protected, so nothing unverified is ever chosen.
+        Rather than one GET per VM, only possible sources are read: the planned ones, and
+        (`to_act`) the first `source_candidates` eligible VMs of every zone an in-flight
+        operation could take its sources from, because it re-chooses them from this
+        observation, often when the new VMs already balance the set and nothing is planned.
+        A protected one is marked and the choice made again, until every possible source is
+        known to be unprotected. At most `flexible_protection_reads` GETs per inventory; VMs
+        still unread then are treated as protected, so nothing unverified is ever chosen.
         """
         from rebalancer.evaluator import assess
 
         ref = inventory.scale_set.ref
         flags: dict[str, tuple[bool, bool]] = {}
         reads_left = self.config.flexible_protection_reads
+        depth = self.config.source_candidates
         while True:
-            pending = [m.source for m in assess(inventory).moves if m.source not in flags]
+            possible = [m.source for m in assess(inventory).moves]
+            if to_act:
+                possible += _source_candidates(inventory, depth)
+            pending = [name for name in dict.fromkeys(possible) if name.lower() not in flags]
             if not pending:
                 return inventory
             if reads_left <= 0:
-                unread = {i.id for i in inventory.instances if i.id not in flags}
+                unread = {i.id.lower() for i in inventory.instances} - set(flags)
                 flags.update(dict.fromkeys(unread, (True, True)))
                 log.warning(
                     "%s: protection of %d Flexible VMs not read (limit %d); treated as protected",
@@ -488,7 +510,7 @@ class ComputeAdapter:
                     self.config.flexible_protection_reads,
                 )
             for name in pending[: max(0, reads_left)]:
-                flags[name] = self._flexible_vm_protection(ref, name)
+                flags[name.lower()] = self._flexible_vm_protection(ref, name)
                 reads_left -= 1
             inventory = replace(
                 inventory,
@@ -531,7 +553,7 @@ class ComputeAdapter:
                     ref=scale_set.ref,
                 )
             try:
-                return self.read_inventory(scale_set.ref, now, scale_set=scale_set)
+                return self.read_inventory(scale_set.ref, now, scale_set=scale_set, to_act=False)
             except AdapterError as error:
                 if error.kind is ErrorKind.THROTTLED:
                     throttled.append(error)
@@ -611,13 +633,23 @@ class ComputeAdapter:
         """Start deleting instances (Uniform instance ids, Flexible VM names) and return
         without waiting. Lowers the capacity by as many.
 
-        Safe to repeat: when ARM refuses ids that no longer exist (400 "not an active ...
-        instanceId", or 404 while the scale set exists), the VMs are listed once and only
-        those still present are deleted; when none is left, a completed call is returned.
+        Azure does not stop anyone deleting a protected VM, so right before the delete every
+        id is read again (one GET each) and protected ones are left out: the caller's
+        observation may be minutes old, and a Flexible inventory reads protection of a few
+        VMs only. When every id is protected, nothing is deleted and an `invalid` error with
+        code `InstanceProtected` names them.
+
+        Safe to repeat: ids that no longer exist are left out (also when ARM refuses them with
+        400 "not an active ... instanceId", or 404 while the scale set exists, after which the
+        VMs are listed once); when none is left, a completed call is returned.
         """
-        ids = tuple(dict.fromkeys(str(i) for i in instance_ids))
-        if not ids:
+        requested = tuple(dict.fromkeys(str(i) for i in instance_ids))
+        if not requested:
             return ArmCall("delete_instances", ref.id, 200)
+        ids = self._unprotected(ref, requested)
+        if not ids:
+            self.get_scale_set(ref)  # raises ScaleSetGone when the set itself is gone
+            return ArmCall("delete_instances", ref.id, 200, instance_ids=requested)
         try:
             return self._begin_delete(ref, ids)
         except AdapterError as error:
@@ -632,6 +664,44 @@ class ComputeAdapter:
             if remaining == ids:
                 raise
             return self._begin_delete(ref, remaining)
+
+    def _unprotected(self, ref: ScaleSetRef, ids: tuple[str, ...]) -> tuple[str, ...]:
+        """The ids still present and unprotected now, from a fresh GET of each."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        keep: list[str] = []
+        protected: list[str] = []
+        for vm in ids:
+            with self._translate(ref):
+                try:
+                    model = self.client.virtual_machine_scale_set_vms.get(
+                        ref.resource_group, ref.name, vm
+                    )
+                except ResourceNotFoundError:
+                    continue  # gone already (or the scale set is): nothing to delete
+            policy = model.protection_policy
+            if policy is not None and (
+                policy.protect_from_scale_in or policy.protect_from_scale_set_actions
+            ):
+                protected.append(vm)
+            else:
+                keep.append(vm)
+        if protected:
+            log.warning(
+                "%s: not deleting protected VM(s) %s; their owner protected them",
+                ref,
+                ", ".join(protected),
+            )
+            if not keep:
+                raise AdapterError(
+                    ErrorKind.INVALID,
+                    f"VM(s) {', '.join(protected)} are protected (protectFromScaleIn or "
+                    "protectFromScaleSetActions); nothing was deleted. Remove the protection "
+                    "if they should go.",
+                    code="InstanceProtected",
+                    ref=ref,
+                )
+        return tuple(keep)
 
     def _current_instances(self, ref: ScaleSetRef) -> tuple[Instance, ...]:
         scale_set = self.get_scale_set(ref)
@@ -810,7 +880,29 @@ def _restricted(sku: Mapping[str, Any]) -> bool:
     return any(str(r.get("type", "")).lower() == "location" for r in sku.get("restrictions") or ())
 
 
+def _source_candidates(inventory: Inventory, depth: int) -> list[str]:
+    """VMs an operation could choose as sources from this observation, best first.
+
+    The operation takes up to `depth` sources, each from a zone tied at the highest count
+    after the VMs it discards (at most `depth`) are left out; so a zone within `2 * depth - 1`
+    of the fullest can give, and within a zone only its first `depth` eligible VMs.
+    """
+    from rebalancer.evaluator import eligible_sources, zone_counts
+
+    counts = zone_counts(inventory.scale_set, inventory.instances)
+    if not counts:
+        return []
+    floor = max(count.total for count in counts.values()) - 2 * depth + 1
+    return [
+        instance.id
+        for zone, count in counts.items()
+        if count.total >= floor
+        for instance in eligible_sources(inventory.instances, zone)[:depth]
+    ]
+
+
 def _with_protection(instance: Instance, protection: Mapping[str, tuple[bool, bool]]) -> Instance:
+    """`protection` is keyed by lowercased VM name: ARM names are case-insensitive."""
     flags = protection.get(instance.name.lower()) or protection.get(instance.id.lower())
     if flags is None:
         return instance
