@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import random
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from azure.functions.eventgrid import EventGridEventInConverter
@@ -200,6 +201,15 @@ class FunctionsDriver:
         if self.check_every_tick:
             self.check(f"at {self.stack.sim.clock.now().isoformat()}")
         self.stack.sim.advance(self.step)
+
+    @contextmanager
+    def events_only(self) -> Iterator[None]:
+        """No timer ticks inside: what happens is the Event Grid function's doing alone."""
+        self.next_timer = datetime.max.replace(tzinfo=UTC)
+        try:
+            yield
+        finally:
+            self.next_timer = self.stack.sim.clock.now()
 
     def until(self, done: Callable[[], bool], *, ticks: int = 200, what: str = "") -> int:
         for count in range(1, ticks + 1):

@@ -13,14 +13,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from armsim import ScaleSetSpec, Scenario, VmOverride
+from armsim import QuotaSpec, ScaleSetSpec, Scenario, Timings, VmOverride, ZoneCapacity
 from rebalancer import service
-from rebalancer.operation import State
+from rebalancer.operation import Reason, State
 from tests.functions_driver import FunctionsDriver
 from tests.stack import running_stack
 
 ENABLED = {"zone-rebalance": "enabled"}
 MODES = ["Uniform", "Flexible"]
+SLOW_HEALTH = Timings(health=900)
+"""New VMs report health 15 minutes after provisioning, so an operation rests in
+`awaiting_health` for a few ticks: the moment the mid-operation scenarios interfere."""
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +34,7 @@ def _reset_runtime() -> Iterator[None]:
 
 
 def web(mode: str, counts: dict[str, int], **options) -> Scenario:
-    extra = {k: options.pop(k) for k in ("capacity", "quotas") if k in options}
+    extra = {k: options.pop(k) for k in ("capacity", "quotas", "timings") if k in options}
     spec = ScaleSetSpec("web", "rg-web", mode=mode, counts=counts, tags=ENABLED, **options)
     return Scenario(scale_sets=(spec,), **extra)
 
@@ -85,3 +88,197 @@ def test_2_4_7_with_deallocated_vms_ends_at_4_4_5(store, mode):
         assert run.states() == [State.SUCCEEDED, State.SUCCEEDED]
         assert sum(1 for vm in after.vms if vm.power_state == "deallocated") == 2
         assert all(c.health == "healthy" for c in run.app_deletes())  # active sources only
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_zone_without_capacity_is_rolled_back_backed_off_and_retried(store, mode):
+    scenario = Scenario(
+        scale_sets=web(mode, {"1": 1, "2": 3, "3": 3}).scale_sets,
+        capacity=(ZoneCapacity("westeurope", "Standard_D2s_v5", "1", 0),),
+    )
+    with (
+        running_stack(scenario, store, audit_interval_minutes="10") as stack,
+        FunctionsDriver(stack, seed=4, step=60) as run,
+    ):
+        first = run.until_state(State.ROLLED_BACK)
+        assert Reason.NO_CAPACITY_IN_TARGET_ZONE in [t.reason for t in first.history]
+        assert stack.sim.scale_set("rg-web", "web").zone_counts() == {"1": 1, "2": 3, "3": 3}
+        until = store.backoff_until("westeurope", "Standard_D2s_v5", "1", stack.sim.clock.now())
+        assert until is not None
+
+        # Backed off: the audits in between report why, and start nothing.
+        run.until(lambda: '"reason": "zone_backoff"' in assessment(store, run), ticks=20)
+        run.until(lambda: len(run.records()) == 2, what="a second attempt")
+        second = run.records()[-1]
+        assert second.created_at >= until  # not before the backoff ended
+        run.until_state(State.ROLLED_BACK)
+        later = store.backoff_until("westeurope", "Standard_D2s_v5", "1", stack.sim.clock.now())
+        assert later is not None and later - second.updated_at > until - first.updated_at
+
+        # Capacity returns: once the longer backoff ends the move succeeds.
+        stack.sim.actor.set_zone_room("westeurope", "Standard_D2s_v5", "1", None)
+        run.until_settled()
+        assert run.states()[-1] is State.SUCCEEDED and run.records()[-1].created_at >= later
+        assert sorted(stack.sim.scale_set("rg-web", "web").zone_counts().values()) == [2, 2, 3]
+        assert store.backoff_until("westeurope", "Standard_D2s_v5", "1", later) is None
+
+
+def assessment(store, run: FunctionsDriver, name: str = "web") -> str:
+    """The verdict the app last recorded for the scale set (JSON), or ''."""
+    saved = store.last_assessment(run.ids[("rg-web", name)].lower())
+    return saved.body if saved is not None else ""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_new_vm_that_never_gets_healthy_is_deleted_when_the_source_is_healthy(store, mode):
+    scenario = web(mode, {"1": 1, "2": 3, "3": 3}, new_vm_health="unhealthy")
+    with (
+        running_stack(scenario, store, health_timeout_minutes="10") as stack,
+        FunctionsDriver(stack, seed=5, step=60) as run,
+    ):
+        before = ids(stack.sim.scale_set("rg-web", "web"))
+        record = run.until_state(State.ROLLED_BACK)
+        assert Reason.HEALTH_TIMEOUT in [t.reason for t in record.history]
+        after = stack.sim.scale_set("rg-web", "web")
+        assert ids(after) == before and after.capacity == 7  # the new VM went, no source did
+        assert [c.instance_id for c in run.app_deletes()] == list(record.created)
+        run.check("after the rollback")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_new_vm_that_never_gets_healthy_replaces_an_unhealthy_source(store, mode):
+    unhealthy = (VmOverride(zone="3", count=3, health="unhealthy"),)
+    scenario = web(mode, {"1": 1, "2": 3, "3": 4}, new_vm_health="unhealthy", overrides=unhealthy)
+    with (
+        running_stack(scenario, store, health_timeout_minutes="10") as stack,
+        FunctionsDriver(stack, seed=6, step=60) as run,
+    ):
+        record = run.until_state(State.SUCCEEDED)
+        assert Reason.HEALTH_TIMEOUT in [t.reason for t in record.history]
+        (deleted,) = run.app_deletes()
+        assert deleted.zone == "3" and deleted.health == "unhealthy"
+        kept = stack.sim.scale_set("rg-web", "web").vm(record.kept[0])
+        assert kept.zone == "1" and kept.health == "unhealthy"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_protected_vms_in_the_over_provisioned_zone_are_never_deleted(store, mode):
+    protected = (VmOverride(zone="3", count=5, protect_from_scale_in=True),)
+    scenario = web(mode, {"1": 0, "2": 2, "3": 6}, overrides=protected)
+    with (
+        running_stack(scenario, store, audit_interval_minutes="10") as stack,
+        FunctionsDriver(stack, seed=7) as run,
+    ):
+        view = stack.sim.scale_set("rg-web", "web")
+        guarded = {vm.instance_id for vm in view.vms if vm.protect_from_scale_in}
+        run.until_state(State.SUCCEEDED)
+        run.until(lambda: '"reason": "no_eligible_source"' in assessment(store, run), ticks=60)
+        for _ in range(10):
+            run.tick()
+        run.check("at the end", settled=True)
+        assert run.states() == [State.SUCCEEDED]
+        after = stack.sim.scale_set("rg-web", "web")
+        assert guarded <= ids(after)
+        assert after.zone_counts() == {"1": 1, "2": 2, "3": 5}
+        assert [c.protected for c in run.app_deletes()] == [False]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autoscale_scaling_out_mid_operation_supersedes_it_and_deletes_nothing(store, mode):
+    with (
+        running_stack(web(mode, {"1": 1, "2": 3, "3": 3}, timings=SLOW_HEALTH), store) as stack,
+        FunctionsDriver(stack, seed=8) as run,
+    ):
+        run.until_state(State.AWAITING_HEALTH)
+        stack.sim.actor.set_capacity("rg-web", "web", 12)
+        with run.events_only():
+            record = run.until_state(State.SUPERSEDED, ticks=20)
+        assert record.outcome in (Reason.CAPACITY_CHANGED, Reason.UNEXPECTED_INSTANCES)
+        key = run.ids[("rg-web", "web")].lower()
+        assert store.last_activity(key) is not None  # the scale-out starts the cooldown
+        for _ in range(20):
+            run.tick()
+        run.check("at the end", settled=True)
+        assert len(run.records()) == 1 and run.app_deletes() == []
+        assert stack.sim.scale_set("rg-web", "web").capacity == 12
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_someone_deleting_the_new_vm_mid_operation_ends_it_without_deletes(store, mode):
+    with (
+        running_stack(web(mode, {"1": 1, "2": 3, "3": 3}, timings=SLOW_HEALTH), store) as stack,
+        FunctionsDriver(stack, seed=9) as run,
+    ):
+        (new_vm,) = run.until_state(State.AWAITING_HEALTH).kept
+        stack.sim.actor.delete_vm("rg-web", "web", new_vm)
+        with run.events_only():
+            record = run.until_state(State.SUPERSEDED, ticks=20)
+        assert record.outcome in (Reason.NEW_VM_REMOVED, Reason.CAPACITY_CHANGED)
+        for _ in range(10):
+            run.tick()
+        run.check("at the end", settled=True)
+        assert run.app_deletes() == []
+        assert new_vm not in ids(stack.sim.scale_set("rg-web", "web"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_scale_set_deleted_mid_operation_ends_it(store, mode):
+    with (
+        running_stack(web(mode, {"1": 1, "2": 3, "3": 3}, timings=SLOW_HEALTH), store) as stack,
+        FunctionsDriver(stack, seed=10) as run,
+    ):
+        run.until_state(State.AWAITING_HEALTH)
+        stack.sim.actor.delete_scale_set("rg-web", "web")
+        with run.events_only():
+            record = run.until_state(State.SUPERSEDED, ticks=20)
+        assert record.outcome is Reason.SCALE_SET_DELETED
+        for _ in range(10):
+            run.tick()
+        run.check("at the end", settled=True)
+        assert run.app_deletes() == [] and len(run.records()) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quota_too_low_starts_nothing_and_records_why(store, mode):
+    quota = (QuotaSpec("westeurope", "standardDSv5Family", 15),)  # 7 VMs use 14 of 15 vCPUs
+    scenario = web(mode, {"1": 1, "2": 3, "3": 3}, quotas=quota)
+    with (
+        running_stack(scenario, store, cooldown_minutes="0") as stack,
+        FunctionsDriver(stack, seed=11) as run,
+    ):
+        stack.sim.actor.set_tags("rg-web", "web", {**ENABLED, "team": "web"})  # an event
+        for _ in range(6):
+            run.tick()
+        run.flush()
+        assert any(
+            d.operation_name.endswith("virtualMachineScaleSets/write") for d in run.deliveries
+        )
+        assert run.records() == []
+        saved = assessment(store, run)
+        assert '"reason": "quota"' in saved and "raise the quota" in saved
+        assert not [
+            r
+            for r in stack.sim.requests
+            if r.method != "GET" and r.principal_id == stack.sim.scenario.app_principal_id
+        ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opting_out_by_tag_mid_operation_removes_only_the_new_vm(store, mode):
+    with (
+        running_stack(web(mode, {"1": 1, "2": 3, "3": 3}, timings=SLOW_HEALTH), store) as stack,
+        FunctionsDriver(stack, seed=12) as run,
+    ):
+        before = ids(stack.sim.scale_set("rg-web", "web"))
+        record = run.until_state(State.AWAITING_HEALTH)
+        stack.sim.actor.set_tags("rg-web", "web", {"zone-rebalance": "disabled"})
+        with run.events_only():
+            record = run.until_state(State.ROLLED_BACK, ticks=30)
+        assert Reason.STAND_DOWN in [t.reason for t in record.history]
+        for _ in range(10):
+            run.tick()
+        run.check("at the end", settled=True)
+        after = stack.sim.scale_set("rg-web", "web")
+        assert ids(after) == before and after.capacity == 7
+        assert [c.instance_id for c in run.app_deletes()] == list(record.created)
+        assert len(run.records()) == 1
