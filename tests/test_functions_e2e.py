@@ -9,13 +9,17 @@ armsim must be one operation step's, sent once (tests/functions_driver.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
 
 from armsim import QuotaSpec, ScaleSetSpec, Scenario, Timings, VmOverride, ZoneCapacity
+from chaos.netcut import NetCut
 from rebalancer import service
+from rebalancer.devtools.azurite import connection_string
 from rebalancer.operation import Reason, State
+from rebalancer.store import StorageConnection, Store
 from tests.functions_driver import FunctionsDriver
 from tests.stack import running_stack
 
@@ -123,9 +127,11 @@ def test_a_zone_without_capacity_is_rolled_back_backed_off_and_retried(store, mo
         assert store.backoff_until("westeurope", "Standard_D2s_v5", "1", later) is None
 
 
-def assessment(store, run: FunctionsDriver, name: str = "web") -> str:
+def assessment(
+    store, run: FunctionsDriver, name: str = "web", resource_group: str = "rg-web"
+) -> str:
     """The verdict the app last recorded for the scale set (JSON), or ''."""
-    saved = store.last_assessment(run.ids[("rg-web", name)].lower())
+    saved = store.last_assessment(run.ids[(resource_group, name)].lower())
     return saved.body if saved is not None else ""
 
 
@@ -282,3 +288,110 @@ def test_opting_out_by_tag_mid_operation_removes_only_the_new_vm(store, mode):
         assert ids(after) == before and after.capacity == 7
         assert [c.instance_id for c in run.app_deletes()] == list(record.created)
         assert len(run.records()) == 1
+
+
+def test_an_event_for_a_scale_set_outside_the_resource_groups_changes_nothing(store, caplog):
+    scenario = Scenario(
+        scale_sets=(
+            ScaleSetSpec("outside", "rg-other", counts={"1": 0, "2": 3, "3": 3}, tags=ENABLED),
+            ScaleSetSpec("web", "rg-web", counts={"1": 2, "2": 2, "3": 2}, tags=ENABLED),
+        )
+    )
+    env = {"resource_groups": "rg-web", "cooldown_minutes": "0"}
+    with (
+        running_stack(scenario, store, **env) as stack,
+        FunctionsDriver(stack, seed=13, writable=("web",)) as run,
+        caplog.at_level(logging.INFO, logger="rebalancer"),
+    ):
+        stack.sim.actor.set_capacity("rg-other", "outside", 7)
+        victim = stack.sim.scale_set("rg-other", "outside").vms[0].instance_id
+        stack.sim.actor.delete_vm("rg-other", "outside", victim)
+        for _ in range(15):
+            run.tick()
+        run.flush()
+        run.check("at the end", settled=True)
+        outside = [p for p in run.received if "/resourcegroups/rg-other/" in p["subject"].lower()]
+        assert len(outside) >= 2  # the scale-out and the VM delete reached the function
+        for payload in outside:
+            assert f"event {payload['id']} ignored: resource group 'rg-other' is outside" in (
+                caplog.text
+            )
+        assert run.records("outside", "rg-other") == []
+        assert assessment(store, run, "outside", "rg-other") == ""
+        app = stack.sim.scenario.app_principal_id
+        touched = [r for r in stack.sim.requests if r.principal_id == app and "rg-other" in r.path]
+        assert touched == []  # not even read
+        assert stack.sim.scale_set("rg-other", "outside").capacity == 6
+
+
+def test_duplicated_and_reordered_events_cause_no_second_action(store):
+    scenario = web("Uniform", {"1": 0, "2": 2, "3": 4})
+    with (
+        running_stack(scenario, store, audit_interval_minutes="10") as stack,
+        FunctionsDriver(stack, seed=14, duplicate=1.0, hold_back=0.5) as run,
+    ):
+        run.until_settled()
+        records = run.records()
+        assert [r.state for r in records] == [State.SUCCEEDED, State.SUCCEEDED]
+        writes = [(w.operation, w.body) for w in run.app_writes()]
+        assert [op for op, _ in writes] == ["vmss.update", "vmss.delete_instances"] * 2
+        assert run.duplicates_delivered() == len(run.received) > 0
+
+        # Event Grid delivers every event once more, late and newest first: duplicates.
+        for payload in reversed(run.received):
+            assert run.deliver_one(payload)
+        # Once the de-duplication marks have expired, the events are new again: the app
+        # reconciles each scale set anew and finds nothing to do.
+        for payload in run.received:
+            store.forget_event(payload["id"])
+        for payload in reversed(run.received):
+            assert run.deliver_one(payload)
+        for _ in range(4):
+            run.tick()
+        run.check("at the end", settled=True)
+        assert [(w.operation, w.body) for w in run.app_writes()] == writes
+        assert run.records() == records
+
+
+def test_a_table_storage_outage_during_an_event_is_retried_by_event_grid(
+    store, azurite, table_prefix
+):
+    relay = NetCut(azurite.port or 0)
+    app_store = Store(
+        StorageConnection("test", connection_string=connection_string(relay.port)),
+        table_prefix=table_prefix,
+        retry_total=0,
+    )
+    scenario = web("Uniform", {"1": 1, "2": 3, "3": 3}, timings=SLOW_HEALTH)
+    try:
+        with running_stack(scenario, store) as stack:
+            runtime = service.Runtime(
+                stack.settings, app_store, stack.reconciler(store=app_store), stack.sim.clock.now
+            )
+            with FunctionsDriver(stack, seed=15, runtime=runtime, hold_back=0.0) as run:
+                run.tick()  # the timer's audit starts the move: capacity 7 -> 8
+                assert run.states() == [State.SCALING_OUT]
+                stack.sim.advance(90)  # the scale-out ends: its write event is queued
+                (payload,) = [
+                    p for p in run.received if p["data"]["operationName"].endswith("/write")
+                ]
+
+                relay.cut()
+                assert not run.deliver_one(payload)  # TransientFailure: Event Grid retries
+                run.timer()  # the timer in the outage logs and returns
+                assert run.states() == [State.SCALING_OUT]
+                run.check("during the outage")
+
+                relay.heal()
+                assert run.deliver_one(payload)  # the redelivery is handled...
+                assert run.states() == [State.AWAITING_HEALTH]  # ...and advanced the move
+                assert [d.retried for d in run.deliveries if d.event_id == payload["id"]] == [
+                    True,
+                    False,
+                ]
+                run.until_settled()
+                assert run.states() == [State.SUCCEEDED]
+                assert len(run.app_writes()) == 2
+    finally:
+        app_store.close()
+        relay.close()
