@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from rebalancer import operation as op
 from rebalancer.evaluator import Assessment, Decision, assess
-from rebalancer.model import Inventory, ScaleSetRef
+from rebalancer.model import Instance, Inventory, OrchestrationMode, ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
 from rebalancer.telemetry import Telemetry
 
@@ -196,6 +196,7 @@ class Reconciler:
             stand_down = self._stand_down(observation)
             now = self.clock()
             step = op.advance(record, observation, self.policy, now, stand_down=stand_down)
+            step = self._known_protection(ref, record, observation, step, stand_down, now)
             if step.record != record:
                 row, lock = self._persist(row, step.record, lock)
                 self._log_step(record, step.record)
@@ -207,6 +208,42 @@ class Reconciler:
             if not step.observe_again or record.state.terminal:
                 break
         return Result(ref, Outcome.ADVANCED, state=str(record.state), detail=record.outcome_detail)
+
+    def _known_protection(
+        self,
+        ref: ScaleSetRef,
+        record: op.OperationRecord,
+        observation: Inventory | None,
+        step: op.Step,
+        stand_down: str | None,
+        now: datetime,
+    ) -> op.Step:
+        """Decide again until no VM the step deletes is protected, for Flexible scale sets.
+
+        A Flexible VM's instance protection is not in the VM list; the inventory reads it only
+        for the sources a fresh plan would move. Sources re-chosen right before the delete (the
+        set may already look balanced) and new VMs someone protected meanwhile would go out
+        unchecked, and Azure does not stop a delete by id of a protected VM. So every VM a step
+        would delete is read (one GET each) before the step is written; a protected one is
+        marked so and the step decided again, which picks another source or keeps it.
+        """
+        if observation is None or observation.scale_set.mode is not OrchestrationMode.FLEXIBLE:
+            return step
+        known: dict[str, tuple[bool, bool]] = {}
+        for _ in range(len(observation.instances) + 1):
+            unread = [vm for vm in _deleted_by(step) if vm not in known]
+            if not unread:
+                return step
+            for vm in unread:
+                known[vm] = self.compute._flexible_vm_protection(ref, vm)
+            if not any(any(known[vm]) for vm in unread):
+                return step
+            observation = replace(
+                observation,
+                instances=tuple(_with_flags(i, known) for i in observation.instances),
+            )
+            step = op.advance(record, observation, self.policy, now, stand_down=stand_down)
+        raise RuntimeError(f"{ref}: no stable delete decision after reading VM protection")
 
     def _stand_down(self, observation: Inventory | None) -> str | None:
         if self.settings.mode is not Mode.ENFORCE:
@@ -546,6 +583,19 @@ class Reconciler:
             if error.kind is ErrorKind.THROTTLED:
                 self.telemetry.throttled(ref.id, error.retry_after, "reconcile")
             return Result(ref, Outcome.DEFERRED, detail=str(error))
+
+
+def _deleted_by(step: op.Step) -> list[str]:
+    return [vm for c in step.commands if isinstance(c, op.DeleteInstances) for vm in c.ids]
+
+
+def _with_flags(instance: Instance, known: dict[str, tuple[bool, bool]]) -> Instance:
+    if instance.id not in known:
+        return instance
+    scale_in, scale_set_actions = known[instance.id]
+    return replace(
+        instance, protect_from_scale_in=scale_in, protect_from_scale_set_actions=scale_set_actions
+    )
 
 
 def _capacity_rollback(record: op.OperationRecord) -> op.Transition | None:
