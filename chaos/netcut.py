@@ -89,6 +89,8 @@ class NetCut:
                 with self._lock:
                     self._open.discard(sock)
                 with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the other direction's pump
+                with contextlib.suppress(OSError):
                     sock.close()
 
 
