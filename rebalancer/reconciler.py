@@ -193,6 +193,8 @@ class Reconciler:
         self._repair_backoff(record)
         for _ in range(MAX_STEPS_PER_CALL):
             observation = self._observe(ref)
+            if observation is None:
+                self._confirm_gone(ref)
             stand_down = self._stand_down(observation)
             now = self.clock()
             step = op.advance(record, observation, self.policy, now, stand_down=stand_down)
@@ -208,6 +210,24 @@ class Reconciler:
             if not step.observe_again or record.state.terminal:
                 break
         return Result(ref, Outcome.ADVANCED, state=str(record.state), detail=record.outcome_detail)
+
+    def _confirm_gone(self, ref: ScaleSetRef) -> None:
+        """Ask a second way before an operation ends because its scale set is gone.
+
+        ARM can answer a GET of an existing resource with 404 now and then; ending the
+        operation on that would abandon the VMs it created. The resource group's scale set
+        list must agree; if it still shows the set, this pass is deferred (a transient error).
+        """
+        from rebalancer.compute.errors import AdapterError, ErrorKind
+
+        listed = self.compute.list_scale_sets([ref.resource_group])
+        if any(scale_set.ref == ref for scale_set in listed):
+            raise AdapterError(
+                ErrorKind.TRANSIENT,
+                "the scale set answered 404 but is still listed in its resource group; the "
+                "next pass looks again",
+                ref=ref,
+            )
 
     def _known_protection(
         self,
