@@ -9,7 +9,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench.common import Figure, azurite_store
 
@@ -128,11 +128,21 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] | None = N
         "--only", action="append", choices=GROUPS, help="run only these benchmarks (repeatable)"
     )
     parser.add_argument("--no-table", action="store_true", help="print the bench: lines only")
+    parser.add_argument(
+        "--naive-sets",
+        type=int,
+        metavar="N",
+        help="scale sets the naive audit reads (default 200, scaled to the fleet; 1000: in full)",
+    )
     args = parser.parse_args(argv)
     emit = out or (lambda line: print(line, flush=True))
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("rebalancer").setLevel(logging.CRITICAL)
     sizes = QUICK if args.quick else Sizes()
+    if args.naive_sets is not None:
+        if args.naive_sets < 1:
+            parser.error("--naive-sets must be at least 1")
+        sizes = replace(sizes, naive_sets=args.naive_sets)
     started = time.perf_counter()
     figures: list[Figure] = []
     for name in args.only or GROUPS:
