@@ -87,6 +87,7 @@ def use_runtime(runtime: Runtime | None) -> None:
     global _runtime, _runtime_error
     with _runtime_lock:
         _runtime, _runtime_error = runtime, None
+        _uncleared.clear()
 
 
 def runtime() -> Runtime | None:
@@ -124,7 +125,7 @@ def handle_event(
 
 def _handle_trigger(rt: Runtime, trigger: Trigger) -> Result | None:
     now = rt.clock()
-    if not rt.store.first_delivery(trigger.event_id, now):
+    if not rt.store.first_delivery(trigger.event_id, now) and not _retried(trigger.event_id):
         log.info("event %s ignored: already handled (duplicate delivery)", trigger.event_id)
         return None
     if trigger.ref is None:
@@ -173,13 +174,37 @@ def _transient_guard(rt: Runtime, event_id: str, action: Callable[[], Any]) -> A
     return result
 
 
+MAX_UNCLEARED = 10_000
+_uncleared: dict[str, None] = {}
+"""Events whose handling failed and whose delivery mark could not be cleared (Table Storage
+was down): their retry, if it reaches this process, is handled instead of taken for a
+duplicate. Insertion-ordered, bounded."""
+
+
 def _forget(rt: Runtime, event_id: str) -> None:
     from rebalancer.store import StoreError
 
     try:
         rt.store.forget_event(event_id)
     except StoreError:
-        log.warning("could not clear the delivery mark of event %s", event_id)
+        log.warning(
+            "could not clear the delivery mark of event %s; its retry is handled if it reaches "
+            "this instance, otherwise the next timer tick takes its place",
+            event_id,
+        )
+        with _runtime_lock:
+            _uncleared[event_id] = None
+            while len(_uncleared) > MAX_UNCLEARED:
+                del _uncleared[next(iter(_uncleared))]
+
+
+def _retried(event_id: str) -> bool:
+    """Whether a marked event is Event Grid's retry of a failed delivery (handle it again)."""
+    with _runtime_lock:
+        if event_id not in _uncleared:
+            return False
+        del _uncleared[event_id]
+        return True
 
 
 # -- timer ------------------------------------------------------------------------------

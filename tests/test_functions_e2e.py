@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -353,9 +354,11 @@ def test_duplicated_and_reordered_events_cause_no_second_action(store):
         assert run.records() == records
 
 
-def test_a_table_storage_outage_during_an_event_is_retried_by_event_grid(
-    store, azurite, table_prefix
-):
+@contextmanager
+def app_behind_a_relay(store, azurite, table_prefix) -> Iterator[tuple[FunctionsDriver, NetCut]]:
+    """1/3/3 with the app's Table Storage client going through a relay an outage cuts (the
+    checks read the tables directly). The first tick starts the move; then the scale-out's
+    write event is queued, not delivered."""
     relay = NetCut(azurite.port or 0)
     app_store = Store(
         StorageConnection("test", connection_string=connection_string(relay.port)),
@@ -365,33 +368,71 @@ def test_a_table_storage_outage_during_an_event_is_retried_by_event_grid(
     scenario = web("Uniform", {"1": 1, "2": 3, "3": 3}, timings=SLOW_HEALTH)
     try:
         with running_stack(scenario, store) as stack:
-            runtime = service.Runtime(
-                stack.settings, app_store, stack.reconciler(store=app_store), stack.sim.clock.now
-            )
+            reconciler = stack.reconciler(store=app_store)
+            runtime = service.Runtime(stack.settings, app_store, reconciler, stack.sim.clock.now)
             with FunctionsDriver(stack, seed=15, runtime=runtime, hold_back=0.0) as run:
                 run.tick()  # the timer's audit starts the move: capacity 7 -> 8
                 assert run.states() == [State.SCALING_OUT]
                 stack.sim.advance(90)  # the scale-out ends: its write event is queued
-                (payload,) = [
-                    p for p in run.received if p["data"]["operationName"].endswith("/write")
-                ]
-
-                relay.cut()
-                assert not run.deliver_one(payload)  # TransientFailure: Event Grid retries
-                run.timer()  # the timer in the outage logs and returns
-                assert run.states() == [State.SCALING_OUT]
-                run.check("during the outage")
-
-                relay.heal()
-                assert run.deliver_one(payload)  # the redelivery is handled...
-                assert run.states() == [State.AWAITING_HEALTH]  # ...and advanced the move
-                assert [d.retried for d in run.deliveries if d.event_id == payload["id"]] == [
-                    True,
-                    False,
-                ]
-                run.until_settled()
-                assert run.states() == [State.SUCCEEDED]
-                assert len(run.app_writes()) == 2
+                yield run, relay
     finally:
         app_store.close()
         relay.close()
+
+
+def scale_out_event(run: FunctionsDriver) -> dict:
+    (payload,) = [p for p in run.received if p["data"]["operationName"].endswith("/write")]
+    return payload
+
+
+def test_a_table_storage_outage_during_an_event_is_retried_by_event_grid(
+    store, azurite, table_prefix
+):
+    with app_behind_a_relay(store, azurite, table_prefix) as (run, relay):
+        payload = scale_out_event(run)
+        relay.cut()
+        assert not run.deliver_one(payload)  # TransientFailure: Event Grid retries
+        run.timer()  # the timer in the outage logs and returns
+        assert run.states() == [State.SCALING_OUT]
+        run.check("during the outage")
+
+        relay.heal()
+        assert run.deliver_one(payload)  # the redelivery is handled...
+        assert run.states() == [State.AWAITING_HEALTH]  # ...and advanced the move
+        assert [d.retried for d in run.deliveries if d.event_id == payload["id"]] == [True, False]
+        assert run.deliver_one(payload)  # a duplicate of it changes nothing
+        run.until_settled()
+        assert run.states() == [State.SUCCEEDED]
+        assert len(run.app_writes()) == 2
+
+
+def test_an_outage_after_the_delivery_mark_was_written_still_lets_the_retry_through(
+    store, azurite, table_prefix
+):
+    """The de-duplication mark is written, then Table Storage goes away mid-handling, so the
+    mark cannot be cleared: Event Grid's retry must still be handled, not taken for a
+    duplicate."""
+    with app_behind_a_relay(store, azurite, table_prefix) as (run, relay):
+        payload = scale_out_event(run)
+        app_store = run.runtime.store
+        mark = app_store.first_delivery
+
+        def mark_then_cut(*args):
+            try:
+                return mark(*args)
+            finally:
+                relay.cut()
+
+        app_store.first_delivery = mark_then_cut
+        try:
+            assert not run.deliver_one(payload)
+        finally:
+            del app_store.first_delivery
+        assert not store.first_delivery(payload["id"], run.stack.sim.clock.now())  # still marked
+
+        relay.heal()
+        assert run.deliver_one(payload)
+        assert run.states() == [State.AWAITING_HEALTH]  # the retry advanced the move
+        assert run.deliver_one(payload)  # and a duplicate of the retry is one again
+        run.until_settled()
+        assert run.states() == [State.SUCCEEDED] and len(run.app_writes()) == 2
