@@ -201,6 +201,11 @@ def test_autoscale_scaling_out_mid_operation_supersedes_it_and_deletes_nothing(s
         with run.events_only():
             record = run.until_state(State.SUPERSEDED, ticks=20)
         assert record.outcome in (Reason.CAPACITY_CHANGED, Reason.UNEXPECTED_INSTANCES)
+        with run.events_only():  # the host is down for 6 minutes: a timer tick is missed
+            for _ in range(12):
+                run.tick()
+        run.tick()  # the first tick after it is past due
+        assert run.past_due_calls == 1
         key = run.ids[("rg-web", "web")].lower()
         assert store.last_activity(key) is not None  # the scale-out starts the cooldown
         for _ in range(20):
