@@ -71,13 +71,22 @@ class OperationPolicy:
     """How often a command whose effect is not visible yet is issued before the step fails."""
     retry_interval: timedelta = timedelta(minutes=2)
     """Wait before repeating such a command; doubles with each repeat (2, 4, 8 minutes...)."""
+    max_observation_age: timedelta = timedelta(minutes=2)
+    """Sources are chosen and deleted only from an observation that began at most this long
+    ago: a read slowed down by throttling may show a new VM healthy that no longer is."""
 
     def __post_init__(self) -> None:
         if self.max_surge < 1:
             raise ValueError(f"max_surge must be at least 1, got {self.max_surge}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
-        for name in ("health_timeout", "scale_out_timeout", "delete_grace", "retry_interval"):
+        for name in (
+            "health_timeout",
+            "scale_out_timeout",
+            "delete_grace",
+            "retry_interval",
+            "max_observation_age",
+        ):
             if getattr(self, name) < timedelta(0):
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
@@ -792,6 +801,8 @@ def _scaling_in(
         detail = ", ".join(f"{vm} is {by_id[vm].health}" for vm in regressed)
         return _transition(record, State.AWAITING_HEALTH, now, Reason.HEALTH_REGRESSED, detail)
 
+    if _stale(view, policy, now):
+        return Step(record)  # sources are chosen from a fresh observation only
     choice = _choose_sources(record, view)
     present_discards = [vm for vm in choice.discarded if vm in by_id]
     deletable = [vm for vm in present_discards if not by_id[vm].protected]
@@ -956,6 +967,8 @@ def _await_deletes(
         detail = f"still present after {record.attempts} request(s): "
         detail += ", ".join(i.id for i in stalled)
         return _finish(record, now, State.FAILED, Reason.DELETE_NOT_APPLIED, detail)
+    if _stale(view, policy, now) and any(i.id in record.sources for i in stalled):
+        return Step(record)  # a source is deleted again only on a fresh observation
     unsafe = _unsafe_to_repeat(record, view, stalled)
     if unsafe:
         return _finish(record, now, State.FAILED, Reason.DELETE_UNSAFE, unsafe)
@@ -1052,6 +1065,11 @@ def _roll_back(
 
 
 # helpers -------------------------------------------------------------------------------------
+
+
+def _stale(view: _View, policy: OperationPolicy, now: datetime) -> bool:
+    """The observation began too long ago to delete a source on it."""
+    return now - view.inventory.observed_at > policy.max_observation_age
 
 
 def _delete_deadline(scale_set: ScaleSet, policy: OperationPolicy, now: datetime) -> datetime:

@@ -10,15 +10,32 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from armsim import ScaleSetSpec, Scenario, VmOverride
 from rebalancer.compute.errors import AdapterError
 from rebalancer.evaluator import assess
-from rebalancer.model import ScaleSetRef
-from rebalancer.operation import OperationRecord, State
+from rebalancer.model import (
+    Health,
+    HealthMonitoring,
+    Instance,
+    Inventory,
+    OrchestrationMode,
+    PowerState,
+    ScaleSet,
+    ScaleSetRef,
+)
+from rebalancer.operation import (
+    DeleteInstances,
+    OperationPolicy,
+    OperationRecord,
+    State,
+    Step,
+    advance,
+    start,
+)
 from rebalancer.reconciler import Outcome
 from tests.stack import Drive, running_stack
 
@@ -157,3 +174,67 @@ def test_an_operation_stands_down_when_its_resource_group_leaves_the_scope(store
         assert before <= after  # none of the group's own VMs was deleted
         (row,) = stack.store.history(ref.key, limit=5)
         assert OperationRecord.from_json(row.body).state is not State.SUCCEEDED
+
+
+# -- pure: rebalancer.operation ----------------------------------------------------------------
+
+POLICY = OperationPolicy()
+OP_REF = ScaleSetRef("00000000-0000-0000-0000-000000000001", "rg-web", "web")
+
+
+def instance(vm_id: str, zone: str, health: Health = Health.HEALTHY) -> Instance:
+    return Instance(vm_id, f"web_{vm_id}", zone, "Succeeded", PowerState.RUNNING, health)
+
+
+def observed(capacity: int, instances: tuple[Instance, ...], at: datetime) -> Inventory:
+    scale_set = ScaleSet(
+        ref=OP_REF,
+        location="westeurope",
+        zones=("1", "2"),
+        sku_name="Standard_D2s_v5",
+        capacity=capacity,
+        mode=OrchestrationMode.UNIFORM,
+        provisioning_state="Succeeded",
+        health_monitoring=HealthMonitoring.EXTENSION,
+        platform_rebalancing=False,
+    )
+    return Inventory(scale_set, instances, at)
+
+
+def ready_to_delete() -> tuple[OperationRecord, tuple[Instance, ...], datetime]:
+    """An operation whose new VM is healthy: the next fresh observation deletes a source."""
+    baseline = (instance("0", "1"), instance("1", "2"), instance("2", "2"), instance("3", "2"))
+    record, _ = start(
+        observed(4, baseline, NOW), assess(observed(4, baseline, NOW)), POLICY, NOW, "op"
+    )
+    grown = (*baseline, instance("4", "1"))
+    now = NOW + timedelta(minutes=10)
+    step = advance(record, observed(5, grown, now), POLICY, now)
+    assert step.record.state is State.AWAITING_HEALTH
+    step = advance(step.record, observed(5, grown, now), POLICY, now)
+    assert step.record.state is State.SCALING_IN and not step.commands[:-1]
+    return step.record, grown, now
+
+
+def deletes(step: Step) -> tuple[str, ...]:
+    return tuple(vm for c in step.commands if isinstance(c, DeleteInstances) for vm in c.ids)
+
+
+def test_a_source_is_deleted_on_a_fresh_observation():
+    record, grown, now = ready_to_delete()
+    assert deletes(advance(record, observed(5, grown, now), POLICY, now)) == ("3",)
+
+
+def test_a_source_is_never_deleted_on_an_observation_that_began_long_ago():
+    """A read slowed by throttling (minutes of Retry-After) may show the new VM healthy while
+    it has failed since: the source is chosen and deleted on a fresh read only."""
+    record, grown, now = ready_to_delete()
+    slow = observed(5, grown, now - POLICY.max_observation_age - timedelta(seconds=1))
+    step = advance(record, slow, POLICY, now)
+    assert deletes(step) == () and step.record == record
+    # A delete that did not land is repeated on a fresh observation only, too.
+    requested = advance(record, observed(5, grown, now), POLICY, now).record
+    later = now + timedelta(minutes=5)
+    assert deletes(advance(requested, observed(5, grown, later), POLICY, later)) == ("3",)
+    stale = observed(5, grown, later - timedelta(minutes=3))
+    assert deletes(advance(requested, stale, POLICY, later)) == ()
