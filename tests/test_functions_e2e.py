@@ -86,7 +86,11 @@ def test_0_2_4_with_max_surge_2_moves_two_vms_in_one_operation(store, mode):
 def test_2_4_7_with_deallocated_vms_ends_at_4_4_5(store, mode):
     deallocated = (VmOverride(zone="3", count=2, power_state="deallocated"),)
     scenario = web(mode, {"1": 2, "2": 4, "3": 7}, overrides=deallocated)
-    with running_stack(scenario, store) as stack, FunctionsDriver(stack, seed=3, step=60) as run:
+    with (
+        running_stack(scenario, store, audit_interval_minutes="15") as stack,
+        FunctionsDriver(stack, seed=3, step=60) as run,
+    ):
+        # One move per operation: the second starts at the audit after the first ends.
         run.until_settled()
         after = stack.sim.scale_set("rg-web", "web")
         assert after.zone_counts() == {"1": 4, "2": 4, "3": 5} and after.capacity == 13
@@ -103,7 +107,7 @@ def test_a_zone_without_capacity_is_rolled_back_backed_off_and_retried(store, mo
     )
     with (
         running_stack(scenario, store, audit_interval_minutes="10") as stack,
-        FunctionsDriver(stack, seed=4, step=60) as run,
+        FunctionsDriver(stack, seed=4, step=120) as run,
     ):
         first = run.until_state(State.ROLLED_BACK)
         assert Reason.NO_CAPACITY_IN_TARGET_ZONE in [t.reason for t in first.history]
