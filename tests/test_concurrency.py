@@ -169,3 +169,65 @@ def test_eight_reconcilers_run_one_operation_per_scale_set_and_scale_out_once(
         outcomes = Counter(r.outcome for r in instances.results)
         assert outcomes[Outcome.STARTED] == len(records)
         assert outcomes[Outcome.BUSY] > 0
+
+
+class _Stalling:
+    """A Compute adapter whose capacity PATCH waits (real time) until released: a pass that
+    outlives its lock lease, as a long GC pause or a hung connection would make it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def set_capacity(self, ref: ScaleSetRef, capacity: int) -> Any:
+        self.entered.set()
+        assert self.release.wait(ROUND_TIMEOUT), "never released"
+        return self.inner.set_capacity(ref, capacity)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_pass_that_outlives_its_lease_cannot_overwrite_the_next_holder(
+    store_factory: Callable[..., Store],
+) -> None:
+    scenario = Scenario(
+        scale_sets=(ScaleSetSpec("web", "rg-a", counts={"1": 1, "2": 3, "3": 3}, tags=ENABLED),)
+    )
+    checker_store = store_factory()
+    with running_stack(scenario, checker_store) as stack:
+        checker = Invariants.watch(stack.sim, checker_store, stack.settings)
+        ref = ScaleSetRef.parse(stack.sim.scale_set("rg-a", "web").id)
+        stalling = _Stalling(compute_for(stack.sim, stack.settings))
+        slow = stack.reconciler(store=store_factory(), compute=stalling)
+        fresh = stack.reconciler(
+            store=store_factory(), compute=compute_for(stack.sim, stack.settings)
+        )
+        outcome: list[Result] = []
+        worker = threading.Thread(target=lambda: outcome.append(slow.reconcile(ref)))
+        worker.start()
+        try:
+            assert stalling.entered.wait(ROUND_TIMEOUT)  # the intent is on disk, no PATCH yet
+            stack.sim.advance(slow.lease.total_seconds() + 60)
+            taken = fresh.reconcile(ref)  # the lease ran out: the next instance takes over
+            assert taken.outcome is Outcome.ADVANCED
+        finally:
+            stalling.release.set()
+            worker.join(ROUND_TIMEOUT)
+        assert not worker.is_alive()
+        (late,) = outcome
+        assert late.outcome is Outcome.BUSY and "no longer held" in late.detail
+        for _ in range(40):
+            fresh.reconcile(ref)
+            checker.check(f"at {stack.sim.clock.now().isoformat()}", single_scale_out=False)
+            if not checker_store.active_operations():
+                break
+            stack.sim.advance(30)
+        (record,) = checker.check("at the end", settled=True, single_scale_out=False)
+        assert record.state.value == "succeeded"
+        view = stack.sim.scale_set("rg-a", "web")
+        assert view.capacity == 7 and sorted(view.zone_counts().values()) == [2, 2, 3]
+        app = stack.sim.scenario.app_principal_id
+        patches = [r for r in stack.sim.requests if r.method == "PATCH" and r.principal_id == app]
+        assert {r.body["sku"]["capacity"] for r in patches} == {record.target_capacity}
