@@ -19,6 +19,7 @@ from armsim import QuotaSpec, ScaleSetSpec, Scenario, Timings, VmOverride, ZoneC
 from chaos.netcut import NetCut
 from rebalancer import service
 from rebalancer.devtools.azurite import connection_string
+from rebalancer.model import ScaleSetRef
 from rebalancer.operation import Reason, State
 from rebalancer.store import StorageConnection, Store
 from tests.functions_driver import FunctionsDriver
@@ -335,17 +336,31 @@ def test_an_event_for_a_scale_set_outside_the_resource_groups_changes_nothing(st
 
 
 def test_duplicated_and_reordered_events_cause_no_second_action(store):
-    scenario = web("Uniform", {"1": 0, "2": 2, "3": 4})
+    """Two scale sets move at once while someone edits their tags: their events interleave,
+    every one is delivered twice, many late; each write still happens once per step."""
+    scenario = Scenario(
+        scale_sets=tuple(
+            ScaleSetSpec(name, "rg-web", mode=mode, counts={"1": 0, "2": 2, "3": 4}, tags=ENABLED)
+            for name, mode in (("web", "Uniform"), ("api", "Flexible"))
+        )
+    )
+    env = {"audit_interval_minutes": "10", "cooldown_minutes": "0"}
     with (
-        running_stack(scenario, store, audit_interval_minutes="10") as stack,
+        running_stack(scenario, store, **env) as stack,
         FunctionsDriver(stack, seed=14, duplicate=1.0, hold_back=0.5) as run,
     ):
-        run.until_settled()
-        records = run.records()
-        assert [r.state for r in records] == [State.SUCCEEDED, State.SUCCEEDED]
-        writes = [(w.operation, w.body) for w in run.app_writes()]
-        assert [op for op, _ in writes] == ["vmss.update", "vmss.delete_instances"] * 2
-        assert run.duplicates_delivered() == len(run.received) > 0
+        run.tick()
+        for name in ("web", "api"):
+            stack.sim.actor.set_tags("rg-web", name, {**ENABLED, "owner": "team-a"})
+        run.until_settled(("web", "api"))
+        records = {name: run.records(name) for name in ("web", "api")}
+        writes = {name: [(w.operation, w.body) for w in run.app_writes(name)] for name in records}
+        for name in records:
+            assert [r.state for r in records[name]] == [State.SUCCEEDED, State.SUCCEEDED]
+            assert [op for op, _ in writes[name]] == ["vmss.update", "vmss.delete_instances"] * 2
+        assert run.duplicates_delivered() == len(run.received) >= 10
+        first_seen = list(dict.fromkeys(d.event_id for d in run.deliveries))
+        assert first_seen != [p["id"] for p in run.received]  # some arrived out of order
 
         # Event Grid delivers every event once more, late and newest first: duplicates.
         for payload in reversed(run.received):
@@ -359,8 +374,9 @@ def test_duplicated_and_reordered_events_cause_no_second_action(store):
         for _ in range(4):
             run.tick()
         run.check("at the end", settled=True)
-        assert [(w.operation, w.body) for w in run.app_writes()] == writes
-        assert run.records() == records
+        for name in records:
+            assert [(w.operation, w.body) for w in run.app_writes(name)] == writes[name]
+            assert run.records(name) == records[name]
 
 
 @contextmanager
@@ -445,3 +461,18 @@ def test_an_outage_after_the_delivery_mark_was_written_still_lets_the_retry_thro
         assert run.deliver_one(payload)  # and a duplicate of the retry is one again
         run.until_settled()
         assert run.states() == [State.SUCCEEDED] and len(run.app_writes()) == 2
+
+
+def test_the_driver_catches_a_write_that_no_operation_step_recorded(store):
+    with (
+        running_stack(web("Uniform", {"1": 1, "2": 3, "3": 3}), store) as stack,
+        FunctionsDriver(stack, seed=16) as run,
+    ):
+        record = run.until_state(State.AWAITING_HEALTH)
+        ref = ScaleSetRef.parse(run.ids[("rg-web", "web")])
+        stack.compute.set_capacity(ref, record.target_capacity)  # the app's identity, again
+        problems = run.write_problems(run.checker.check(single_scale_out=False))
+        assert problems == [
+            f"operation {record.operation_id} (awaiting_health): armsim received 2 set_capacity "
+            "call(s), its record names 1"
+        ]
