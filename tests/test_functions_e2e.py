@@ -196,6 +196,25 @@ def test_protected_vms_in_the_over_provisioned_zone_are_never_deleted(store, mod
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_protecting_every_candidate_source_mid_operation_deletes_none_of_them(store, mode):
+    with (
+        running_stack(web(mode, {"1": 1, "2": 3, "3": 3}, timings=SLOW_HEALTH), store) as stack,
+        FunctionsDriver(stack, seed=17) as run,
+    ):
+        record = run.until_state(State.AWAITING_HEALTH)
+        view = stack.sim.scale_set("rg-web", "web")
+        guarded = {vm.instance_id for vm in view.vms if vm.zone in ("2", "3")}
+        for vm in sorted(guarded):
+            stack.sim.actor.protect("rg-web", "web", vm)  # a VM write event each
+        record = run.until_state(State.ROLLED_BACK, ticks=60)
+        assert Reason.NOTHING_TO_KEEP in [t.reason for t in record.history]
+        run.check("at the end", settled=True)
+        assert guarded <= ids(stack.sim.scale_set("rg-web", "web"))
+        assert [c.instance_id for c in run.app_deletes()] == list(record.created)
+        assert not [c for c in run.app_deletes() if c.protected]
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_autoscale_scaling_out_mid_operation_supersedes_it_and_deletes_nothing(store, mode):
     with (
         running_stack(web(mode, {"1": 1, "2": 3, "3": 3}, timings=SLOW_HEALTH), store) as stack,
