@@ -256,9 +256,9 @@ def install_app(sim: Any, store: Any, **env: str) -> App:
 def functions() -> dict[str, Any]:
     """The decorated functions of function_app, by name, as the Functions host finds them
     (once: azure.functions refuses to list an app's functions twice)."""
-    from function_app import app
+    from rebalancer.devtools.host import indexed_functions
 
-    return {f.get_function_name(): f.get_user_function() for f in app.get_functions()}
+    return {name: f.get_user_function() for name, f in indexed_functions().items()}
 
 
 def call_timer(handlers: dict[str, Any], past_due: bool = False) -> None:
