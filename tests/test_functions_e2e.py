@@ -19,6 +19,7 @@ from armsim import QuotaSpec, ScaleSetSpec, Scenario, Timings, VmOverride, ZoneC
 from chaos.netcut import NetCut
 from rebalancer import service
 from rebalancer.devtools.azurite import connection_string
+from rebalancer.events import OBJECT_ID_CLAIM
 from rebalancer.model import ScaleSetRef
 from rebalancer.operation import Reason, State
 from rebalancer.store import StorageConnection, Store
@@ -64,6 +65,10 @@ def test_1_3_3_is_balanced_by_one_move(store, mode):
         assert record.state is State.SUCCEEDED and record.k == 1
         assert len(run.app_writes()) == 2  # one scale-out, one delete
         assert run.duplicates_delivered() > 0
+        # The app's own writes came back as events, and did not count as outside activity.
+        app = stack.sim.scenario.app_principal_id
+        assert [p["data"]["claims"][OBJECT_ID_CLAIM] for p in run.received] == [app, app]
+        assert store.last_activity(run.ids[("rg-web", "web")].lower()) is None
 
 
 @pytest.mark.parametrize("mode", MODES)
