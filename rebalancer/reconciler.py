@@ -204,7 +204,7 @@ class Reconciler:
                 self._log_step(record, step.record)
             record = step.record
             if step.commands:
-                record = self._run(ref, record, step.commands)
+                record = self._run(ref, record, step.commands, lock)
                 if record != step.record:  # call ids or a rejection to remember
                     row, lock = self._persist(row, record, lock)
             if not step.observe_again or record.state.terminal:
@@ -431,20 +431,37 @@ class Reconciler:
         row, lock = begun
         self._record_verdict(verdict)
         self._log_step(None, record)
-        record = self._run(ref, record, commands)
+        record = self._run(ref, record, commands, lock)
         self._persist(row, record, lock)
         return Result(ref, Outcome.STARTED, state=str(record.state), verdict=verdict)
 
     # -- commands -------------------------------------------------------------------------
 
     def _run(
-        self, ref: ScaleSetRef, record: op.OperationRecord, commands: Iterable[op.Command]
+        self,
+        ref: ScaleSetRef,
+        record: op.OperationRecord,
+        commands: Iterable[op.Command],
+        lock: Lock,
     ) -> op.OperationRecord:
-        """Run the commands of a step whose record is already on disk."""
+        """Run the commands of a step whose record is already on disk.
+
+        An Azure write is sent only while the lease of `lock` runs: a pass that stalled past
+        it (another instance may have taken over and decided differently since) stops with
+        LockLost instead of acting on what it saw before.
+        """
         from rebalancer.compute.errors import AdapterError, ErrorKind
+        from rebalancer.store import LockLost
 
         now = self.clock()
         for command in commands:
+            writes = isinstance(command, op.SetCapacity | op.DeleteInstances)
+            if writes and self.clock() >= lock.lease_until:
+                raise LockLost(
+                    f"the lease on {ref} ran out at {lock.lease_until.isoformat()} before "
+                    f"{type(command).__name__} was sent: the lock is no longer held; the "
+                    "next trigger decides again"
+                )
             try:
                 if isinstance(command, op.SetCapacity):
                     call = self.compute.set_capacity(ref, command.capacity)

@@ -178,11 +178,11 @@ class _Stalling:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.entered = threading.Event()
-        self.release = threading.Event()
+        self.go = threading.Event()
 
     def set_capacity(self, ref: ScaleSetRef, capacity: int) -> Any:
         self.entered.set()
-        assert self.release.wait(ROUND_TIMEOUT), "never released"
+        assert self.go.wait(ROUND_TIMEOUT), "never released"
         return self.inner.set_capacity(ref, capacity)
 
     def __getattr__(self, name: str) -> Any:
@@ -213,7 +213,7 @@ def test_a_pass_that_outlives_its_lease_cannot_overwrite_the_next_holder(
             taken = fresh.reconcile(ref)  # the lease ran out: the next instance takes over
             assert taken.outcome is Outcome.ADVANCED
         finally:
-            stalling.release.set()
+            stalling.go.set()
             worker.join(ROUND_TIMEOUT)
         assert not worker.is_alive()
         (late,) = outcome
@@ -231,3 +231,58 @@ def test_a_pass_that_outlives_its_lease_cannot_overwrite_the_next_holder(
         app = stack.sim.scenario.app_principal_id
         patches = [r for r in stack.sim.requests if r.method == "PATCH" and r.principal_id == app]
         assert {r.body["sku"]["capacity"] for r in patches} == {record.target_capacity}
+
+
+class _StallingStore:
+    """A Store whose assessment write waits until released: a pass that stalls after its
+    operation was written and before its first Azure call."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def save_assessment(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        assert self.go.wait(ROUND_TIMEOUT), "never released"
+        return self.inner.save_assessment(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_pass_whose_lease_ran_out_sends_no_azure_write(
+    store_factory: Callable[..., Store],
+) -> None:
+    scenario = Scenario(
+        scale_sets=(ScaleSetSpec("web", "rg-a", counts={"1": 1, "2": 3, "3": 3}, tags=ENABLED),)
+    )
+    checker_store = store_factory()
+    with running_stack(scenario, checker_store) as stack:
+        checker = Invariants.watch(stack.sim, checker_store, stack.settings)
+        ref = ScaleSetRef.parse(stack.sim.scale_set("rg-a", "web").id)
+        stalling = _StallingStore(store_factory())
+        slow = stack.reconciler(store=stalling, compute=compute_for(stack.sim, stack.settings))
+        fresh = stack.reconciler(
+            store=store_factory(), compute=compute_for(stack.sim, stack.settings)
+        )
+        outcome: list[Result] = []
+        worker = threading.Thread(target=lambda: outcome.append(slow.reconcile(ref)))
+        worker.start()
+        try:
+            assert stalling.entered.wait(ROUND_TIMEOUT)  # operation written, no PATCH yet
+            stack.sim.advance(slow.lease.total_seconds() + 60)
+            assert fresh.reconcile(ref).outcome is Outcome.ADVANCED  # took over, PATCHed
+        finally:
+            stalling.go.set()
+            worker.join(ROUND_TIMEOUT)
+        (late,) = outcome
+        assert late.outcome is Outcome.BUSY and "before SetCapacity was sent" in late.detail
+        for _ in range(40):
+            fresh.reconcile(ref)
+            checker.check(f"at {stack.sim.clock.now().isoformat()}")
+            if not checker_store.active_operations():
+                break
+            stack.sim.advance(30)
+        (record,) = checker.check("at the end", settled=True)  # one PATCH for the operation
+        assert record.state.value == "succeeded"
