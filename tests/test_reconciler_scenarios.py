@@ -357,3 +357,23 @@ def test_one_spurious_404_on_the_scale_set_does_not_end_the_operation(store, mod
         (record,) = run.records()
         assert record.state is State.SUCCEEDED
         assert sorted(stack.sim.scale_set("rg-web", "web").zone_counts().values()) == [2, 2, 3]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opting_out_mid_operation_removes_only_the_new_vm(store, mode):
+    with running_stack(web(mode, {"1": 1, "2": 3, "3": 3}), store) as stack:
+        before = ids(stack.sim.scale_set("rg-web", "web"))
+        run = Drive(stack)
+        run.until(lambda: bool(run.records()) and bool(run.records()[-1].kept), what="placed")
+        stack.sim.actor.set_tags("rg-web", "web", {"zone-rebalance": "disabled"})
+        stack.sim.advance(10)
+        run.until(run.idle, what="the operation ends")
+        (record,) = run.records()
+        assert record.state is State.ROLLED_BACK
+        assert Reason.STAND_DOWN in [t.reason for t in record.history]
+        assert {c.instance_id for c in run.app_deletes()} == set(record.created)
+        after = stack.sim.scale_set("rg-web", "web")
+        assert ids(after) == before and after.capacity == 7
+        for _ in range(3):  # and, opted out, nothing starts again
+            run.tick()
+        assert len(run.records()) == 1
