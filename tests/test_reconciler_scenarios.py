@@ -377,3 +377,15 @@ def test_opting_out_mid_operation_removes_only_the_new_vm(store, mode):
         for _ in range(3):  # and, opted out, nothing starts again
             run.tick()
         assert len(run.records()) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_terminate_notification_delays_the_delete_and_the_operation_waits_for_it(store, mode):
+    scenario = web(mode, {"1": 1, "2": 3, "3": 3}, terminate_notification_seconds=900)
+    with running_stack(scenario, store) as stack:
+        run = Drive(stack, step=60)
+        run.until_settled(ticks=60)
+        (record,) = run.records()
+        assert record.state is State.SUCCEEDED
+        deleting = next(t for t in record.history if t.reason is Reason.DELETE_REQUESTED)
+        assert record.updated_at - deleting.at >= timedelta(minutes=15)
