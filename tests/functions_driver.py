@@ -19,10 +19,12 @@ Randomness comes from one seeded generator, so a failing run repeats exactly.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -89,6 +91,9 @@ class FunctionsDriver:
     runtime: service.Runtime | None = None
     """The runtime the functions use (default: the stack's settings, store and a reconciler)."""
     check_every_tick: bool = True
+    parallel: bool = False
+    """Run each tick's deliveries (duplicates too) and its timer invocation at once on
+    threads, as one instance running several invocations concurrently does."""
     deliveries: list[Delivery] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -150,24 +155,43 @@ class FunctionsDriver:
         with self._lock:
             return len(self._inbox) + len(self._retry)
 
-    def deliver(self) -> int:
-        """Deliver what is queued: shuffled, some twice, some held back; returns how many."""
+    def deliver(self, alongside: Callable[[], None] | None = None) -> int:
+        """Deliver what is queued: shuffled, some twice, some held back; returns how many.
+
+        `alongside` (the timer's invocation) runs after the deliveries, or with `parallel`
+        at the same time as them.
+        """
         with self._lock:
             batch, self._inbox = self._inbox, []
         batch, self._retry = self._retry + batch, []
         self.rng.shuffle(batch)
-        delivered = 0
+        calls: list[dict[str, Any]] = []
         for payload in batch:
             if self.rng.random() < self.hold_back:
                 with self._lock:
                     self._inbox.append(payload)
                 continue
-            for _ in range(2 if self.rng.random() < self.duplicate else 1):
-                if not self.deliver_one(payload):
+            calls += [payload] * (2 if self.rng.random() < self.duplicate else 1)
+        if self.parallel:
+            self._at_once(calls, alongside)
+        else:
+            failed: list[str] = []
+            for payload in calls:
+                if payload["id"] not in failed and not self.deliver_one(payload):
+                    failed.append(payload["id"])
                     self._retry.append(payload)
-                    break
-            delivered += 1
-        return delivered
+            if alongside is not None:
+                alongside()
+        return len({payload["id"] for payload in calls})
+
+    def _at_once(self, calls: list[dict[str, Any]], alongside: Callable[[], None] | None) -> None:
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="invocation") as pool:
+            attempts = [(payload, pool.submit(self.deliver_one, payload)) for payload in calls]
+            timer = pool.submit(alongside) if alongside is not None else None
+            failed = {payload["id"]: payload for payload, f in attempts if not f.result(60)}
+            if timer is not None:
+                timer.result(60)
+        self._retry += failed.values()
 
     def deliver_one(self, payload: dict[str, Any]) -> bool:
         """One attempt; False when the function asked for a retry (TransientFailure)."""
@@ -195,13 +219,13 @@ class FunctionsDriver:
     # -- time --------------------------------------------------------------------------
 
     def tick(self) -> None:
-        self.deliver()
         now = self.stack.sim.clock.now()
+        timer = None
         if now >= self.next_timer:
-            period = timedelta(seconds=self.timer_every)
             late = now - self.next_timer >= timedelta(seconds=self.step)  # beyond tick rounding
-            self.timer(past_due=late)
-            self.next_timer = now + period
+            timer = functools.partial(self.timer, past_due=late)
+            self.next_timer = now + timedelta(seconds=self.timer_every)
+        self.deliver(alongside=timer)
         if self.check_every_tick:
             self.check(f"at {self.stack.sim.clock.now().isoformat()}")
         self.stack.sim.advance(self.step)

@@ -403,6 +403,33 @@ def test_duplicated_and_reordered_events_cause_no_second_action(store):
             assert run.records(name) == records[name]
 
 
+def test_concurrent_invocations_of_both_functions_act_once(store):
+    """Every tick the timer and each event (twice) run at the same moment on threads, as
+    one instance with concurrent invocations runs them: the lock and the operation record
+    still let each step happen once."""
+    scenario = Scenario(
+        scale_sets=(
+            ScaleSetSpec("web", "rg-web", counts={"1": 1, "2": 3, "3": 3}, tags=ENABLED),
+            ScaleSetSpec(
+                "api", "rg-web", mode="Flexible", counts={"1": 0, "2": 2, "3": 4}, tags=ENABLED
+            ),
+        )
+    )
+    env = {"audit_interval_minutes": "5", "max_surge": "2"}
+    with (
+        running_stack(scenario, store, **env) as stack,
+        FunctionsDriver(stack, seed=18, duplicate=1.0, timer_every=30, parallel=True) as run,
+    ):
+        run.until_settled(("web", "api"))
+        assert run.states("web") == run.states("api") == [State.SUCCEEDED]
+        for name in ("web", "api"):
+            assert [w.operation for w in run.app_writes(name)] == [
+                "vmss.update",
+                "vmss.delete_instances",
+            ]
+        assert stack.sim.scale_set("rg-web", "api").zone_counts() == {"1": 2, "2": 2, "3": 2}
+
+
 @contextmanager
 def app_behind_a_relay(store, azurite, table_prefix) -> Iterator[tuple[FunctionsDriver, NetCut]]:
     """1/3/3 with the app's Table Storage client going through a relay an outage cuts (the
