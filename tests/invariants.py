@@ -7,6 +7,7 @@ raises AssertionError listing every broken rule:
 
 1. no source deleted by the app unless a new VM of the same operation is present beside it,
    and a healthy source only beside a healthy new VM (the unhealthy-source case is allowed);
+   never a deallocated or stopped one, and nothing no operation record asked for;
 2. no protected VM deleted by the app;
 3. every VM the app created is tracked in an operation record (`created`); once settled, none
    is left behind by a rolled-back operation;
@@ -237,6 +238,8 @@ class Invariants:
                     f"{owner.operation_id} created"
                 )
                 continue
+            if vm is not None and vm.power in ("deallocated", "deallocating", "stopped"):
+                problems.append(f"[1] {label}: a {vm.power} VM was deleted as a source")
             total, healthy = deleted_sources.get(owner.operation_id, (0, 0))
             healthy_source = vm is not None and vm.healthy
             deleted_sources[owner.operation_id] = (total + 1, healthy + int(healthy_source))
