@@ -275,6 +275,21 @@ def test_the_invariants_catch_an_unexplained_delete_of_a_protected_vm(store):
         )
 
 
+def test_the_invariants_catch_a_source_deleted_before_its_replacement_is_healthy(store):
+    with running_stack(web("Uniform", {"1": 1, "2": 3, "3": 3}), store) as st:
+        run = Drive(st)
+        run.tick()  # an operation is scaling out; its new VM is not healthy yet
+        client = st.sim.compute_client()
+        client.virtual_machine_scale_sets.begin_delete_instances(
+            "rg-web", "web", {"instanceIds": ["6"]}, polling=False
+        )
+        with pytest.raises(AssertionError) as caught:
+            run.check()
+        text = str(caught.value)
+        assert "[1] " in text and "no operation record asked for it" in text
+        assert "[5] " in text and "from 7 to 6, below operation" in text
+
+
 def test_the_invariants_catch_an_untracked_scale_out_and_a_write_out_of_scope(store):
     scenario = Scenario(
         scale_sets=(
