@@ -388,3 +388,45 @@ def test_the_hook_sees_every_write_of_the_store_including_archiving(
 
 def test_the_crash_is_a_base_exception_that_no_handler_swallows() -> None:
     assert not issubclass(Crash, Exception)
+
+
+def test_a_crash_before_archiving_does_not_keep_the_only_slot(
+    azurite: Any, hooked_transport: None
+) -> None:
+    """With one slot and two unbalanced sets, the process dies right after writing the first
+    operation as finished, before archiving it and freeing its slot. The slot must not stay
+    taken: the next process finishes the archive and the second set gets its move."""
+    scenario = Scenario(
+        scale_sets=(
+            ScaleSetSpec("web", "rg-web", counts={"1": 1, "2": 3, "3": 3}, tags=ENABLED),
+            ScaleSetSpec("api", "rg-web", counts={"1": 3, "2": 1, "3": 3}, tags=ENABLED),
+        )
+    )
+    env = {"max_concurrent_operations": "1"}
+    with Tables(azurite) as tables, running_stack(scenario, tables.store(), **env) as stack:
+        probe = Process(stack.sim.endpoint)
+        run = Drive(stack, reconciler=_reconciler(stack, tables))
+        with _inside(probe):
+            run.until(lambda: any(r.active is False for r in _all(run)), what="one finished")
+        archive = next(b for b in probe.boundaries if "history" in b.path and b.when == "before")
+    with Tables(azurite) as tables, running_stack(scenario, tables.store(), **env) as stack:
+        process = Process(stack.sim.endpoint, crash_at=archive.index)
+        run = Drive(stack, reconciler=_reconciler(stack, tables))
+        with pytest.raises(Crash), _inside(process):
+            run.until(lambda: False, what="the crash")
+        run.check("right after the crash")
+        assert stack.store.slots_in_use()  # the finished operation still holds the slot
+        run.reconciler = _reconciler(stack, tables)
+        run.until_settled(ticks=150)
+        assert {v.name: sorted(v.zone_counts().values()) for v in stack.sim.state} == {
+            "web": [2, 2, 3],
+            "api": [2, 2, 3],
+        }
+        assert [r.state.value for r in _all(run)] == ["succeeded", "succeeded"]
+        assert stack.store.slots_in_use() == []
+
+
+def _all(run: Drive) -> list[OperationRecord]:
+    return sorted(
+        (r for name in ("web", "api") for r in run.records(name)), key=lambda r: r.created_at
+    )
