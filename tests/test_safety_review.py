@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from armsim import ScaleSetSpec, Scenario, VmOverride
-from rebalancer.compute.errors import AdapterError
+from rebalancer.compute.errors import AdapterError, ErrorKind
 from rebalancer.evaluator import assess
 from rebalancer.model import (
     Health,
@@ -238,3 +238,29 @@ def test_a_source_is_never_deleted_on_an_observation_that_began_long_ago():
     assert deletes(advance(requested, observed(5, grown, later), POLICY, later)) == ("3",)
     stale = observed(5, grown, later - timedelta(minutes=3))
     assert deletes(advance(requested, stale, POLICY, later)) == ()
+
+
+def test_the_adapter_never_acts_on_a_scale_set_of_another_subscription(store):
+    """The SDK client is bound to the app's subscription and takes only a group and a name:
+    a ref of another subscription (a shared table, a forged event) would reach the app's own
+    set of that name. Every call must refuse it before sending anything."""
+    with running_stack(two_zones("Uniform", {"1": 2, "2": 3}), store) as stack:
+        ours = scale_set_ref(stack)
+        foreign = ScaleSetRef("11111111-1111-4111-8111-111111111111", "rg-web", "web")
+        victim = sorted(vm.instance_id for vm in stack.sim.scale_set("rg-web", "web").vms)[-1]
+        stack.sim.clear_requests()
+        calls = (
+            lambda: stack.compute.delete_instances(foreign, (victim,)),
+            lambda: stack.compute.set_capacity(foreign, 9),
+            lambda: stack.compute.read_inventory(foreign, NOW),
+        )
+        for call in calls:
+            with pytest.raises(AdapterError) as refused:
+                call()
+            assert refused.value.kind is ErrorKind.INVALID
+            assert foreign.subscription_id in refused.value.message
+        assert stack.sim.requests == []
+        stack.sim.advance(600)
+        view = stack.sim.scale_set("rg-web", "web")
+        assert victim in {vm.instance_id for vm in view.vms} and view.capacity == 5
+        assert stack.compute.read_inventory(ours, NOW).scale_set.ref == ours

@@ -369,6 +369,21 @@ class ComputeAdapter:
                 translated.ref = ref
             raise translated from None
 
+    def _own(self, ref: ScaleSetRef) -> None:
+        """Refuse a scale set of another subscription before sending anything.
+
+        The SDK client is bound to the configured subscription and takes only a resource group
+        and a name, so such a ref would silently reach this subscription's set of that name.
+        """
+        if ref.subscription_id.lower() != self.config.subscription_id.lower():
+            raise AdapterError(
+                ErrorKind.INVALID,
+                f"{ref} is in subscription {ref.subscription_id}, not in "
+                f"{self.config.subscription_id} that this app manages; nothing was sent",
+                code="OutsideSubscription",
+                ref=ref,
+            )
+
     def _not_found_means_gone(self, ref: ScaleSetRef) -> Callable[[AdapterError], AdapterError]:
         def convert(error: AdapterError) -> AdapterError:
             if error.kind is ErrorKind.NOT_FOUND and (error.code or "").lower() not in (
@@ -417,6 +432,7 @@ class ComputeAdapter:
         return scale_sets
 
     def get_scale_set(self, ref: ScaleSetRef) -> ScaleSet:
+        self._own(ref)
         gone = self._not_found_means_gone(ref)
         try:
             with self._translate(ref):
@@ -439,6 +455,7 @@ class ComputeAdapter:
         `to_act=False` (the audit, which only assesses) reads Flexible protection of the
         planned sources only; otherwise also of every VM an operation could delete from this
         observation (see `_verify_flexible_protection`)."""
+        self._own(ref)
         if scale_set is None:
             scale_set = self.get_scale_set(ref)
         gone = self._not_found_means_gone(ref)
@@ -607,6 +624,7 @@ class ComputeAdapter:
     def set_capacity(self, ref: ScaleSetRef, capacity: int) -> ArmCall:
         """Start `PATCH sku.capacity = capacity` and return without waiting. Absolute, hence
         safe to repeat; `operation_status` follows it."""
+        self._own(ref)
         if capacity < 0:
             raise AdapterError(ErrorKind.INVALID, f"capacity must be >= 0, got {capacity}", ref=ref)
         from azure.mgmt.compute.models import Sku, VirtualMachineScaleSetUpdate
@@ -643,6 +661,7 @@ class ComputeAdapter:
         400 "not an active ... instanceId", or 404 while the scale set exists, after which the
         VMs are listed once); when none is left, a completed call is returned.
         """
+        self._own(ref)
         requested = tuple(dict.fromkeys(str(i) for i in instance_ids))
         if not requested:
             return ArmCall("delete_instances", ref.id, 200)
