@@ -193,6 +193,11 @@ class FunctionsDriver:
                 timer.result(60)
         self._retry += failed.values()
 
+    def redeliver(self, payloads: Iterable[dict[str, Any]]) -> None:
+        """Queue events again, as Event Grid may deliver any event once more, at any time."""
+        with self._lock:
+            self._inbox.extend(payloads)
+
     def deliver_one(self, payload: dict[str, Any]) -> bool:
         """One attempt; False when the function asked for a retry (TransientFailure)."""
         operation = (payload.get("data") or {}).get("operationName", "")
