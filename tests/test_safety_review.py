@@ -264,3 +264,26 @@ def test_the_adapter_never_acts_on_a_scale_set_of_another_subscription(store):
         view = stack.sim.scale_set("rg-web", "web")
         assert victim in {vm.instance_id for vm in view.vms} and view.capacity == 5
         assert stack.compute.read_inventory(ours, NOW).scale_set.ref == ours
+
+
+def test_a_delete_is_not_sent_once_the_caller_lost_the_scale_set_while_reading(store):
+    """The reconciler checks its lease before calling delete_instances, but the fresh
+    protection reads inside may wait out throttling past it: the caller's check is asked
+    again right before the delete request itself."""
+    with running_stack(two_zones("Uniform", {"1": 2, "2": 3}), store) as stack:
+        ref = scale_set_ref(stack)
+        victim = sorted(vm.instance_id for vm in stack.sim.scale_set("rg-web", "web").vms)[-1]
+        asked: list[int] = []
+
+        def still_ours() -> bool:
+            asked.append(len(stack.sim.requests))  # asked after the protection GET
+            return False
+
+        stack.sim.clear_requests()
+        with pytest.raises(AdapterError) as refused:
+            stack.compute.delete_instances(ref, (victim,), still_ours=still_ours)
+        assert refused.value.kind is ErrorKind.CONFLICT and refused.value.code == "LeaseExpired"
+        assert asked == [1] and [r.method for r in stack.sim.requests] == ["GET"]
+        assert stack.compute.delete_instances(ref, (victim,), still_ours=lambda: True)
+        stack.sim.advance(600)
+        assert victim not in {vm.instance_id for vm in stack.sim.scale_set("rg-web", "web").vms}

@@ -647,7 +647,13 @@ class ComputeAdapter:
             ),
         )
 
-    def delete_instances(self, ref: ScaleSetRef, instance_ids: Iterable[str]) -> ArmCall:
+    def delete_instances(
+        self,
+        ref: ScaleSetRef,
+        instance_ids: Iterable[str],
+        *,
+        still_ours: Callable[[], bool] | None = None,
+    ) -> ArmCall:
         """Start deleting instances (Uniform instance ids, Flexible VM names) and return
         without waiting. Lowers the capacity by as many.
 
@@ -660,6 +666,10 @@ class ComputeAdapter:
         Safe to repeat: ids that no longer exist are left out (also when ARM refuses them with
         400 "not an active ... instanceId", or 404 while the scale set exists, after which the
         VMs are listed once); when none is left, a completed call is returned.
+
+        `still_ours` (e.g. "the lock's lease still runs") is asked right before each delete
+        request, after the reads, which may have waited out throttling: when it says no,
+        nothing is sent and a `conflict` error with code `LeaseExpired` is raised.
         """
         self._own(ref)
         requested = tuple(dict.fromkeys(str(i) for i in instance_ids))
@@ -670,7 +680,7 @@ class ComputeAdapter:
             self.get_scale_set(ref)  # raises ScaleSetGone when the set itself is gone
             return ArmCall("delete_instances", ref.id, 200, instance_ids=requested)
         try:
-            return self._begin_delete(ref, ids)
+            return self._begin_delete(ref, ids, still_ours)
         except AdapterError as error:
             if not _names_missing_instances(error):
                 raise
@@ -682,7 +692,7 @@ class ComputeAdapter:
                 )
             if remaining == ids:
                 raise
-            return self._begin_delete(ref, remaining)
+            return self._begin_delete(ref, remaining, still_ours)
 
     def _unprotected(self, ref: ScaleSetRef, ids: tuple[str, ...]) -> tuple[str, ...]:
         """The ids still present and unprotected now, from a fresh GET of each."""
@@ -733,8 +743,22 @@ class ComputeAdapter:
         except AdapterError as error:
             raise gone(error) from None
 
-    def _begin_delete(self, ref: ScaleSetRef, ids: tuple[str, ...]) -> ArmCall:
+    def _begin_delete(
+        self,
+        ref: ScaleSetRef,
+        ids: tuple[str, ...],
+        still_ours: Callable[[], bool] | None = None,
+    ) -> ArmCall:
         from azure.mgmt.compute.models import VirtualMachineScaleSetVMInstanceRequiredIDs
+
+        if still_ours is not None and not still_ours():
+            raise AdapterError(
+                ErrorKind.CONFLICT,
+                f"not deleting {', '.join(ids)}: the caller no longer holds the scale set "
+                "(its lock lease ran out while reading); the next pass decides again",
+                code="LeaseExpired",
+                ref=ref,
+            )
 
         def begin(hook: Callable[[Any], None]) -> Any:
             return self.client.virtual_machine_scale_sets.begin_delete_instances(
