@@ -48,6 +48,13 @@ def report(result: ScenarioResult, out=sys.stdout) -> None:
             file=out,
             flush=True,
         )
+    for note in result.journal_notes:
+        print(
+            f"JOURNAL scenario {result.name} seed {result.seed}: {note}\n"
+            f"    replay: {replay(result)}",
+            file=out,
+            flush=True,
+        )
     for item in result.unbalanced:
         print(
             f"UNBALANCED scenario {result.name} seed {result.seed}: {item}\n"
@@ -83,7 +90,8 @@ def details(summary: Summary, seconds: float) -> list[str]:
         f"{t('redelivered')} redelivered after a failure, {t('bad_inputs')} hostile "
         f"({outcomes['undecodable']} undecodable by the host); "
         f"{t('transient')} transient failures handed back to the host",
-        f"chaos: operations ended: {ops or 'none'}",
+        f"chaos: operations ended: {ops or 'none'}; the journal replay of tests/invariants.py "
+        f"objected {sum(len(r.journal_notes) for r in summary.results)} time(s)",
     ]
 
 

@@ -38,7 +38,6 @@ NEVER = {
     7: "the Table state always parses",
     8: "every operation terminal within a bounded number of ticks once faults stop",
     9: "no unhandled exception other than a transient one the host retries",
-    10: "the VM journal replay of tests/invariants.py finds no broken rule",
 }
 
 
