@@ -18,12 +18,9 @@ app = func.FunctionApp()
 def on_resource_event(event: func.EventGridEvent) -> None:
     """A scale set or VM changed somewhere in the subscription: reconcile that scale set now."""
     from rebalancer import service
+    from rebalancer.events import envelope
 
-    try:
-        data = event.get_json()
-    except ValueError:
-        data = None
-    service.handle_event(event.id, event.event_type, event.subject, event.event_time, data)
+    service.handle_event(*envelope(event))
 
 
 @app.function_name("on_timer")

@@ -102,6 +102,23 @@ class Ignored:
     reason: str
 
 
+def envelope(event: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """(id, type, subject, time, data) of an event as the Functions host decodes it.
+
+    The host hands over an `EventGridEvent` for the Event Grid schema and a `CloudEvent` when
+    the event subscription delivers CloudEvents 1.0 (`type`, `time` instead of `eventType`,
+    `eventTime`); system topics put the same resource id in `subject` and the same `data` in
+    both. Missing attributes and undecodable data come back as None.
+    """
+    try:
+        data = event.get_json()
+    except (AttributeError, ValueError, TypeError):
+        data = None
+    event_type = getattr(event, "event_type", None) or getattr(event, "type", None)
+    event_time = getattr(event, "event_time", None) or getattr(event, "time", None)
+    return getattr(event, "id", None), event_type, getattr(event, "subject", None), event_time, data
+
+
 def classify(
     event_id: Any,
     event_type: Any,

@@ -137,3 +137,25 @@ def test_every_handled_operation_classifies(operation):
     )
     assert isinstance(result, Trigger)
     assert result.operation_name == operation.upper()
+
+
+def test_cloud_events_schema_delivery_classifies_like_the_event_grid_schema():
+    """An event subscription set to CloudEvents 1.0 hands the function a CloudEvent."""
+    from rebalancer.events import envelope
+
+    (payload,) = json.loads((EVENTS / "vmss-write-capacity.json").read_text())
+    cloud = {
+        "specversion": "1.0",
+        "id": payload["id"],
+        "source": payload["topic"],
+        "subject": payload["subject"],
+        "type": payload["eventType"],
+        "time": payload["eventTime"],
+        "data": payload["data"],
+    }
+    event = EventGridEventInConverter.decode(Datum(json.dumps(cloud), "json"), trigger_metadata={})
+    assert not hasattr(event, "event_type")
+    result = classify(*envelope(event), settings())
+    assert isinstance(result, Trigger)
+    assert result.ref == ScaleSetRef(SUB, "rg-web", "web")
+    assert envelope(event)[0] == envelope(decoded("vmss-write-capacity.json"))[0]
