@@ -155,7 +155,10 @@ class Reconciler:
             if not _actionable(verdict):
                 self._record_verdict(verdict)
                 return Result(ref, Outcome.ASSESSED, verdict=verdict, detail=verdict.detail)
-        lock = self.store.try_acquire(ref.key, self.owner, self.clock(), self.lease)
+        # One owner per pass, not per process: two invocations in one worker must exclude
+        # each other too (the store renews a lock for the same owner).
+        owner = f"{self.owner}/{uuid.uuid4().hex[:8]}"
+        lock = self.store.try_acquire(ref.key, owner, self.clock(), self.lease)
         if lock is None:
             return Result(ref, Outcome.BUSY, detail="another invocation holds the lock")
         try:

@@ -286,3 +286,25 @@ def test_a_pass_whose_lease_ran_out_sends_no_azure_write(
             stack.sim.advance(30)
         (record,) = checker.check("at the end", settled=True)  # one PATCH for the operation
         assert record.state.value == "succeeded"
+
+
+def test_two_passes_of_one_reconciler_exclude_each_other(store):
+    """Concurrent invocations in one worker share a Reconciler: its lock must still admit one."""
+    scenario = Scenario(
+        scale_sets=(
+            ScaleSetSpec(
+                "web", "rg-web", counts={"1": 1, "2": 3, "3": 3}, tags={"zone-rebalance": "enabled"}
+            ),
+        )
+    )
+    with running_stack(scenario, store) as stack:
+        reconciler = stack.reconciler()
+        ref = ScaleSetRef.parse(stack.sim.scale_set("rg-web", "web").id)
+        # Another pass of the same reconciler holds the lock (as the process-wide owner would).
+        first = stack.store.try_acquire(
+            ref.key, reconciler.owner, stack.sim.clock.now(), reconciler.lease
+        )
+        assert first is not None
+        result = reconciler.reconcile(ref)
+        assert result.outcome is Outcome.BUSY
+        assert stack.store.active_operation(ref.key) is None
