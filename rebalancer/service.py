@@ -219,6 +219,7 @@ class TickReport:
 
 def handle_timer(past_due: bool = False) -> TickReport | None:
     """One timer tick: advance in-flight operations; audit when due; clean up after audits."""
+    from rebalancer.compute.errors import AdapterError
     from rebalancer.reconciler import Outcome
     from rebalancer.store import StoreError
 
@@ -234,6 +235,11 @@ def handle_timer(past_due: bool = False) -> TickReport | None:
             rt.store.purge(rt.clock(), rt.settings.history_retention)
     except StoreError as error:
         log.error("timer tick stopped: Table Storage: %s; the next tick tries again", error)
+        return None
+    except AdapterError as error:
+        # One scale set's trouble is handled per scale set; this is the listing itself
+        # (throttled, forbidden, Azure unavailable). A timer has nothing to redeliver.
+        log.error("timer tick stopped: Azure Compute: %s; the next tick tries again", error)
         return None
     results = [*advanced, *audited]
     report = TickReport(

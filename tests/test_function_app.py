@@ -197,3 +197,18 @@ def test_no_event_makes_the_handler_raise_or_act_outside_scope(store):
         writes = [r for r in stack.sim.requests if r.method in ("PUT", "PATCH", "POST", "DELETE")]
         assert not [w for w in writes if "rg-other" in w.path.lower()]
         assert stack.counts("rg-other", "outside") == {"1": 0, "2": 3, "3": 3}
+
+
+def test_a_timer_tick_survives_azure_refusing_the_subscription_listing(store, caplog):
+    scenario = Scenario(
+        scale_sets=(ScaleSetSpec("web", "rg-web", counts={"1": 1, "2": 1, "3": 1}),)
+    )
+    with running_stack(scenario, store, resource_groups="rg-web,rg-gone") as stack:
+        install(stack)
+        stack.sim.faults.add(kind="error", operation="vmss.list", status=500, count=100)
+        with caplog.at_level(logging.ERROR, logger="rebalancer"):
+            call_timer()  # must not raise: the next tick tries again
+        assert "timer tick stopped: Azure Compute" in caplog.text
+        stack.sim.faults.clear()
+        call_timer(past_due=True)
+        assert store.last_assessment(stack.sim.scale_set("rg-web", "web").id.lower()) is not None

@@ -408,15 +408,22 @@ class ComputeAdapter:
         needs read access on the subscription."""
         wanted = {group.lower() for group in resource_groups or ()}
         scale_sets_api = self.client.virtual_machine_scale_sets
-        with self._translate():
-            if wanted:
-                documents = [
-                    model.as_dict()
-                    for group in sorted(wanted)
-                    for model in scale_sets_api.list(group)
-                ]
-            else:
+        documents: list[Any] = []
+        if not wanted:
+            with self._translate():
                 documents = [model.as_dict() for model in scale_sets_api.list_all()]
+        for group in sorted(wanted):
+            try:
+                with self._translate():
+                    documents += [model.as_dict() for model in scale_sets_api.list(group)]
+            except AdapterError as error:
+                if error.kind is not ErrorKind.NOT_FOUND:
+                    raise
+                log.warning(
+                    "resource group %s (REBALANCER_RESOURCE_GROUPS) was not found: %s",
+                    group,
+                    error,
+                )
         scale_sets: list[ScaleSet] = []
         for document in documents:
             try:
