@@ -212,6 +212,11 @@ class Reconciler:
                     row, lock = self._persist(row, record, lock)
             if not step.observe_again or record.state.terminal:
                 break
+        if record.state is op.State.SUCCEEDED:
+            # The next move need not wait for the next audit: assess again under this lock.
+            follow_up = self._evaluate(ref, lock)
+            if follow_up.outcome is Outcome.STARTED:
+                return follow_up
         return Result(ref, Outcome.ADVANCED, state=str(record.state), detail=record.outcome_detail)
 
     def _confirm_gone(self, ref: ScaleSetRef) -> None:
