@@ -935,7 +935,8 @@ def _source_candidates(inventory: Inventory, depth: int) -> list[str]:
 
     The operation takes up to `depth` sources, each from a zone tied at the highest count
     after the VMs it discards (at most `depth`) are left out; so a zone within `2 * depth - 1`
-    of the fullest can give, and within a zone only its first `depth` eligible VMs.
+    of the fullest can give. Within a zone it takes the first `depth` eligible VMs that it did
+    not create, and up to `depth` new VMs may sort before them: the first `2 * depth` count.
     """
     from rebalancer.evaluator import eligible_sources, zone_counts
 
@@ -947,7 +948,7 @@ def _source_candidates(inventory: Inventory, depth: int) -> list[str]:
         instance.id
         for zone, count in counts.items()
         if count.total >= floor
-        for instance in eligible_sources(inventory.instances, zone)[:depth]
+        for instance in eligible_sources(inventory.instances, zone)[: 2 * depth]
     ]
 
 
