@@ -86,7 +86,7 @@ def test_flexible_inventory_reads_protection_of_planned_sources_only() -> None:
             vm.instance_id for vm in sim.scale_set("rg-flex", "flex").vms if vm.zone == "2"
         }
         with adapter_for(sim) as adapter:
-            inventory = adapter.read_inventory(ref(sim, "rg-flex", "flex"), NOW)
+            inventory = adapter.read_inventory(ref(sim, "rg-flex", "flex"), NOW, to_act=False)
         assert inventory.scale_set.mode is OrchestrationMode.FLEXIBLE
         assert {i.id for i in inventory.instances} == {
             vm.instance_id for vm in sim.scale_set("rg-flex", "flex").vms
