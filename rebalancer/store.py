@@ -610,22 +610,33 @@ class Store:
         return replace(lock, lease_until=now + lock.lease, etag=etag)
 
     def release(self, lock: Lock) -> bool:
-        """Give the lock up. False if it was not ours any more (nothing to release)."""
+        """Give the lock up. False if it was not ours any more (nothing to release).
+
+        `lock` may be an earlier copy of a lock that writes have renewed since (each renewal
+        changes the ETag): the row is still ours while it names our owner, so it is released
+        under its current ETag.
+        """
         from azure.core import MatchConditions
-        from azure.core.exceptions import ResourceModifiedError
+        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
         key = f"{_LOCK}{encode_key(lock.scale_set_key)}"
+        etag = lock.etag
         with _translated(f"release the lock on {lock.scale_set_key}"):
-            try:
-                self._tables["live"].delete_entity(
-                    LIVE_PARTITION,
-                    key,
-                    etag=lock.etag,
-                    match_condition=MatchConditions.IfNotModified,
-                )
-            except ResourceModifiedError:
-                return False
-        return True
+            for _ in range(2):
+                try:
+                    self._tables["live"].delete_entity(
+                        LIVE_PARTITION,
+                        key,
+                        etag=etag,
+                        match_condition=MatchConditions.IfNotModified,
+                    )
+                    return True
+                except (ResourceModifiedError, ResourceNotFoundError):
+                    current = self._get("live", LIVE_PARTITION, key, select=["Owner"])
+                    if current is None or current.get("Owner") != lock.owner:
+                        return False
+                    etag = current.metadata["etag"]
+        return False
 
     def lock_holder(self, scale_set_key: str, now: datetime) -> str | None:
         """Who holds the scale set's lock right now (for status), or None."""

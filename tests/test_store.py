@@ -192,6 +192,19 @@ def test_lock_renew_and_release(store: Store):
     assert store.try_acquire(WEB, "bob", T0 + timedelta(minutes=8), LEASE) is not None
 
 
+def test_an_earlier_copy_of_a_renewed_lock_still_releases_it(store: Store):
+    """A pass keeps the lock it acquired while its writes renew the row (new ETags)."""
+    held = store.try_acquire(WEB, "pass-1", T0, LEASE)
+    assert held is not None
+    store.renew(held, T0 + timedelta(minutes=1))
+    assert store.release(held) is True
+    assert store.lock_holder(WEB, T0 + timedelta(minutes=2)) is None
+    taken = store.try_acquire(WEB, "pass-2", T0 + timedelta(minutes=2), LEASE)
+    assert taken is not None
+    assert store.release(held) is False  # another owner's lock is never released
+    assert store.lock_holder(WEB, T0 + timedelta(minutes=2)) == "pass-2"
+
+
 def test_the_same_owner_reacquires_and_other_scale_sets_are_independent(store: Store):
     first = store.try_acquire(WEB, "alice", T0, LEASE)
     again = store.try_acquire(WEB, "alice", T0 + timedelta(minutes=1), LEASE)
