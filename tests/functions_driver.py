@@ -277,11 +277,24 @@ class FunctionsDriver:
     def check(self, where: str = "", *, settled: bool = False) -> list[OperationRecord]:
         """The never-rules, plus: each app write is one operation step's, sent once."""
         records = self.checker.check(where, settled=settled)
-        problems = self.write_problems(records)
+        problems = self.write_problems(records) + self.lock_problems()
         if problems:
             listing = "\n  ".join(problems)
-            raise AssertionError(f"duplicate or untracked writes {where}:\n  {listing}")
+            raise AssertionError(f"broken {where}:\n  {listing}")
         return records
+
+    def lock_problems(self) -> list[str]:
+        """No invocation runs between two ticks, so no scale set lock may be held: a lock
+        left behind makes every event until its lease ends find the scale set busy."""
+        now = self.stack.sim.clock.now()
+        problems = []
+        for (_, name), scale_set_id in self.ids.items():
+            holder = self.stack.store.lock_holder(scale_set_id.lower(), now)
+            if holder is not None:
+                problems.append(
+                    f"the lock of {name} is still held by {holder} after every invocation returned"
+                )
+        return problems
 
     def app_writes(self, name: str = "web", resource_group: str = "rg-web") -> list[Any]:
         """The app's accepted writes to one scale set, from armsim's request log."""
@@ -291,7 +304,7 @@ class FunctionsDriver:
             for r in self.stack.sim.requests
             if r.operation in APP_WRITES
             and r.principal_id == self.stack.sim.scenario.app_principal_id
-            and r.path.lower().startswith(scale_set)
+            and _under(r.path, scale_set)
             and 200 <= r.status < 300
         ]
 
@@ -310,8 +323,7 @@ class FunctionsDriver:
                 continue
             if not 200 <= request.status < 300:
                 continue
-            path = request.path.lower()
-            scale_set = next((s for s in by_set if path.startswith(s + "/") or path == s), None)
+            scale_set = next((s for s in by_set if _under(request.path, s)), None)
             started = [r for r in by_set.get(scale_set or "", []) if r.created_at <= request.time]
             if not started:
                 problems.append(f"{request.time.isoformat()} {request.operation} {request.path}")
@@ -364,3 +376,9 @@ class FunctionsDriver:
             if not delivery.retried:
                 seen[delivery.event_id] = seen.get(delivery.event_id, 0) + 1
         return sum(1 for count in seen.values() if count > 1)
+
+
+def _under(path: str, scale_set_id: str) -> bool:
+    """Whether a request path is the scale set's (lower-case id) or one of its children's."""
+    path = path.lower()
+    return path == scale_set_id or path.startswith(scale_set_id + "/")

@@ -519,7 +519,9 @@ def test_an_outage_after_the_delivery_mark_was_written_still_lets_the_retry_thro
 
 def test_the_driver_catches_a_write_that_no_operation_step_recorded(store):
     with (
-        running_stack(web("Uniform", {"1": 1, "2": 3, "3": 3}), store) as stack,
+        running_stack(
+            web("Uniform", {"1": 1, "2": 3, "3": 3}, timings=SLOW_HEALTH), store
+        ) as stack,
         FunctionsDriver(stack, seed=16) as run,
     ):
         record = run.until_state(State.AWAITING_HEALTH)
