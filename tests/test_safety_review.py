@@ -115,10 +115,6 @@ def scale_set_ref(stack, name: str = "web", resource_group: str = "rg-web") -> S
     return ScaleSetRef.parse(stack.sim.scale_set(resource_group, name).id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reconciler releases the lock with the ETag it acquired, not the renewed one",
-)
 def test_a_reconcile_that_wrote_a_step_gives_the_lock_back(store):
     """Every commit renews the lock under a new ETag; releasing with the ETag it was
     acquired with fails, so the lease then blocks every other instance for its full length
