@@ -81,14 +81,8 @@ KNOWN_ISSUES = {
         "protected meanwhile, is deleted without its protection being known"
     ),
     "spurious-404": (
-        "one 404 on the scale set GET ends an operation as scale_set_deleted without noting "
-        "the VMs it created, which are then tracked by no operation; and a 404 listing a "
-        "resource group's scale sets escapes the timer as an unhandled AdapterError"
-    ),
-    "lock-per-process": (
-        "the lock owner is the Reconciler's, one per process, and Store.try_acquire renews for "
-        "the same owner: two concurrent invocations in one worker both hold the lock, one "
-        "releases it, another process takes it while the first still sends its call"
+        "a 404 listing a resource group's scale sets escapes the timer as an unhandled "
+        "AdapterError: a resource group in scope that answers 404 fails every tick"
     ),
     "cloud-event": (
         "a CloudEvents-schema payload reaches on_resource_event as a CloudEvent, which has no "
@@ -483,11 +477,6 @@ class ScenarioRun:
 
     def _invoke_all(self, invocations: list[tuple[str, Any]], step: int, concurrent: bool) -> None:
         assigned = [(kind, payload, self.rng.choice(self.workers)) for kind, payload in invocations]
-        if concurrent and "lock-per-process" in self.without:
-            # One worker per concurrent invocation: no two share a process (and a lock owner).
-            while len(self.workers) < len(assigned):
-                self.workers.append(self._new_worker())
-            assigned = [(k, p, self.workers[i]) for i, (k, p, _) in enumerate(assigned)]
         if not concurrent:
             for kind, payload, worker in assigned:
                 self._invoke(kind, payload, worker, step)
@@ -689,6 +678,9 @@ class ScenarioRun:
                 and pick
                 and not (ss.mode == "Flexible" and "flexible-protection" in self.without)
             ):
+                planned = self._in_flight_vms(ss, planned_sources=True)
+                if planned and rng.random() < 0.5:
+                    pick = rng.choice(planned)  # the source the operation is about to delete
                 actor.protect(rg, name, pick, scale_in=rng.random() < 0.5, scale_set_actions=True)
             elif kind == "deallocate" and pick:
                 actor.deallocate(rg, name, pick)
@@ -720,7 +712,7 @@ class ScenarioRun:
             self.result.outcomes["actor refused"] += 1
         self.checker.note_outside(before, self.checker.snapshot())
 
-    def _in_flight_vms(self, ss: ScaleSetView) -> list[str]:
+    def _in_flight_vms(self, ss: ScaleSetView, *, planned_sources: bool = False) -> list[str]:
         """New VMs and chosen sources of the set's in-flight operation: what a careless person
         is most likely to touch at the worst moment."""
         from rebalancer import operation as op
@@ -734,6 +726,8 @@ class ScenarioRun:
         record = op.OperationRecord.from_json(row.body)
         present = {vm.instance_id for vm in ss.vms}
         wanted = [*record.created, *record.sources, *(m.source for m in record.moves)]
+        if planned_sources:
+            wanted = [*record.sources, *(m.source for m in record.moves)]
         return [vm for vm in wanted if vm in present]
 
     # -- the end: faults stop -------------------------------------------------------------

@@ -162,7 +162,8 @@ class Checker:
         if row is None:
             self.violate(4, f"{where}: no in-flight operation recorded before the call")
             return
-        if holder != owner:
+        if holder is None or not (holder == owner or holder.startswith(f"{owner}/")):
+            # The lock belongs to a pass: its owner is the process's, or that plus a suffix.
             self.violate(4, f"{where}: sent by {owner} while the lock is held by {holder}")
         record = op.OperationRecord.from_json(row.body)
         opted = self.settings.opt_in(_tag(view, OPT_IN_TAG))
