@@ -475,7 +475,9 @@ class Reconciler:
                     call = self.compute.set_capacity(ref, command.capacity)
                     record = record.with_arm_call(_call_id("set_capacity", call))
                 elif isinstance(command, op.DeleteInstances):
-                    call = self.compute.delete_instances(ref, command.ids)
+                    call = self.compute.delete_instances(
+                        ref, command.ids, still_ours=lambda: self.clock() < lock.lease_until
+                    )
                     record = record.with_arm_call(_call_id("delete_instances", call))
                 elif isinstance(command, op.BackOffZone):
                     self._back_off(record, command, now)

@@ -15,6 +15,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from armsim import ScaleSetSpec, Scenario, VmOverride
+from armsim.testing import ARM_SCOPE
+from rebalancer.compute import ArmConfig, ComputeAdapter
+from rebalancer.compute.clock import VirtualTime
 from rebalancer.compute.errors import AdapterError, ErrorKind
 from rebalancer.evaluator import assess
 from rebalancer.model import (
@@ -299,3 +302,36 @@ def test_possible_sources_cover_the_first_baseline_vm_behind_new_ones():
     )
     candidates = _source_candidates(observed(5, vms, NOW), depth=1)
     assert {"zz-new", "d"} <= set(candidates) and "c" not in candidates
+
+
+def test_no_delete_leaves_after_the_lease_ran_out_during_the_pre_delete_reads(store):
+    """The reconciler checks its lease before delete_instances, whose fresh protection read
+    is then throttled for longer than the lease (Retry-After 400 s, waited out): by the time
+    the delete request would go, another instance may own the scale set."""
+    with running_stack(two_zones("Uniform", {"1": 1, "2": 3}), store) as stack:
+        ref = scale_set_ref(stack)
+        run = Drive(stack)
+        run.until(
+            lambda: [r.state for r in run.records()] == [State.AWAITING_HEALTH],
+            what="an operation waiting for its new VM",
+        )
+        stack.sim.advance(900)  # the new VM reports healthy
+        config = ArmConfig.from_settings(
+            stack.settings,
+            ca_cert=stack.sim.ca_cert_path,
+            credential_scopes=(ARM_SCOPE,),
+            max_wait=600.0,
+        )
+        patient = ComputeAdapter(
+            config, credential=stack.sim.credential, clock=VirtualTime(stack.sim.clock)
+        )
+        stack.sim.faults.add(kind="throttle", operation="vmss_vm.get", retry_after=400, count=1)
+        stack.sim.clear_requests()
+        try:
+            stack.reconciler(compute=patient).reconcile(ref)
+        finally:
+            patient.close()
+        throttled = [r.time for r in stack.sim.requests if r.status == 429]
+        deletes = [r.time for r in stack.sim.requests if r.operation == "vmss.delete_instances"]
+        assert throttled, "the pass never reached the delete"
+        assert deletes == []
