@@ -7,7 +7,7 @@ own runtime with `use_runtime`.
 
 Failure policy, as Event Grid and the timer expect it:
 - a transient failure (Table Storage or ARM unavailable, throttled) of an event raises, so Event
-  Grid delivers the event again later; the event's de-duplication mark is removed first;
+  Grid delivers the event again later (an event is marked as handled only once it was);
 - everything permanent (a malformed or irrelevant event, a bad setting, a missing scale set,
   a forbidden call) is logged once with its reason and acknowledged;
 - the timer never raises for one scale set's trouble: the next tick tries again.
@@ -87,7 +87,6 @@ def use_runtime(runtime: Runtime | None) -> None:
     global _runtime, _runtime_error
     with _runtime_lock:
         _runtime, _runtime_error = runtime, None
-        _uncleared.clear()
 
 
 def runtime() -> Runtime | None:
@@ -124,30 +123,53 @@ def handle_event(
 
 
 def _handle_trigger(rt: Runtime, trigger: Trigger) -> Result | None:
+    """Handle an event once. It is marked as handled only after the work is done, so a
+    delivery that fails half-way is not taken for a duplicate when Event Grid retries it;
+    two deliveries racing each other are harmless (the reconcile pass is locked and
+    idempotent)."""
     now = rt.clock()
-    if not rt.store.first_delivery(trigger.event_id, now) and not _retried(trigger.event_id):
+    if rt.store.event_seen(trigger.event_id, now):
         log.info("event %s ignored: already handled (duplicate delivery)", trigger.event_id)
         return None
+    result = None
     if trigger.ref is None:
         log.info(
             "event %s: VM %s names no scale set; the next audit will see its effect",
             trigger.event_id,
             trigger.flexible_vm,
         )
-        return None
-    if trigger.outside:
-        rt.store.record_activity(trigger.ref.key, trigger.at or now)
-    result = rt.reconciler.reconcile(trigger.ref)
-    log.info(
-        "event %s (%s by %s) on %s: %s %s",
-        trigger.event_id,
-        trigger.operation_name,
-        "someone else" if trigger.outside else "the rebalancer",
-        trigger.ref,
-        result.outcome,
-        result.state or result.detail,
-    )
+    else:
+        if trigger.outside:
+            rt.store.record_activity(trigger.ref.key, trigger.at or now)
+        result = rt.reconciler.reconcile(trigger.ref)
+        log.info(
+            "event %s (%s by %s) on %s: %s %s",
+            trigger.event_id,
+            trigger.operation_name,
+            "someone else" if trigger.outside else "the rebalancer",
+            trigger.ref,
+            result.outcome,
+            result.state or result.detail,
+        )
+    _mark_handled(rt, trigger.event_id, now, result)
     return result
+
+
+def _mark_handled(rt: Runtime, event_id: str, now: datetime, result: Result | None) -> None:
+    from rebalancer.reconciler import Outcome
+    from rebalancer.store import StoreError
+
+    if result is not None and result.outcome is Outcome.DEFERRED:
+        return  # raised as a transient failure next: the retry must get through
+    try:
+        rt.store.first_delivery(event_id, now)
+    except StoreError as error:
+        log.warning(
+            "event %s was handled but could not be marked (%s); a duplicate delivery would "
+            "look again, which changes nothing",
+            event_id,
+            error,
+        )
 
 
 def _transient_guard(rt: Runtime, event_id: str, action: Callable[[], Any]) -> Any:
@@ -158,53 +180,17 @@ def _transient_guard(rt: Runtime, event_id: str, action: Callable[[], Any]) -> A
     try:
         result = action()
     except StoreUnavailable as error:
-        _forget(rt, event_id)
         raise TransientFailure(f"Table Storage unavailable: {error}") from error
     except AdapterError as error:
         if error.kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CONFLICT):
-            _forget(rt, event_id)
             raise TransientFailure(f"Azure Compute: {error}") from error
         log.error("event %s: %s; not retried", event_id, error)
         return None
     from rebalancer.reconciler import Outcome
 
     if getattr(result, "outcome", None) is Outcome.DEFERRED:
-        _forget(rt, event_id)
         raise TransientFailure(f"event {event_id} deferred: {result.detail}")
     return result
-
-
-MAX_UNCLEARED = 10_000
-_uncleared: dict[str, None] = {}
-"""Events whose handling failed and whose delivery mark could not be cleared (Table Storage
-was down): their retry, if it reaches this process, is handled instead of taken for a
-duplicate. Insertion-ordered, bounded."""
-
-
-def _forget(rt: Runtime, event_id: str) -> None:
-    from rebalancer.store import StoreError
-
-    try:
-        rt.store.forget_event(event_id)
-    except StoreError:
-        log.warning(
-            "could not clear the delivery mark of event %s; its retry is handled if it reaches "
-            "this instance, otherwise the next timer tick takes its place",
-            event_id,
-        )
-        with _runtime_lock:
-            _uncleared[event_id] = None
-            while len(_uncleared) > MAX_UNCLEARED:
-                del _uncleared[next(iter(_uncleared))]
-
-
-def _retried(event_id: str) -> bool:
-    """Whether a marked event is Event Grid's retry of a failed delivery (handle it again)."""
-    with _runtime_lock:
-        if event_id not in _uncleared:
-            return False
-        del _uncleared[event_id]
-        return True
 
 
 # -- timer ------------------------------------------------------------------------------

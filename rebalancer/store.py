@@ -1256,6 +1256,13 @@ class Store:
                 return False
             return True
 
+    def event_seen(self, event_id: str, now: datetime) -> bool:
+        """Whether the event id was recorded (by `first_delivery`) and has not expired. A read."""
+        now = _utc(now, "now")
+        with _translated(f"look up event {event_id}"):
+            current = self._get("events", encode_key(event_id), "event", select=["ExpiresAt"])
+        return current is not None and _plain(current["ExpiresAt"]) > now
+
     def forget_event(self, event_id: str) -> None:
         with _translated(f"forget event {event_id}"):
             self._tables["events"].delete_entity(encode_key(event_id), "event")

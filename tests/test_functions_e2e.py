@@ -485,33 +485,34 @@ def test_a_table_storage_outage_during_an_event_is_retried_by_event_grid(
         assert len(run.app_writes()) == 2
 
 
-def test_an_outage_after_the_delivery_mark_was_written_still_lets_the_retry_through(
+def test_an_outage_in_the_middle_of_handling_still_lets_the_retry_through(
     store, azurite, table_prefix
 ):
-    """The de-duplication mark is written, then Table Storage goes away mid-handling, so the
-    mark cannot be cleared: Event Grid's retry must still be handled, not taken for a
+    """Table Storage goes away after the duplicate check passed, half-way through handling:
+    nothing marks the event as handled, so Event Grid's retry is handled, not taken for a
     duplicate."""
     with app_behind_a_relay(store, azurite, table_prefix) as (run, relay):
         payload = scale_out_event(run)
         app_store = run.runtime.store
-        mark = app_store.first_delivery
+        seen = app_store.event_seen
 
-        def mark_then_cut(*args):
+        def check_then_cut(*args):
             try:
-                return mark(*args)
+                return seen(*args)
             finally:
                 relay.cut()
 
-        app_store.first_delivery = mark_then_cut
+        app_store.event_seen = check_then_cut
         try:
-            assert not run.deliver_one(payload)
+            assert not run.deliver_one(payload)  # TransientFailure: Event Grid retries
         finally:
-            del app_store.first_delivery
-        assert not store.first_delivery(payload["id"], run.stack.sim.clock.now())  # still marked
+            del app_store.event_seen
+        assert not store.event_seen(payload["id"], run.stack.sim.clock.now())  # not marked
 
         relay.heal()
         assert run.deliver_one(payload)
         assert run.states() == [State.AWAITING_HEALTH]  # the retry advanced the move
+        assert store.event_seen(payload["id"], run.stack.sim.clock.now())
         assert run.deliver_one(payload)  # and a duplicate of the retry is one again
         run.until_settled()
         assert run.states() == [State.SUCCEEDED] and len(run.app_writes()) == 2

@@ -575,6 +575,16 @@ def test_event_ids_are_delivered_once_until_they_expire(store: Store):
     assert store.first_delivery(event, after)
 
 
+def test_event_seen_reads_the_mark_without_writing(store: Store):
+    event = "0d3c9c1e-7e0b-4c57-9d1e-2f6a1b3c4d5e"
+    before = store.stats
+    assert not store.event_seen(event, T0)
+    assert (store.stats - before).writes == 0
+    store.first_delivery(event, T0)
+    assert store.event_seen(event, T0 + timedelta(hours=1))
+    assert not store.event_seen(event, T0 + store.event_ttl + timedelta(seconds=1))
+
+
 def test_racing_duplicate_deliveries_are_handled_once(store_factory):
     stores = [store_factory() for _ in range(8)]
     results = race(8, lambda i: stores[i].first_delivery("same-event", T0))
