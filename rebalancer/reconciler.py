@@ -47,6 +47,8 @@ class Outcome(StrEnum):
     GONE = "gone"
     DEFERRED = "deferred"
     """Azure or Table Storage could not answer now; the next trigger tries again."""
+    STUCK = "stuck"
+    """The in-flight operation's record cannot be read; nothing is done until a person looks."""
 
 
 class Gate(StrEnum):
@@ -192,13 +194,25 @@ class Reconciler:
     # -- in-flight operation --------------------------------------------------------------
 
     def _advance(self, ref: ScaleSetRef, row: OperationRow, lock: Lock) -> Result:
-        record = op.OperationRecord.from_json(row.body)
+        try:
+            record = op.OperationRecord.from_json(row.body)
+        except ValueError as error:
+            # Another schema version or a hand edit: this scale set waits, the others go on.
+            log.error(
+                "operation %s on %s cannot be read (%s): nothing is done to this scale set "
+                "until the row is fixed or removed (rebalancer status --scale-set shows it)",
+                row.operation_id,
+                ref,
+                error,
+                extra=_dims(ref, operation=row.operation_id),
+            )
+            return Result(ref, Outcome.STUCK, detail=f"unreadable operation record: {error}")
         self._repair_backoff(record)
         for _ in range(MAX_STEPS_PER_CALL):
             observation = self._observe(ref)
             if observation is None:
                 self._confirm_gone(ref)
-            stand_down = self._stand_down(observation)
+            stand_down = self._stand_down(ref, observation)
             now = self.clock()
             step = op.advance(record, observation, self.policy, now, stand_down=stand_down)
             step = self._known_protection(ref, record, observation, step, stand_down, now)
@@ -273,7 +287,9 @@ class Reconciler:
             step = op.advance(record, observation, self.policy, now, stand_down=stand_down)
         raise RuntimeError(f"{ref}: no stable delete decision after reading VM protection")
 
-    def _stand_down(self, observation: Inventory | None) -> str | None:
+    def _stand_down(self, ref: ScaleSetRef, observation: Inventory | None) -> str | None:
+        if not self.settings.in_scope(ref.subscription_id, ref.resource_group):
+            return f"resource group {ref.resource_group} is no longer in REBALANCER_RESOURCE_GROUPS"
         if self.settings.mode is not Mode.ENFORCE:
             return f"the app's mode is {self.settings.mode}"
         if observation is None:
@@ -594,8 +610,7 @@ class Reconciler:
         """Move every in-flight operation of the subscription one step (the timer's job)."""
         results = []
         for row in self.store.active_operations():
-            ref = ScaleSetRef.parse(op.OperationRecord.from_json(row.body).scale_set_id)
-            results.append(self._guarded(ref))
+            results.append(self._guarded(ScaleSetRef.parse(row.scale_set_key)))
         return results
 
     def audit(self) -> list[Result]:

@@ -1,9 +1,6 @@
 """Adversarial checks of the delete path (docs/safety-review.md), against armsim and Azurite
 through the real SDK clients, or pure tests of `rebalancer.operation`. Each test is a way the
 app could delete the wrong VM, leave one behind, or act twice; each passes only when it can't.
-
-Findings in rebalancer/reconciler.py are marked strict xfail until the fix described in
-docs/safety-review.md lands there: the test then passes, the build fails, and the mark goes.
 """
 
 from __future__ import annotations
@@ -131,10 +128,6 @@ def test_a_reconcile_that_wrote_a_step_gives_the_lock_back(store):
         assert other.outcome is not Outcome.BUSY
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="advance_all parses every record before acting; one ValueError ends the tick",
-)
 def test_one_unreadable_operation_record_does_not_stop_every_other_scale_set(store):
     """A record this version cannot read (another schema after an upgrade, a hand edit) must
     stall its own scale set only: the timer still advances the others and still audits."""
@@ -156,7 +149,6 @@ def test_one_unreadable_operation_record_does_not_stop_every_other_scale_set(sto
         assert [r.outcome for r in api] == [Outcome.ADVANCED]
 
 
-@pytest.mark.xfail(strict=True, reason="_stand_down ignores REBALANCER_RESOURCE_GROUPS")
 def test_an_operation_stands_down_when_its_resource_group_leaves_the_scope(store):
     """Narrowing REBALANCER_RESOURCE_GROUPS is how an operator takes a group away from the
     app: an in-flight operation there must not go on to delete the group's VMs."""
