@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         choices=sorted(KNOWN_ISSUES),
         metavar="ISSUE",
-        help=f"leave out the chaos that shows a known product bug: {', '.join(KNOWN_ISSUES)}",
+        help="leave out the chaos that shows a known product bug "
+        f"(open: {', '.join(KNOWN_ISSUES) or 'none'})",
     )
     parser.add_argument(
         "--jobs", type=int, default=3, help="processes, each with its own armsim and Azurite"

@@ -76,8 +76,6 @@ def hostile_events(
     outside: str,
     app_principal: str,
     real: list[dict[str, Any]],
-    *,
-    cloud_events: bool = True,
 ) -> list[dict[str, Any]]:
     """One to three payloads no honest system topic sends. `in_scope`/`outside` are scale set
     ids; `real` are events seen so far (to forge look-alikes)."""
@@ -162,6 +160,4 @@ def hostile_events(
         "replayed_id",
         "no_data",
     ]
-    if not cloud_events:
-        kinds.remove("cloud_event")
     return [variant(rng.choice(kinds)) for _ in range(rng.randint(1, 3))]
