@@ -661,13 +661,19 @@ def _scaling_out(
         return _finish(record, now, State.FAILED, Reason.NO_NEW_VMS, detail)
 
     needs = dict(record.zone_needs)
+    baseline = zone_counts(
+        view.scale_set,
+        [i for i in view.inventory.instances if i.id in record.baseline.instance_ids],
+    )
     kept: list[str] = []
     discarded: list[str] = []
     for vm in new:
-        useful = vm.zone is not None and needs.get(vm.zone, 0) > 0 and len(kept) < record.k
-        if useful and vm.provisioning_state.lower() == "succeeded":
+        target = None
+        if vm.provisioning_state.lower() == "succeeded" and len(kept) < record.k:
+            target = _receiving_zone(vm.zone, needs, baseline)
+        if target is not None:
             kept.append(vm.id)
-            needs[vm.zone] -= 1  # type: ignore[index]
+            needs[target] -= 1
         else:
             discarded.append(vm.id)
     placed = ", ".join(f"{i.id} in zone {i.zone} ({i.provisioning_state})" for i in new) or "none"
@@ -695,6 +701,31 @@ def _scaling_out(
     return _transition(
         record, State.AWAITING_HEALTH, now, Reason.NEW_VMS_PLACED, detail, again=True
     )
+
+
+def _receiving_zone(
+    zone: str | None, needs: Mapping[str, int], baseline: Mapping[str, Any]
+) -> str | None:
+    """The planned receiving zone a new VM in `zone` stands for, or None if it is misplaced.
+
+    A planned zone with a need left takes it. So does a zone that was tied with such a zone
+    when the operation started (same total, no more active VMs): the platform's placement may
+    pick either of two equally under-provisioned zones, and a VM in the other one balances the
+    scale set just as well.
+    """
+    if zone is None:
+        return None
+    if needs.get(zone, 0) > 0:
+        return zone
+    here = baseline.get(zone)
+    if here is None:
+        return None
+    for target, left in needs.items():
+        planned = baseline.get(target)
+        tied = planned is not None and (here.total, here.active) <= (planned.total, planned.active)
+        if left > 0 and tied and here.total == planned.total:
+            return target
+    return None
 
 
 def _scale_out_not_visible(
