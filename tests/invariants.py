@@ -218,6 +218,7 @@ class Invariants:
         at = batch[0].time
         scale_set = batch[0].scale_set_id.lower()
         mine = [r for r in records if r.scale_set_id.lower() == scale_set]
+        touched: set[str] = set()  # operations with a source in this batch: judged below
         for change in batch:
             vm = before.get(_key(change.scale_set_id, change.instance_id))
             label = f"{at.isoformat()} {change.instance_id} of {_name(scale_set)}"
@@ -243,8 +244,10 @@ class Invariants:
             total, healthy = deleted_sources.get(owner.operation_id, (0, 0))
             healthy_source = vm is not None and vm.healthy
             deleted_sources[owner.operation_id] = (total + 1, healthy + int(healthy_source))
+            touched.add(owner.operation_id)
         for owner in {r.operation_id: r for r in mine}.values():
-            if owner.operation_id not in deleted_sources:
+            # An earlier operation is not judged again when a later one deletes its new VMs.
+            if owner.operation_id not in touched:
                 continue
             total, healthy = deleted_sources[owner.operation_id]
             kept = [
