@@ -708,22 +708,24 @@ def _receiving_zone(
 ) -> str | None:
     """The planned receiving zone a new VM in `zone` stands for, or None if it is misplaced.
 
-    A planned zone with a need left takes it. So does a zone that was tied with such a zone
-    when the operation started (same total, no more active VMs): the platform's placement may
-    pick either of two equally under-provisioned zones, and a VM in the other one balances the
-    scale set just as well.
+    A planned zone with a need left takes it. So does a zone that held as many VMs as such a
+    zone when the operation started, if it has fewer active VMs than the fullest zone (the
+    rule every move keeps): Azure's best-effort placement may pick either of two equally
+    empty zones, or avoid the planned one for lack of capacity, and a VM in the other one
+    balances the totals just as well.
     """
     if zone is None:
         return None
     if needs.get(zone, 0) > 0:
         return zone
     here = baseline.get(zone)
-    if here is None:
+    if here is None or not baseline:
+        return None
+    if here.active >= max(count.active for count in baseline.values()):
         return None
     for target, left in needs.items():
         planned = baseline.get(target)
-        tied = planned is not None and (here.total, here.active) <= (planned.total, planned.active)
-        if left > 0 and tied and here.total == planned.total:
+        if left > 0 and planned is not None and here.total == planned.total:
             return target
     return None
 
