@@ -18,7 +18,25 @@ DEFAULT_START = datetime(2026, 11, 20, 9, 0, 0, tzinfo=UTC)
 Listener = Callable[[datetime], None]
 
 
-class VirtualClock:
+class _Listened:
+    """Who hears about each `advance` (the simulator, to fire what has come due)."""
+
+    _listeners: list[Listener]
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _moved(self, now: datetime) -> datetime:
+        for listener in list(self._listeners):
+            listener(now)
+        return now
+
+
+class VirtualClock(_Listened):
     """Time that moves only when told to. Thread-safe."""
 
     def __init__(self, start: datetime = DEFAULT_START) -> None:
@@ -39,23 +57,14 @@ class VirtualClock:
         with self._lock:
             self._now += timedelta(seconds=seconds)
             now = self._now
-        for listener in list(self._listeners):
-            listener(now)
-        return now
-
-    def subscribe(self, listener: Listener) -> None:
-        self._listeners.append(listener)
-
-    def unsubscribe(self, listener: Listener) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
+        return self._moved(now)
 
     @property
     def virtual(self) -> bool:
         return True
 
 
-class WallClock:
+class WallClock(_Listened):
     """Real time, for the demo and `python -m armsim serve`; `speed` > 1 runs faster."""
 
     def __init__(self, speed: float = 1.0) -> None:
@@ -79,17 +88,7 @@ class WallClock:
             raise ValueError(f"cannot move a clock backwards ({seconds} s)")
         with self._lock:
             self._offset += seconds
-        now = self.now()
-        for listener in list(self._listeners):
-            listener(now)
-        return now
-
-    def subscribe(self, listener: Listener) -> None:
-        self._listeners.append(listener)
-
-    def unsubscribe(self, listener: Listener) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
+        return self._moved(self.now())
 
     @property
     def virtual(self) -> bool:
