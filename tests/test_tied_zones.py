@@ -6,7 +6,19 @@ import pytest
 
 from armsim import ScaleSetSpec, Scenario, VmOverride, ZoneCapacity
 from rebalancer.model import ScaleSetRef
-from tests.stack import running_stack
+from tests.stack import Stack, running_stack
+
+
+def run_one_operation(stack: Stack, ref: ScaleSetRef) -> str:
+    """Reconcile and let virtual time pass until one operation has ended; its final state."""
+    reconciler = stack.reconciler()
+    for _ in range(60):
+        reconciler.reconcile(ref)
+        stack.sim.advance(30)
+        if stack.store.history(ref.key) and not stack.store.active_operations():
+            break
+    (finished,) = stack.store.history(ref.key)
+    return finished.state
 
 
 @pytest.mark.parametrize("mode", ["Uniform", "Flexible"])
@@ -27,15 +39,8 @@ def test_a_vm_placed_in_the_other_emptiest_zone_is_kept(store_factory, mode):
         ),
     )
     with running_stack(scenario, store) as stack:
-        reconciler = stack.reconciler()
         ref = ScaleSetRef.parse(stack.sim.scale_set("rg-web", "web").id)
-        for _ in range(60):
-            reconciler.reconcile(ref)
-            stack.sim.advance(30)
-            if store.history(ref.key) and not store.active_operations():
-                break
-        (finished,) = store.history(ref.key)
-        assert finished.state == "succeeded"
+        assert run_one_operation(stack, ref) == "succeeded"
         assert stack.counts("rg-web", "web") == {"1": 1, "2": 2, "3": 2}
         assert store.backoffs(stack.sim.clock.now()) == []
 
@@ -58,13 +63,6 @@ def test_the_other_emptiest_zone_is_kept_when_the_planned_one_is_short(store_fac
         ),
     )
     with running_stack(scenario, store) as stack:
-        reconciler = stack.reconciler()
         ref = ScaleSetRef.parse(stack.sim.scale_set("rg-web", "web").id)
-        for _ in range(60):
-            reconciler.reconcile(ref)
-            stack.sim.advance(30)
-            if store.history(ref.key) and not store.active_operations():
-                break
-        (finished,) = store.history(ref.key)
-        assert finished.state == "succeeded"
+        assert run_one_operation(stack, ref) == "succeeded"
         assert stack.counts("rg-web", "web") == {"1": 2, "2": 1, "3": 2}
