@@ -588,6 +588,21 @@ class World:
 
     # --- scale set behaviours -----------------------------------------------------------
 
+    def _begin_model_write(self, ss: ScaleSetState, caller: Caller) -> Operation:
+        """Start a write of the scale set's model (PUT or PATCH); it owns `ss.model_op`."""
+        op = self.begin(
+            "write",
+            f"{VMSS_TYPE}/write",
+            ss.resource_id,
+            ss.location,
+            caller,
+            ss,
+            result="vmss",
+            min_seconds=self.timings.update,
+        )
+        ss.model_op = op
+        return op
+
     def reconcile_capacity(self, ss: ScaleSetState, op: Operation) -> None:
         """Create or delete VMs so that the members match `sku.capacity`."""
         members = ss.members()
@@ -653,17 +668,7 @@ class World:
                 ),
                 self.now,
             )
-        op = self.begin(
-            "write",
-            f"{VMSS_TYPE}/write",
-            ss.resource_id,
-            ss.location,
-            caller,
-            ss,
-            result="vmss",
-            min_seconds=self.timings.update,
-        )
-        ss.model_op = op
+        op = self._begin_model_write(ss, caller)
         if new_capacity is not None:
             ss.capacity = new_capacity
             self.reconcile_capacity(ss, op)
@@ -773,17 +778,7 @@ class World:
         except ArmError:
             del self.scale_sets[ss.key]
             raise
-        op = self.begin(
-            "write",
-            f"{VMSS_TYPE}/write",
-            ss.resource_id,
-            ss.location,
-            caller,
-            ss,
-            result="vmss",
-            min_seconds=self.timings.update,
-        )
-        ss.model_op = op
+        op = self._begin_model_write(ss, caller)
         ss.capacity = capacity
         self.reconcile_capacity(ss, op)
         self.check(op, self.now)
