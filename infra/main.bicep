@@ -282,7 +282,7 @@ module scaleSetRoleOnResourceGroups 'modules/role-assignment.bicep' = [
     params: {
       roleDefinitionId: scaleSetRole.id
       principalId: app.outputs.identityPrincipalId
-      description: 'VMSS zone rebalancer: manage the zone balance of scale sets in this resource group.'
+      assignmentDescription: 'VMSS zone rebalancer: manage the zone balance of scale sets in this resource group.'
     }
   }
 ]
@@ -294,7 +294,7 @@ module linkedAccessRoleOnResourceGroups 'modules/role-assignment.bicep' = [
     params: {
       roleDefinitionId: linkedAccessRole.id
       principalId: app.outputs.identityPrincipalId
-      description: 'VMSS zone rebalancer: linked access checks of scale-outs.'
+      assignmentDescription: 'VMSS zone rebalancer: linked access checks of scale-outs.'
     }
   }
 ]

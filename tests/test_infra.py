@@ -164,6 +164,93 @@ def get_ci(mapping: dict[str, Any], key: str) -> Any:
     return None
 
 
+# --- Bicep source: what the parser does not tell ---------------------------------------------
+
+
+def bicep_code(text: str) -> str:
+    """The Bicep source with comments and the literal text of strings blanked out (lengths and
+    line breaks kept); the expressions inside `${...}` interpolations stay."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    braces: list[str] = []  # "{" of an object or "${" of an interpolation, innermost last
+    in_string = False
+    while i < n:
+        char, pair = text[i], text[i : i + 2]
+        if in_string:
+            if pair == "${":
+                braces.append("${")
+                in_string = False
+                out.append("  ")
+                i += 2
+                continue
+            if pair == "\\'" or pair == "\\\\":
+                out.append("  ")
+                i += 2
+                continue
+            if char == "'":
+                in_string = False
+            out.append("\n" if char == "\n" else " ")
+            i += 1
+            continue
+        if pair == "//":
+            end = text.find("\n", i)
+            end = n if end < 0 else end
+            out.append(" " * (end - i))
+            i = end
+            continue
+        if pair == "/*":
+            end = text.find("*/", i + 2)
+            end = n if end < 0 else end + 2
+            out.append("".join("\n" if c == "\n" else " " for c in text[i:end]))
+            i = end
+            continue
+        if char == "'":
+            in_string = True
+            out.append(" ")
+        elif char == "{":
+            braces.append("{")
+            out.append(char)
+        elif char == "}" and braces and braces[-1] == "${":
+            braces.pop()
+            in_string = True
+            out.append(" ")
+        else:
+            if char == "}" and braces:
+                braces.pop()
+            out.append(char)
+        i += 1
+    return "".join(out)
+
+
+_DECLARED = re.compile(
+    r"^\s*(?:param|var|resource|module|type|func)\s+(\w+)"  # top-level declarations
+    r"|\bfor\s+(\w+)\s+in\b|\bfor\s*\(\s*(\w+)\s*,\s*(\w+)\s*\)\s*in\b"  # loop variables
+    r"|\b(\w+)\s*=>|\(\s*(\w+)\s*,\s*(\w+)\s*\)\s*=>",  # lambda variables
+    re.M,
+)
+_CALLED = re.compile(r"(?<![\w.])(@?)(\w+)\s*\(")
+
+
+def check_no_shadowed_functions(infra: Infra) -> list[str]:
+    """A symbol named like a function hides it in the whole file: a parameter `description`
+    makes every `@description(...)` BCP265 ("The name "description" is not a function").
+    Bicep's own compiler would say so; here nothing compiles Bicep, so this check does."""
+    problems = []
+    for key, text in infra.texts.items():
+        code = bicep_code(text)
+        declared = {name for match in _DECLARED.finditer(code) for name in match.groups() if name}
+        for match in _CALLED.finditer(code):
+            at, name = match.groups()
+            if name in declared:
+                line = code.count("\n", 0, match.start()) + 1
+                kind = "decorator" if at else "function"
+                problems.append(
+                    f"{TEMPLATES[key]}:{line}: the symbol {name!r} hides the {kind} {at}{name}(); "
+                    f"rename the symbol or write sys.{name}(...)"
+                )
+    return problems
+
+
 # --- property checks: each returns the problems it finds, [] when the property holds ---------
 
 
@@ -344,6 +431,7 @@ def check_notification_topic(infra: Infra) -> list[str]:
 
 
 PROPERTY_CHECKS: tuple[Callable[[Infra], list[str]], ...] = (
+    check_no_shadowed_functions,
     check_roles,
     check_builtin_roles,
     check_storage,
@@ -632,6 +720,27 @@ def test_a_wildcard_or_owner_role_is_caught(tmp_path):
     problems = infra_problems(broken)
     assert "wildcard action Microsoft.Compute/*" in problems
     assert "main.bicep assigns Owner" in problems
+
+
+def test_a_symbol_that_hides_a_decorator_or_function_is_caught(tmp_path):
+    broken = tmp_path / "infra"
+    shutil.copytree(INFRA, broken)
+    module = broken / "modules" / "role-assignment.bicep"
+    text = module.read_text().replace("assignmentDescription", "description")
+    module.write_text(text + "\nvar guid = 'not a function any more'\n")
+    problems = check_no_shadowed_functions(read_infra(broken))
+    assert any(
+        "role-assignment.bicep:4: the symbol 'description' hides the decorator" in p
+        for p in problems
+    ), problems
+    assert any("the symbol 'guid' hides the function guid()" in p for p in problems), problems
+
+
+def test_bicep_code_keeps_interpolations_and_drops_comments_and_literal_text():
+    text = "var a = 'x(${description(1)}) \\' // y(' // z(\nvar b = 1 /* w( */ + v(2)\n"
+    code = bicep_code(text)
+    assert len(code) == len(text) and code.count("\n") == 2
+    assert [m.group(2) for m in _CALLED.finditer(code)] == ["description", "v"]
 
 
 # --- tests: azd wiring ----------------------------------------------------------------------

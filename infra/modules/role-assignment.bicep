@@ -8,7 +8,7 @@ param roleDefinitionId string
 param principalId string
 
 @description('Why the assignment exists, shown in the portal.')
-param description string
+param assignmentDescription string
 
 resource assignment 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(resourceGroup().id, principalId, roleDefinitionId)
@@ -16,6 +16,6 @@ resource assignment 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
     roleDefinitionId: roleDefinitionId
     principalId: principalId
     principalType: 'ServicePrincipal'
-    description: description
+    description: assignmentDescription
   }
 }
