@@ -245,33 +245,32 @@ resource linkedAccessRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' =
   }
 }
 
-resource scaleSetRoleOnSubscription 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (managesWholeSubscription) {
-  name: guid(subscription().id, environmentName, scaleSetRole.id)
-  properties: {
+// At subscription scope through a module, so that each assignment is named from its principal:
+// these outlive `azd down`, and the next `azd up` assigns the roles to a new identity.
+module scaleSetRoleOnSubscription 'modules/subscription-role-assignment.bicep' = if (managesWholeSubscription) {
+  name: 'rebalancer-scale-sets-${resourceToken}'
+  params: {
     roleDefinitionId: scaleSetRole.id
     principalId: app.outputs.identityPrincipalId
-    principalType: 'ServicePrincipal'
-    description: 'VMSS zone rebalancer: manage the zone balance of scale sets in this subscription.'
+    assignmentDescription: 'VMSS zone rebalancer: manage the zone balance of scale sets in this subscription.'
   }
 }
 
-resource subscriptionReadRoleOnSubscription 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(subscription().id, environmentName, subscriptionReadRole.id)
-  properties: {
+module subscriptionReadRoleOnSubscription 'modules/subscription-role-assignment.bicep' = {
+  name: 'rebalancer-subscription-reads-${resourceToken}'
+  params: {
     roleDefinitionId: subscriptionReadRole.id
     principalId: app.outputs.identityPrincipalId
-    principalType: 'ServicePrincipal'
-    description: 'VMSS zone rebalancer: compute quota and SKU availability.'
+    assignmentDescription: 'VMSS zone rebalancer: compute quota and SKU availability.'
   }
 }
 
-resource linkedAccessRoleOnSubscription 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (managesWholeSubscription) {
-  name: guid(subscription().id, environmentName, linkedAccessRole.id)
-  properties: {
+module linkedAccessRoleOnSubscription 'modules/subscription-role-assignment.bicep' = if (managesWholeSubscription) {
+  name: 'rebalancer-linked-access-${resourceToken}'
+  params: {
     roleDefinitionId: linkedAccessRole.id
     principalId: app.outputs.identityPrincipalId
-    principalType: 'ServicePrincipal'
-    description: 'VMSS zone rebalancer: linked access checks of scale-outs.'
+    assignmentDescription: 'VMSS zone rebalancer: linked access checks of scale-outs.'
   }
 }
 

@@ -44,6 +44,7 @@ TEMPLATES = {
     "main": "main.bicep",
     "app": "modules/app.bicep",
     "role_assignment": "modules/role-assignment.bicep",
+    "subscription_role_assignment": "modules/subscription-role-assignment.bicep",
     "event_subscription": "event-subscription.bicep",
 }
 
@@ -295,6 +296,67 @@ def check_roles(infra: Infra) -> list[str]:
     return problems
 
 
+def _unwrapped(config: dict[str, Any]) -> dict[str, Any]:
+    """The body of a resource or module, looking through `for` loops and `if` conditions."""
+    while isinstance(config, dict) and ("loop_type" in config or "condition" in config):
+        if "config" not in config:
+            break
+        config = config["config"]
+    return config
+
+
+def expression_terms(value: Any) -> set[str]:
+    """Every symbol and property path an expression mentions (`identity.id`, `principalId`)."""
+    if isinstance(value, str):
+        inner = re.findall(r"\$\{([^}]*)\}", value)
+        return {value, *(w for part in inner for w in re.findall(r"[\w.]+", part))}
+    if isinstance(value, dict):
+        if value.get("operator", {}).get("type") == "property_accessor":
+            return {dotted(value)} | expression_terms(value["operator"]["operands"])
+        return set().union(*(expression_terms(v) for v in value.values()), set())
+    if isinstance(value, list):
+        return set().union(*(expression_terms(v) for v in value), set())
+    return set()
+
+
+def check_role_assignments_name_their_principal(infra: Infra) -> list[str]:
+    """A role assignment's name must change with its principal: Resource Manager refuses to
+    point an existing assignment at another principal (RoleAssignmentUpdateNotPermitted).
+    Subscription-scope assignments outlive `azd down`, and the next `azd up` makes a new
+    identity, so their names must come from the principal id itself. An assignment in the
+    app's resource group may use the id of the identity's resource instead (a name must be
+    known when the deployment starts): the resource group, the identity and the assignment
+    are deleted together."""
+    problems = []
+    for key, tree in infra.parsed.items():
+        for name, resource in tree["resources"].items():
+            if resource["type"].lower() != "microsoft.authorization/roleassignments":
+                continue
+            body = _unwrapped(resource["config"])
+            principal = dotted(body["properties"]["principalId"])
+            terms = expression_terms(body["name"])
+            root = principal.split(".")[0]
+            owner = tree["resources"].get(root)
+            in_resource_group = (
+                tree.get("globals", {}).get("scope", {}).get("value", "resourceGroup")
+                == "resourceGroup"
+            )
+            same_group_identity = (
+                in_resource_group
+                and owner is not None
+                and not owner.get("existing")
+                and f"{root}.id" in terms
+            )
+            if principal not in terms and not same_group_identity:
+                problems.append(
+                    f"{TEMPLATES[key]}: role assignment {name} is named without its principal "
+                    f"({principal}): after `azd down` a new identity gets "
+                    "RoleAssignmentUpdateNotPermitted; name it guid(scope, principal id, role), "
+                    "through a module that takes principalId"
+                )
+    return problems
+
+
 def check_builtin_roles(infra: Infra) -> list[str]:
     problems = []
     for key, text in infra.texts.items():
@@ -433,6 +495,7 @@ def check_notification_topic(infra: Infra) -> list[str]:
 PROPERTY_CHECKS: tuple[Callable[[Infra], list[str]], ...] = (
     check_no_shadowed_functions,
     check_roles,
+    check_role_assignments_name_their_principal,
     check_builtin_roles,
     check_storage,
     check_identity_based_settings,
@@ -720,6 +783,35 @@ def test_a_wildcard_or_owner_role_is_caught(tmp_path):
     problems = infra_problems(broken)
     assert "wildcard action Microsoft.Compute/*" in problems
     assert "main.bicep assigns Owner" in problems
+
+
+ASSIGNMENT_TYPE = "Microsoft.Authorization/roleAssignments@2022-04-01"
+
+
+def test_a_role_assignment_named_without_its_principal_is_caught(tmp_path):
+    broken = tmp_path / "infra"
+    shutil.copytree(INFRA, broken)
+    module = broken / "modules" / "subscription-role-assignment.bicep"
+    text = module.read_text()
+    old = "guid(subscription().id, principalId, roleDefinitionId)"
+    assert old in text
+    module.write_text(text.replace(old, "guid(subscription().id, roleDefinitionId)"))
+    main = broken / "main.bicep"
+    main.write_text(
+        main.read_text() + f"\nresource readsOnSubscription '{ASSIGNMENT_TYPE}' = {{\n"
+        "  name: guid(subscription().id, environmentName, subscriptionReadRole.id)\n"
+        "  properties: {\n"
+        "    roleDefinitionId: subscriptionReadRole.id\n"
+        "    principalId: app.outputs.identityPrincipalId\n"
+        "  }\n"
+        "}\n"
+    )
+    problems = check_role_assignments_name_their_principal(read_infra(broken))
+    assert len(problems) == 2, problems
+    assert any("main.bicep: role assignment readsOnSubscription" in p for p in problems)
+    assert any(
+        "subscription-role-assignment.bicep: role assignment assignment" in p for p in problems
+    )
 
 
 def test_a_symbol_that_hides_a_decorator_or_function_is_caught(tmp_path):
