@@ -152,7 +152,7 @@ module app 'modules/app.bicep' = {
   }
 }
 
-// Read, scale and delete instances of scale sets: exactly
+// Read, scale and delete instances of scale sets: exactly the actions of the adapter's calls,
 // rebalancer.azure_operations.SCALE_SET_ROLE_ACTIONS (tests/test_infra.py compares them).
 resource scaleSetRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(subscription().id, environmentName, 'vmss-zone-rebalancer-scale-sets')
@@ -167,13 +167,10 @@ resource scaleSetRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
       {
         actions: [
           'Microsoft.Compute/virtualMachineScaleSets/read'
+          'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read'
+          'Microsoft.Compute/virtualMachines/read'
           'Microsoft.Compute/virtualMachineScaleSets/write'
           'Microsoft.Compute/virtualMachineScaleSets/delete/action'
-          'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read'
-          'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/instanceView/read'
-          'Microsoft.Compute/virtualMachines/read'
-          'Microsoft.Compute/virtualMachines/instanceView/read'
-          'Microsoft.Compute/virtualMachines/delete'
           'Microsoft.Compute/locations/operations/read'
         ]
         notActions: []
@@ -198,8 +195,8 @@ resource subscriptionReadRole 'Microsoft.Authorization/roleDefinitions@2022-04-0
     permissions: [
       {
         actions: [
-          'Microsoft.Compute/locations/usages/read'
           'Microsoft.Compute/skus/read'
+          'Microsoft.Compute/locations/usages/read'
         ]
         notActions: []
         dataActions: []

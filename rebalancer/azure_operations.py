@@ -7,6 +7,10 @@ templates under `infra/` (the event subscription's filter and the custom roles) 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
 EVENT_GRID_FUNCTION_NAME = "on_resource_event"
 """Name of the Event Grid triggered function; the event subscription targets it by name."""
 
@@ -43,16 +47,105 @@ HANDLED_OPERATION_NAMES: tuple[str, ...] = (
 )
 """`data.operationName` values the Event Grid function reacts to (compare case-insensitively)."""
 
-SCALE_SET_ROLE_ACTIONS: tuple[str, ...] = (
-    "Microsoft.Compute/virtualMachineScaleSets/read",
-    "Microsoft.Compute/virtualMachineScaleSets/write",
-    "Microsoft.Compute/virtualMachineScaleSets/delete/action",
-    "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read",
-    "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/instanceView/read",
-    "Microsoft.Compute/virtualMachines/read",
-    "Microsoft.Compute/virtualMachines/instanceView/read",
-    "Microsoft.Compute/virtualMachines/delete",
-    "Microsoft.Compute/locations/operations/read",
+
+@dataclass(frozen=True, slots=True)
+class ArmRequest:
+    """One kind of request an adapter call sends: its method and path, `{...}` for names."""
+
+    method: str
+    path: str
+
+    @property
+    def action(self) -> str:
+        return required_action(self.method, self.path)
+
+
+def required_action(method: str, path: str) -> str:
+    """The Azure RBAC action Resource Manager checks for a request.
+
+    The provider namespace and the resource types along the path, then `read` (GET),
+    `write` (PUT, PATCH), `delete` (DELETE), or for a POST the path's last segment and
+    `action`: `POST .../virtualMachineScaleSets/web/delete` is
+    `Microsoft.Compute/virtualMachineScaleSets/delete/action`.
+    """
+    segments = [part for part in path.split("?")[0].split("/") if part]
+    lowered = [part.lower() for part in segments]
+    if "providers" not in lowered:
+        raise ValueError(f"{method} {path}: no /providers/<namespace>/ in the path")
+    start = len(lowered) - 1 - lowered[::-1].index("providers")
+    namespace, rest = segments[start + 1], segments[start + 2 :]
+    verb = method.upper()
+    if not rest or (verb == "POST" and len(rest) % 2 == 0):
+        raise ValueError(f"{method} {path}: no resource type after {namespace}")
+    if verb == "POST":
+        types, tail = rest[:-1:2], [rest[-1], "action"]
+    elif verb in _VERBS:
+        types, tail = rest[::2], [_VERBS[verb]]
+    else:
+        raise ValueError(f"{method} {path}: unsupported method")
+    return "/".join([namespace, *types, *tail])
+
+
+_VERBS = {"GET": "read", "PUT": "write", "PATCH": "write", "DELETE": "delete"}
+
+_SUBSCRIPTION = "/subscriptions/{subscriptionId}/providers/Microsoft.Compute"
+_GROUP = (
+    "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/providers/Microsoft.Compute"
+)
+_SCALE_SET = _GROUP + "/virtualMachineScaleSets/{name}"
+_LIST_ALL_SCALE_SETS = ArmRequest("GET", _SUBSCRIPTION + "/virtualMachineScaleSets")
+_LIST_SCALE_SETS = ArmRequest("GET", _GROUP + "/virtualMachineScaleSets")
+_GET_SCALE_SET = ArmRequest("GET", _SCALE_SET)
+_LIST_INSTANCES = ArmRequest("GET", _SCALE_SET + "/virtualMachines")  # $expand=instanceView
+_GET_INSTANCE = ArmRequest("GET", _SCALE_SET + "/virtualMachines/{instanceId}")
+_LIST_FLEXIBLE_VMS = ArmRequest("GET", _GROUP + "/virtualMachines")  # $filter, $expand
+_CURRENT_INSTANCES = (_GET_SCALE_SET, _LIST_INSTANCES, _LIST_FLEXIBLE_VMS)
+
+ADAPTER_CALLS: Mapping[str, tuple[ArmRequest, ...]] = MappingProxyType(
+    {
+        # The whole subscription in one paged list, or resource group by resource group.
+        "list_scale_sets": (_LIST_ALL_SCALE_SETS, _LIST_SCALE_SETS),
+        "get_scale_set": (_GET_SCALE_SET,),
+        # Instance views come with the lists ($expand=instanceView), never one by one; the
+        # protection of Flexible VMs only from the scale set's VM GET.
+        "read_inventory": (*_CURRENT_INSTANCES, _GET_INSTANCE),
+        "audit": (
+            _LIST_ALL_SCALE_SETS,
+            _LIST_SCALE_SETS,
+            _LIST_INSTANCES,
+            _LIST_FLEXIBLE_VMS,
+            _GET_INSTANCE,
+        ),
+        "set_capacity": (ArmRequest("PATCH", _SCALE_SET),),
+        # Protection read again per instance; both modes delete through the scale set, which
+        # also lowers its capacity (Flexible VMs by name). Missing ids: the set is listed.
+        "delete_instances": (
+            _GET_INSTANCE,
+            ArmRequest("POST", _SCALE_SET + "/delete"),
+            *_CURRENT_INSTANCES,
+        ),
+        "operation_status": (
+            ArmRequest("GET", _SUBSCRIPTION + "/locations/{location}/operations/{operationId}"),
+        ),
+        "quota": (
+            ArmRequest("GET", _SUBSCRIPTION + "/skus"),
+            ArmRequest("GET", _SUBSCRIPTION + "/locations/{location}/usages"),
+        ),
+    }
+)
+"""Every `ComputeAdapter` call and the requests it can send (tests/test_role_actions.py
+records them against armsim). The custom roles hold exactly the actions these need."""
+
+SUBSCRIPTION_READ_CALLS: tuple[str, ...] = ("quota",)
+"""Calls whose requests only a subscription-scope assignment allows."""
+
+
+def _actions(calls: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(r.action for call in calls for r in ADAPTER_CALLS[call]))
+
+
+SCALE_SET_ROLE_ACTIONS: tuple[str, ...] = _actions(
+    call for call in ADAPTER_CALLS if call not in SUBSCRIPTION_READ_CALLS
 )
 """Read, scale and delete instances of scale sets: the role assigned on the managed scope.
 
@@ -60,10 +153,7 @@ SCALE_SET_ROLE_ACTIONS: tuple[str, ...] = (
 resource-group assignment for operations started in that group.
 """
 
-SUBSCRIPTION_READ_ROLE_ACTIONS: tuple[str, ...] = (
-    "Microsoft.Compute/locations/usages/read",
-    "Microsoft.Compute/skus/read",
-)
+SUBSCRIPTION_READ_ROLE_ACTIONS: tuple[str, ...] = _actions(SUBSCRIPTION_READ_CALLS)
 """Quota and SKU availability: subscription-level reads, assigned on the subscription even
 when the app manages only some resource groups."""
 
@@ -89,10 +179,16 @@ that it can also be assigned where the networks, images and identities live (oft
 resource group) without granting scale set writes there.
 """
 
+LINKED_CHECKS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {"set_capacity": LINKED_ACCESS_ROLE_ACTIONS}
+)
+"""Calls after which ARM checks the caller's access to what the scale set references."""
+
 REQUIRED_ROLE_ACTIONS: tuple[str, ...] = (
     SCALE_SET_ROLE_ACTIONS + SUBSCRIPTION_READ_ROLE_ACTIONS + LINKED_ACCESS_ROLE_ACTIONS
 )
-"""Every control-plane action the app's identity holds through its custom roles."""
+"""Every control-plane action the app's identity holds through its custom roles: what the
+adapter's calls send, and the linked access checks ARM makes on their behalf."""
 
 
 def is_handled_operation(operation_name: str | None) -> bool:

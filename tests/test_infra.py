@@ -289,7 +289,10 @@ def check_roles(infra: Infra) -> list[str]:
             if name in expected and sorted(actions) != sorted(expected[name]):
                 missing = sorted(set(expected[name]) - set(actions))
                 extra = sorted(set(actions) - set(expected[name]))
-                problems.append(f"role {name}: missing {missing}, not documented {extra}")
+                problems.append(
+                    f"role {name}: missing {missing}; needed by no adapter call "
+                    f"(rebalancer.azure_operations.ADAPTER_CALLS): {extra}"
+                )
     problems += [f"wildcard action {action}" for action in every_action if "*" in action]
     if sorted(every_action) != sorted(REQUIRED_ROLE_ACTIONS):
         problems.append("the roles' actions together differ from REQUIRED_ROLE_ACTIONS")
