@@ -105,16 +105,18 @@ param maximumInstanceCount int = 40
 @description('Memory of each Flex Consumption instance.')
 param instanceMemoryMB int = 2048
 
+@description('Zone-redundant Flex Consumption plan and storage (ZRS), in a region that offers it. It keeps two always-ready instances per function, billed while idle.')
+param zoneRedundant bool = false
+
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
   'azd-env-name': environmentName
   workload: 'vmss-zone-rebalancer'
 }
-// Resource group names cannot contain spaces, so removing them tolerates "rg-a, rg-b".
-var managedNames = replace(managedResourceGroupNames, ' ', '')
-var linkedNames = replace(linkedResourceGroupNames, ' ', '')
-var managedResourceGroups = empty(managedNames) ? [] : split(managedNames, ',')
-var linkedResourceGroups = empty(linkedNames) ? [] : split(linkedNames, ',')
+// Resource group names cannot contain spaces, so removing them tolerates "rg-a, rg-b"; empty
+// names ("rg-a," or ",") are dropped: resourceGroup('') would fail the deployment.
+var managedResourceGroups = filter(split(replace(managedResourceGroupNames, ' ', ''), ','), name => !empty(name))
+var linkedResourceGroups = filter(split(replace(linkedResourceGroupNames, ' ', ''), ','), name => !empty(name))
 var managesWholeSubscription = empty(managedResourceGroups)
 var linkedAccessResourceGroups = union(managedResourceGroups, linkedResourceGroups)
 // Resource ids in the managed scope start with these; the event subscription filters on them.
@@ -149,6 +151,7 @@ module app 'modules/app.bicep' = {
     deployNotificationTopic: deployNotificationTopic
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
+    zoneRedundant: zoneRedundant
   }
 }
 

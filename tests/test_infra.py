@@ -436,6 +436,40 @@ def check_flex_consumption(infra: Infra) -> list[str]:
     return problems
 
 
+def check_hardening(infra: Infra) -> list[str]:
+    """What a first deployment trips over, and the zone-redundant plan."""
+    problems = []
+    site = infra.resource("app", "functionApp")
+    if "deploymentContainer" not in site.get("dependsOn", []):
+        problems.append("the function app does not depend on its deployment container")
+    plan = infra.resource("app", "plan")["properties"]
+    if plan.get("zoneRedundant") != "zoneRedundant":
+        problems.append("the plan's zoneRedundant is not the zoneRedundant parameter")
+    if infra.param_default("main", "zoneRedundant") is not False:
+        problems.append("zoneRedundant (two always-ready instances per function) is on by default")
+    scale = site["properties"]["functionAppConfig"]["scaleAndConcurrency"]
+    ready = scale.get("alwaysReady", {}).get("operator", {}).get("operands", {})
+    if (ready.get("condition"), ready.get("true_value")) != ("zoneRedundant", "alwaysReady"):
+        problems.append("alwaysReady is not set when the plan is zone-redundant")
+    counts = infra.variable("app", "alwaysReady")["config"]
+    if counts.get("instanceCount", 0) < 2:
+        problems.append("a zone-redundant plan needs two always-ready instances per function")
+    sku = infra.resource("app", "storage")["sku"]["name"].get("operator", {}).get("operands", {})
+    if (sku.get("condition"), sku.get("true_value")) != ("zoneRedundant", "Standard_ZRS"):
+        problems.append("the storage account is not ZRS when the plan is zone-redundant")
+    for name in ("managedResourceGroups", "linkedResourceGroups"):
+        value = infra.variable("main", name)
+        function = value.get("function", {}) if isinstance(value, dict) else {}
+        keep = function.get("parameters", {}).get("expression", {}).get("operator", {})
+        empty = keep.get("operands", {}).get("bool_value", {}).get("function", {})
+        if function.get("type") != "filter" or (keep.get("type"), empty.get("type")) != (
+            "not",
+            "empty",
+        ):
+            problems.append(f"{name} keeps empty names: filter them out (name => !empty(name))")
+    return problems
+
+
 def check_settings(infra: Infra) -> list[str]:
     settings = app_settings(infra)
     problems = [f"app setting {name} missing" for name in sorted(REQUIRED_SETTINGS - set(settings))]
@@ -504,6 +538,7 @@ PROPERTY_CHECKS: tuple[Callable[[Infra], list[str]], ...] = (
     check_identity_based_settings,
     check_app_insights,
     check_flex_consumption,
+    check_hardening,
     check_settings,
     check_event_subscription,
     check_notification_topic,
@@ -736,6 +771,8 @@ def test_the_deployment_targets_and_configures_the_apps_functions(infra):
         for name in re.findall(r"%(\w+)%", str(getattr(f.get_trigger(), "schedule", "")))
     }
     assert bound and bound <= set(settings), bound - set(settings)
+    # Always-ready instances (zone-redundant plan) go by function: one group per function.
+    assert sorted(infra.variable("app", "functionNames")) == sorted(functions)
 
 
 def test_docs_list_exactly_the_role_actions():

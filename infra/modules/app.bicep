@@ -22,10 +22,21 @@ param armBudgetShare string
 param deployNotificationTopic bool
 param maximumInstanceCount int
 param instanceMemoryMB int
+param zoneRedundant bool
 
 var functionAppName = '${namePrefix}-func-${resourceToken}'
 var deploymentContainerName = 'app-package-${take(resourceToken, 12)}'
 var deadLetterContainerName = 'eventgrid-deadletter'
+// Each function scales on its own instances (Flex Consumption's per-function scaling): a
+// zone-redundant plan needs two always-ready instances of each, in two zones.
+var functionNames = [
+  'on_resource_event' // rebalancer.azure_operations.EVENT_GRID_FUNCTION_NAME
+  'on_timer'
+]
+var alwaysReady = [for name in functionNames: {
+  name: 'function:${name}'
+  instanceCount: 2
+}]
 
 // Built-in roles (ids are the same in every tenant).
 var storageBlobDataOwner = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
@@ -44,14 +55,14 @@ resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   // checkov:skip=CKV_AZURE_35:Flex Consumption without VNet integration reaches its storage over the public endpoint; access needs Entra ID (shared keys are off).
   // checkov:skip=CKV_AZURE_59:Same as CKV_AZURE_35: without a VNet the host and Event Grid dead-lettering need the public endpoint; every request is authorised by Entra ID.
-  // checkov:skip=CKV_AZURE_206:The account holds only the app package, host locks and the rebalancer state, all rebuilt by a redeploy and the next audit: LRS is enough.
+  // checkov:skip=CKV_AZURE_206:ZRS with zoneRedundant; otherwise LRS: the account holds only the app package, host locks and the rebalancer state, all rebuilt by a redeploy and the next audit.
   // checkov:skip=CKV_AZURE_43:The name is an expression checkov cannot evaluate: the prefix and a uniqueString token, lowercase letters and digits, at most 24.
   name: take('${toLower(replace(namePrefix, '-', ''))}st${resourceToken}', 24)
   location: location
   tags: tags
   kind: 'StorageV2'
   sku: {
-    name: 'Standard_LRS'
+    name: zoneRedundant ? 'Standard_ZRS' : 'Standard_LRS'
   }
   properties: {
     accessTier: 'Hot'
@@ -143,7 +154,7 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
 }
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
-  // checkov:skip=CKV_AZURE_225:Flex Consumption has no zone-redundancy switch here; a missed timer run is caught up by the next one.
+  // checkov:skip=CKV_AZURE_225:Zone redundancy is the zoneRedundant parameter, off by default: it keeps two always-ready instances per function, billed while idle, and a missed timer run is caught up by the next one.
   name: '${namePrefix}-plan-${resourceToken}'
   location: location
   tags: tags
@@ -154,6 +165,7 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   }
   properties: {
     reserved: true
+    zoneRedundant: zoneRedundant
   }
 }
 
@@ -168,6 +180,11 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
     'azd-service-name': 'rebalancer'
   })
   kind: 'functionapp,linux'
+  // The deployment storage below names the container by its name, not by the resource: without
+  // this, Resource Manager may create the app before the container it reads its package from.
+  dependsOn: [
+    deploymentContainer
+  ]
   identity: {
     type: 'UserAssigned'
     userAssignedIdentities: {
@@ -301,6 +318,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: instanceMemoryMB
+        alwaysReady: zoneRedundant ? alwaysReady : []
       }
       runtime: {
         name: 'python'
