@@ -33,6 +33,9 @@ param managedResourceGroupNames string = ''
 @description('Comma-separated resource groups holding what the scale sets reference (networks, images, identities) when managedResourceGroupNames is set. Only the linked-access role is assigned there.')
 param linkedResourceGroupNames string = ''
 
+@description('Comma-separated ids of other subscriptions holding what the scale sets reference (gallery images, user-assigned identities, networks). The linked-access role is assigned on each; you need to be allowed to create role definitions and assignments there.')
+param linkedSubscriptionIds string = ''
+
 @allowed([
   'off'
   'audit'
@@ -117,6 +120,9 @@ var tags = {
 // names ("rg-a," or ",") are dropped: resourceGroup('') would fail the deployment.
 var managedResourceGroups = filter(split(replace(managedResourceGroupNames, ' ', ''), ','), name => !empty(name))
 var linkedResourceGroups = filter(split(replace(linkedResourceGroupNames, ' ', ''), ','), name => !empty(name))
+// This subscription is covered anyway; listing it again would assign the same role twice.
+var linkedSubscriptions = filter(split(replace(linkedSubscriptionIds, ' ', ''), ','), id => !empty(id) && toLower(id) != toLower(subscription().subscriptionId))
+var linkedSubscriptionScopes = [for id in linkedSubscriptions: '/subscriptions/${id}']
 var managesWholeSubscription = empty(managedResourceGroups)
 var linkedAccessResourceGroups = union(managedResourceGroups, linkedResourceGroups)
 // Resource ids in the managed scope start with these; the event subscription filters on them.
@@ -217,9 +223,7 @@ resource linkedAccessRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' =
     roleName: 'VMSS Zone Rebalancer linked access (${environmentName}, ${subscription().subscriptionId})'
     description: 'Lets a scale-out reuse the subnets, load balancers, images and identities its scale set references.'
     type: 'CustomRole'
-    assignableScopes: [
-      subscription().id
-    ]
+    assignableScopes: concat([subscription().id], linkedSubscriptionScopes)
     permissions: [
       {
         actions: [
@@ -294,6 +298,20 @@ module linkedAccessRoleOnResourceGroups 'modules/role-assignment.bicep' = [
       roleDefinitionId: linkedAccessRole.id
       principalId: app.outputs.identityPrincipalId
       assignmentDescription: 'VMSS zone rebalancer: linked access checks of scale-outs.'
+    }
+  }
+]
+
+// Scale sets may use gallery images, identities or networks of other subscriptions; a scale-out
+// re-checks access to them there (LinkedAuthorizationFailed otherwise).
+module linkedAccessRoleOnSubscriptions 'modules/subscription-role-assignment.bicep' = [
+  for id in linkedSubscriptions: {
+    name: 'rebalancer-linked-access-${uniqueString(environmentName, id)}'
+    scope: subscription(id)
+    params: {
+      roleDefinitionId: linkedAccessRole.id
+      principalId: app.outputs.identityPrincipalId
+      assignmentDescription: 'VMSS zone rebalancer: linked access checks of scale-outs in ${subscription().subscriptionId}.'
     }
   }
 ]

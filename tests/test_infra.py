@@ -360,6 +360,30 @@ def check_role_assignments_name_their_principal(infra: Infra) -> list[str]:
     return problems
 
 
+def check_linked_subscriptions(infra: Infra) -> list[str]:
+    """Scale sets using images, identities or networks of other subscriptions: the linked-access
+    role must be assignable there, and assigned, on each subscription listed."""
+    problems = []
+    wanted = json.dumps(infra.variable("main", "linkedSubscriptions"))
+    if not all(part in wanted for part in ('"type": "filter"', '"empty"', "subscriptionId")):
+        problems.append("linkedSubscriptions keeps empty ids or this subscription's own id")
+    role = infra.resource("main", "linkedAccessRole")["properties"]
+    if "linkedSubscriptionScopes" not in expression_terms(role["assignableScopes"]):
+        problems.append("the linked-access role is not assignable in the linked subscriptions")
+    module = infra.parsed["main"]["modules"]["linkedAccessRoleOnSubscriptions"]
+    loop = module["config"]["loop_type"]["detail"]
+    body = _unwrapped(module["config"])
+    scope = body["scope"]["function"]
+    if loop["array_name"] != "linkedSubscriptions" or (scope["type"], scope["parameters"]) != (
+        "subscription",
+        {"subscription_id": loop["item_name"]},
+    ):
+        problems.append("the linked-access role is not assigned on each linked subscription")
+    if dotted(body["params"]["roleDefinitionId"]) != "linkedAccessRole.id":
+        problems.append("the linked subscriptions get another role than linked access")
+    return problems
+
+
 def check_builtin_roles(infra: Infra) -> list[str]:
     problems = []
     for key, text in infra.texts.items():
@@ -533,6 +557,7 @@ PROPERTY_CHECKS: tuple[Callable[[Infra], list[str]], ...] = (
     check_no_shadowed_functions,
     check_roles,
     check_role_assignments_name_their_principal,
+    check_linked_subscriptions,
     check_builtin_roles,
     check_storage,
     check_identity_based_settings,
