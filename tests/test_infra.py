@@ -952,10 +952,22 @@ def test_azure_yaml_has_the_azd_shape():
     assert (project / "host.json").is_file() and (project / "requirements.txt").is_file()
     # azd finds the app by this tag.
     assert f"'azd-service-name': '{name}'" in (INFRA / "modules" / "app.bicep").read_text()
-    hook = config["hooks"]["postdeploy"]
-    for platform in ("posix", "windows"):
-        assert (REPO / hook[platform]["run"]).is_file()
-        assert hook[platform]["shell"] in {"sh", "pwsh"}
+    for hook in config["hooks"].values():
+        for platform in ("posix", "windows"):
+            assert (REPO / hook[platform]["run"]).is_file()
+            assert hook[platform]["shell"] in {"sh", "pwsh"}
+
+
+def test_provision_applies_the_event_subscription_too():
+    """The guide changes settings with `azd provision`, which runs no postdeploy hook: a
+    postprovision hook applies the subject filter of a changed REBALANCER_RESOURCE_GROUPS."""
+    hooks = yaml.safe_load((REPO / "azure.yaml").read_text(encoding="utf-8"))["hooks"]
+    assert {"postprovision", "postdeploy"} <= set(hooks)
+    for name in ("postprovision", "postdeploy"):
+        for platform, shell, suffix in (("posix", "sh", ".sh"), ("windows", "pwsh", ".ps1")):
+            entry = hooks[name][platform]
+            assert (entry["shell"], entry["run"]) == (shell, f"./infra/hooks/{name}{suffix}")
+            assert entry["continueOnError"] is False
 
 
 def test_parameters_file_matches_the_template(infra):
@@ -1005,8 +1017,14 @@ HOOK_ENV = {
 }
 
 
-def run_hook(tmp_path: Path, env: dict[str, str], function_appears_after: int):
-    """Run postdeploy.sh with a stand-in `az` that records its arguments (wiring only)."""
+def run_hook(
+    tmp_path: Path,
+    env: dict[str, str],
+    function_appears_after: int,
+    *args: str,
+    script="postdeploy",
+):
+    """Run a hook with a stand-in `az` that records its arguments (wiring only)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "az.log"
@@ -1023,7 +1041,7 @@ def run_hook(tmp_path: Path, env: dict[str, str], function_appears_after: int):
     )
     az.chmod(0o755)
     process = subprocess.run(
-        ["sh", str(INFRA / "hooks" / "postdeploy.sh")],
+        ["sh", str(INFRA / "hooks" / f"{script}.sh"), *args],
         env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env},
         capture_output=True,
         text=True,
@@ -1063,6 +1081,45 @@ def test_hook_names_a_missing_environment_value(tmp_path):
     assert process.returncode == 1
     assert "REBALANCER_SYSTEM_TOPIC_NAME is not set" in process.stderr
     assert calls == []
+
+
+def test_postprovision_skips_cleanly_before_the_first_deploy(tmp_path):
+    process, calls = run_hook(tmp_path, HOOK_ENV, 99, script="postprovision")
+    assert process.returncode == 0, process.stderr
+    assert [call.split()[:3] for call in calls] == [["functionapp", "function", "show"]]
+    assert "postprovision: function 'on_resource_event' is not deployed" in process.stdout
+
+
+def test_postprovision_applies_a_changed_subject_filter(tmp_path):
+    prefixes = "/subscriptions/1/resourceGroups/rg-a/,/subscriptions/1/resourceGroups/rg-b/"
+    env = {**HOOK_ENV, "REBALANCER_SUBJECT_PREFIXES": prefixes}
+    process, calls = run_hook(tmp_path, env, 0, script="postprovision")
+    assert process.returncode == 0, process.stderr
+    assert [call.split()[:3] for call in calls][-1] == ["deployment", "group", "create"]
+    assert f"subjectPrefixes={prefixes}" in calls[-1]
+    assert process.stdout.startswith("postprovision: subscribing")
+
+
+def test_hook_refuses_an_unknown_argument(tmp_path):
+    process, calls = run_hook(tmp_path, HOOK_ENV, 0, "--if-deploy")
+    assert process.returncode == 2 and "--if-deploy" in process.stderr
+    assert calls == []
+
+
+def test_the_powershell_hooks_pass_and_read_what_the_shell_hooks_do(infra):
+    """pwsh is not installed here: the Windows hooks are compared with the tested ones."""
+    hooks = INFRA / "hooks"
+    sh, ps1 = (hooks / "postdeploy.sh").read_text(), (hooks / "postdeploy.ps1").read_text()
+    passed = set(re.findall(r'^\s+"(\w+)=\$', ps1, re.M))
+    assert passed == set(infra.parsed["event_subscription"]["parameters"])
+    read_sh = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", sh))
+    read_ps1 = set(re.findall(r"\$env:([A-Z][A-Z0-9_]+)", ps1)) | set(
+        re.findall(r"'([A-Z][A-Z0-9_]+)'", ps1)
+    )
+    assert read_ps1 == read_sh
+    assert "param([switch]$IfDeployed)" in ps1 and "exit 0" in ps1
+    assert "postdeploy.ps1') -IfDeployed" in (hooks / "postprovision.ps1").read_text()
+    assert 'postdeploy.sh" --if-deployed' in (hooks / "postprovision.sh").read_text()
 
 
 def test_every_setting_the_app_reads_is_deployed():

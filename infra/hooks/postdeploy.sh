@@ -6,10 +6,26 @@
 # checks that the function exists. On the first `azd up` the function app is empty until
 # `azd deploy` has uploaded the code, so the subscription can only be created after it.
 # Safe to re-run (`azd hooks run postdeploy`): the deployment is idempotent.
+#
+# With --if-deployed (the postprovision hook, postprovision.sh) it looks for the function once
+# and skips when it is not deployed yet, instead of waiting: so `azd provision` applies a
+# changed subject filter, and on the first `azd up` the postdeploy run creates the
+# subscription once the code is there.
 set -eu
 
+hook=postdeploy
+if_deployed=false
+case "${1:-}" in
+  "") ;;
+  --if-deployed) hook=postprovision if_deployed=true ;;
+  *)
+    echo "postdeploy: unknown argument '$1'; the only option is --if-deployed" >&2
+    exit 2
+    ;;
+esac
+
 fail() {
-  echo "postdeploy: $*" >&2
+  echo "$hook: $*" >&2
   exit 1
 }
 
@@ -20,7 +36,7 @@ for name in AZURE_SUBSCRIPTION_ID AZURE_RESOURCE_GROUP AZURE_FUNCTION_APP_NAME \
 done
 
 command -v az >/dev/null 2>&1 ||
-  fail "the Azure CLI (az) creates the Event Grid subscription: install it, run 'az login', then 'azd hooks run postdeploy'."
+  fail "the Azure CLI (az) creates the Event Grid subscription: install it, run 'az login', then 'azd hooks run $hook'."
 
 here=$(cd "$(dirname "$0")" && pwd)
 template="$here/../event-subscription.bicep"
@@ -34,13 +50,17 @@ attempt=1
 until az functionapp function show --subscription "$AZURE_SUBSCRIPTION_ID" \
   --resource-group "$AZURE_RESOURCE_GROUP" --name "$AZURE_FUNCTION_APP_NAME" \
   --function-name "$function_name" --output none 2>/dev/null; do
+  if [ "$if_deployed" = true ]; then
+    echo "$hook: function '$function_name' is not deployed in $AZURE_FUNCTION_APP_NAME yet; the postdeploy hook creates the Event Grid subscription after 'azd deploy'."
+    exit 0
+  fi
   [ "$attempt" -lt "$attempts" ] ||
     fail "function '$function_name' is not listed in $AZURE_FUNCTION_APP_NAME; check the deployment in the portal (Deployment Center), then run 'azd hooks run postdeploy'."
   attempt=$((attempt + 1))
   sleep "$delay"
 done
 
-echo "postdeploy: subscribing $AZURE_FUNCTION_APP_NAME/$function_name to resource events of subscription $AZURE_SUBSCRIPTION_ID"
+echo "$hook: subscribing $AZURE_FUNCTION_APP_NAME/$function_name to resource events of subscription $AZURE_SUBSCRIPTION_ID"
 az deployment group create --subscription "$AZURE_SUBSCRIPTION_ID" \
   --resource-group "$AZURE_RESOURCE_GROUP" \
   --name vmss-zone-rebalancer-events \
@@ -53,4 +73,4 @@ az deployment group create --subscription "$AZURE_SUBSCRIPTION_ID" \
   deadLetterContainerName="$REBALANCER_DEAD_LETTER_CONTAINER" \
   subjectPrefixes="${REBALANCER_SUBJECT_PREFIXES:-}" \
   --output none
-echo "postdeploy: Event Grid subscription 'vmss-zone-rebalancer' is in place."
+echo "$hook: Event Grid subscription 'vmss-zone-rebalancer' is in place."
