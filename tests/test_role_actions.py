@@ -149,6 +149,7 @@ def exercise(sim: ArmSim, adapter: ComputeAdapter) -> list[tuple[str, Callable[[
     ]
 
 
+@pytest.mark.integration
 def test_every_call_sends_exactly_the_requests_it_lists():
     with ArmSim.start(SCENARIO) as sim:
         config = ArmConfig(sim.subscription_id, endpoint=sim.endpoint, ca_cert=sim.ca_cert_path)

@@ -5,6 +5,8 @@
 # when it is not deployed yet, instead of waiting.
 param([switch]$IfDeployed)
 $ErrorActionPreference = 'Stop'
+# `az` exit codes are checked below; a non-zero one (function not listed yet) is no error here.
+$PSNativeCommandUseErrorActionPreference = $false
 $hook = if ($IfDeployed) { 'postprovision' } else { 'postdeploy' }
 
 foreach ($name in 'AZURE_SUBSCRIPTION_ID', 'AZURE_RESOURCE_GROUP', 'AZURE_FUNCTION_APP_NAME',
