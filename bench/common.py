@@ -167,7 +167,7 @@ def charges(requests: list[Any]) -> dict[tuple[str, str], int]:
     for record in requests:
         for name in record.policies:
             policy = DEFAULT_POLICIES.get(name)
-            if policy is None:
+            if policy is None or policy.counter:
                 continue
             key = (name, _scope(record.path) if policy.per_resource else "")
             counted[key] = counted.get(key, 0) + 1

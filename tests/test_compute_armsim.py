@@ -428,7 +428,10 @@ class HeaderBlindBudget(Budget):
 def others_use_the_subscription_bucket(sim: ArmSim, leave: int) -> None:
     """Other tools of the user spend the subscription's high-cost VMSS bucket down to about
     `leave` calls, as ARM would count them (through armsim's own throttle)."""
-    policy = "Microsoft.Compute/HighCostGet30Min"
+    policy = {
+        "current": "Microsoft.Compute/HighCostGetVMScaleSetSubscriptionMaximum",
+        "legacy": "Microsoft.Compute/HighCostGet30Min",
+    }[sim.throttle.style]
     for call in range(100_000):
         try:
             headers, _ = sim.throttle.charge(
