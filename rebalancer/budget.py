@@ -221,6 +221,9 @@ class Budget:
         if not 0 < self.share <= 1:
             raise ValueError(f"budget share must be in (0, 1], got {self.share}")
         self._lock = threading.Lock()
+        # The app's share, but never more than what is left for others: with the whole of
+        # a (private) bucket to itself, only a 429's Retry-After holds the app.
+        self._pause_line = min(self.share, 1.0 - self.share)
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._holds: dict[tuple[CallKind, str], float] = {}
         """Hold ends by call kind and scale set ('' for every scale set)."""
@@ -280,7 +283,8 @@ class Budget:
 
         A policy's size is Azure's documented one where the name is on the limits page, else
         the highest value seen so far. When a policy reports fewer calls left than the app's
-        share of it, calls of this kind are held until the policy has refilled to that share:
+        share of it (at most the part left for others), calls of this kind are held until the
+        policy has refilled to that line:
         on that scale set for a per-scale-set policy, else on all. What other tools use above
         the app's share never holds it. Returns the hold end, if any.
         """
@@ -296,7 +300,7 @@ class Budget:
                 if seen is None:
                     seen = self._observed[name] = _Observed(max(left, 1), window)
                 seen.highest = max(seen.highest, left, policy.burst or 0)
-                floor = self.share * seen.highest
+                floor = self._pause_line * seen.highest
                 if left >= floor:
                     continue
                 until = now + (floor - left) / (seen.highest / seen.window)

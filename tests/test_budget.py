@@ -95,6 +95,16 @@ def test_what_other_tools_use_above_the_share_never_holds_the_app() -> None:
         assert budget.reserve(CallKind.SCALE_SET_VM_LIST, float(now), resource="/s").wait == 0
 
 
+def test_with_the_whole_budget_only_retry_after_holds() -> None:
+    """Share 1.0 (the demo's private armsim): nothing is left for others to protect."""
+    budget = Budget(share=1.0)
+    name = "Microsoft.Compute/HighCostGetVMScaleSetResource"
+    assert budget.observe(CallKind.SCALE_SET_VM_LIST, {name: 1}, now=0.0, resource="/a") is None
+    # At half, the line is half the bucket.
+    half = Budget(share=0.5)
+    assert half.observe(CallKind.SCALE_SET_VM_LIST, {name: 14}, now=0.0, resource="/a") > 0
+
+
 def test_counters_that_are_not_budgets_never_hold() -> None:
     """`VmssQueuedVMOperations;0` comes with every write Azure accepts (recorded)."""
     budget = Budget(share=0.2)
