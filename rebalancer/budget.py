@@ -7,8 +7,9 @@ a bucket here has `share` times Azure's burst size and refill rate. Three signal
 
 1. its own buckets (it never plans to spend more than its share);
 2. `x-ms-ratelimit-remaining-resource` headers: when Azure reports that a policy has less left
-   than the app's own share of it, the call kind is held until that policy has refilled to
-   that share (so other tools' use of the rest never stops the app; a real shortage does);
+   than the app's own share of it (at most the part left for others), the call kind is held
+   until that policy has refilled to that line (so other tools' use of the rest never stops
+   the app; a real shortage does). Both header styles Azure has used are understood;
 3. a 429's `Retry-After`: the call kind is held for that long.
 
 `Budget.reserve` never sleeps: it books a slot and says how long the caller must wait for it, so
