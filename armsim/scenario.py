@@ -21,6 +21,7 @@ from typing import Any
 
 from armsim.clock import DEFAULT_START
 from armsim.faults import FaultRule
+from armsim.throttling import HEADER_STYLES
 
 DEFAULT_SUBSCRIPTION = "00000000-0000-4000-8000-000000000001"
 DEFAULT_TENANT = "72f988bf-0000-4141-91ab-2d7cd011db47"
@@ -151,6 +152,9 @@ class Scenario:
     faults: tuple[FaultRule, ...] = ()
     timings: Timings = field(default_factory=Timings)
     throttling: bool = False
+    throttle_header_style: str = "current"
+    """`current`: throttling headers as Azure answers today (windowless policy names and the
+    write counters); `legacy`: the older names with a window (`GetVMScaleSet3Min`)."""
     page_size: int = 100
     """Items per page of list answers (the rest comes through `nextLink`)."""
 
@@ -293,6 +297,11 @@ def _validate(scenario: Scenario) -> None:
     sku_names = {sku.name.lower() for sku in scenario.skus}
     if scenario.page_size < 1:
         raise ScenarioError(f"page_size must be >= 1, got {scenario.page_size}")
+    if scenario.throttle_header_style not in HEADER_STYLES:
+        raise ScenarioError(
+            f"throttle_header_style must be one of {HEADER_STYLES}, "
+            f"got {scenario.throttle_header_style!r}"
+        )
     for index, spec in enumerate(scenario.scale_sets):
         where = f"scale_sets[{index}] ({spec.name})"
         if spec.key in seen:

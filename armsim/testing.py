@@ -177,7 +177,7 @@ class ArmSim:
         for rule in self.scenario.faults:
             self.faults.add(rule)
         enabled = self.scenario.throttling if throttling is None else throttling
-        self.throttle = Throttle(enabled=enabled)
+        self.throttle = Throttle(enabled=enabled, style=self.scenario.throttle_header_style)
         self.on_event: EventSink | None = None
         """Called with each Event Grid event (a dict), outside the simulator's lock."""
         self.events: list[dict[str, Any]] = []

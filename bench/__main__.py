@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from bench.common import Figure, azurite_store
 
-GROUPS = ("audit", "balance", "cold_start", "steady_state", "memory")
+GROUPS = ("audit", "balance", "cold_start", "steady_state", "memory", "throttling")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +27,7 @@ class Sizes:
     memory_sets: int = 1000
     memory_vms: int = 50
     cold_runs: int = 7
+    wave_sets: int = 20
     quick: bool = False
 
 
@@ -40,6 +41,7 @@ QUICK = Sizes(
     memory_sets=4,
     memory_vms=6,
     cold_runs=1,
+    wave_sets=3,
     quick=True,
 )
 
@@ -93,6 +95,17 @@ def run_group(name: str, sizes: Sizes) -> list[Figure]:
         from bench import memory
 
         return memory.run(scale_sets=sizes.memory_sets, vms=sizes.memory_vms)
+    if name == "throttling":
+        from bench import throttling
+
+        with azurite_store() as factory:
+            return throttling.run(
+                factory,
+                wave_sets=sizes.wave_sets,
+                audit_sets=sizes.audit_sets,
+                audit_vms=sizes.audit_vms,
+                latency=sizes.latency,
+            )
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(GROUPS)}")
 
 

@@ -55,8 +55,14 @@ class AuditRun:
     errors: int
 
 
-def _scenario(scale_sets: int, vms: int) -> Scenario:
-    return Scenario(scale_sets=mixed_fleet(scale_sets, vms), throttling=True)
+def _scenario(scale_sets: int, vms: int, header_style: str = "legacy") -> Scenario:
+    """Figure 1 keeps the older header style it was first measured with; figure 8
+    (bench/throttling.py) takes the same audit in today's."""
+    return Scenario(
+        scale_sets=mixed_fleet(scale_sets, vms),
+        throttling=True,
+        throttle_header_style=header_style,
+    )
 
 
 def _measure(
@@ -98,14 +104,21 @@ def _measure(
 
 
 def product_audit(
-    scale_sets: int, vms: int, *, latency: float, share: float = 0.2, concurrency: int = 8
+    scale_sets: int,
+    vms: int,
+    *,
+    latency: float,
+    share: float = 0.2,
+    concurrency: int = 8,
+    header_style: str = "legacy",
 ) -> AuditRun:
     """`ComputeAdapter.audit` over the whole subscription."""
     from rebalancer.compute import ArmConfig, ComputeAdapter
     from rebalancer.compute.errors import AdapterError
 
     clock = WallClock()
-    with ArmSim.start(_scenario(scale_sets, vms), clock=clock, latency=latency) as sim:
+    scenario = _scenario(scale_sets, vms, header_style)
+    with ArmSim.start(scenario, clock=clock, latency=latency) as sim:
         config = ArmConfig(
             subscription_id=sim.subscription_id,
             endpoint=sim.endpoint,

@@ -167,7 +167,7 @@ def charges(requests: list[Any]) -> dict[tuple[str, str], int]:
     for record in requests:
         for name in record.policies:
             policy = DEFAULT_POLICIES.get(name)
-            if policy is None:
+            if policy is None or policy.counter:
                 continue
             key = (name, _scope(record.path) if policy.per_resource else "")
             counted[key] = counted.get(key, 0) + 1
@@ -224,9 +224,10 @@ class App:
         self.compute.close()
 
 
-def install_app(sim: Any, store: Any, **env: str) -> App:
+def install_app(sim: Any, store: Any, *, budget: Any = None, **env: str) -> App:
     """Settings as the app reads them (enforce mode, armsim's endpoint), the real Compute
-    adapter on armsim's clock, a Reconciler, installed as the process's runtime."""
+    adapter on armsim's clock (with `budget`, if given), a Reconciler, installed as the
+    process's runtime."""
     from rebalancer import service
     from rebalancer.compute import ArmConfig, ComputeAdapter
     from rebalancer.compute.clock import VirtualTime
@@ -246,7 +247,9 @@ def install_app(sim: Any, store: Any, **env: str) -> App:
         ca_cert=sim.ca_cert_path,
         credential_scopes=("https://management.azure.com/.default",),
     )
-    compute = ComputeAdapter(config, credential=sim.credential, clock=VirtualTime(sim.clock))
+    compute = ComputeAdapter(
+        config, credential=sim.credential, clock=VirtualTime(sim.clock), budget=budget
+    )
     reconciler = Reconciler(settings=settings, store=store, compute=compute, clock=sim.clock.now)
     service.use_runtime(service.Runtime(settings, store, reconciler, sim.clock.now))
     return App(sim, store, settings, compute, reconciler)

@@ -34,6 +34,8 @@ EXPECTED = {
     "steady_state.arm_requests",
     "steady_state.cpu_time",
     "memory.audit_peak_rss",
+    "throttling.wave_write_waits",
+    "throttling.audit_real_headers",
 }
 
 
@@ -69,6 +71,10 @@ def test_the_quick_figures_say_what_the_product_does(quick_run):
     assert figures["audit.throttled_responses"]["value"] == "0"
     assert float(figures["audit.requests_per_scale_set"]["value"]) <= 2.2
     assert float(figures["audit.requests_per_scale_set"]["baseline"]) > 2.2  # naive: per VM
+    # Today's headers hold none of the app's writes; the previous rule held each about 48 s.
+    assert figures["throttling.wave_write_waits"]["value"] == "0"
+    assert float(figures["throttling.wave_write_waits"]["baseline"]) > 0
+    assert figures["throttling.audit_real_headers"]["goal"].startswith("<=1.3x_floor")
 
 
 def test_a_figure_line_round_trips():

@@ -77,12 +77,72 @@ def test_low_remaining_header_slows_down_before_azure_says_no() -> None:
     budget = Budget(share=0.2)
     name = "Microsoft.Compute/HighCostGet3Min"
     assert budget.observe(CallKind.VM_LIST, {name: 900}, now=0.0) is None
-    # Others used the bucket: 100 left of 900, the reserve for others is 720.
+    # 100 left of 900: less than the app's share (180). Hold until it has refilled to 180.
     until = budget.observe(CallKind.VM_LIST, {name: 100}, now=10.0)
-    assert until == pytest.approx(10.0 + (720 - 100) / (900 / 180))
+    assert until == pytest.approx(10.0 + (180 - 100) / (900 / 180))
     assert budget.reserve(CallKind.VM_LIST, 10.0).wait == pytest.approx(until - 10.0)
     # Plenty left again: no new hold.
     assert budget.observe(CallKind.VM_LIST, {name: 880}, now=20.0) is None
+
+
+def test_what_other_tools_use_above_the_share_never_holds_the_app() -> None:
+    """Others keep the bucket 70% used, for good: the app still gets its share."""
+    budget = Budget(share=0.2)
+    name = "Microsoft.Compute/HighCostGetVMScaleSetSubscriptionMaximum"
+    assert budget.observe(CallKind.SCALE_SET_VM_LIST, {name: 1080}, now=0.0) is None
+    for now in range(0, 3600, 60):
+        assert budget.observe(CallKind.SCALE_SET_VM_LIST, {name: 324}, now=float(now)) is None
+        assert budget.reserve(CallKind.SCALE_SET_VM_LIST, float(now), resource="/s").wait == 0
+
+
+def test_with_the_whole_budget_only_retry_after_holds() -> None:
+    """Share 1.0 (the demo's private armsim): nothing is left for others to protect."""
+    budget = Budget(share=1.0)
+    name = "Microsoft.Compute/HighCostGetVMScaleSetResource"
+    assert budget.observe(CallKind.SCALE_SET_VM_LIST, {name: 1}, now=0.0, resource="/a") is None
+    # At half, the line is half the bucket.
+    half = Budget(share=0.5)
+    assert half.observe(CallKind.SCALE_SET_VM_LIST, {name: 14}, now=0.0, resource="/a") > 0
+
+
+def test_counters_that_are_not_budgets_never_hold() -> None:
+    """`VmssQueuedVMOperations;0` comes with every write Azure accepts (recorded)."""
+    budget = Budget(share=0.2)
+    header = (
+        "Microsoft.Compute/VMScaleSetActionsSubscriptionMaximum;1499,"
+        "Microsoft.Compute/VMScaleSetBatchedVMRequestsSubscriptionMaximum;5996,"
+        "Microsoft.Compute/VmssQueuedVMOperations;0"
+    )
+    headers = {"x-ms-ratelimit-remaining-resource": header}
+    assert budget.observe_headers(CallKind.SCALE_SET_UPDATE, headers, 0.0, resource="/a") is None
+    assert budget.reserve(CallKind.SCALE_SET_UPDATE, 0.1, resource="/b").wait == 0.0
+
+
+def test_names_without_a_window_refill_at_the_documented_rate() -> None:
+    """`GetVMScaleSetResource` is 36 calls refilled at 12 a minute (not 36 in 60 s)."""
+    budget = Budget(share=0.2)
+    name = "Microsoft.Compute/GetVMScaleSetResource"
+    until = budget.observe(CallKind.SCALE_SET_GET, {name: 2}, now=0.0, resource="/a")
+    # The documented size (36) counts although only 2 were ever seen; 7.2 is the app's share.
+    assert until == pytest.approx((0.2 * 36 - 2) / (12 / 60))
+    name = "Microsoft.Compute/VMScaleSetBatchedVMRequestsSubscriptionMaximum"
+    assert budget.observe(CallKind.SCALE_SET_UPDATE, {name: 6000}, now=0.0) is None
+    # Not on the limits page: its size is the highest seen, refilled in three minutes.
+    until = budget.observe(CallKind.SCALE_SET_UPDATE, {name: 600}, now=1.0)
+    assert until == pytest.approx(1.0 + (1200 - 600) / (6000 / 180))
+
+
+def test_a_short_per_scale_set_policy_holds_only_that_scale_set() -> None:
+    budget = Budget(share=0.2)
+    low = {"Microsoft.Compute/VMScaleSetActionsResource": 1}
+    until = budget.observe(CallKind.SCALE_SET_UPDATE, low, now=0.0, resource="/A")
+    assert until == pytest.approx((0.2 * 12 - 1) / (4 / 60))
+    assert budget.reserve(CallKind.SCALE_SET_UPDATE, 0.0, resource="/a").wait == until
+    assert budget.reserve(CallKind.SCALE_SET_UPDATE, 0.0, resource="/b").wait == 0.0
+    # A subscription-wide shortage holds every scale set.
+    low = {"Microsoft.Compute/VMScaleSetActionsSubscriptionMaximum": 10}
+    budget.observe(CallKind.SCALE_SET_UPDATE, low, now=0.0, resource="/A")
+    assert budget.reserve(CallKind.SCALE_SET_UPDATE, 0.0, resource="/c").wait > 0
 
 
 def test_subscription_audit_of_a_thousand_sets_fits_the_share() -> None:
@@ -109,8 +169,8 @@ def test_arm_subscription_headers_count_too() -> None:
     budget = Budget(share=0.2)
     headers = {"x-ms-ratelimit-remaining-subscription-reads": "249"}
     assert budget.observe_headers(CallKind.SCALE_SET_GET, headers, now=0.0) is None
-    # 10 left of 250: hold reads until ARM has refilled above its 80% reserve (25/s).
+    # 10 left of 249 seen: hold reads until ARM has refilled to the app's 20% (25/s).
     until = budget.observe_headers(
         CallKind.SCALE_SET_GET, {"x-ms-ratelimit-remaining-subscription-reads": "10"}, now=1.0
     )
-    assert until == pytest.approx(1.0 + (0.8 * 249 - 10) / (249 / 10))
+    assert until == pytest.approx(1.0 + (0.2 * 249 - 10) / (249 / 10))

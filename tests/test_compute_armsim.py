@@ -412,7 +412,7 @@ def test_without_the_budget_the_same_kind_of_audit_is_throttled() -> None:
     """The control for the test above: no client-side limits, and armsim answers 429."""
     sets = tuple(ScaleSetSpec(f"s{n:03d}", "rg", counts={"1": 1, "2": 1}) for n in range(300))
     with ArmSim.start(Scenario(scale_sets=sets, throttling=True, page_size=200)) as sim:
-        unlimited = Budget(share=1.0, policies={})
+        unlimited = HeaderBlindBudget(share=1.0, policies={})
         with adapter_for(sim, budget=unlimited, audit_concurrency=8, max_wait=600) as adapter:
             adapter.audit(None, NOW)
         assert Counter(r.status for r in sim.requests)[429] > 0
@@ -421,14 +421,17 @@ def test_without_the_budget_the_same_kind_of_audit_is_throttled() -> None:
 class HeaderBlindBudget(Budget):
     """The budget without its reading of `x-ms-ratelimit-remaining-*` (the control)."""
 
-    def observe_headers(self, kind: Any, headers: Any, now: float) -> float | None:
+    def observe_headers(self, kind: Any, headers: Any, now: float, **_: Any) -> float | None:
         return None
 
 
 def others_use_the_subscription_bucket(sim: ArmSim, leave: int) -> None:
     """Other tools of the user spend the subscription's high-cost VMSS bucket down to about
     `leave` calls, as ARM would count them (through armsim's own throttle)."""
-    policy = "Microsoft.Compute/HighCostGet30Min"
+    policy = {
+        "current": "Microsoft.Compute/HighCostGetVMScaleSetSubscriptionMaximum",
+        "legacy": "Microsoft.Compute/HighCostGet30Min",
+    }[sim.throttle.style]
     for call in range(100_000):
         try:
             headers, _ = sim.throttle.charge(

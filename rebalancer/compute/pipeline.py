@@ -151,7 +151,9 @@ class GovernedRetryPolicy(HTTPPolicy):
             headers = response.http_response.headers
             status = response.http_response.status_code
             if status != 429:  # a 429's Retry-After says exactly when; its remaining is 0
-                self.budget.observe_headers(kind, headers, self.clock.monotonic())
+                self.budget.observe_headers(
+                    kind, headers, self.clock.monotonic(), resource=resource
+                )
             if status not in RETRY_STATUSES:
                 return response
             retry_after = parse_retry_after(headers.get("Retry-After"))

@@ -59,7 +59,7 @@ def test_every_answer_carries_request_id_and_rate_limit_headers(sim: ArmSim) -> 
     assert response.headers["x-ms-request-id"]
     assert response.headers["x-ms-ratelimit-remaining-subscription-reads"] == "249"
     assert (
-        "Microsoft.Compute/HighCostGetVMScaleSet3Min;29"
+        "Microsoft.Compute/HighCostGetVMScaleSetResource;29"
         in (response.headers["x-ms-ratelimit-remaining-resource"])
     )
 

@@ -71,6 +71,7 @@ def test_overrides_by_zone_and_instance() -> None:
             "ISO 8601 duration",
         ),
         ({"faults": [{"kind": "explode"}]}, "unknown fault kind"),
+        ({"throttle_header_style": "2020"}, "throttle_header_style must be one of"),
         ({"start": "yesterday"}, "not an ISO 8601 time"),
         (
             {
