@@ -448,6 +448,18 @@ class ComputeAdapter:
         except AdapterError as error:
             raise gone(error) from None
 
+    def vm_scale_set(self, resource_group: str, vm_name: str) -> ScaleSetRef | None:
+        """The scale set a VM names in `virtualMachineScaleSet.id` (one GET of the VM); None
+        when the VM is gone or belongs to no scale set."""
+        try:
+            with self._translate():
+                model = self.client.virtual_machines.get(resource_group, vm_name)
+        except AdapterError as error:
+            if error.kind is ErrorKind.NOT_FOUND:
+                return None
+            raise
+        return arm.instance_scale_set(model.as_dict())
+
     def read_inventory(
         self,
         ref: ScaleSetRef,
