@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+from urllib.parse import quote
 
 from rebalancer.azure_operations import HANDLED_OPERATION_NAMES
 from rebalancer.model import ScaleSetRef
@@ -26,8 +27,9 @@ from rebalancer.settings import Settings
 OBJECT_ID_CLAIM = "http://schemas.microsoft.com/identity/claims/objectidentifier"
 MAX_FIELD_LENGTH = 2048
 """Longer ids or names are not Azure's: the event is rejected rather than processed."""
-MAX_KEYED_ID_LENGTH = 256
-"""Event ids up to this long key the de-duplication row as they are; longer ones by a hash."""
+MAX_KEYED_ID_LENGTH = 512
+"""Event ids up to this long, percent-encoded as the store's keys are, key the
+de-duplication row as they are; longer ones by a hash."""
 MAX_RESOURCE_GROUP_NAME = 90
 MAX_SCALE_SET_NAME = 64
 MAX_VM_NAME = 64
@@ -143,7 +145,11 @@ def classify(
     settings: Settings,
 ) -> Trigger | Ignored:
     """Decide what one event means for the rebalancer. Never raises."""
-    usable_id = isinstance(event_id, str) and 0 < len(event_id) <= MAX_KEYED_ID_LENGTH
+    usable_id = (
+        isinstance(event_id, str)
+        and 0 < len(event_id) <= MAX_FIELD_LENGTH
+        and len(quote(event_id, safe="")) <= MAX_KEYED_ID_LENGTH
+    )
     eid = event_id if usable_id else _shown_id(event_id)
     if isinstance(event_id, str) and len(event_id) > MAX_FIELD_LENGTH:
         return Ignored(eid, "event id is implausibly long")
@@ -210,9 +216,11 @@ def _shown_id(event_id: Any) -> str:
 def _content_key(event_id: Any, event_type: Any, subject: Any, data: Any) -> str:
     """A key for an event whose id cannot be one: the same event delivered twice gets the
     same key, two different events without an id do not share one."""
-    content = json.dumps(
-        [event_id, event_type, subject, data], sort_keys=True, default=str, ensure_ascii=True
-    )
+    fields = [event_id, event_type, subject, data]
+    try:
+        content = json.dumps(fields, sort_keys=True, default=str, ensure_ascii=True)
+    except (TypeError, ValueError):  # keys of mixed types, cycles: not from JSON, still keyed
+        content = repr(fields)
     return "sha256:" + hashlib.sha256(content.encode()).hexdigest()
 
 

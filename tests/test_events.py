@@ -182,3 +182,14 @@ def test_the_apps_principal_matches_in_any_spelling():
     data["authorization"]["evidence"]["principalId"] = "{" + APP_PRINCIPAL.replace("-", "") + "}"
     result = classify("x", payload["eventType"], payload["subject"], None, data, settings())
     assert isinstance(result, Trigger) and not result.outside
+
+
+def test_an_id_that_would_not_fit_a_table_key_encoded_is_keyed_by_a_hash():
+    (payload,) = json.loads((EVENTS / "vmss-write-capacity.json").read_text())
+    wide = "\U0001f600" * 200  # 200 characters, 2,400 once percent-encoded
+    args = (payload["eventType"], payload["subject"], None, payload["data"], settings())
+    result = classify(wide, *args)
+    assert isinstance(result, Trigger)
+    assert result.dedupe_key.startswith("sha256:") and len(result.dedupe_key) < 80
+    assert classify(wide, *args).dedupe_key == result.dedupe_key
+    assert classify(payload["id"], *args).dedupe_key == payload["id"]
