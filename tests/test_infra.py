@@ -670,6 +670,19 @@ def test_a_wildcard_or_owner_role_is_caught(tmp_path):
     assert "main.bicep assigns Owner" in problems
 
 
+def test_alerts_on_without_an_action_group_or_a_lost_query_are_caught(tmp_path):
+    broken = tmp_path / "infra"
+    shutil.copytree(INFRA, broken)
+    module = broken / "modules" / "monitoring.bicep"
+    text = module.read_text()
+    assert "    enabled: alertsEnabled\n" in text and "monitoring/zones.kql" in text
+    text = text.replace("    enabled: alertsEnabled\n", "    enabled: true\n", 1)
+    module.write_text(text.replace("monitoring/zones.kql", "monitoring/zone.kql"))
+    problems = infra_problems(broken)
+    assert "alert operationFailedAlert is not off without an action group" in problems
+    assert any("loads monitoring/zone.kql, which does not exist" in p for p in problems)
+
+
 # --- tests: azd wiring ----------------------------------------------------------------------
 
 
