@@ -30,8 +30,11 @@ def on_timer(timer: func.TimerRequest) -> None:
     from rebalancer import service
 
     report = service.handle_timer(past_due=timer.past_due)
-    if report is not None:
-        logging.getLogger("rebalancer").info(
+    log = logging.getLogger("rebalancer")
+    if report is None:  # still a tick: the "timer stopped" alert counts these lines
+        log.info("timer tick: nothing done (REBALANCER_MODE is off, or an error is logged above)")
+    else:
+        log.info(
             "timer tick: %d operation(s) advanced, %d scale set(s) audited, %d deferred",
             report.advanced,
             report.audited,

@@ -84,6 +84,9 @@ class VmOverride:
     protect_from_scale_in: bool | None = None
     protect_from_scale_set_actions: bool | None = None
     latest_model: bool | None = None
+    name: str | None = None
+    """Flexible only: the VM was created with this name instead of `<scale set>_<8 hex>`
+    (a VM attached to the scale set by its `virtualMachineScaleSet` reference)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +338,11 @@ def _validate(scenario: Scenario) -> None:
             raise ScenarioError(f"{where}: sku {spec.sku!r} is not among the scenario's skus")
         for o_index, override in enumerate(spec.overrides):
             _validate_override(override, f"{where}.overrides[{o_index}]")
+            if override.name is not None and (spec.mode != "Flexible" or override.count != 1):
+                raise ScenarioError(
+                    f"{where}.overrides[{o_index}]: 'name' renames one Flexible VM; use it with "
+                    "mode = \"Flexible\" and a single VM ('instance', or count = 1)"
+                )
 
 
 def _validate_override(override: VmOverride, where: str) -> None:

@@ -191,6 +191,8 @@ class World:
             for vm in targets:
                 touched.add(vm.serial)
                 self._apply_override(vm, override)
+                if override.name is not None:
+                    self._rename_flexible_vm(vm, override.name)
         for vm in ordered:
             if vm.provisioning_state == "Creating":
                 self.after(
@@ -198,6 +200,17 @@ class World:
                 )
             elif vm.provisioning_state == "Failed":
                 self._release(vm)
+
+    def _rename_flexible_vm(self, vm: Vm, name: str) -> None:
+        group = self.vms_by_group.setdefault(vm.scale_set.resource_group.lower(), {})
+        if name.lower() in group:
+            where = vm.scale_set.resource_group
+            raise ScenarioError(f"a VM named {name!r} already exists in {where}")
+        group.pop(vm.name.lower(), None)
+        vm.scale_set.vms.pop(vm.instance_id.lower(), None)
+        vm.name = vm.instance_id = name
+        vm.scale_set.vms[name.lower()] = vm
+        group[name.lower()] = vm
 
     @staticmethod
     def _apply_override(vm: Vm, override: VmOverride) -> None:

@@ -111,6 +111,19 @@ param instanceMemoryMB int = 2048
 @description('Zone-redundant Flex Consumption plan and storage (ZRS), in a region that offers it. It keeps two always-ready instances per function, billed while idle.')
 param zoneRedundant bool = false
 
+@description('Resource id of an action group for the alert rules. Empty: the rules are deployed disabled.')
+param alertActionGroupId string = ''
+
+@minValue(30)
+@maxValue(2880)
+@description('Minutes an opted-in scale set may stay out of balance without an operation before it alerts.')
+param imbalanceAlertMinutes int = 240
+
+@minValue(1)
+@maxValue(960)
+@description('Minutes between two timer runs, as timerSchedule sets them: the "timer stopped" alert fires after three periods without one.')
+param timerPeriodMinutes int = 5
+
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
   'azd-env-name': environmentName
@@ -158,6 +171,22 @@ module app 'modules/app.bicep' = {
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     zoneRedundant: zoneRedundant
+  }
+}
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'rebalancer-monitoring'
+  scope: rg
+  params: {
+    location: location
+    tags: tags
+    namePrefix: namePrefix
+    resourceToken: resourceToken
+    appInsightsName: app.outputs.appInsightsName
+    actionGroupId: alertActionGroupId
+    imbalanceAlertMinutes: imbalanceAlertMinutes
+    timerPeriodMinutes: timerPeriodMinutes
+    auditIntervalMinutes: auditIntervalMinutes
   }
 }
 

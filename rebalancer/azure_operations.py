@@ -99,6 +99,7 @@ _GET_SCALE_SET = ArmRequest("GET", _SCALE_SET)
 _LIST_INSTANCES = ArmRequest("GET", _SCALE_SET + "/virtualMachines")  # $expand=instanceView
 _GET_INSTANCE = ArmRequest("GET", _SCALE_SET + "/virtualMachines/{instanceId}")
 _LIST_FLEXIBLE_VMS = ArmRequest("GET", _GROUP + "/virtualMachines")  # $filter, $expand
+_GET_VM = ArmRequest("GET", _GROUP + "/virtualMachines/{vmName}")
 _CURRENT_INSTANCES = (_GET_SCALE_SET, _LIST_INSTANCES, _LIST_FLEXIBLE_VMS)
 
 ADAPTER_CALLS: Mapping[str, tuple[ArmRequest, ...]] = MappingProxyType(
@@ -116,6 +117,8 @@ ADAPTER_CALLS: Mapping[str, tuple[ArmRequest, ...]] = MappingProxyType(
             _LIST_FLEXIBLE_VMS,
             _GET_INSTANCE,
         ),
+        # A custom-named Flexible VM's event: the VM names its scale set.
+        "vm_scale_set": (_GET_VM,),
         "set_capacity": (ArmRequest("PATCH", _SCALE_SET),),
         # Protection read again per instance; both modes delete through the scale set, which
         # also lowers its capacity (Flexible VMs by name). Missing ids: the set is listed.

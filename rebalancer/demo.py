@@ -142,7 +142,15 @@ SCRIPT = (
         lambda sim: sim.actor.set_capacity(RESOURCE_GROUP, "web", 15),
     ),
     Beat(
-        timedelta(minutes=3),
+        timedelta(minutes=2),
+        "Azure Compute throttles the app's next list of web's VMs (429, Retry-After 60 s): "
+        "web waits for a later tick, the other scale sets go on.",
+        lambda sim: sim.faults.add(
+            kind="throttle", operation="vmss_vm.list", target="/web/", retry_after=60
+        ),
+    ),
+    Beat(
+        timedelta(minutes=9),
         f"Zone 1 has capacity for {CONSTRAINED_SKU} again (no event tells anyone: the "
         "rebalancer finds out when it next looks).",
         lambda sim: sim.actor.set_zone_room(LOCATION, CONSTRAINED_SKU, "1", None),

@@ -10,12 +10,15 @@ Shapes follow the subscription system topic's documented schema (`eventType`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+from urllib.parse import quote
 
 from rebalancer.azure_operations import HANDLED_OPERATION_NAMES
 from rebalancer.model import ScaleSetRef
@@ -24,6 +27,13 @@ from rebalancer.settings import Settings
 OBJECT_ID_CLAIM = "http://schemas.microsoft.com/identity/claims/objectidentifier"
 MAX_FIELD_LENGTH = 2048
 """Longer ids or names are not Azure's: the event is rejected rather than processed."""
+MAX_KEYED_ID_LENGTH = 512
+"""Event ids up to this long, percent-encoded as the store's keys are, key the
+de-duplication row as they are; longer ones by a hash."""
+MAX_RESOURCE_GROUP_NAME = 90
+MAX_SCALE_SET_NAME = 64
+MAX_VM_NAME = 64
+"""Azure's limits on these names (Microsoft.Resources and Microsoft.Compute naming rules)."""
 
 _SUCCESS_TYPES = frozenset(
     {
@@ -84,6 +94,8 @@ class Trigger:
     """
 
     event_id: str
+    dedupe_key: str
+    """What de-duplicates deliveries: the event id, or a hash when the id is missing or long."""
     change: Change
     operation_name: str
     subscription_id: str
@@ -94,6 +106,11 @@ class Trigger:
     outside: bool
     """Not the app's own write: counts as outside activity for the cooldown."""
     at: datetime | None
+
+    def activity_at(self, received_at: datetime) -> datetime:
+        """When the outside change happened: the event's time, never later than its arrival,
+        so a forged future time cannot hold a cooldown until then."""
+        return received_at if self.at is None else min(self.at, received_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +145,14 @@ def classify(
     settings: Settings,
 ) -> Trigger | Ignored:
     """Decide what one event means for the rebalancer. Never raises."""
-    eid = event_id if isinstance(event_id, str) and event_id else "<no id>"
-    if len(eid) > MAX_FIELD_LENGTH:
-        return Ignored(eid[:64] + "...", "event id is implausibly long")
+    usable_id = (
+        isinstance(event_id, str)
+        and 0 < len(event_id) <= MAX_FIELD_LENGTH
+        and len(quote(event_id, safe="")) <= MAX_KEYED_ID_LENGTH
+    )
+    eid = event_id if usable_id else _shown_id(event_id)
+    if isinstance(event_id, str) and len(event_id) > MAX_FIELD_LENGTH:
+        return Ignored(eid, "event id is implausibly long")
     if not isinstance(event_type, str) or event_type not in _SUCCESS_TYPES:
         return Ignored(eid, f"event type {_show(event_type)} is not a successful resource change")
     if not isinstance(data, Mapping):
@@ -141,6 +163,7 @@ def classify(
     resource_id = data.get("resourceUri") if isinstance(data.get("resourceUri"), str) else subject
     if not isinstance(resource_id, str) or len(resource_id) > MAX_FIELD_LENGTH:
         return Ignored(eid, f"resource id {_show(resource_id)} is missing or too long")
+    dedupe_key = event_id if usable_id else _content_key(event_id, event_type, subject, data)
 
     ref: ScaleSetRef | None
     flexible_vm: str | None = None
@@ -156,6 +179,9 @@ def classify(
         except ValueError:
             return Ignored(eid, f"subject {_show(resource_id)} is not a scale set or VM id")
         subscription, resource_group = ref.subscription_id, ref.resource_group
+    too_long = _name_too_long(resource_group, ref, flexible_vm)
+    if too_long:
+        return Ignored(eid, too_long)
 
     if not settings.in_scope(subscription, resource_group):
         return Ignored(eid, f"resource group {resource_group!r} is outside the configured scope")
@@ -164,10 +190,11 @@ def classify(
     own = (
         caller is not None
         and settings.app_principal_id is not None
-        and caller.lower() == settings.app_principal_id.lower()
+        and _principal(caller) == _principal(settings.app_principal_id)
     )
     return Trigger(
         event_id=eid,
+        dedupe_key=dedupe_key,
         change=_change(operation),
         operation_name=operation,
         subscription_id=subscription,
@@ -178,6 +205,43 @@ def classify(
         outside=not own,
         at=_parse_time(event_time),
     )
+
+
+def _shown_id(event_id: Any) -> str:
+    if isinstance(event_id, str) and event_id:
+        return event_id[:64] + "..."
+    return "<no id>"
+
+
+def _content_key(event_id: Any, event_type: Any, subject: Any, data: Any) -> str:
+    """A key for an event whose id cannot be one: the same event delivered twice gets the
+    same key, two different events without an id do not share one."""
+    fields = [event_id, event_type, subject, data]
+    try:
+        content = json.dumps(fields, sort_keys=True, default=str, ensure_ascii=True)
+    except (TypeError, ValueError):  # keys of mixed types, cycles: not from JSON, still keyed
+        content = repr(fields)
+    return "sha256:" + hashlib.sha256(content.encode()).hexdigest()
+
+
+def _name_too_long(resource_group: str, ref: ScaleSetRef | None, vm: str | None) -> str | None:
+    """Names Azure cannot have would not fit a Table key either: say which one."""
+    for what, name, limit in (
+        ("resource group name", resource_group, MAX_RESOURCE_GROUP_NAME),
+        ("scale set name", ref.name if ref else None, MAX_SCALE_SET_NAME),
+        ("VM name", vm, MAX_VM_NAME),
+    ):
+        if name is not None and len(name) > limit:
+            return f"{what} {_show(name)} is longer than Azure allows ({len(name)} > {limit})"
+    return None
+
+
+def _principal(value: str) -> str:
+    """An object id as one spelling: ARM writes `authorization.evidence.principalId` as 32 hex
+    digits without dashes, the claims and the app setting with dashes."""
+    text = value.strip().strip("{}").lower()
+    plain = text.replace("-", "")
+    return plain if re.fullmatch(r"[0-9a-f]{32}", plain) else text
 
 
 def _caller_object_id(data: Mapping[str, Any]) -> str | None:

@@ -408,7 +408,12 @@ class Reconciler:
     def _record_verdict(self, verdict: Verdict) -> None:
         """Persist the verdict when it changed, and log it only then: no noise every tick."""
         body = verdict.to_json()
-        changed = self.store.save_assessment(verdict.assessment.ref.key, body, self.clock())
+        changed = self.store.save_assessment(
+            verdict.assessment.ref.key,
+            body,
+            self.clock(),
+            imbalanced=not verdict.assessment.balanced,
+        )
         if changed:
             a = verdict.assessment
             level = logging.INFO if a.balanced else logging.WARNING
@@ -615,7 +620,7 @@ class Reconciler:
 
     def audit(self) -> list[Result]:
         """Assess every zonal scale set in scope; start moves where the rules allow."""
-        from rebalancer.compute.errors import AdapterError
+        from rebalancer.compute.errors import AdapterError, ErrorKind
 
         results = []
         now = self.clock()
@@ -624,11 +629,30 @@ class Reconciler:
                 ref = item.ref
                 if ref is not None:
                     results.append(Result(ref, Outcome.DEFERRED, detail=str(item)))
+                    if item.kind is ErrorKind.THROTTLED:
+                        self.telemetry.throttled(ref.id, item.retry_after, "audit")
                 continue
             results.append(self._guarded(item.scale_set.ref, observed=item))
         self.store.save_assessment(AUDIT_MARKER, json.dumps({"at": now.isoformat()}), now)
-        self.telemetry.audited(results)
+        self.telemetry.audited(results, self._imbalanced_since(results), now)
         return results
+
+    def _imbalanced_since(self, results: list[Result]) -> dict[str, datetime]:
+        """When each scale set found out of balance turned so (one read per such set)."""
+        from rebalancer.store import StoreError
+
+        since: dict[str, datetime] = {}
+        for result in results:
+            if result.verdict is None or result.verdict.assessment.balanced:
+                continue
+            try:
+                stored = self.store.last_assessment(result.ref.key)
+            except StoreError as error:
+                log.warning("could not read the assessment of %s: %s", result.ref, error)
+                continue
+            if stored is not None and stored.imbalanced_since is not None:
+                since[result.ref.key] = stored.imbalanced_since
+        return since
 
     def audit_due(self) -> bool:
         last = self.store.last_assessment(AUDIT_MARKER)

@@ -27,6 +27,7 @@ from rebalancer.settings import Mode, Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from rebalancer.events import Trigger
+    from rebalancer.model import ScaleSetRef
     from rebalancer.reconciler import Reconciler, Result
     from rebalancer.store import Store
 
@@ -128,11 +129,14 @@ def _handle_trigger(rt: Runtime, trigger: Trigger) -> Result | None:
     two deliveries racing each other are harmless (the reconcile pass is locked and
     idempotent)."""
     now = rt.clock()
-    if rt.store.event_seen(trigger.event_id, now):
+    if rt.store.event_seen(trigger.dedupe_key, now):
         log.info("event %s ignored: already handled (duplicate delivery)", trigger.event_id)
         return None
     result = None
-    if trigger.ref is None:
+    ref = trigger.ref
+    if ref is None and trigger.flexible_vm is not None:
+        ref = _flexible_vm_scale_set(rt, trigger)
+    if ref is None:
         log.info(
             "event %s: VM %s names no scale set; the next audit will see its effect",
             trigger.event_id,
@@ -140,19 +144,31 @@ def _handle_trigger(rt: Runtime, trigger: Trigger) -> Result | None:
         )
     else:
         if trigger.outside:
-            rt.store.record_activity(trigger.ref.key, trigger.at or now)
-        result = rt.reconciler.reconcile(trigger.ref)
+            rt.store.record_activity(ref.key, trigger.activity_at(now))
+        result = rt.reconciler.reconcile(ref)
         log.info(
             "event %s (%s by %s) on %s: %s %s",
             trigger.event_id,
             trigger.operation_name,
             "someone else" if trigger.outside else "the rebalancer",
-            trigger.ref,
+            ref,
             result.outcome,
             result.state or result.detail,
         )
-    _mark_handled(rt, trigger.event_id, now, result)
+    _mark_handled(rt, trigger.dedupe_key, now, result)
     return result
+
+
+def _flexible_vm_scale_set(rt: Runtime, trigger: Trigger) -> ScaleSetRef | None:
+    """The scale set a VM whose name does not carry one belongs to, by its own
+    `virtualMachineScaleSet` reference (a VM created by hand and attached to a Flexible set).
+    None when the VM is gone (a delete: the next audit sees it) or is standalone."""
+    vm = trigger.flexible_vm or ""
+    ref = rt.reconciler.compute.vm_scale_set(trigger.resource_group, vm)
+    if ref is not None and not rt.settings.in_scope(ref.subscription_id, ref.resource_group):
+        log.info("event %s: VM %s belongs to %s, outside the scope", trigger.event_id, vm, ref)
+        return None
+    return ref
 
 
 def _mark_handled(rt: Runtime, event_id: str, now: datetime, result: Result | None) -> None:
@@ -185,6 +201,11 @@ def _transient_guard(rt: Runtime, event_id: str, action: Callable[[], Any]) -> A
         if error.kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CONFLICT):
             raise TransientFailure(f"Azure Compute: {error}") from error
         log.error("event %s: %s; not retried", event_id, error)
+        return None
+    except ValueError as error:
+        # Nothing a redelivery could change (a name or key the store cannot take): raising
+        # would make Event Grid retry it for a day and then dead-letter it.
+        log.error("event %s cannot be handled: %s; acknowledged, not retried", event_id, error)
         return None
     from rebalancer.reconciler import Outcome
 

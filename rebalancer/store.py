@@ -155,6 +155,8 @@ class StoredAssessment:
     fingerprint: str
     body: str
     at: datetime
+    imbalanced_since: datetime | None = None
+    """When the scale set last turned out of balance; None while it is balanced."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1148,19 +1150,29 @@ class Store:
     # -- assessments and outside activity --------------------------------------------------
 
     def save_assessment(
-        self, scale_set_key: str, body: str, at: datetime, *, fingerprint: str | None = None
+        self,
+        scale_set_key: str,
+        body: str,
+        at: datetime,
+        *,
+        fingerprint: str | None = None,
+        imbalanced: bool = False,
     ) -> bool:
         """Store the scale set's latest assessment only if it changed. True when written.
 
         `fingerprint` identifies the content that matters (default: a hash of `body`); pass
-        one that leaves out timestamps, or every tick would count as a change.
+        one that leaves out timestamps, or every tick would count as a change. `imbalanced`
+        keeps `ImbalancedSince`: the time of the first of consecutive out-of-balance
+        assessments, however often their details change.
         """
         from azure.data.tables import UpdateMode
 
         fingerprint = fingerprint or _fingerprint(body)
         pk = encode_key(scale_set_key)
         with _translated(f"save the assessment of {scale_set_key}"):
-            current = self._get("scalesets", pk, "assessment", select=["Fingerprint"])
+            current = self._get(
+                "scalesets", pk, "assessment", select=["Fingerprint", "ImbalancedSince"]
+            )
             if current is not None and current.get("Fingerprint") == fingerprint:
                 return False
             entity = {
@@ -1171,6 +1183,9 @@ class Store:
                 "At": _utc(at, "at"),
                 **_body_properties(body),
             }
+            if imbalanced:
+                since = current.get("ImbalancedSince") if current is not None else None
+                entity["ImbalancedSince"] = since or _utc(at, "at")
             _check_size(entity, f"assessment of {scale_set_key}")
             self._write("scalesets", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
         return True
@@ -1180,8 +1195,13 @@ class Store:
             entity = self._get("scalesets", encode_key(scale_set_key), "assessment")
         if entity is None:
             return None
+        since = entity.get("ImbalancedSince")
         return StoredAssessment(
-            entity["ScaleSetKey"], entity["Fingerprint"], _body(entity), _plain(entity["At"])
+            entity["ScaleSetKey"],
+            entity["Fingerprint"],
+            _body(entity),
+            _plain(entity["At"]),
+            None if since is None else _plain(since),
         )
 
     def record_activity(self, scale_set_key: str, at: datetime) -> bool:

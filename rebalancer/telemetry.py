@@ -60,14 +60,28 @@ class Metric(StrEnum):
     TIME_TO_BALANCE = "rebalancer.time_to_balance"
     """Seconds from the start to the success of an operation that did every move its scale
     set needed (histogram); a set needing more moves than `maxSurge` reports its last one."""
+    ZONE_VMS = "rebalancer.zone.vms"
+    """VMs in one zone of a scale set (total; `active` and the verdict as dimensions), one
+    per zone whenever the scale set's assessment changed, balanced or not (gauge)."""
+    IMBALANCE_AGE = "rebalancer.imbalance.age"
+    """Seconds a scale set has been out of balance, for each such set after each audit
+    pass (gauge)."""
     ZONE_BACKOFFS = "rebalancer.zone_backoffs"
     THROTTLING_WAITS = "rebalancer.throttling.waits"
     """Azure Compute throttled a call; `value` is the Retry-After in seconds (0 if none)."""
 
 
 _HISTOGRAMS = frozenset({Metric.OPERATION_DURATION, Metric.TIME_TO_BALANCE})
-_GAUGES = frozenset({Metric.SCALE_SETS_ASSESSED, Metric.SCALE_SETS_IMBALANCED})
+_GAUGES = frozenset(
+    {
+        Metric.SCALE_SETS_ASSESSED,
+        Metric.SCALE_SETS_IMBALANCED,
+        Metric.ZONE_VMS,
+        Metric.IMBALANCE_AGE,
+    }
+)
 _UNITS: Mapping[Metric, str] = {
+    Metric.IMBALANCE_AGE: "s",
     Metric.OPERATION_DURATION: "s",
     Metric.TIME_TO_BALANCE: "s",
     Metric.THROTTLING_WAITS: "s",
@@ -159,14 +173,48 @@ def measure_verdict(verdict: Verdict) -> list[Measurement]:
     return [Measurement(Metric.IMBALANCE_DETECTED, 1, dims)]
 
 
-def measure_audit(results: Iterable[Result]) -> list[Measurement]:
-    """Gauges for one audit pass over the subscription."""
-    verdicts = [r.verdict for r in results if r.verdict is not None]
-    imbalanced = sum(1 for v in verdicts if not v.assessment.balanced)
+def _verdict_dims(verdict: Verdict) -> dict[str, str | int | float | bool]:
+    return {
+        **_scale_set(verdict.assessment.ref.id),
+        "balanced": verdict.assessment.balanced,
+        "decision": verdict.decision,
+        "reason": verdict.reason,
+        "optIn": str(verdict.opt_in),
+    }
+
+
+def measure_zones(verdict: Verdict) -> list[Measurement]:
+    """A changed assessment: the VMs of each zone, total and active."""
+    dims = _verdict_dims(verdict)
     return [
-        Measurement(Metric.SCALE_SETS_ASSESSED, len(verdicts)),
-        Measurement(Metric.SCALE_SETS_IMBALANCED, imbalanced),
+        Measurement(
+            Metric.ZONE_VMS, c.total, {**dims, "zone": zone, "total": c.total, "active": c.active}
+        )
+        for zone, c in sorted(verdict.assessment.zones.items())
     ]
+
+
+def measure_audit(
+    results: Iterable[Result],
+    imbalanced_since: Mapping[str, datetime] | None = None,
+    now: datetime | None = None,
+) -> list[Measurement]:
+    """Gauges for one audit pass over the subscription, and how long each scale set out of
+    balance (`imbalanced_since` by scale set key) has been so."""
+    verdicts = [r.verdict for r in results if r.verdict is not None]
+    imbalanced = [v for v in verdicts if not v.assessment.balanced]
+    measurements = [
+        Measurement(Metric.SCALE_SETS_ASSESSED, len(verdicts)),
+        Measurement(Metric.SCALE_SETS_IMBALANCED, len(imbalanced)),
+    ]
+    for verdict in imbalanced:
+        since = (imbalanced_since or {}).get(verdict.assessment.ref.key)
+        if since is None or now is None:
+            continue
+        age = max(0.0, (now - since).total_seconds())
+        dims = {**_verdict_dims(verdict), "since": since.isoformat()}
+        measurements.append(Measurement(Metric.IMBALANCE_AGE, age, dims))
+    return measurements
 
 
 def measure_backoff(record: OperationRecord | None, backoff: BackoffLike) -> list[Measurement]:
@@ -223,14 +271,19 @@ class Telemetry:
 
     def assessment_changed(self, verdict: Verdict, at: datetime) -> None:
         measurements = measure_verdict(verdict)
-        self.emit(measurements)
+        self.emit([*measurements, *measure_zones(verdict)])
         if measurements and self.notifier is not None:
             from rebalancer.notify import for_imbalance
 
             self.notifier.publish(for_imbalance(verdict, at))
 
-    def audited(self, results: Iterable[Result]) -> None:
-        self.emit(measure_audit(results))
+    def audited(
+        self,
+        results: Iterable[Result],
+        imbalanced_since: Mapping[str, datetime] | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        self.emit(measure_audit(results, imbalanced_since, now))
 
     def zone_backed_off(
         self, record: OperationRecord | None, backoff: BackoffLike, at: datetime

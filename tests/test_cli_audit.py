@@ -322,3 +322,48 @@ def test_a_set_that_cannot_be_read_is_reported_beside_the_others(
     assert [e["id"].rsplit("/", 1)[1] for e in report["errors"]] == ["tilted"]
     assert report["errors"][0]["kind"] == "forbidden"
     assert len(report["scaleSets"]) == 4
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("static_token")
+def test_the_table_reads_in_an_80_column_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    with ArmSim.start(Scenario(scale_sets=MIXED)) as sim:
+        code = main(
+            [
+                "audit",
+                "--subscription",
+                sim.subscription_id,
+                "--arm-endpoint",
+                sim.endpoint,
+                "--ca-cert",
+                str(sim.ca_cert_path),
+            ]
+        )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert "…" not in out, out
+    for whole in ("unmonitored", "moves_planned", "platform_rebalancing", "no_health_monitoring"):
+        assert whole in out, (whole, out)
+    for header in ("scale set", "opt-in", "decision", "reason"):
+        assert header in out.replace("\n", " "), header
+    assert "Not shown at 80 columns: mode, balanced, moves" in out
+    assert "5 zonal scale set(s) in the table; 1 not zonal" in out
+
+
+@pytest.mark.integration
+def test_a_loopback_endpoint_without_a_credential_names_the_static_token(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("REBALANCER_ARM_STATIC_TOKEN", raising=False)
+    for name in ("AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID", "IDENTITY_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AZURE_CONFIG_DIR", str(tmp_path))  # no az login here
+    with ArmSim.start(Scenario(scale_sets=MIXED)) as sim:
+        code, report, err = audit_json(sim, capsys, "--max-wait", "0")
+    assert code == 3, err
+    assert report is None
+    assert "REBALANCER_ARM_STATIC_TOKEN" in err and err.count("\n") == 1

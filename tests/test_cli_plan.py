@@ -132,6 +132,33 @@ def test_the_table_shows_zones_decision_reason_and_moves() -> None:
     assert ["2", "3", "1", "5", "not on the latest model"] in cells
 
 
+def test_the_table_reads_in_an_80_column_terminal(tmp_path: Path) -> None:
+    """A custom-named Flexible VM (names go up to 64 characters) is shown whole."""
+    scale_set, instances = example("flexible-2-4-7", "rest")
+    document = json.loads(instances.read_text())
+    long_name = "payments-api-primary-westeurope-zone3-" + "x" * 20
+    for vm in document["value"]:
+        if vm["name"] == "api_e2eca380":
+            vm["name"] = long_name
+            vm["id"] = vm["id"].replace("api_e2eca380", long_name)
+    renamed = tmp_path / "instances.json"
+    renamed.write_text(json.dumps(document))
+    argv = ["plan", "--scale-set", str(scale_set), "--instances", str(renamed)]
+    result = subprocess.run(
+        [sys.executable, "-m", "rebalancer", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "80"},
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert "…" not in out and long_name in out, out
+    assert "moves_planned" in out
+
+
 def test_the_table_explains_a_skip() -> None:
     scale_set, instances = example("flexible-7-4-4", "az")
     result = plan("--scale-set", scale_set, "--instances", instances)

@@ -145,6 +145,24 @@ def test_tables_by_default(
     assert "ARM calls" in out and fleet.finished.arm_calls[0] in out
 
 
+def test_tables_read_in_an_80_column_terminal(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    for extra in ((), ("--scale-set", fleet.web.id), ("--scale-set", fleet.api.id)):
+        args = args_of("--table-prefix", fleet.prefix, *extra)
+        assert status.run(args, fleet.env, now=fleet.now) == EXIT_OK
+        out = capsys.readouterr().out
+        assert max(len(line) for line in out.splitlines()) <= 80, out
+        assert "…" not in out, out
+        if not extra:  # reason codes and states whole, each in its own column
+            for whole in ("scaling_out", "succeeded", "moves_done", "standard_d2s_v5"):
+                assert whole in out, (whole, out)
+        elif extra[1] == fleet.web.id:
+            for whole in ("new_vms_healthy", "moves_done", "awaiting_health"):
+                assert whole in out, (whole, out)
+
+
 def test_connection_string_flag_and_empty_tables(
     azurite, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -159,3 +159,37 @@ def test_cloud_events_schema_delivery_classifies_like_the_event_grid_schema():
     assert isinstance(result, Trigger)
     assert result.ref == ScaleSetRef(SUB, "rg-web", "web")
     assert envelope(event)[0] == envelope(decoded("vmss-write-capacity.json"))[0]
+
+
+def test_an_id_less_event_is_keyed_by_its_content():
+    (payload,) = json.loads((EVENTS / "vmss-write-capacity.json").read_text())
+
+    def key(subject: str) -> str:
+        data = {**payload["data"], "resourceUri": subject}
+        result = classify(None, payload["eventType"], subject, None, data, settings())
+        assert isinstance(result, Trigger)
+        return result.dedupe_key
+
+    other = payload["subject"].replace("/web", "/api")
+    assert key(payload["subject"]) == key(payload["subject"])
+    assert key(payload["subject"]) != key(other)
+
+
+def test_the_apps_principal_matches_in_any_spelling():
+    (payload,) = json.loads((EVENTS / "vmss-write-capacity.json").read_text())
+    data = payload["data"]
+    data["claims"] = {}
+    data["authorization"]["evidence"]["principalId"] = "{" + APP_PRINCIPAL.replace("-", "") + "}"
+    result = classify("x", payload["eventType"], payload["subject"], None, data, settings())
+    assert isinstance(result, Trigger) and not result.outside
+
+
+def test_an_id_that_would_not_fit_a_table_key_encoded_is_keyed_by_a_hash():
+    (payload,) = json.loads((EVENTS / "vmss-write-capacity.json").read_text())
+    wide = "\U0001f600" * 200  # 200 characters, 2,400 once percent-encoded
+    args = (payload["eventType"], payload["subject"], None, payload["data"], settings())
+    result = classify(wide, *args)
+    assert isinstance(result, Trigger)
+    assert result.dedupe_key.startswith("sha256:") and len(result.dedupe_key) < 80
+    assert classify(wide, *args).dedupe_key == result.dedupe_key
+    assert classify(payload["id"], *args).dedupe_key == payload["id"]

@@ -45,6 +45,7 @@ TEMPLATES = {
     "app": "modules/app.bicep",
     "role_assignment": "modules/role-assignment.bicep",
     "subscription_role_assignment": "modules/subscription-role-assignment.bicep",
+    "monitoring": "modules/monitoring.bicep",
     "event_subscription": "event-subscription.bicep",
 }
 
@@ -553,6 +554,40 @@ def check_notification_topic(infra: Infra) -> list[str]:
     return problems
 
 
+def check_monitoring(infra: Infra) -> list[str]:
+    """The alert rules watch the app's Application Insights, notify only the given action
+    group and are off without one; every query file the module loads exists."""
+    problems = []
+    rules = dict(infra.resources_of_type("monitoring", "Microsoft.Insights/scheduledQueryRules"))
+    if len(rules) != 3:
+        problems.append(f"alert rules are {sorted(rules)}, expected three")
+    for name, body in rules.items():
+        props = body["properties"]
+        if props.get("enabled") != "alertsEnabled" or props.get("actions") != "actions":
+            problems.append(f"alert {name} is not off without an action group")
+        if [dotted(scope) for scope in props.get("scopes", [])] != ["appInsights.id"]:
+            problems.append(f"alert {name} does not watch the app's Application Insights")
+    actions = infra.variable("monitoring", "actions")["operator"]["operands"]
+    if actions["condition"] != "alertsEnabled" or actions["false_value"] != {}:
+        problems.append("the alert rules notify something without an action group")
+    enabled = infra.variable("monitoring", "alertsEnabled")["operator"]
+    test = enabled["operands"]["bool_value"]["function"]
+    if (enabled["type"], test["type"], test["parameters"]) != (
+        "not",
+        "empty",
+        {"item_to_test": "actionGroupId"},
+    ):
+        problems.append("alertsEnabled is not !empty(actionGroupId)")
+    modules = infra.parsed["main"].get("modules", {})
+    if modules.get("monitoring", {}).get("detail", {}).get("path") != "modules/monitoring.bicep":
+        problems.append("main.bicep does not deploy modules/monitoring.bicep")
+    module_dir = infra.root / "modules"
+    for path in re.findall(r"loadTextContent\('([^']+)'\)", infra.texts["monitoring"]):
+        if not (module_dir / path).is_file():
+            problems.append(f"modules/monitoring.bicep loads {path}, which does not exist")
+    return problems
+
+
 PROPERTY_CHECKS: tuple[Callable[[Infra], list[str]], ...] = (
     check_no_shadowed_functions,
     check_roles,
@@ -567,6 +602,7 @@ PROPERTY_CHECKS: tuple[Callable[[Infra], list[str]], ...] = (
     check_settings,
     check_event_subscription,
     check_notification_topic,
+    check_monitoring,
 )
 
 
@@ -898,6 +934,19 @@ def test_bicep_code_keeps_interpolations_and_drops_comments_and_literal_text():
     code = bicep_code(text)
     assert len(code) == len(text) and code.count("\n") == 2
     assert [m.group(2) for m in _CALLED.finditer(code)] == ["description", "v"]
+
+
+def test_alerts_on_without_an_action_group_or_a_lost_query_are_caught(tmp_path):
+    broken = tmp_path / "infra"
+    shutil.copytree(INFRA, broken)
+    module = broken / "modules" / "monitoring.bicep"
+    text = module.read_text()
+    assert "    enabled: alertsEnabled\n" in text and "monitoring/zones.kql" in text
+    text = text.replace("    enabled: alertsEnabled\n", "    enabled: true\n", 1)
+    module.write_text(text.replace("monitoring/zones.kql", "monitoring/zone.kql"))
+    problems = infra_problems(broken)
+    assert "alert operationFailedAlert is not off without an action group" in problems
+    assert any("loads monitoring/zone.kql, which does not exist" in p for p in problems)
 
 
 # --- tests: azd wiring ----------------------------------------------------------------------

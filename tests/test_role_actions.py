@@ -134,6 +134,8 @@ def exercise(sim: ArmSim, adapter: ComputeAdapter) -> list[tuple[str, Callable[[
         ("list_scale_sets", lambda: adapter.list_scale_sets(None)),
         ("list_scale_sets", lambda: adapter.list_scale_sets(["rg-web", "rg-flex"])),
         ("get_scale_set", lambda: adapter.get_scale_set(web)),
+        ("vm_scale_set", lambda: adapter.vm_scale_set("rg-flex", flex_vms[0])),
+        ("vm_scale_set", lambda: adapter.vm_scale_set("rg-flex", "no-such-vm")),
         ("read_inventory", lambda: adapter.read_inventory(web, NOW)),
         ("read_inventory", lambda: adapter.read_inventory(flex, NOW)),
         ("audit", lambda: adapter.audit(None, NOW)),

@@ -783,3 +783,16 @@ def test_open_store_builds_identity_clients_without_network():
     assert "127.0.0.1:10002" in local._service.url
     local.close()
     assert isinstance(StoreUnavailable("x"), StoreError)
+
+
+def test_imbalanced_since_survives_detail_changes_and_ends_when_balanced(store: Store):
+    assert store.save_assessment(WEB, '{"detail": "cooldown 1"}', T0, imbalanced=True)
+    later = T0 + timedelta(minutes=20)
+    assert store.save_assessment(WEB, '{"detail": "cooldown 2"}', later, imbalanced=True)
+    stored = store.last_assessment(WEB)
+    assert stored is not None and stored.at == later and stored.imbalanced_since == T0
+    assert store.save_assessment(WEB, '{"balanced": true}', T0 + timedelta(hours=1))
+    assert store.last_assessment(WEB).imbalanced_since is None
+    again = T0 + timedelta(hours=2)
+    assert store.save_assessment(WEB, '{"detail": "zone_backoff"}', again, imbalanced=True)
+    assert store.last_assessment(WEB).imbalanced_since == again

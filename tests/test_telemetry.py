@@ -241,6 +241,18 @@ def test_one_full_operation_logs_each_decision_once_and_emits_its_metrics(
     assert parsed(detected)[2]["zones"] == "1:1,2:3,3:3"
     imbalanced = [parsed(r)[1] for r in named(emitted, Metric.SCALE_SETS_IMBALANCED)]
     assert imbalanced == [1, 0, 0]
+    zones = [parsed(r)[2] for r in named(emitted, Metric.ZONE_VMS)]
+    assert [(z["zone"], z["total"], z["active"], z["balanced"]) for z in zones] == [
+        ("1", 1, 1, False),
+        ("2", 3, 3, False),
+        ("3", 3, 3, False),
+        ("1", 2, 2, True),
+        ("2", 2, 2, True),
+        ("3", 3, 3, True),
+    ]
+    assert all(z["optIn"] == "enabled" and z["scaleSetId"] == ref.id for z in zones)
+    (age,) = named(emitted, Metric.IMBALANCE_AGE)  # the first audit only: then balanced
+    assert parsed(age)[1] == 0 and parsed(age)[2]["decision"] == "move"
     assert not named(emitted, Metric.MOVES_ROLLED_BACK)
     assert not named(emitted, Metric.ZONE_BACKOFFS)
 

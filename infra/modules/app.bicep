@@ -442,5 +442,6 @@ output identityPrincipalId string = identity.properties.principalId
 output identityClientId string = identity.properties.clientId
 output functionAppName string = functionApp.name
 output storageAccountName string = storage.name
+output appInsightsName string = appInsights.name
 output systemTopicName string = systemTopic.name
 output deadLetterContainerName string = deadLetterContainerName

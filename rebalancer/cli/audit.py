@@ -11,12 +11,14 @@ import argparse
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rebalancer.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError
+from rebalancer.cli.tables import Column, print_table
 
 EXIT_PARTIAL = EXIT_FAILURE
 EXIT_NOT_LOGGED_IN = 3
@@ -146,11 +148,19 @@ def _adapter(args: argparse.Namespace, subscription: str, env: Mapping[str, str]
     return ComputeAdapter(config, credential)
 
 
-def _fatal(error, subscription: str, endpoint: str) -> CliError:
-    """A failure of the subscription listing, as one line saying what to do."""
+def _fatal(error, subscription: str, endpoint: str, *, loopback: bool = False) -> CliError:
+    """A failure of the subscription listing, as one line saying what to do. `loopback`: the
+    endpoint is a local simulator and no static token was given."""
     from rebalancer.compute import ErrorKind
 
     kind = error.kind
+    if kind is ErrorKind.UNAUTHENTICATED and loopback:
+        return CliError(
+            f"no credential for the loopback endpoint {endpoint}: set {STATIC_TOKEN_ENV} "
+            f"(any value, e.g. {STATIC_TOKEN_ENV}=test for armsim) or log in with `az login`. "
+            f"({error.message})",
+            EXIT_NOT_LOGGED_IN,
+        )
     if (error.code or "").lower() == "invalidauthenticationtokentenant":
         return CliError(
             f"subscription {subscription} belongs to another Entra ID tenant than your login: "
@@ -249,39 +259,70 @@ def build_report(
     return report, rows
 
 
-def _print_table(report: Mapping[str, Any], rows: Sequence[Any]) -> None:
+AUDIT_COLUMNS = (
+    Column("scale set"),
+    Column("resource group", priority=3),
+    Column("mode", priority=6),
+    Column("opt-in", priority=2, code=True),
+    Column("zones", priority=1, code=True),
+    Column("balanced", priority=4),
+    Column("decision", priority=1, code=True),
+    Column("reason", code=True),
+    Column("moves", priority=5),
+)
+
+
+def _print_table(
+    report: Mapping[str, Any],
+    rows: Sequence[Any],
+    left_out: Mapping[str, int],
+    resource_groups: Sequence[str],
+) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(highlight=False)
-    table = Table(
-        title=f"Zone balance in subscription {report['subscription']}", title_justify="left"
-    )
-    for column in ("scale set", "resource group", "mode", "opt-in", "zones total/active"):
-        table.add_column(column)
-    for column in ("balanced", "decision", "reason", "moves"):
-        table.add_column(column)
+    cells = []
     for inventory, assessment, mode in rows:
-        zones = "  ".join(
+        zones = "\n".join(
             f"{zone}: {count.total}/{count.active}" for zone, count in assessment.zones.items()
         )
         moves = ", ".join(f"{m.source} {m.from_zone}->{m.to_zone}" for m in assessment.moves)
-        table.add_row(
-            inventory.scale_set.ref.name,
-            inventory.scale_set.ref.resource_group,
-            inventory.scale_set.mode.value,
-            mode.value,
-            zones,
-            "yes" if assessment.balanced else "no",
-            assessment.decision.value,
-            assessment.reason.value,
-            moves or "-",
+        cells.append(
+            (
+                inventory.scale_set.ref.name,
+                inventory.scale_set.ref.resource_group,
+                inventory.scale_set.mode.value,
+                mode.value,
+                zones,
+                "yes" if assessment.balanced else "no",
+                assessment.decision.value,
+                assessment.reason.value,
+                moves or "-",
+            )
         )
-    console.print(table)
-    if not rows:
+    title = f"Zone balance in subscription {report['subscription']} (zones: total/active VMs)"
+    if rows:
+        print_table(console, title, AUDIT_COLUMNS, cells)
+    else:
         console.print("No zonal scale sets in scope.")
+    console.print(summary_line(len(rows), left_out, resource_groups))
     for error in report.get("errors", ()):
         console.print(f"[red]not read[/red] {error['id']}: {error['kind']}: {error['message']}")
+
+
+def summary_line(shown: int, left_out: Mapping[str, int], resource_groups: Sequence[str]) -> str:
+    """What the table counts, and what it leaves out."""
+    parts = [f"{shown} zonal scale set(s) in the table"]
+    for key, what in (
+        ("non_zonal", "not zonal (no zones: nothing to balance)"),
+        ("out_of_scope", "outside the resource groups asked for"),
+        ("unreadable", "unreadable (see the warnings)"),
+    ):
+        if left_out.get(key):
+            parts.append(f"{left_out[key]} {what}")
+    if resource_groups:
+        parts.append(f"only resource group(s) {', '.join(resource_groups)} were read")
+    return "; ".join(parts) + "."
 
 
 def run(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
@@ -306,14 +347,18 @@ def run(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
             f"REBALANCER_DEFAULT_OPT_IN={opt_in!r} is invalid: one of audit, enabled, disabled"
         ) from error
     adapter = _adapter(args, subscription, env)
+    left_out: Counter[str] = Counter()
     with adapter:
         try:
-            results = adapter.audit(args.resource_group or None, now=datetime.now(UTC))
+            results = adapter.audit(
+                args.resource_group or None, now=datetime.now(UTC), left_out=left_out
+            )
         except AdapterError as error:
-            raise _fatal(error, subscription, adapter.config.endpoint) from error
+            loopback = adapter.config.loopback and not env.get(STATIC_TOKEN_ENV, "").strip()
+            raise _fatal(error, subscription, adapter.config.endpoint, loopback=loopback) from error
     report, rows = build_report(subscription, results, settings)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        _print_table(report, rows)
+        _print_table(report, rows, left_out, args.resource_group or ())
     return EXIT_PARTIAL if report.get("errors") else EXIT_OK

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rebalancer.cli import EXIT_OK, CliError
+from rebalancer.cli.tables import Column, print_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -123,9 +124,24 @@ def to_json(assessment) -> dict[str, Any]:
     }
 
 
+ZONE_COLUMNS = (
+    Column("zone", code=True),
+    Column("total", code=True, justify="right"),
+    Column("active", code=True, justify="right"),
+    Column("total after", priority=1, code=True, justify="right"),
+    Column("active after", priority=1, code=True, justify="right"),
+)
+MOVE_COLUMNS = (
+    Column("#", priority=2, code=True, justify="right"),
+    Column("from zone", code=True),
+    Column("to zone", code=True),
+    Column("source", code=True),
+    Column("why this source", priority=1),
+)
+
+
 def _print_table(inventory, assessment) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     from rebalancer.model import PowerState
 
@@ -138,16 +154,13 @@ def _print_table(inventory, assessment) -> None:
         f"zone-rebalance tag: {tag}, ignored by plan)",
     )
 
-    zones = Table(title="Zones", title_justify="left")
-    for column in ("zone", "total", "active", "total after", "active after"):
-        zones.add_column(column, justify="left" if column == "zone" else "right")
     projected: Mapping = assessment.projected
-    for zone, count in assessment.zones.items():
-        after = projected.get(zone, count)
-        zones.add_row(
-            zone, str(count.total), str(count.active), str(after.total), str(after.active)
-        )
-    console.print(zones)
+    zones = [
+        (zone, str(count.total), str(count.active), str(after.total), str(after.active))
+        for zone, count in assessment.zones.items()
+        for after in (projected.get(zone, count),)
+    ]
+    print_table(console, "Zones", ZONE_COLUMNS, zones)
 
     verdict = "balanced" if assessment.balanced else "not balanced"
     console.print(
@@ -166,13 +179,11 @@ def _print_table(inventory, assessment) -> None:
         console.print("Not counted (being deleted or failed): " + ", ".join(assessment.excluded))
     if assessment.moves:
         by_id = inventory.by_id()
-        moves = Table(title="Moves, in order", title_justify="left")
-        for column in ("#", "from zone", "to zone", "source", "why this source"):
-            moves.add_column(column, justify="right" if column == "#" else "left")
-        for number, move in enumerate(assessment.moves, start=1):
-            why = _why_source(by_id[move.source])
-            moves.add_row(str(number), move.from_zone, move.to_zone, move.source, why)
-        console.print(moves)
+        moves = [
+            (str(n), move.from_zone, move.to_zone, move.source, _why_source(by_id[move.source]))
+            for n, move in enumerate(assessment.moves, start=1)
+        ]
+        print_table(console, "Moves, in order", MOVE_COLUMNS, moves)
         console.print(
             "Moves run create-before-delete: the replacement must be healthy before its "
             "source is deleted."

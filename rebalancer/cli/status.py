@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from rebalancer.cli import EXIT_FAILURE, EXIT_OK, CliError
+from rebalancer.cli.tables import Column, print_table
 
 if TYPE_CHECKING:
     from rebalancer.operation import OperationRecord
@@ -274,52 +275,86 @@ def _when(text: str | None) -> str:
     return datetime.fromisoformat(text).astimezone(UTC).strftime("%Y-%m-%d %H:%M")
 
 
+IN_FLIGHT_COLUMNS = (
+    Column("scale set"),
+    Column("operation", priority=2, code=True),
+    Column("state", code=True),
+    Column("age", priority=1, code=True),
+    Column("next step"),
+)
+HISTORY_COLUMNS = (
+    Column("scale set"),
+    Column("operation", priority=4, code=True),
+    Column("ended (UTC)", priority=1, code=True),
+    Column("state", code=True),
+    Column("took", priority=3, code=True),
+    Column("reason", code=True),
+    Column("detail", priority=2),
+)
+BACKOFF_COLUMNS = (
+    Column("location", code=True),
+    Column("size", code=True),
+    Column("zone", code=True),
+    Column("failures", priority=1, code=True),
+    Column("until (UTC)", code=True),
+)
+STEP_COLUMNS = (
+    Column("at (UTC)", priority=1, code=True),
+    Column("state", code=True),
+    Column("reason", code=True),
+    Column("detail"),
+)
+
+
 def print_status(report: Mapping[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(highlight=False)
-    in_flight = Table(title="Operations in flight", title_justify="left", expand=True)
-    for column in ("scale set", "operation", "state", "age"):
-        in_flight.add_column(column, no_wrap=True)
-    in_flight.add_column("next step", ratio=1)
-    for op in report["inFlight"]:
-        in_flight.add_row(
+    in_flight = [
+        (
             _short(op["scaleSetId"]),
             op["operationId"][:12],
             op["state"],
             _age(op["ageSeconds"]),
             op.get("nextStep", op.get("error", "")),
         )
-    console.print(in_flight if report["inFlight"] else "No operation in flight.")
+        for op in report["inFlight"]
+    ]
+    if in_flight:
+        print_table(console, "Operations in flight", IN_FLIGHT_COLUMNS, in_flight)
+    else:
+        console.print("No operation in flight.")
 
-    history = Table(title="Recent operations", title_justify="left", expand=True)
-    for column in ("scale set", "operation", "ended (UTC)", "state", "took"):
-        history.add_column(column, no_wrap=True)
-    history.add_column("outcome", ratio=1)
-    for scale_set_id, ops in report["history"].items():
-        for op in ops:
-            history.add_row(
-                _short(scale_set_id),
-                op["operationId"][:12],
-                _when(op.get("endedAt")),
-                op["state"],
-                _age(op.get("durationSeconds", 0)),
-                f"{op.get('outcome') or ''}: {op.get('detail') or ''}".strip(": "),
-            )
-    console.print(history if report["history"] else "No finished operation in the period.")
+    history = [
+        (
+            _short(scale_set_id),
+            op["operationId"][:12],
+            _when(op.get("endedAt")),
+            op["state"],
+            _age(op.get("durationSeconds", 0)),
+            op.get("outcome") or "-",
+            op.get("detail") or "",
+        )
+        for scale_set_id, ops in report["history"].items()
+        for op in ops
+    ]
+    if history:
+        print_table(console, "Recent operations", HISTORY_COLUMNS, history)
+    else:
+        console.print("No finished operation in the period.")
 
-    backoffs = Table(title="Zones backed off (no capacity)", title_justify="left")
-    for column in ("location", "size", "zone", "failures", "until (UTC)"):
-        backoffs.add_column(column)
-    for b in report["backoffs"]:
-        backoffs.add_row(b["location"], b["sku"], b["zone"], str(b["failures"]), _when(b["until"]))
-    console.print(backoffs if report["backoffs"] else "No zone is backed off.")
+    backoffs = [
+        (b["location"], b["sku"], b["zone"], str(b["failures"]), _when(b["until"]))
+        for b in report["backoffs"]
+    ]
+    if backoffs:
+        print_table(console, "Zones backed off (no capacity)", BACKOFF_COLUMNS, backoffs)
+    else:
+        console.print("No zone is backed off.")
 
 
 def print_scale_set_status(report: Mapping[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(highlight=False)
     console.print(f"[bold]{report['scaleSetId']}[/bold]")
@@ -343,13 +378,11 @@ def print_scale_set_status(report: Mapping[str, Any]) -> None:
             f"Operation {op['operationId']}: {op['state']}, started {_when(op['startedAt'])}"
             + (f", ended {_when(op.get('endedAt'))}" if op.get("endedAt") else "")
         )
-        steps = Table(title=title, title_justify="left", expand=True)
-        for column in ("at (UTC)", "state", "reason"):
-            steps.add_column(column, no_wrap=True)
-        steps.add_column("detail", ratio=1)
-        for step in op.get("steps", ()):
-            steps.add_row(_when(step["at"]), step["state"], step["reason"], step["detail"])
-        console.print(steps)
+        steps = [
+            (_when(step["at"]), step["state"], step["reason"], step["detail"])
+            for step in op.get("steps", ())
+        ]
+        print_table(console, title, STEP_COLUMNS, steps)
         if op.get("nextStep"):
             console.print(f"Next: {op['nextStep']}")
         if op.get("description"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -399,9 +400,15 @@ class ComputeAdapter:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def list_scale_sets(self, resource_groups: Sequence[str] | None = None) -> list[ScaleSet]:
+    def list_scale_sets(
+        self,
+        resource_groups: Sequence[str] | None = None,
+        *,
+        left_out: Counter[str] | None = None,
+    ) -> list[ScaleSet]:
         """Every zonal scale set of the subscription in the given resource groups (all when
-        None or empty), matched case-insensitively.
+        None or empty), matched case-insensitively. `left_out` counts the scale sets listed
+        but not returned: `non_zonal`, `out_of_scope`, `unreadable`.
 
         The whole subscription is one paged `list_all`. A scoped app lists each resource
         group instead: its role is assigned on those groups only, and a subscription-wide list
@@ -425,17 +432,23 @@ class ComputeAdapter:
                     error,
                 )
         scale_sets: list[ScaleSet] = []
+        skipped: Counter[str] = Counter()
         for document in documents:
             try:
                 scale_set = arm.parse_scale_set(document)
             except arm.ArmParseError as error:
                 log.warning("skipping an unreadable scale set in list_all: %s", error)
+                skipped["unreadable"] += 1
                 continue
             if wanted and scale_set.ref.resource_group.lower() not in wanted:
+                skipped["out_of_scope"] += 1
                 continue
             if not scale_set.zones:
+                skipped["non_zonal"] += 1
                 continue
             scale_sets.append(scale_set)
+        if left_out is not None:
+            left_out.update(skipped)
         return scale_sets
 
     def get_scale_set(self, ref: ScaleSetRef) -> ScaleSet:
@@ -447,6 +460,18 @@ class ComputeAdapter:
                 return arm.parse_scale_set(model.as_dict())
         except AdapterError as error:
             raise gone(error) from None
+
+    def vm_scale_set(self, resource_group: str, vm_name: str) -> ScaleSetRef | None:
+        """The scale set a VM names in `virtualMachineScaleSet.id` (one GET of the VM); None
+        when the VM is gone or belongs to no scale set."""
+        try:
+            with self._translate():
+                model = self.client.virtual_machines.get(resource_group, vm_name)
+        except AdapterError as error:
+            if error.kind is ErrorKind.NOT_FOUND:
+                return None
+            raise
+        return arm.instance_scale_set(model.as_dict())
 
     def read_inventory(
         self,
@@ -555,7 +580,11 @@ class ComputeAdapter:
         return (instance.protect_from_scale_in, instance.protect_from_scale_set_actions)
 
     def audit(
-        self, resource_groups: Sequence[str] | None, now: datetime
+        self,
+        resource_groups: Sequence[str] | None,
+        now: datetime,
+        *,
+        left_out: Counter[str] | None = None,
     ) -> list[Inventory | AdapterError]:
         """Inventory of every zonal scale set in scope, read `audit_concurrency` at a time.
 
@@ -563,7 +592,7 @@ class ComputeAdapter:
         set). Once one read is throttled, the rest are not attempted: they report the same
         throttling, so the next pass comes back when Azure (or the budget) allows.
         """
-        scale_sets = self.list_scale_sets(resource_groups)
+        scale_sets = self.list_scale_sets(resource_groups, left_out=left_out)
         throttled: list[AdapterError] = []
 
         def read(scale_set: ScaleSet) -> Inventory | AdapterError:
