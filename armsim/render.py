@@ -178,7 +178,7 @@ def instance_view(vm: Vm, now: datetime) -> dict[str, Any]:
         statuses.append(_status("ProvisioningState/succeeded", "Provisioning succeeded", now))
     else:
         statuses.append(_status(f"ProvisioningState/{state.lower()}", state, None))
-    if state != "Failed":
+    if not vm.never_allocated:
         statuses.append(_status(f"PowerState/{vm.power_state}", _POWER_TEXT[vm.power_state], None))
     view: dict[str, Any] = {
         "platformUpdateDomain": 0,

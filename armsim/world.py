@@ -196,7 +196,7 @@ class World:
                 self.after(
                     self.now, self.timings.create, lambda at, vm=vm: self._provisioned(vm, at)
                 )
-            elif vm.provisioning_state == "Failed":
+            elif vm.never_allocated:
                 self._release(vm)
 
     @staticmethod
@@ -206,7 +206,7 @@ class World:
             if override.provisioning_state == "Creating":
                 vm.power_state, vm.health = "starting", None
             elif override.provisioning_state == "Failed":
-                vm.power_state, vm.health = "stopped", None
+                vm.power_state, vm.health = "running", None
                 vm.failure = OperationFailure(
                     "VMExtensionProvisioningError", "VM has reported a failure."
                 )
@@ -534,8 +534,12 @@ class World:
                 fault.rule.message or "VM has reported a failure when processing extension.",
             )
         if vm.failure is not None:
-            vm.provisioning_state, vm.power_state, vm.health = "Failed", "stopped", None
-            self._release(vm)
+            # An allocation failure never started; a VM whose extension failed was created and
+            # runs (it keeps its slot and counts toward zone balance), reporting no health.
+            vm.provisioning_state, vm.health = "Failed", None
+            vm.power_state = "stopped" if vm.never_allocated else "running"
+            if vm.never_allocated:
+                self._release(vm)
             self.note(vm, "failed", vm.failure.code, at=at)
         else:
             vm.provisioning_state, vm.power_state = "Succeeded", "running"

@@ -3,8 +3,8 @@
 Pure functions over `rebalancer.model` values. The rules (DESIGN.md section 2):
 
 - Count per configured zone, zones without VMs included. *Total* = every VM that is not
-  being deleted and did not fail provisioning (deallocated VMs count); *active* = provisioned
-  and not deallocated or stopped.
+  being deleted and did not fail for lack of capacity (deallocated VMs, and VMs whose
+  extensions failed, count); *active* = provisioned and not deallocated or stopped.
 - Balanced = the totals differ by at most 1.
 - A move goes from the zone with the most VMs to the zone with the fewest, and only while
   the receiving zone has fewer active VMs than the giving zone, so a move never worsens the
@@ -148,7 +148,7 @@ class Assessment:
     """What the evaluator concluded about one scale set in one observation.
 
     `zones` are the counts now; `projected` the counts once every planned move is done.
-    `excluded` lists the ids of VMs that do not count (being deleted or failed).
+    `excluded` lists the ids of VMs that do not count (being deleted or never allocated).
     """
 
     ref: ScaleSetRef
@@ -189,7 +189,8 @@ def zone_key(zone: str) -> tuple[int, int | str]:
 def zone_counts(scale_set: ScaleSet, instances: Iterable[Instance]) -> dict[str, ZoneCount]:
     """Total and active VMs per configured zone, ordered by zone name, empty zones included.
 
-    VMs being deleted or failed, and VMs outside the configured zones, are not counted.
+    VMs being deleted or never allocated, and VMs outside the configured zones, are not
+    counted.
     """
     zones = sorted(set(scale_set.zones), key=zone_key)
     totals = dict.fromkeys(zones, 0)

@@ -20,6 +20,19 @@ _SCALE_SET_ID = re.compile(
 )
 
 
+ALLOCATION_FAILURES = frozenset(
+    code.lower()
+    for code in (
+        "ZonalAllocationFailed",
+        "AllocationFailed",
+        "OverconstrainedZonalAllocationRequest",
+        "OverconstrainedAllocationRequest",
+        "SkuNotAvailable",
+    )
+)
+"""Failure codes of a VM that never got capacity (Azure found no room for it)."""
+
+
 class OrchestrationMode(StrEnum):
     UNIFORM = "Uniform"
     FLEXIBLE = "Flexible"
@@ -148,6 +161,8 @@ class Instance:
     protect_from_scale_set_actions: bool = False
     latest_model: bool = True
     created: datetime | None = None
+    failure: str | None = None
+    """The code of a failed provisioning (`ProvisioningState/failed/<code>`), if any."""
 
     @property
     def protected(self) -> bool:
@@ -166,9 +181,16 @@ class Instance:
         return self.power_state in (PowerState.DEALLOCATED, PowerState.DEALLOCATING)
 
     @property
+    def allocation_failed(self) -> bool:
+        """Failed because Azure had no capacity for it: the VM never existed."""
+        return self.failed and (self.failure or "").lower() in ALLOCATION_FAILURES
+
+    @property
     def counts(self) -> bool:
-        """Counts as capacity of its zone (active or deallocated); deleting/failed do not."""
-        return not (self.deleting or self.failed)
+        """Counts as capacity of its zone: active, deallocated, or created with failed
+        extensions (Azure's zone balancing counts those too). VMs being deleted and VMs
+        that never got capacity do not."""
+        return not (self.deleting or self.allocation_failed)
 
     @property
     def active(self) -> bool:

@@ -121,6 +121,7 @@ class Reason(StrEnum):
     DELETE_REQUESTED = "delete_requested"
     MOVES_DONE = "moves_done"
     NO_CAPACITY_IN_TARGET_ZONE = "no_capacity_in_target_zone"
+    NEW_VM_FAILED = "new_vm_failed"
     NOTHING_TO_KEEP = "nothing_to_keep"
     ROLLBACK_DONE = "rollback_done"
     CAPACITY_CHANGED = "capacity_changed"
@@ -168,6 +169,11 @@ _REASONS: Mapping[Reason, str] = MappingProxyType(
         Reason.NO_CAPACITY_IN_TARGET_ZONE: (
             "No new VM landed in an under-provisioned zone (that zone is likely short of capacity "
             "for this size); deleting the new VMs and backing off the zone before trying again."
+        ),
+        Reason.NEW_VM_FAILED: (
+            "The new VMs were created in the wanted zone but failed to provision (for example "
+            "an extension failed to deploy); they are deleted. The zone had capacity, so it is "
+            "not backed off; check the scale set's extensions before the next move."
         ),
         Reason.NOTHING_TO_KEEP: (
             "No move could be completed safely (the new VMs never became healthy while their "
@@ -676,14 +682,17 @@ def _scaling_out(
             needs[target] -= 1
         else:
             discarded.append(vm.id)
-    placed = ", ".join(f"{i.id} in zone {i.zone} ({i.provisioning_state})" for i in new) or "none"
+    placed = ", ".join(_placed(i) for i in new) or "none"
     if not kept:
         if timed_out and provisioning:
             return _roll_back(record, view, policy, now, Reason.SCALE_OUT_TIMEOUT, placed)
         detail = f"wanted zone(s) {', '.join(record.target_zones)}; new VMs: {placed}"
+        short = _short_zones(record, new)
+        if not short:
+            return _roll_back(record, view, policy, now, Reason.NEW_VM_FAILED, detail)
         backoffs = tuple(
             BackOffZone(record.location, record.sku, zone, Reason.NO_CAPACITY_IN_TARGET_ZONE.value)
-            for zone in record.target_zones
+            for zone in short
         )
         return _roll_back(
             record, view, policy, now, Reason.NO_CAPACITY_IN_TARGET_ZONE, detail, backoffs
@@ -701,6 +710,29 @@ def _scaling_out(
     return _transition(
         record, State.AWAITING_HEALTH, now, Reason.NEW_VMS_PLACED, detail, again=True
     )
+
+
+def _placed(vm: Instance) -> str:
+    state = vm.provisioning_state + (f": {vm.failure}" if vm.failure else "")
+    return f"{vm.id} in zone {vm.zone} ({state})"
+
+
+def _short_zones(record: OperationRecord, new: Sequence[Instance]) -> tuple[str, ...]:
+    """Target zones that showed a lack of capacity, when no new VM can be kept.
+
+    An allocation error names its zone (a regional one, or one outside the targets, all of
+    them); a VM that Azure's best-effort placement put outside the targets says the targets
+    had no room. A VM created in a target zone that failed for another reason (an extension)
+    shows the zone had room: that alone backs off nothing.
+    """
+    targets = record.target_zones
+    short: set[str] = set()
+    for vm in new:
+        if vm.allocation_failed:
+            short.update([vm.zone] if vm.zone in targets else targets)
+        elif vm.zone not in targets:
+            short.update(targets)
+    return tuple(zone for zone in targets if zone in short)
 
 
 def _receiving_zone(

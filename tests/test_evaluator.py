@@ -76,11 +76,11 @@ def test_zone_counts_include_empty_zones_in_zone_order() -> None:
     assert counts == {"2": ZoneCount(0, 0), "3": ZoneCount(2, 2), "10": ZoneCount(0, 0)}
 
 
-def test_deleting_and_failed_vms_do_not_count_and_are_listed() -> None:
+def test_deleting_and_allocation_failed_vms_do_not_count_and_are_listed() -> None:
     instances = (
         vm(0, "1"),
         vm(1, "1", state="Deleting"),
-        vm(2, "2", state="Failed"),
+        vm(2, "2", state="Failed", failure="ZonalAllocationFailed"),
         vm(3, "2"),
         vm(4, "3", state="Creating"),
         vm(5, "3", power=PowerState.STOPPED),
@@ -88,6 +88,17 @@ def test_deleting_and_failed_vms_do_not_count_and_are_listed() -> None:
     result = assess(inventory(instances))
     assert result.zones == {"1": ZoneCount(1, 1), "2": ZoneCount(1, 1), "3": ZoneCount(2, 0)}
     assert result.excluded == ("1", "2")
+
+
+def test_vms_whose_extensions_failed_count_like_deallocated_ones() -> None:
+    """Azure's zone-balancing page: a VM created whose extensions failed to deploy still
+    counts toward zone balance; it is not active, so it is never a source."""
+    failed = vm(2, "2", state="Failed", failure="VMExtensionProvisioningError")
+    instances = (vm(0, "1"), vm(1, "2"), failed, vm(3, "3"))
+    result = assess(inventory(instances))
+    assert result.zones == {"1": ZoneCount(1, 1), "2": ZoneCount(2, 1), "3": ZoneCount(1, 1)}
+    assert result.balanced and result.excluded == ()
+    assert eligible_sources(instances, "2") == (instances[1],)
 
 
 @pytest.mark.parametrize(

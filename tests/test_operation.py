@@ -56,6 +56,7 @@ def vm(
     power: PowerState = PowerState.RUNNING,
     state: str = "Succeeded",
     protected: bool = False,
+    failure: str | None = None,
 ) -> Instance:
     return Instance(
         id=vm_id,
@@ -65,6 +66,7 @@ def vm(
         power_state=power,
         health=health,
         protect_from_scale_in=protected,
+        failure=failure,
     )
 
 
@@ -81,6 +83,8 @@ class Fleet:
     zone_room: dict[str, int] = field(default_factory=dict)
     """Zones listed here can take only that many more VMs (capacity shortage)."""
     never_healthy: set[str] = field(default_factory=set)
+    extension_fails: set[str] = field(default_factory=set)
+    """New VMs whose extensions fail: created, then `Failed` with VMExtensionProvisioningError."""
     delete_ticks: int = 1
     """Ticks a deleting VM stays before it is gone (a terminate notification makes it longer)."""
     next_id: int = 100
@@ -145,8 +149,11 @@ class Fleet:
             self.next_id += 1
             zone = self._place()
             state = "Creating" if zone is not None else "Failed"
+            failure = None if zone is not None else "ZonalAllocationFailed"
             zone = zone or self._fewest(self.zones)
-            self.instances[vm_id] = vm(vm_id, zone, health=Health.NOT_REPORTED, state=state)
+            self.instances[vm_id] = vm(
+                vm_id, zone, health=Health.NOT_REPORTED, state=state, failure=failure
+            )
         if self.capacity > capacity:  # a scale-in by someone else: highest ids go
             candidates = [i for i in self.instances.values() if not i.deleting and not i.protected]
             candidates.sort(key=Instance.sort_id, reverse=True)
@@ -190,6 +197,10 @@ class Fleet:
                     if vm_id in self.capacity_pending:
                         self.capacity_pending.discard(vm_id)
                         self.capacity -= 1
+            elif instance.provisioning_state == "Creating" and vm_id in self.extension_fails:
+                self.instances[vm_id] = replace(
+                    instance, provisioning_state="Failed", failure="VMExtensionProvisioningError"
+                )
             elif instance.provisioning_state == "Creating":
                 self.instances[vm_id] = replace(
                     instance, provisioning_state="Succeeded", health=Health.INITIALIZING
@@ -334,6 +345,32 @@ def test_allocation_failure_everywhere_rolls_back_the_failed_vm():
     record = run.until_done(run.start())
     assert record.state is State.ROLLED_BACK
     assert run.deleted() == {"100"} and "100" not in fleet.instances
+
+
+def test_allocation_failure_in_the_target_zone_backs_off_that_zone_only():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3}, zone_room={"1": 0, "2": 0, "3": 0})
+    run = Run(fleet)
+    record = run.until_done(run.start())
+    assert record.state is State.ROLLED_BACK
+    assert record.history[1].reason is Reason.NO_CAPACITY_IN_TARGET_ZONE
+    assert "ZonalAllocationFailed" in record.history[1].detail
+    assert run.of(BackOffZone) == [
+        BackOffZone("westeurope", "Standard_D2s_v5", "1", "no_capacity_in_target_zone")
+    ]
+
+
+def test_new_vm_whose_extensions_failed_is_removed_without_backing_off_the_zone():
+    """The zone had room (the VM was created there): a failed replacement, not a capacity
+    shortage. The VM counts toward balance until it is gone, so it is removed."""
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3}, extension_fails={"100"})
+    run = Run(fleet)
+    record = run.until_done(run.start())
+    assert record.state is State.ROLLED_BACK
+    assert record.history[1].reason is Reason.NEW_VM_FAILED
+    assert "VMExtensionProvisioningError" in record.history[1].detail
+    assert run.of(BackOffZone) == []
+    assert run.deleted() == {"100"} and "100" not in fleet.instances
+    assert fleet.totals() == (1, 3, 3) and fleet.capacity == 7
 
 
 def test_new_vm_never_healthy_and_healthy_source_deletes_the_new_vm():
@@ -797,7 +834,7 @@ def test_flexible_vm_names_flow_through_as_ids():
 # --- against armsim, through the real Compute adapter and SDK ------------------------------
 
 
-def drive_on_armsim(spec, policy=POLICY, capacity=(), step=60.0, disturb=None):
+def drive_on_armsim(spec, policy=POLICY, capacity=(), step=60.0, disturb=None, faults=()):
     """Run one operation against armsim: observe with the real adapter, advance, act.
 
     `disturb(sim, record)` runs once, as an outside actor, when the record is awaiting health.
@@ -808,6 +845,8 @@ def drive_on_armsim(spec, policy=POLICY, capacity=(), step=60.0, disturb=None):
     from tests.stack import compute_for, settings_for
 
     with ArmSim.start(Scenario(scale_sets=(spec,), capacity=capacity)) as sim:
+        for rule in faults:
+            sim.faults.add(rule)
         compute = compute_for(sim, settings_for(sim))
         try:
             ref = ScaleSetRef.parse(sim.scale_set(spec.resource_group, spec.name).id)
@@ -869,6 +908,21 @@ def test_armsim_zone_without_capacity_rolls_back(mode):
     no_room = (ZoneCapacity("westeurope", "Standard_D2s_v5", "1", 0),)
     record, deleted, final = drive_on_armsim(spec, capacity=no_room)
     assert record.state is State.ROLLED_BACK
+    assert deleted == list(record.created) and final.zone_counts() == {"1": 1, "2": 3, "3": 3}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["Uniform", "Flexible"])
+def test_armsim_new_vm_with_a_failed_extension_is_removed_without_backoff(mode):
+    from armsim import ScaleSetSpec
+    from armsim.faults import FaultRule
+
+    spec = ScaleSetSpec("web", "rg", mode=mode, counts={"1": 1, "2": 3, "3": 3})
+    failing = FaultRule("provisioning_failure", code="VMExtensionProvisioningError", count=1)
+    record, deleted, final = drive_on_armsim(spec, faults=(failing,))
+    assert record.state is State.ROLLED_BACK
+    assert record.history[1].reason is Reason.NEW_VM_FAILED
+    assert "VMExtensionProvisioningError" in record.history[1].detail
     assert deleted == list(record.created) and final.zone_counts() == {"1": 1, "2": 3, "3": 3}
 
 
