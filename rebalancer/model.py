@@ -53,8 +53,12 @@ class PowerState(StrEnum):
 class Health(StrEnum):
     """`HealthState/*` codes reported by the Application Health extension or an LB probe.
 
-    `NOT_REPORTED` means the instance view carried no health at all (no monitoring, or the
-    VM is too young to report); the core treats it like `unknown`: not healthy.
+    Health is three-valued in every decision: observed healthy (`HEALTHY`), observed
+    unhealthy (`UNHEALTHY`), or not known (`UNKNOWN`, `INITIALIZING`, and `NOT_REPORTED`:
+    the instance view carried no health at all). Only observed health justifies an act: a
+    new VM must be seen healthy, a source seen unhealthy (see `Instance.observed_unhealthy`).
+    The extension's binary mode knows only healthy and unhealthy (a warming VM reads
+    unhealthy); its rich mode adds initializing and unknown.
     """
 
     HEALTHY = "healthy"
@@ -204,6 +208,11 @@ class Instance:
     @property
     def healthy(self) -> bool:
         return self.active and self.health is Health.HEALTHY
+
+    @property
+    def observed_unhealthy(self) -> bool:
+        """Seen unhealthy (`HealthState/unhealthy`), not merely not seen healthy."""
+        return self.health is Health.UNHEALTHY
 
     def sort_id(self) -> tuple[int, int | str]:
         """Numeric instance ids sort numerically, names lexically after them."""

@@ -17,9 +17,10 @@ are present in the observation it was decided on, and each decision is re-derive
 observation rather than from what the last invocation believed it did.
 
 Safety rules enforced here (DESIGN.md section 2):
-- a source is deleted only together with a healthy replacement, or when the source itself is
-  unhealthy and its replacement timed out (the platform's rule), so the number of healthy
-  active VMs never drops because of a delete of ours;
+- a source is deleted only together with a healthy replacement, or when the source itself was
+  observed unhealthy and its replacement timed out (the platform's rule; a health that is not
+  reported is not unhealthy), so the number of healthy active VMs never drops because of a
+  delete of ours;
 - a protected VM, a VM not in the latest observation, or a VM we did not create or choose is
   never deleted; sources are re-chosen from the current observation right before the delete;
 - any capacity we did not set, or VMs we did not ask for, end the operation `superseded`
@@ -903,9 +904,10 @@ class _Choice:
 def _choose_sources(record: OperationRecord, view: _View) -> _Choice:
     """Pair each kept new VM with a source from the current most over-provisioned zone.
 
-    Timed-out (unhealthy) new VMs go first: they may take an unhealthy source (the platform's
-    rule: delete the unhealthy source, keep the new VM); facing a healthy source they are
-    discarded instead and the source stays. Healthy new VMs take the next best source. A new VM
+    Timed-out (unhealthy) new VMs go first: they may take a source observed unhealthy (the
+    platform's rule: delete the unhealthy source, keep the new VM); facing a source that is
+    healthy, or whose health is not known, they are discarded instead and the source stays.
+    Healthy new VMs take the next best source. A new VM
     with no source that a move may take (protected, deallocated, or a zone not fuller than the
     new VM's) is discarded, which leaves the scale set as it was for that move.
     """
@@ -936,8 +938,11 @@ def _choose_sources(record: OperationRecord, view: _View) -> _Choice:
         if candidate is None:
             drop(vm, "no eligible source in a fuller zone")
             continue
-        if not vm.healthy and candidate.healthy:
-            drop(vm, f"{vm.health} at the health deadline, source {candidate.id} is healthy")
+        if not vm.healthy and not candidate.observed_unhealthy:
+            drop(
+                vm,
+                f"{vm.health} at the health deadline, source {candidate.id} is {candidate.health}",
+            )
             continue
         taken.add(candidate.id)
         kept.append(vm.id)

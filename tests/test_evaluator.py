@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from rebalancer.evaluator import (
@@ -224,6 +226,29 @@ def test_ineligible_scale_sets_are_skipped_with_a_named_reason(scale, reason) ->
 def test_uniform_with_a_load_balancer_probe_is_eligible() -> None:
     scale = scale_set(monitoring=HealthMonitoring.LOAD_BALANCER_PROBE)
     assert assess(inventory(BALANCED_FLEET, scale)).decision is Decision.MOVE
+
+
+@pytest.mark.parametrize(
+    ("mode", "read_path"),
+    [
+        (OrchestrationMode.UNIFORM, "virtualMachineScaleSets/web/virtualMachines"),
+        (OrchestrationMode.FLEXIBLE, "virtualMachineScaleSet/id"),
+    ],
+)
+def test_health_never_reported_is_a_named_skip_naming_the_read_path(mode, read_path) -> None:
+    """Monitoring is configured but no VM reports vmHealth where the app reads it: a new VM
+    could never be confirmed healthy, and no source is known to be unhealthy."""
+    silent = tuple(replace(i, health=Health.NOT_REPORTED) for i in BALANCED_FLEET)
+    result = assess(inventory(silent, scale_set(mode=mode)))
+    assert result.decision is Decision.SKIP
+    assert result.reason is Reason.HEALTH_NOT_REPORTED
+    assert read_path in result.detail and "vmHealth" in result.detail
+
+
+def test_one_vm_reporting_health_is_enough_to_observe_it() -> None:
+    silent = [replace(i, health=Health.NOT_REPORTED) for i in BALANCED_FLEET]
+    silent[0] = replace(silent[0], health=Health.UNHEALTHY)
+    assert assess(inventory(silent)).reason is Reason.MOVES_PLANNED
 
 
 @pytest.mark.parametrize("zone", [None, "4"])

@@ -394,6 +394,18 @@ def test_new_vm_never_healthy_and_unhealthy_source_deletes_the_source():
     assert fleet.healthy() == 6  # as before: the unhealthy source was not counted
 
 
+def test_new_vm_never_healthy_and_a_source_whose_health_is_not_known_keeps_the_source():
+    """Health is three-valued: a source is deleted beside an unhealthy replacement only when
+    it was observed unhealthy, never because its health was not reported."""
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3}, never_healthy={"100"})
+    fleet.add(replace(fleet.instances["6"], health=Health.NOT_REPORTED))
+    run = Run(fleet, step_minutes=20)
+    record = run.until_done(run.start())
+    assert record.state is State.ROLLED_BACK
+    assert any(t.reason is Reason.HEALTH_TIMEOUT for t in record.history)
+    assert run.deleted() == {"100"} and "6" in fleet.instances
+
+
 def test_health_deadline_is_the_policy_timeout():
     fleet = Fleet.of({"1": 1, "2": 3, "3": 3}, never_healthy={"100"})
     run = Run(fleet, policy=OperationPolicy(health_timeout=timedelta(minutes=30)))
