@@ -522,15 +522,25 @@ class Api:
 
     def _vmss_vm_list(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         ss = self.world.find_scale_set(params["rg"], params["name"])
+        vms = [vm for vm in ss.vms.values() if not vm.gone]
         if ss.mode == "Flexible":
-            raise _not_allowed_on_flexible("VirtualMachineScaleSets.virtualMachines.GET", ss.name)
+            return self._page(request, vms, render.bare_scale_set_vm)
         expand = self._expand(request)
         now = self.world.now
-        vms = [vm for vm in ss.vms.values() if not vm.gone]
-        return self._page(request, vms, lambda vm: render.scale_set_vm(vm, now, expand))
+        health = ss.mode in self.sim.scenario.vm_health_in_lists
+        return self._page(
+            request, vms, lambda vm: render.scale_set_vm(vm, now, expand, health=health)
+        )
 
     def _vmss_vm_get(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         vm = self.world.find_scale_set_vm(params["rg"], params["name"], params["instance"])
+        version = request.query.get("api-version", "")
+        if vm.scale_set.mode == "Flexible" and version[:10] < FLEXIBLE_VMSS_VM_API:
+            raise bad_request(
+                f"Getting a VM of Flexible scale set {vm.scale_set.name} through the scale set "
+                f"VM API needs api-version {FLEXIBLE_VMSS_VM_API} or later; got {version}.",
+                "OperationNotAllowed",
+            )
         return Reply(200, render.scale_set_vm(vm, self.world.now, self._expand(request)))
 
     def _vmss_vm_get_instance_view(
@@ -584,7 +594,10 @@ class Api:
                 )
             vms = self.world.vms_in(params["rg"])
         now = self.world.now
-        return self._page(request, vms, lambda vm: render.virtual_machine(vm, now, expand))
+        health = "Flexible" in self.sim.scenario.vm_health_in_lists
+        return self._page(
+            request, vms, lambda vm: render.virtual_machine(vm, now, expand, health=health)
+        )
 
     def _vms_of_scale_set(self, scale_set_id: str, group: str) -> list[Any]:
         parts = scale_set_id.strip("/").split("/")
@@ -651,6 +664,10 @@ class Api:
         if op.result == "vmss" and op.scale_set is not None and not op.scale_set.deleted:
             return Reply(200, render.scale_set(op.scale_set))
         return Reply(200, None)
+
+
+FLEXIBLE_VMSS_VM_API = "2023-09-01"
+"""Oldest api-version whose scale-set-VM GET takes a Flexible VM's name as instance id."""
 
 
 def _not_allowed_on_flexible(operation: str, name: str) -> ArmError:

@@ -132,6 +132,8 @@ class ScaleSetState:
     unique_id: str
     created: datetime
     provisioning_state: str = "Succeeded"
+    health_states: str = "rich"
+    """The health extension's mode: `rich` (four states) or `binary` (healthy/unhealthy)."""
     vms: dict[str, Vm] = field(default_factory=dict)
     next_instance_id: int = 0
     model_op: Operation | None = None

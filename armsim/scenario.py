@@ -31,6 +31,7 @@ HEALTH_VALUES = ("healthy", "unhealthy", "unknown", "initializing")
 POWER_VALUES = ("running", "stopped", "deallocated")
 PROVISIONING_VALUES = ("Succeeded", "Creating", "Failed")
 MONITORING_VALUES = ("extension", "probe", "none")
+HEALTH_STATES_VALUES = ("rich", "binary")
 MODES = ("Uniform", "Flexible")
 
 
@@ -106,6 +107,10 @@ class ScaleSetSpec:
     """`scheduledEventsProfile.terminateNotificationProfile.notBeforeTimeout`, when enabled."""
     new_vm_health: str = "healthy"
     """What new VMs become after the health delay: healthy, unhealthy, unknown, initializing."""
+    health_states: str = "rich"
+    """The Application Health extension's mode: `rich` reports healthy, unhealthy,
+    initializing and unknown; `binary` only healthy and unhealthy (a VM still warming up,
+    or one whose state is unknown, reads unhealthy)."""
     provisioning_state: str = "Succeeded"
     overrides: tuple[VmOverride, ...] = ()
 
@@ -153,6 +158,10 @@ class Scenario:
     throttling: bool = False
     page_size: int = 100
     """Items per page of list answers (the rest comes through `nextLink`)."""
+    vm_health_in_lists: tuple[str, ...] = MODES
+    """Orchestration modes whose VM list answers with `$expand=instanceView` carry
+    `vmHealth` (the VMSS-VM list for Uniform, the virtualMachines list for Flexible). Leave a
+    mode out to model health that never surfaces on that read path."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -293,6 +302,11 @@ def _validate(scenario: Scenario) -> None:
     sku_names = {sku.name.lower() for sku in scenario.skus}
     if scenario.page_size < 1:
         raise ScenarioError(f"page_size must be >= 1, got {scenario.page_size}")
+    unknown_modes = set(scenario.vm_health_in_lists) - set(MODES)
+    if unknown_modes:
+        raise ScenarioError(
+            f"vm_health_in_lists may name only {MODES}, got {sorted(unknown_modes)}"
+        )
     for index, spec in enumerate(scenario.scale_sets):
         where = f"scale_sets[{index}] ({spec.name})"
         if spec.key in seen:
@@ -308,6 +322,11 @@ def _validate(scenario: Scenario) -> None:
         if spec.mode == "Flexible" and spec.health_monitoring == "probe":
             raise ScenarioError(
                 f"{where}: Flexible scale sets support only the health extension, not 'probe'"
+            )
+        if spec.health_states not in HEALTH_STATES_VALUES:
+            raise ScenarioError(
+                f"{where}: health_states must be one of {HEALTH_STATES_VALUES}, "
+                f"got {spec.health_states!r}"
             )
         if spec.new_vm_health not in HEALTH_VALUES:
             raise ScenarioError(

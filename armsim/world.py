@@ -154,6 +154,7 @@ class World:
             zone_balance=spec.zone_balance,
             terminate_notification_seconds=spec.terminate_notification_seconds,
             new_vm_health=spec.new_vm_health,
+            health_states=spec.health_states,
             created=self.now - timedelta(days=30),
         )
         ss.provisioning_state = spec.provisioning_state

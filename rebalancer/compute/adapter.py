@@ -489,6 +489,8 @@ class ComputeAdapter:
         return arm.parse_instances([vm.as_dict() for vm in pages], OrchestrationMode.UNIFORM)
 
     def _flexible_instances(self, ref: ScaleSetRef) -> tuple[Instance, ...]:
+        """The read path for Flexible VMs: the virtualMachines list filtered on the scale set,
+        with instance views (the scale-set VM list answers bare items for Flexible sets)."""
         pages = self.client.virtual_machines.list(
             ref.resource_group,
             filter=f"'virtualMachineScaleSet/id' eq '{ref.id}'",
@@ -501,8 +503,10 @@ class ComputeAdapter:
     def _verify_flexible_protection(self, inventory: Inventory, to_act: bool) -> Inventory:
         """Read instance protection of the Flexible VMs a move could delete, and re-plan.
 
-        The virtualMachines list has no `protectionPolicy`, and Azure refuses the scale-set VM
-        *list* on Flexible sets; only the scale-set VM GET (VM name as instance id) shows it.
+        The virtualMachines list has no `protectionPolicy`, and Azure answers the scale-set VM
+        *list* of a Flexible set with bare items (names, no properties); only the scale-set VM
+        GET with the VM name as instance id shows it (api-version 2023-09-01 or later; the
+        SDK's default is newer).
         Rather than one GET per VM, only possible sources are read: the planned ones, and
         (`to_act`) the first `source_candidates` eligible VMs of every zone an in-flight
         operation could take its sources from, because it re-chooses them from this
