@@ -23,6 +23,7 @@ from armsim.events import OBJECT_ID_CLAIM
 from armsim.faults import REQUEST_KINDS
 from armsim.resources import VM_TYPE, VMSS_TYPE, Caller, Operation
 from armsim.throttling import throttle_error_for_fault
+from armsim.world import check_if_match
 
 if TYPE_CHECKING:
     from armsim.testing import ArmSim
@@ -475,20 +476,28 @@ class Api:
 
     def _vmss_get(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         ss = self.world.find_scale_set(params["rg"], params["name"])
-        return Reply(200, render.scale_set(ss))
+        return Reply(200, render.scale_set(ss), {"ETag": ss.etag})
 
     def _vmss_update(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         ss = self.world.find_scale_set(params["rg"], params["name"])
-        op = self.world.update_scale_set(ss, self._json(request), caller)
-        return self._lro(request, op, 200, render.scale_set(ss))
+        body = self._json(request)
+        op = self.world.update_scale_set(ss, body, caller, request.headers.get("if-match"))
+        reply = self._lro(request, op, 200, render.scale_set(ss))
+        reply.headers["ETag"] = ss.etag
+        return reply
 
     def _vmss_create_or_update(
         self, request: Request, params: Mapping[str, str], caller: Caller
     ) -> Reply:
         body = self._json(request)
+        existing = self.world.scale_sets.get(f"{params['rg']}/{params['name']}".lower())
+        if existing is not None and not existing.deleted:
+            check_if_match(existing, request.headers.get("if-match"))
         op, created = self.world.create_scale_set(params["rg"], params["name"], body, caller)
         ss = self.world.find_scale_set(params["rg"], params["name"])
-        return self._lro(request, op, 201 if created else 200, render.scale_set(ss))
+        reply = self._lro(request, op, 201 if created else 200, render.scale_set(ss))
+        reply.headers["ETag"] = ss.etag
+        return reply
 
     def _vmss_delete(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         ss = self.world.find_scale_set(params["rg"], params["name"])

@@ -143,6 +143,7 @@ def scale_set(ss: ScaleSetState) -> dict[str, Any]:
         "location": ss.location,
         "tags": dict(ss.tags),
         "sku": {"name": ss.sku, "tier": "Standard", "capacity": ss.capacity},
+        "etag": ss.etag,
         "properties": properties,
     }
     if ss.zones:

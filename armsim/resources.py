@@ -134,6 +134,8 @@ class ScaleSetState:
     provisioning_state: str = "Succeeded"
     health_states: str = "rich"
     """The health extension's mode: `rich` (four states) or `binary` (healthy/unhealthy)."""
+    version: int = 1
+    """Bumped by every write of the model or the capacity; the ETag is `"<version>"`."""
     vms: dict[str, Vm] = field(default_factory=dict)
     next_instance_id: int = 0
     model_op: Operation | None = None
@@ -152,6 +154,10 @@ class ScaleSetState:
     @property
     def key(self) -> str:
         return f"{self.resource_group}/{self.name}".lower()
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
 
     def members(self) -> list[Vm]:
         """VMs that hold a place in `sku.capacity` (everything not being deleted)."""

@@ -244,6 +244,7 @@ def parse_scale_set(doc: Mapping[str, Any]) -> ScaleSet:
         tags=_tags(_get(doc, "tags")),
         zone_balance=_flag(_prop(doc, "zoneBalance")),
         terminate_notification=_terminate_notification(doc),
+        etag=_text(_get(doc, "etag")) or None,
     )
 
 

@@ -137,6 +137,8 @@ class ScaleSet:
     zone_balance: bool = False
     terminate_notification: timedelta | None = None
     """`scheduledEventsProfile.terminateNotificationProfile.notBeforeTimeout` when enabled."""
+    etag: str | None = None
+    """The model's ETag in this read: a write decided on it is sent with `If-Match`."""
 
     def tag(self, name: str) -> str | None:
         """Tag value by case-insensitive name (ARM tag names are case-insensitive)."""

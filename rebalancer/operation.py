@@ -258,9 +258,12 @@ class Transition:
 
 @dataclass(frozen=True, slots=True)
 class SetCapacity:
-    """PATCH `sku.capacity` to this absolute value (idempotent)."""
+    """PATCH `sku.capacity` to this absolute value (idempotent), only while the scale set is
+    as it was read (`If-Match: etag`): an absolute capacity written over someone else's change
+    would turn their scale-out into a scale-in whose victims Azure picks."""
 
     capacity: int
+    etag: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,11 +479,13 @@ def start(
         baseline=baseline,
         target_capacity=target,
     )
-    step = _begin_scale_out(record, now, policy)
+    step = _begin_scale_out(record, now, policy, scale_set.etag)
     return step.record, step.commands
 
 
-def _begin_scale_out(record: OperationRecord, now: datetime, policy: OperationPolicy) -> Step:
+def _begin_scale_out(
+    record: OperationRecord, now: datetime, policy: OperationPolicy, etag: str | None
+) -> Step:
     detail = (
         f"capacity {record.baseline.capacity} -> {record.target_capacity} for {record.k} of "
         f"{record.moves_needed} move(s) into zone(s) {', '.join(record.target_zones)}"
@@ -492,7 +497,7 @@ def _begin_scale_out(record: OperationRecord, now: datetime, policy: OperationPo
         last_request_at=now,
     )
     record = _enter(record, State.SCALING_OUT, now, Reason.SCALE_OUT_REQUESTED, detail)
-    return Step(record, (SetCapacity(record.target_capacity), _notify(record)))
+    return Step(record, (SetCapacity(record.target_capacity, etag), _notify(record)))
 
 
 def scale_out_rejected(record: OperationRecord, error: str, now: datetime) -> OperationRecord:
@@ -543,7 +548,7 @@ def advance(
         detail = "provisioningState is Deleting"
         step = _finish(current, now, State.SUPERSEDED, Reason.SCALE_SET_DELETED, detail)
     elif current.state is State.PLANNED:
-        step = _begin_scale_out(current, now, policy)
+        step = _begin_scale_out(current, now, policy, observation.scale_set.etag)
     elif current.state is State.SCALING_OUT:
         step = _scaling_out(current, view, policy, now, stand_down)
     elif current.state is State.AWAITING_HEALTH:
@@ -791,7 +796,7 @@ def _scale_out_not_visible(
         )
         return _finish(record, now, State.FAILED, Reason.SCALE_OUT_NOT_APPLIED, detail)
     record = replace(record, attempts=record.attempts + 1, last_request_at=now)
-    return Step(record, (SetCapacity(record.target_capacity),))
+    return Step(record, (SetCapacity(record.target_capacity, view.scale_set.etag),))
 
 
 def _repeat_due(record: OperationRecord, policy: OperationPolicy, now: datetime) -> bool:

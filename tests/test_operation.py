@@ -300,6 +300,14 @@ def test_1_3_3_becomes_balanced_with_one_move():
     assert [n.kind for n in run.of(Notify)][-1] == "operation.succeeded"
 
 
+def test_the_capacity_write_carries_the_etag_of_the_read_it_was_decided_on():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    inventory = fleet.inventory(T0)
+    inventory = replace(inventory, scale_set=replace(inventory.scale_set, etag='"7"'))
+    _, commands = start(inventory, assess(inventory), POLICY, T0, "op-1")
+    assert SetCapacity(8, etag='"7"') in commands
+
+
 def test_0_2_4_with_max_surge_2_moves_two_at_once():
     fleet = Fleet.of({"2": 2, "3": 4})
     run = Run(fleet, policy=OperationPolicy(max_surge=2))

@@ -632,13 +632,22 @@ class ComputeAdapter:
             **fields,
         )
 
-    def set_capacity(self, ref: ScaleSetRef, capacity: int) -> ArmCall:
+    def set_capacity(self, ref: ScaleSetRef, capacity: int, *, etag: str | None = None) -> ArmCall:
         """Start `PATCH sku.capacity = capacity` and return without waiting. Absolute, hence
-        safe to repeat; `operation_status` follows it."""
+        safe to repeat; `operation_status` follows it.
+
+        `etag`: the scale set's ETag in the read the capacity was decided on, sent as
+        `If-Match`. When the set changed since, ARM answers 412 and nothing is written: a
+        `conflict` error with code `PreconditionFailed`; read again and decide again."""
         self._own(ref)
         if capacity < 0:
             raise AdapterError(ErrorKind.INVALID, f"capacity must be >= 0, got {capacity}", ref=ref)
+        from azure.core import MatchConditions
         from azure.mgmt.compute.models import Sku, VirtualMachineScaleSetUpdate
+
+        conditional: dict[str, Any] = {}
+        if etag:
+            conditional = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
 
         def begin(hook: Callable[[Any], None]) -> Any:
             return self.client.virtual_machine_scale_sets.begin_update(
@@ -648,6 +657,7 @@ class ComputeAdapter:
                 polling=False,
                 raw_response_hook=hook,
                 headers=_correlation_headers(),
+                **conditional,
             )
 
         return self._start(
