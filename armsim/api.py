@@ -422,10 +422,14 @@ class Api:
             f"{request.base_url}/subscriptions/{self.world.subscription_id}/providers/"
             f"Microsoft.Compute/locations/{op.location}/operations/{op.id}"
         )
-        headers = {
-            "Azure-AsyncOperation": f"{base}?p={op.id}&api-version={version}",
-            "Location": f"{base}?p={op.id}&monitor=true&api-version={version}",
-        }
+        scenario = self.sim.scenario
+        headers: dict[str, str] = {}
+        if scenario.lro_headers in ("both", "async"):
+            headers["Azure-AsyncOperation"] = f"{base}?p={op.id}&api-version={version}"
+        if scenario.lro_headers in ("both", "location"):
+            headers["Location"] = f"{base}?p={op.id}&monitor=true&api-version={version}"
+        if scenario.lro_retry_after is not None:
+            headers["Retry-After"] = str(scenario.lro_retry_after)
         return Reply(status, body, headers)
 
     def _page(self, request: Request, items: list[Any], render_item: Callable) -> Reply:
@@ -666,10 +670,12 @@ class Api:
         op = self.world.operations.get(params["op"])
         if op is None:
             raise entity_not_found()
+        wait = self.sim.scenario.lro_retry_after
+        pending = {} if op.done or wait is None else {"Retry-After": str(wait)}
         if request.query.get("monitor", "").lower() != "true":
-            return Reply(200, render.operation_status(op))
+            return Reply(200, render.operation_status(op), pending)
         if not op.done:
-            return Reply(202, None, {"Location": request.url})
+            return Reply(202, None, {"Location": request.url, **pending})
         if op.result == "vmss" and op.scale_set is not None and not op.scale_set.deleted:
             return Reply(200, render.scale_set(op.scale_set))
         return Reply(200, None)

@@ -32,6 +32,7 @@ POWER_VALUES = ("running", "stopped", "deallocated")
 PROVISIONING_VALUES = ("Succeeded", "Creating", "Failed")
 MONITORING_VALUES = ("extension", "probe", "none")
 HEALTH_STATES_VALUES = ("rich", "binary")
+LRO_HEADER_VALUES = ("both", "async", "location")
 MODES = ("Uniform", "Flexible")
 
 
@@ -158,6 +159,13 @@ class Scenario:
     throttling: bool = False
     page_size: int = 100
     """Items per page of list answers (the rest comes through `nextLink`)."""
+    lro_headers: str = "both"
+    """Headers a long-running write is answered with: `both` (`Azure-AsyncOperation` and
+    `Location`, as Compute answers), `async` (`Azure-AsyncOperation` only, as recorded for a
+    scale set PUT) or `location` (`Location` only, which the ARM async spec allows)."""
+    lro_retry_after: int | None = None
+    """`Retry-After` seconds on long-running answers and unfinished status polls; Compute's
+    recorded answers carry none, so none by default."""
     vm_health_in_lists: tuple[str, ...] = MODES
     """Orchestration modes whose VM list answers with `$expand=instanceView` carry
     `vmHealth` (the VMSS-VM list for Uniform, the virtualMachines list for Flexible). Leave a
@@ -302,6 +310,12 @@ def _validate(scenario: Scenario) -> None:
     sku_names = {sku.name.lower() for sku in scenario.skus}
     if scenario.page_size < 1:
         raise ScenarioError(f"page_size must be >= 1, got {scenario.page_size}")
+    if scenario.lro_headers not in LRO_HEADER_VALUES:
+        raise ScenarioError(
+            f"lro_headers must be one of {LRO_HEADER_VALUES}, got {scenario.lro_headers!r}"
+        )
+    if scenario.lro_retry_after is not None and scenario.lro_retry_after < 0:
+        raise ScenarioError(f"lro_retry_after must be >= 0, got {scenario.lro_retry_after}")
     unknown_modes = set(scenario.vm_health_in_lists) - set(MODES)
     if unknown_modes:
         raise ScenarioError(

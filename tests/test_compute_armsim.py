@@ -205,6 +205,29 @@ def test_capacity_write_is_conditional_on_the_etag_it_was_decided_on() -> None:
         assert sim.scale_set("rg-web", "web").capacity == 11
 
 
+def test_a_write_answered_with_location_only_is_polled_not_taken_as_done() -> None:
+    """The ARM async spec allows a 200/201/202 with only `Location`: that is not finished."""
+    scenario = Scenario(scale_sets=(UNIFORM,), lro_headers="location")
+    with ArmSim.start(scenario) as sim, adapter_for(sim) as adapter:
+        call = adapter.set_capacity(ref(sim, "rg-web", "web"), 9)
+        assert call.status_code == 200 and call.async_operation_url is None
+        assert call.location_url and not call.synchronous
+        assert adapter.operation_status(call).state is OperationState.IN_PROGRESS
+        sim.advance(600)
+        assert adapter.operation_status(call).state is OperationState.SUCCEEDED
+
+
+def test_retry_after_on_status_polls_is_passed_on() -> None:
+    scenario = Scenario(scale_sets=(UNIFORM,), lro_retry_after=17)
+    with ArmSim.start(scenario) as sim, adapter_for(sim) as adapter:
+        call = adapter.set_capacity(ref(sim, "rg-web", "web"), 9)
+        status = adapter.operation_status(call)
+        assert status.state is OperationState.IN_PROGRESS and status.retry_after == 17
+        sim.advance(600)
+        done = adapter.operation_status(call)
+        assert done.state is OperationState.SUCCEEDED and done.retry_after is None
+
+
 def test_delete_instances_uniform_ids_and_flexible_names_idempotently() -> None:
     with ArmSim.start(Scenario(scale_sets=(UNIFORM, FLEXIBLE))) as sim, adapter_for(sim) as adapter:
         uniform = ref(sim, "rg-web", "web")

@@ -31,6 +31,7 @@ from rebalancer.compute.errors import (
     classify,
     from_exception,
     from_response,
+    parse_retry_after,
 )
 from rebalancer.compute.pipeline import BudgetExhausted, GovernedRetryPolicy
 from rebalancer.model import Instance, Inventory, OrchestrationMode, ScaleSet, ScaleSetRef
@@ -125,6 +126,8 @@ class OperationStatus:
 
     state: OperationState
     error: AdapterError | None = None
+    retry_after: float | None = None
+    """Seconds the status answer asked to wait before the next poll (`Retry-After`)."""
 
     @property
     def done(self) -> bool:
@@ -628,7 +631,8 @@ class ComputeAdapter:
                 getattr(response.request, "headers", None), "x-ms-client-request-id"
             ),
             async_operation_url=_header(headers, "Azure-AsyncOperation"),
-            location_url=_header(headers, "Location") if response.status_code == 202 else None,
+            # A write answered with only `Location` (any 2xx) is not finished: poll it.
+            location_url=_header(headers, "Location"),
             **fields,
         )
 
@@ -838,11 +842,13 @@ class ComputeAdapter:
                 error.message = f"the operation's status is no longer available: {error.message}"
                 return OperationStatus(OperationState.FAILED, error)
             raise error
+        wait = parse_retry_after(_header(headers, "Retry-After"))
         if not call.async_operation_url:  # Location polling: 202 running, 200/204 done
             if status == 202:
-                return OperationStatus(OperationState.IN_PROGRESS)
+                return OperationStatus(OperationState.IN_PROGRESS, retry_after=wait)
             return OperationStatus(OperationState.SUCCEEDED)
-        return _status_from_document(response.json() if body else {}, ref)
+        result = _status_from_document(response.json() if body else {}, ref)
+        return replace(result, retry_after=wait) if not result.done else result
 
     # -- quota ----------------------------------------------------------------------------
 
