@@ -424,9 +424,9 @@ class Api:
         )
         scenario = self.sim.scenario
         headers: dict[str, str] = {}
-        if scenario.lro_headers in ("both", "async"):
+        if scenario.lro_headers == "compute":
             headers["Azure-AsyncOperation"] = f"{base}?p={op.id}&api-version={version}"
-        if scenario.lro_headers in ("both", "location"):
+        if scenario.lro_headers == "location" or status == 202:
             headers["Location"] = f"{base}?p={op.id}&monitor=true&api-version={version}"
         if scenario.lro_retry_after is not None:
             headers["Retry-After"] = str(scenario.lro_retry_after)

@@ -32,7 +32,7 @@ POWER_VALUES = ("running", "stopped", "deallocated")
 PROVISIONING_VALUES = ("Succeeded", "Creating", "Failed")
 MONITORING_VALUES = ("extension", "probe", "none")
 HEALTH_STATES_VALUES = ("rich", "binary")
-LRO_HEADER_VALUES = ("both", "async", "location")
+LRO_HEADER_VALUES = ("compute", "location")
 MODES = ("Uniform", "Flexible")
 
 
@@ -159,10 +159,10 @@ class Scenario:
     throttling: bool = False
     page_size: int = 100
     """Items per page of list answers (the rest comes through `nextLink`)."""
-    lro_headers: str = "both"
-    """Headers a long-running write is answered with: `both` (`Azure-AsyncOperation` and
-    `Location`, as Compute answers), `async` (`Azure-AsyncOperation` only, as recorded for a
-    scale set PUT) or `location` (`Location` only, which the ARM async spec allows)."""
+    lro_headers: str = "compute"
+    """Headers a long-running write is answered with: `compute` (as recorded from Compute:
+    `Azure-AsyncOperation`, plus `Location` on a 202) or `location` (`Location` only, which
+    the ARM async spec allows)."""
     lro_retry_after: int | None = None
     """`Retry-After` seconds on long-running answers and unfinished status polls; Compute's
     recorded answers carry none, so none by default."""
