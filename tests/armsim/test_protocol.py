@@ -109,7 +109,7 @@ def test_delete_instances_answers_202(sim: ArmSim) -> None:
     )
     assert response.status_code == 202
     assert response.content == b""
-    assert "Azure-AsyncOperation" in response.headers
+    assert "Azure-AsyncOperation" in response.headers and "Location" in response.headers
 
 
 def test_unknown_paths_and_methods(sim: ArmSim) -> None:
