@@ -23,6 +23,7 @@ from armsim.events import OBJECT_ID_CLAIM
 from armsim.faults import REQUEST_KINDS
 from armsim.resources import VM_TYPE, VMSS_TYPE, Caller, Operation
 from armsim.throttling import throttle_error_for_fault
+from armsim.world import check_if_match
 
 if TYPE_CHECKING:
     from armsim.testing import ArmSim
@@ -421,10 +422,14 @@ class Api:
             f"{request.base_url}/subscriptions/{self.world.subscription_id}/providers/"
             f"Microsoft.Compute/locations/{op.location}/operations/{op.id}"
         )
-        headers = {
-            "Azure-AsyncOperation": f"{base}?p={op.id}&api-version={version}",
-            "Location": f"{base}?p={op.id}&monitor=true&api-version={version}",
-        }
+        scenario = self.sim.scenario
+        headers: dict[str, str] = {}
+        if scenario.lro_headers == "compute":
+            headers["Azure-AsyncOperation"] = f"{base}?p={op.id}&api-version={version}"
+        if scenario.lro_headers == "location" or status == 202:
+            headers["Location"] = f"{base}?p={op.id}&monitor=true&api-version={version}"
+        if scenario.lro_retry_after is not None:
+            headers["Retry-After"] = str(scenario.lro_retry_after)
         return Reply(status, body, headers)
 
     def _page(self, request: Request, items: list[Any], render_item: Callable) -> Reply:
@@ -475,20 +480,28 @@ class Api:
 
     def _vmss_get(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         ss = self.world.find_scale_set(params["rg"], params["name"])
-        return Reply(200, render.scale_set(ss))
+        return Reply(200, render.scale_set(ss), {"ETag": ss.etag})
 
     def _vmss_update(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         ss = self.world.find_scale_set(params["rg"], params["name"])
-        op = self.world.update_scale_set(ss, self._json(request), caller)
-        return self._lro(request, op, 200, render.scale_set(ss))
+        body = self._json(request)
+        op = self.world.update_scale_set(ss, body, caller, request.headers.get("if-match"))
+        reply = self._lro(request, op, 200, render.scale_set(ss))
+        reply.headers["ETag"] = ss.etag
+        return reply
 
     def _vmss_create_or_update(
         self, request: Request, params: Mapping[str, str], caller: Caller
     ) -> Reply:
         body = self._json(request)
+        existing = self.world.scale_sets.get(f"{params['rg']}/{params['name']}".lower())
+        if existing is not None and not existing.deleted:
+            check_if_match(existing, request.headers.get("if-match"))
         op, created = self.world.create_scale_set(params["rg"], params["name"], body, caller)
         ss = self.world.find_scale_set(params["rg"], params["name"])
-        return self._lro(request, op, 201 if created else 200, render.scale_set(ss))
+        reply = self._lro(request, op, 201 if created else 200, render.scale_set(ss))
+        reply.headers["ETag"] = ss.etag
+        return reply
 
     def _vmss_delete(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         ss = self.world.find_scale_set(params["rg"], params["name"])
@@ -522,15 +535,25 @@ class Api:
 
     def _vmss_vm_list(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         ss = self.world.find_scale_set(params["rg"], params["name"])
+        vms = [vm for vm in ss.vms.values() if not vm.gone]
         if ss.mode == "Flexible":
-            raise _not_allowed_on_flexible("VirtualMachineScaleSets.virtualMachines.GET", ss.name)
+            return self._page(request, vms, render.bare_scale_set_vm)
         expand = self._expand(request)
         now = self.world.now
-        vms = [vm for vm in ss.vms.values() if not vm.gone]
-        return self._page(request, vms, lambda vm: render.scale_set_vm(vm, now, expand))
+        health = ss.mode in self.sim.scenario.vm_health_in_lists
+        return self._page(
+            request, vms, lambda vm: render.scale_set_vm(vm, now, expand, health=health)
+        )
 
     def _vmss_vm_get(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         vm = self.world.find_scale_set_vm(params["rg"], params["name"], params["instance"])
+        version = request.query.get("api-version", "")
+        if vm.scale_set.mode == "Flexible" and version[:10] < FLEXIBLE_VMSS_VM_API:
+            raise bad_request(
+                f"Getting a VM of Flexible scale set {vm.scale_set.name} through the scale set "
+                f"VM API needs api-version {FLEXIBLE_VMSS_VM_API} or later; got {version}.",
+                "OperationNotAllowed",
+            )
         return Reply(200, render.scale_set_vm(vm, self.world.now, self._expand(request)))
 
     def _vmss_vm_get_instance_view(
@@ -584,7 +607,10 @@ class Api:
                 )
             vms = self.world.vms_in(params["rg"])
         now = self.world.now
-        return self._page(request, vms, lambda vm: render.virtual_machine(vm, now, expand))
+        health = "Flexible" in self.sim.scenario.vm_health_in_lists
+        return self._page(
+            request, vms, lambda vm: render.virtual_machine(vm, now, expand, health=health)
+        )
 
     def _vms_of_scale_set(self, scale_set_id: str, group: str) -> list[Any]:
         parts = scale_set_id.strip("/").split("/")
@@ -644,13 +670,19 @@ class Api:
         op = self.world.operations.get(params["op"])
         if op is None:
             raise entity_not_found()
+        wait = self.sim.scenario.lro_retry_after
+        pending = {} if op.done or wait is None else {"Retry-After": str(wait)}
         if request.query.get("monitor", "").lower() != "true":
-            return Reply(200, render.operation_status(op))
+            return Reply(200, render.operation_status(op), pending)
         if not op.done:
-            return Reply(202, None, {"Location": request.url})
+            return Reply(202, None, {"Location": request.url, **pending})
         if op.result == "vmss" and op.scale_set is not None and not op.scale_set.deleted:
             return Reply(200, render.scale_set(op.scale_set))
         return Reply(200, None)
+
+
+FLEXIBLE_VMSS_VM_API = "2023-09-01"
+"""Oldest api-version whose scale-set-VM GET takes a Flexible VM's name as instance id."""
 
 
 def _not_allowed_on_flexible(operation: str, name: str) -> ArmError:

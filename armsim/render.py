@@ -143,6 +143,7 @@ def scale_set(ss: ScaleSetState) -> dict[str, Any]:
         "location": ss.location,
         "tags": dict(ss.tags),
         "sku": {"name": ss.sku, "tier": "Standard", "capacity": ss.capacity},
+        "etag": ss.etag,
         "properties": properties,
     }
     if ss.zones:
@@ -164,7 +165,16 @@ def _status(code: str, display: str, at: datetime | None, level: str = "Info") -
     return status
 
 
-def instance_view(vm: Vm, now: datetime) -> dict[str, Any]:
+def reported_health(vm: Vm) -> str | None:
+    """The health the extension reports: binary mode knows only healthy and unhealthy, so a
+    VM still initializing (or unknown) reads unhealthy there."""
+    if vm.health is None or vm.scale_set.health_states != "binary":
+        return vm.health
+    return "healthy" if vm.health == "healthy" else "unhealthy"
+
+
+def instance_view(vm: Vm, now: datetime, *, health: bool = True) -> dict[str, Any]:
+    """`health=False`: without `vmHealth`, as a list answer that does not surface it."""
     statuses: list[dict[str, Any]] = []
     state = vm.provisioning_state
     if state == "Failed":
@@ -178,7 +188,7 @@ def instance_view(vm: Vm, now: datetime) -> dict[str, Any]:
         statuses.append(_status("ProvisioningState/succeeded", "Provisioning succeeded", now))
     else:
         statuses.append(_status(f"ProvisioningState/{state.lower()}", state, None))
-    if state != "Failed":
+    if not vm.never_allocated:
         statuses.append(_status(f"PowerState/{vm.power_state}", _POWER_TEXT[vm.power_state], None))
     view: dict[str, Any] = {
         "platformUpdateDomain": 0,
@@ -201,9 +211,10 @@ def instance_view(vm: Vm, now: datetime) -> dict[str, Any]:
                 }
             ],
         }
-    if vm.health is not None:
+    reported = reported_health(vm)
+    if reported is not None and health:
         view["vmHealth"] = {
-            "status": _status(f"HealthState/{vm.health}", _HEALTH_TEXT[vm.health], now)
+            "status": _status(f"HealthState/{reported}", _HEALTH_TEXT[reported], now)
         }
     return view
 
@@ -240,7 +251,7 @@ def _os_and_network(vm: Vm) -> dict[str, Any]:
     }
 
 
-def scale_set_vm(vm: Vm, now: datetime, expand: bool) -> dict[str, Any]:
+def scale_set_vm(vm: Vm, now: datetime, expand: bool, *, health: bool = True) -> dict[str, Any]:
     """A VM as the VMSS-VM API shows it (Uniform, or Flexible by VM name)."""
     ss = vm.scale_set
     properties: dict[str, Any] = {
@@ -258,7 +269,7 @@ def scale_set_vm(vm: Vm, now: datetime, expand: bool) -> dict[str, Any]:
             "protectFromScaleSetActions": vm.protect_from_scale_set_actions,
         }
     if expand:
-        properties["instanceView"] = instance_view(vm, now)
+        properties["instanceView"] = instance_view(vm, now, health=health)
     body: dict[str, Any] = {
         "name": vm.name,
         "id": f"{ss.resource_id}/virtualMachines/{vm.instance_id}",
@@ -274,7 +285,20 @@ def scale_set_vm(vm: Vm, now: datetime, expand: bool) -> dict[str, Any]:
     return body
 
 
-def virtual_machine(vm: Vm, now: datetime, expand: bool) -> dict[str, Any]:
+def bare_scale_set_vm(vm: Vm) -> dict[str, Any]:
+    """A Flexible VM in the scale-set-VM *list*: Azure answers it with items that carry no
+    properties (no instance view, no protection); the VM's own APIs have those."""
+    ss = vm.scale_set
+    return {
+        "name": vm.name,
+        "id": f"{ss.resource_id}/virtualMachines/{vm.instance_id}",
+        "type": f"{VMSS_TYPE}/virtualMachines",
+        "location": ss.location,
+        "instanceId": vm.instance_id,
+    }
+
+
+def virtual_machine(vm: Vm, now: datetime, expand: bool, *, health: bool = True) -> dict[str, Any]:
     """A Flexible scale set's VM as the virtualMachines API shows it (no protectionPolicy)."""
     ss = vm.scale_set
     properties: dict[str, Any] = {
@@ -286,7 +310,7 @@ def virtual_machine(vm: Vm, now: datetime, expand: bool) -> dict[str, Any]:
         "timeCreated": iso(vm.created),
     }
     if expand:
-        properties["instanceView"] = instance_view(vm, now)
+        properties["instanceView"] = instance_view(vm, now, health=health)
     body: dict[str, Any] = {
         "name": vm.name,
         "id": vm.resource_id,

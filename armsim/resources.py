@@ -17,6 +17,17 @@ VMSS_TYPE = "Microsoft.Compute/virtualMachineScaleSets"
 VM_TYPE = "Microsoft.Compute/virtualMachines"
 DEFAULT_LIMIT = 100_000
 
+ALLOCATION_FAILURES = frozenset(
+    code.lower()
+    for code in (
+        "ZonalAllocationFailed",
+        "AllocationFailed",
+        "OverconstrainedZonalAllocationRequest",
+        "OverconstrainedAllocationRequest",
+        "SkuNotAvailable",
+    )
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Caller:
@@ -74,8 +85,19 @@ class Vm:
     waiters: set[Operation] = field(default_factory=set)
 
     @property
+    def never_allocated(self) -> bool:
+        """Failed for lack of capacity: the VM never got a host (no power state, no slot)."""
+        return (
+            self.provisioning_state == "Failed"
+            and self.failure is not None
+            and self.failure.code.lower() in ALLOCATION_FAILURES
+        )
+
+    @property
     def counts(self) -> bool:
-        return self.provisioning_state not in ("Deleting", "Failed") and not self.gone
+        """Counts toward zone balance as Azure counts it: a VM whose extensions failed does,
+        one that never got capacity does not (Azure's "Zone balancing" page)."""
+        return self.provisioning_state != "Deleting" and not self.never_allocated and not self.gone
 
     @property
     def resource_id(self) -> str:
@@ -110,6 +132,10 @@ class ScaleSetState:
     unique_id: str
     created: datetime
     provisioning_state: str = "Succeeded"
+    health_states: str = "rich"
+    """The health extension's mode: `rich` (four states) or `binary` (healthy/unhealthy)."""
+    version: int = 1
+    """Bumped by every write of the model or the capacity; the ETag is `"<version>"`."""
     vms: dict[str, Vm] = field(default_factory=dict)
     next_instance_id: int = 0
     model_op: Operation | None = None
@@ -128,6 +154,10 @@ class ScaleSetState:
     @property
     def key(self) -> str:
         return f"{self.resource_group}/{self.name}".lower()
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
 
     def members(self) -> list[Vm]:
         """VMs that hold a place in `sku.capacity` (everything not being deleted)."""

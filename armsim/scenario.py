@@ -32,6 +32,8 @@ HEALTH_VALUES = ("healthy", "unhealthy", "unknown", "initializing")
 POWER_VALUES = ("running", "stopped", "deallocated")
 PROVISIONING_VALUES = ("Succeeded", "Creating", "Failed")
 MONITORING_VALUES = ("extension", "probe", "none")
+HEALTH_STATES_VALUES = ("rich", "binary")
+LRO_HEADER_VALUES = ("compute", "location")
 MODES = ("Uniform", "Flexible")
 
 
@@ -110,6 +112,10 @@ class ScaleSetSpec:
     """`scheduledEventsProfile.terminateNotificationProfile.notBeforeTimeout`, when enabled."""
     new_vm_health: str = "healthy"
     """What new VMs become after the health delay: healthy, unhealthy, unknown, initializing."""
+    health_states: str = "rich"
+    """The Application Health extension's mode: `rich` reports healthy, unhealthy,
+    initializing and unknown; `binary` only healthy and unhealthy (a VM still warming up,
+    or one whose state is unknown, reads unhealthy)."""
     provisioning_state: str = "Succeeded"
     overrides: tuple[VmOverride, ...] = ()
 
@@ -160,6 +166,17 @@ class Scenario:
     write counters); `legacy`: the older names with a window (`GetVMScaleSet3Min`)."""
     page_size: int = 100
     """Items per page of list answers (the rest comes through `nextLink`)."""
+    lro_headers: str = "compute"
+    """Headers a long-running write is answered with: `compute` (as recorded from Compute:
+    `Azure-AsyncOperation`, plus `Location` on a 202) or `location` (`Location` only, which
+    the ARM async spec allows)."""
+    lro_retry_after: int | None = None
+    """`Retry-After` seconds on long-running answers and unfinished status polls; Compute's
+    recorded answers carry none, so none by default."""
+    vm_health_in_lists: tuple[str, ...] = MODES
+    """Orchestration modes whose VM list answers with `$expand=instanceView` carry
+    `vmHealth` (the VMSS-VM list for Uniform, the virtualMachines list for Flexible). Leave a
+    mode out to model health that never surfaces on that read path."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -305,6 +322,17 @@ def _validate(scenario: Scenario) -> None:
             f"throttle_header_style must be one of {HEADER_STYLES}, "
             f"got {scenario.throttle_header_style!r}"
         )
+    if scenario.lro_headers not in LRO_HEADER_VALUES:
+        raise ScenarioError(
+            f"lro_headers must be one of {LRO_HEADER_VALUES}, got {scenario.lro_headers!r}"
+        )
+    if scenario.lro_retry_after is not None and scenario.lro_retry_after < 0:
+        raise ScenarioError(f"lro_retry_after must be >= 0, got {scenario.lro_retry_after}")
+    unknown_modes = set(scenario.vm_health_in_lists) - set(MODES)
+    if unknown_modes:
+        raise ScenarioError(
+            f"vm_health_in_lists may name only {MODES}, got {sorted(unknown_modes)}"
+        )
     for index, spec in enumerate(scenario.scale_sets):
         where = f"scale_sets[{index}] ({spec.name})"
         if spec.key in seen:
@@ -320,6 +348,11 @@ def _validate(scenario: Scenario) -> None:
         if spec.mode == "Flexible" and spec.health_monitoring == "probe":
             raise ScenarioError(
                 f"{where}: Flexible scale sets support only the health extension, not 'probe'"
+            )
+        if spec.health_states not in HEALTH_STATES_VALUES:
+            raise ScenarioError(
+                f"{where}: health_states must be one of {HEALTH_STATES_VALUES}, "
+                f"got {spec.health_states!r}"
             )
         if spec.new_vm_health not in HEALTH_VALUES:
             raise ScenarioError(

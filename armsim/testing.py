@@ -28,7 +28,15 @@ from armsim.clock import Clock, VirtualClock
 from armsim.errors import OperationFailure
 from armsim.events import EventFacts, EventSink, HttpEventDelivery, build_event
 from armsim.faults import Faults
-from armsim.resources import VMSS_TYPE, Caller, Operation, ScaleSetState, Vm, VmChange
+from armsim.resources import (
+    ALLOCATION_FAILURES,
+    VMSS_TYPE,
+    Caller,
+    Operation,
+    ScaleSetState,
+    Vm,
+    VmChange,
+)
 from armsim.scenario import ScaleSetSpec, Scenario
 from armsim.server import SimHTTPServer, make_certificates
 from armsim.throttling import Throttle
@@ -59,7 +67,11 @@ class VmView:
 
     @property
     def counts(self) -> bool:
-        return self.provisioning_state not in ("Deleting", "Failed")
+        """As Azure's zone balance counts: not being deleted, not failed for lack of capacity."""
+        if self.provisioning_state == "Deleting":
+            return False
+        failed = self.provisioning_state == "Failed"
+        return not (failed and (self.failure_code or "").lower() in ALLOCATION_FAILURES)
 
 
 @dataclass(frozen=True, slots=True)

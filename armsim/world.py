@@ -154,6 +154,7 @@ class World:
             zone_balance=spec.zone_balance,
             terminate_notification_seconds=spec.terminate_notification_seconds,
             new_vm_health=spec.new_vm_health,
+            health_states=spec.health_states,
             created=self.now - timedelta(days=30),
         )
         ss.provisioning_state = spec.provisioning_state
@@ -198,7 +199,7 @@ class World:
                 self.after(
                     self.now, self.timings.create, lambda at, vm=vm: self._provisioned(vm, at)
                 )
-            elif vm.provisioning_state == "Failed":
+            elif vm.never_allocated:
                 self._release(vm)
 
     def _rename_flexible_vm(self, vm: Vm, name: str) -> None:
@@ -219,7 +220,7 @@ class World:
             if override.provisioning_state == "Creating":
                 vm.power_state, vm.health = "starting", None
             elif override.provisioning_state == "Failed":
-                vm.power_state, vm.health = "stopped", None
+                vm.power_state, vm.health = "running", None
                 vm.failure = OperationFailure(
                     "VMExtensionProvisioningError", "VM has reported a failure."
                 )
@@ -547,8 +548,12 @@ class World:
                 fault.rule.message or "VM has reported a failure when processing extension.",
             )
         if vm.failure is not None:
-            vm.provisioning_state, vm.power_state, vm.health = "Failed", "stopped", None
-            self._release(vm)
+            # An allocation failure never started; a VM whose extension failed was created and
+            # runs (it keeps its slot and counts toward zone balance), reporting no health.
+            vm.provisioning_state, vm.health = "Failed", None
+            vm.power_state = "stopped" if vm.never_allocated else "running"
+            if vm.never_allocated:
+                self._release(vm)
             self.note(vm, "failed", vm.failure.code, at=at)
         else:
             vm.provisioning_state, vm.power_state = "Succeeded", "running"
@@ -603,6 +608,7 @@ class World:
 
     def _begin_model_write(self, ss: ScaleSetState, caller: Caller) -> Operation:
         """Start a write of the scale set's model (PUT or PATCH); it owns `ss.model_op`."""
+        ss.version += 1
         op = self.begin(
             "write",
             f"{VMSS_TYPE}/write",
@@ -652,10 +658,19 @@ class World:
             self.after(self.now, self.timings.create, lambda at, vm=vm: self._provisioned(vm, at))
 
     def update_scale_set(
-        self, ss: ScaleSetState, body: Mapping[str, Any], caller: Caller
+        self,
+        ss: ScaleSetState,
+        body: Mapping[str, Any],
+        caller: Caller,
+        if_match: str | None = None,
     ) -> Operation:
-        """PATCH: capacity, tags, zones and the policies the rebalancer reads."""
+        """PATCH: capacity, tags, zones and the policies the rebalancer reads.
+
+        `if_match` (the request's `If-Match`): the write happens only while the scale set's
+        ETag is that one (or `*`); otherwise `412 PreconditionFailed`, nothing changes.
+        """
         self._writable(ss)
+        check_if_match(ss, if_match)
         sku = body.get("sku") or {}
         new_capacity = sku.get("capacity")
         if new_capacity is not None:
@@ -820,6 +835,7 @@ class World:
         op = self.begin(
             "action", f"{VMSS_TYPE}/delete/action", ss.resource_id, ss.location, caller, ss
         )
+        ss.version += 1
         for vm in vms:
             if vm.provisioning_state != "Deleting":
                 ss.capacity = max(0, ss.capacity - 1)
@@ -868,6 +884,7 @@ class World:
         name = f"{VM_TYPE}/delete" if flexible_api else f"{VMSS_TYPE}/virtualMachines/delete"
         op = self.begin("delete", name, vm.resource_id, ss.location, caller, None)
         if vm.provisioning_state != "Deleting":
+            ss.version += 1
             ss.capacity = max(0, ss.capacity - 1)
         self.start_delete(vm, op, self.now)
         self.check(op, self.now)
@@ -944,6 +961,18 @@ class World:
             if outcome != "initializing":
                 self.after(self.now, self.timings.health, lambda t: self._health(vm, outcome, t))
         self.note(vm, "power", "running")
+
+
+def check_if_match(ss: ScaleSetState, if_match: str | None) -> None:
+    """ARM's optimistic concurrency on a scale set write (`If-Match`)."""
+    if if_match is None or if_match.strip() in ("*", ss.etag):
+        return
+    raise ArmError(
+        412,
+        "PreconditionFailed",
+        f"The condition specified using HTTP conditional header(s) is not met: If-Match "
+        f"{if_match} does not match the current ETag {ss.etag} of scale set {ss.name}.",
+    )
 
 
 def _allocation_failure(ss: ScaleSetState, zone: str | None) -> OperationFailure:

@@ -315,6 +315,8 @@ class ScenarioRun:
                     ),
                     platform_rebalancing=rng.random() < 0.05,
                     terminate_notification_seconds=rng.choice((None, None, 300)),
+                    # both health extension modes, without drawing from the seeded stream
+                    health_states=("rich", "binary")[j % 2],
                     overrides=tuple(overrides),
                 )
             )

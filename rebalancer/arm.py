@@ -244,6 +244,7 @@ def parse_scale_set(doc: Mapping[str, Any]) -> ScaleSet:
         tags=_tags(_get(doc, "tags")),
         zone_balance=_flag(_prop(doc, "zoneBalance")),
         terminate_notification=_terminate_notification(doc),
+        etag=_text(_get(doc, "etag")) or None,
     )
 
 
@@ -260,6 +261,17 @@ def _status_codes(instance_view: Any) -> dict[str, str]:
         if rest and group not in codes:
             codes[group] = rest.split("/", 1)[0]
     return codes
+
+
+def _failure_code(instance_view: Any) -> str | None:
+    """The code of `ProvisioningState/failed/<code>` (e.g. `VMExtensionProvisioningError`)."""
+    statuses = _get(instance_view, "statuses")
+    for status in statuses if isinstance(statuses, list) else ():
+        group, _, rest = (_text(_get(status, "code")) or "").partition("/")
+        state, _, code = rest.partition("/")
+        if group == "ProvisioningState" and state.lower() == "failed":
+            return code or None
+    return None
 
 
 def _power_state(value: str | None) -> PowerState:
@@ -357,6 +369,7 @@ def parse_instance(doc: Mapping[str, Any], mode: OrchestrationMode) -> Instance:
         protect_from_scale_set_actions=_flag(_get(protection, "protectFromScaleSetActions")),
         latest_model=True if latest is None else _flag(latest),
         created=parse_time(_prop(doc, "timeCreated")),
+        failure=_failure_code(instance_view),
     )
 
 

@@ -3,8 +3,8 @@
 Pure functions over `rebalancer.model` values. The rules (DESIGN.md section 2):
 
 - Count per configured zone, zones without VMs included. *Total* = every VM that is not
-  being deleted and did not fail provisioning (deallocated VMs count); *active* = provisioned
-  and not deallocated or stopped.
+  being deleted and did not fail for lack of capacity (deallocated VMs, and VMs whose
+  extensions failed, count); *active* = provisioned and not deallocated or stopped.
 - Balanced = the totals differ by at most 1.
 - A move goes from the zone with the most VMs to the zone with the fewest, and only while
   the receiving zone has fewer active VMs than the giving zone, so a move never worsens the
@@ -74,6 +74,7 @@ class Reason(StrEnum):
     PLATFORM_REBALANCING = "platform_rebalancing"
     NO_SKU = "no_sku"
     NO_HEALTH_MONITORING = "no_health_monitoring"
+    HEALTH_NOT_REPORTED = "health_not_reported"
     SCALE_SET_DELETING = "scale_set_deleting"
     SCALE_SET_NOT_SUCCEEDED = "scale_set_not_succeeded"
     INSTANCES_OUTSIDE_ZONES = "instances_outside_zones"
@@ -118,6 +119,13 @@ _DESCRIPTIONS: Mapping[Reason, str] = MappingProxyType(
             "confirmed healthy before its source is deleted. Add the Application Health "
             "extension (Uniform: or a load balancer health probe)."
         ),
+        Reason.HEALTH_NOT_REPORTED: (
+            "Health monitoring is configured, but no running VM reports vmHealth in the "
+            "instance views the rebalancer reads, so a new VM could never be confirmed healthy "
+            "and no VM is known to be unhealthy. Check that the Application Health extension "
+            "is installed and reporting on the VMs (a load balancer probe does not always "
+            "surface there); the set is assessed again on every audit."
+        ),
         Reason.SCALE_SET_DELETING: "The scale set is being deleted; it is left alone.",
         Reason.SCALE_SET_NOT_SUCCEEDED: (
             "The scale set's provisioning state is not Succeeded (an update is running or "
@@ -148,7 +156,7 @@ class Assessment:
     """What the evaluator concluded about one scale set in one observation.
 
     `zones` are the counts now; `projected` the counts once every planned move is done.
-    `excluded` lists the ids of VMs that do not count (being deleted or failed).
+    `excluded` lists the ids of VMs that do not count (being deleted or never allocated).
     """
 
     ref: ScaleSetRef
@@ -189,7 +197,8 @@ def zone_key(zone: str) -> tuple[int, int | str]:
 def zone_counts(scale_set: ScaleSet, instances: Iterable[Instance]) -> dict[str, ZoneCount]:
     """Total and active VMs per configured zone, ordered by zone name, empty zones included.
 
-    VMs being deleted or failed, and VMs outside the configured zones, are not counted.
+    VMs being deleted or never allocated, and VMs outside the configured zones, are not
+    counted.
     """
     zones = sorted(set(scale_set.zones), key=zone_key)
     totals = dict.fromkeys(zones, 0)
@@ -346,6 +355,17 @@ def _ineligibility(scale_set: ScaleSet, instances: tuple[Instance, ...]) -> tupl
     return Reason.BALANCED, ""
 
 
+def health_read_path(scale_set: ScaleSet) -> str:
+    """Where the rebalancer reads VM health: the list it takes instance views from."""
+    if scale_set.mode is OrchestrationMode.FLEXIBLE:
+        return (
+            f"GET /subscriptions/{scale_set.ref.subscription_id}/resourceGroups/"
+            f"{scale_set.ref.resource_group}/providers/Microsoft.Compute/virtualMachines?"
+            f"$filter='virtualMachineScaleSet/id' eq '{scale_set.ref.id}'&$expand=instanceView"
+        )
+    return f"GET {scale_set.ref.id}/virtualMachines?$expand=instanceView"
+
+
 def assess(inventory: Inventory) -> Assessment:
     """Eligibility, zone counts and the move plan for one observed scale set."""
     scale_set = inventory.scale_set
@@ -372,6 +392,12 @@ def assess(inventory: Inventory) -> Assessment:
         return result(reason, detail)
     if balanced:
         return result(Reason.BALANCED, _counts_text(counts))
+    running = [i for i in instances if i.active]
+    if running and all(i.health is Health.NOT_REPORTED for i in running):
+        detail = (
+            f"none of {len(running)} running VM(s) has vmHealth in {health_read_path(scale_set)}"
+        )
+        return result(Reason.HEALTH_NOT_REPORTED, detail)
 
     plan = _plan(scale_set, instances)
     if not plan.moves:

@@ -20,6 +20,19 @@ _SCALE_SET_ID = re.compile(
 )
 
 
+ALLOCATION_FAILURES = frozenset(
+    code.lower()
+    for code in (
+        "ZonalAllocationFailed",
+        "AllocationFailed",
+        "OverconstrainedZonalAllocationRequest",
+        "OverconstrainedAllocationRequest",
+        "SkuNotAvailable",
+    )
+)
+"""Failure codes of a VM that never got capacity (Azure found no room for it)."""
+
+
 class OrchestrationMode(StrEnum):
     UNIFORM = "Uniform"
     FLEXIBLE = "Flexible"
@@ -40,8 +53,12 @@ class PowerState(StrEnum):
 class Health(StrEnum):
     """`HealthState/*` codes reported by the Application Health extension or an LB probe.
 
-    `NOT_REPORTED` means the instance view carried no health at all (no monitoring, or the
-    VM is too young to report); the core treats it like `unknown`: not healthy.
+    Health is three-valued in every decision: observed healthy (`HEALTHY`), observed
+    unhealthy (`UNHEALTHY`), or not known (`UNKNOWN`, `INITIALIZING`, and `NOT_REPORTED`:
+    the instance view carried no health at all). Only observed health justifies an act: a
+    new VM must be seen healthy, a source seen unhealthy (see `Instance.observed_unhealthy`).
+    The extension's binary mode knows only healthy and unhealthy (a warming VM reads
+    unhealthy); its rich mode adds initializing and unknown.
     """
 
     HEALTHY = "healthy"
@@ -120,6 +137,8 @@ class ScaleSet:
     zone_balance: bool = False
     terminate_notification: timedelta | None = None
     """`scheduledEventsProfile.terminateNotificationProfile.notBeforeTimeout` when enabled."""
+    etag: str | None = None
+    """The model's ETag in this read: a write decided on it is sent with `If-Match`."""
 
     def tag(self, name: str) -> str | None:
         """Tag value by case-insensitive name (ARM tag names are case-insensitive)."""
@@ -148,6 +167,8 @@ class Instance:
     protect_from_scale_set_actions: bool = False
     latest_model: bool = True
     created: datetime | None = None
+    failure: str | None = None
+    """The code of a failed provisioning (`ProvisioningState/failed/<code>`), if any."""
 
     @property
     def protected(self) -> bool:
@@ -166,9 +187,16 @@ class Instance:
         return self.power_state in (PowerState.DEALLOCATED, PowerState.DEALLOCATING)
 
     @property
+    def allocation_failed(self) -> bool:
+        """Failed because Azure had no capacity for it: the VM never existed."""
+        return self.failed and (self.failure or "").lower() in ALLOCATION_FAILURES
+
+    @property
     def counts(self) -> bool:
-        """Counts as capacity of its zone (active or deallocated); deleting/failed do not."""
-        return not (self.deleting or self.failed)
+        """Counts as capacity of its zone: active, deallocated, or created with failed
+        extensions (Azure's zone balancing counts those too). VMs being deleted and VMs
+        that never got capacity do not."""
+        return not (self.deleting or self.allocation_failed)
 
     @property
     def active(self) -> bool:
@@ -182,6 +210,11 @@ class Instance:
     @property
     def healthy(self) -> bool:
         return self.active and self.health is Health.HEALTHY
+
+    @property
+    def observed_unhealthy(self) -> bool:
+        """Seen unhealthy (`HealthState/unhealthy`), not merely not seen healthy."""
+        return self.health is Health.UNHEALTHY
 
     def sort_id(self) -> tuple[int, int | str]:
         """Numeric instance ids sort numerically, names lexically after them."""

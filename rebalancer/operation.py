@@ -17,9 +17,10 @@ are present in the observation it was decided on, and each decision is re-derive
 observation rather than from what the last invocation believed it did.
 
 Safety rules enforced here (DESIGN.md section 2):
-- a source is deleted only together with a healthy replacement, or when the source itself is
-  unhealthy and its replacement timed out (the platform's rule), so the number of healthy
-  active VMs never drops because of a delete of ours;
+- a source is deleted only together with a healthy replacement, or when the source itself was
+  observed unhealthy and its replacement timed out (the platform's rule; a health that is not
+  reported is not unhealthy), so the number of healthy active VMs never drops because of a
+  delete of ours;
 - a protected VM, a VM not in the latest observation, or a VM we did not create or choose is
   never deleted; sources are re-chosen from the current observation right before the delete;
 - any capacity we did not set, or VMs we did not ask for, end the operation `superseded`
@@ -121,6 +122,7 @@ class Reason(StrEnum):
     DELETE_REQUESTED = "delete_requested"
     MOVES_DONE = "moves_done"
     NO_CAPACITY_IN_TARGET_ZONE = "no_capacity_in_target_zone"
+    NEW_VM_FAILED = "new_vm_failed"
     NOTHING_TO_KEEP = "nothing_to_keep"
     ROLLBACK_DONE = "rollback_done"
     CAPACITY_CHANGED = "capacity_changed"
@@ -168,6 +170,11 @@ _REASONS: Mapping[Reason, str] = MappingProxyType(
         Reason.NO_CAPACITY_IN_TARGET_ZONE: (
             "No new VM landed in an under-provisioned zone (that zone is likely short of capacity "
             "for this size); deleting the new VMs and backing off the zone before trying again."
+        ),
+        Reason.NEW_VM_FAILED: (
+            "The new VMs were created in the wanted zone but failed to provision (for example "
+            "an extension failed to deploy); they are deleted. The zone had capacity, so it is "
+            "not backed off; check the scale set's extensions before the next move."
         ),
         Reason.NOTHING_TO_KEEP: (
             "No move could be completed safely (the new VMs never became healthy while their "
@@ -251,9 +258,12 @@ class Transition:
 
 @dataclass(frozen=True, slots=True)
 class SetCapacity:
-    """PATCH `sku.capacity` to this absolute value (idempotent)."""
+    """PATCH `sku.capacity` to this absolute value (idempotent), only while the scale set is
+    as it was read (`If-Match: etag`): an absolute capacity written over someone else's change
+    would turn their scale-out into a scale-in whose victims Azure picks."""
 
     capacity: int
+    etag: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,11 +479,13 @@ def start(
         baseline=baseline,
         target_capacity=target,
     )
-    step = _begin_scale_out(record, now, policy)
+    step = _begin_scale_out(record, now, policy, scale_set.etag)
     return step.record, step.commands
 
 
-def _begin_scale_out(record: OperationRecord, now: datetime, policy: OperationPolicy) -> Step:
+def _begin_scale_out(
+    record: OperationRecord, now: datetime, policy: OperationPolicy, etag: str | None
+) -> Step:
     detail = (
         f"capacity {record.baseline.capacity} -> {record.target_capacity} for {record.k} of "
         f"{record.moves_needed} move(s) into zone(s) {', '.join(record.target_zones)}"
@@ -485,7 +497,7 @@ def _begin_scale_out(record: OperationRecord, now: datetime, policy: OperationPo
         last_request_at=now,
     )
     record = _enter(record, State.SCALING_OUT, now, Reason.SCALE_OUT_REQUESTED, detail)
-    return Step(record, (SetCapacity(record.target_capacity), _notify(record)))
+    return Step(record, (SetCapacity(record.target_capacity, etag), _notify(record)))
 
 
 def scale_out_rejected(record: OperationRecord, error: str, now: datetime) -> OperationRecord:
@@ -536,7 +548,7 @@ def advance(
         detail = "provisioningState is Deleting"
         step = _finish(current, now, State.SUPERSEDED, Reason.SCALE_SET_DELETED, detail)
     elif current.state is State.PLANNED:
-        step = _begin_scale_out(current, now, policy)
+        step = _begin_scale_out(current, now, policy, observation.scale_set.etag)
     elif current.state is State.SCALING_OUT:
         step = _scaling_out(current, view, policy, now, stand_down)
     elif current.state is State.AWAITING_HEALTH:
@@ -676,14 +688,17 @@ def _scaling_out(
             needs[target] -= 1
         else:
             discarded.append(vm.id)
-    placed = ", ".join(f"{i.id} in zone {i.zone} ({i.provisioning_state})" for i in new) or "none"
+    placed = ", ".join(_placed(i) for i in new) or "none"
     if not kept:
         if timed_out and provisioning:
             return _roll_back(record, view, policy, now, Reason.SCALE_OUT_TIMEOUT, placed)
         detail = f"wanted zone(s) {', '.join(record.target_zones)}; new VMs: {placed}"
+        short = _short_zones(record, new)
+        if not short:
+            return _roll_back(record, view, policy, now, Reason.NEW_VM_FAILED, detail)
         backoffs = tuple(
             BackOffZone(record.location, record.sku, zone, Reason.NO_CAPACITY_IN_TARGET_ZONE.value)
-            for zone in record.target_zones
+            for zone in short
         )
         return _roll_back(
             record, view, policy, now, Reason.NO_CAPACITY_IN_TARGET_ZONE, detail, backoffs
@@ -701,6 +716,29 @@ def _scaling_out(
     return _transition(
         record, State.AWAITING_HEALTH, now, Reason.NEW_VMS_PLACED, detail, again=True
     )
+
+
+def _placed(vm: Instance) -> str:
+    state = vm.provisioning_state + (f": {vm.failure}" if vm.failure else "")
+    return f"{vm.id} in zone {vm.zone} ({state})"
+
+
+def _short_zones(record: OperationRecord, new: Sequence[Instance]) -> tuple[str, ...]:
+    """Target zones that showed a lack of capacity, when no new VM can be kept.
+
+    An allocation error names its zone (a regional one, or one outside the targets, all of
+    them); a VM that Azure's best-effort placement put outside the targets says the targets
+    had no room. A VM created in a target zone that failed for another reason (an extension)
+    shows the zone had room: that alone backs off nothing.
+    """
+    targets = record.target_zones
+    short: set[str] = set()
+    for vm in new:
+        if vm.allocation_failed:
+            short.update([vm.zone] if vm.zone in targets else targets)
+        elif vm.zone not in targets:
+            short.update(targets)
+    return tuple(zone for zone in targets if zone in short)
 
 
 def _receiving_zone(
@@ -758,7 +796,7 @@ def _scale_out_not_visible(
         )
         return _finish(record, now, State.FAILED, Reason.SCALE_OUT_NOT_APPLIED, detail)
     record = replace(record, attempts=record.attempts + 1, last_request_at=now)
-    return Step(record, (SetCapacity(record.target_capacity),))
+    return Step(record, (SetCapacity(record.target_capacity, view.scale_set.etag),))
 
 
 def _repeat_due(record: OperationRecord, policy: OperationPolicy, now: datetime) -> bool:
@@ -871,9 +909,10 @@ class _Choice:
 def _choose_sources(record: OperationRecord, view: _View) -> _Choice:
     """Pair each kept new VM with a source from the current most over-provisioned zone.
 
-    Timed-out (unhealthy) new VMs go first: they may take an unhealthy source (the platform's
-    rule: delete the unhealthy source, keep the new VM); facing a healthy source they are
-    discarded instead and the source stays. Healthy new VMs take the next best source. A new VM
+    Timed-out (unhealthy) new VMs go first: they may take a source observed unhealthy (the
+    platform's rule: delete the unhealthy source, keep the new VM); facing a source that is
+    healthy, or whose health is not known, they are discarded instead and the source stays.
+    Healthy new VMs take the next best source. A new VM
     with no source that a move may take (protected, deallocated, or a zone not fuller than the
     new VM's) is discarded, which leaves the scale set as it was for that move.
     """
@@ -904,8 +943,11 @@ def _choose_sources(record: OperationRecord, view: _View) -> _Choice:
         if candidate is None:
             drop(vm, "no eligible source in a fuller zone")
             continue
-        if not vm.healthy and candidate.healthy:
-            drop(vm, f"{vm.health} at the health deadline, source {candidate.id} is healthy")
+        if not vm.healthy and not candidate.observed_unhealthy:
+            drop(
+                vm,
+                f"{vm.health} at the health deadline, source {candidate.id} is {candidate.health}",
+            )
             continue
         taken.add(candidate.id)
         kept.append(vm.id)

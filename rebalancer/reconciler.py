@@ -493,7 +493,7 @@ class Reconciler:
                 )
             try:
                 if isinstance(command, op.SetCapacity):
-                    call = self.compute.set_capacity(ref, command.capacity)
+                    call = self.compute.set_capacity(ref, command.capacity, etag=command.etag)
                     record = record.with_arm_call(_call_id("set_capacity", call))
                 elif isinstance(command, op.DeleteInstances):
                     call = self.compute.delete_instances(

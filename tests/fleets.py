@@ -51,6 +51,7 @@ def vm(
     state: str = "Succeeded",
     protected: bool = False,
     latest: bool = True,
+    failure: str | None = None,
 ) -> Instance:
     return Instance(
         id=str(vm_id),
@@ -61,6 +62,7 @@ def vm(
         health=health,
         protect_from_scale_in=protected,
         latest_model=latest,
+        failure=failure,
     )
 
 

@@ -351,6 +351,26 @@ def test_instance_view_statuses(codes, state, power) -> None:
     assert instance.power_state == PowerState(power)
 
 
+@pytest.mark.parametrize(
+    ("failure", "counts"),
+    [
+        ("VMExtensionProvisioningError", True),
+        ("ZonalAllocationFailed", False),
+        ("OverconstrainedZonalAllocationRequest", False),
+        ("AllocationFailed", False),
+        (None, True),
+    ],
+)
+def test_the_failure_sub_code_is_kept_and_decides_whether_the_vm_counts(failure, counts) -> None:
+    code = f"ProvisioningState/failed/{failure}" if failure else "ProvisioningState/succeeded"
+    doc = rest_vm()
+    statuses = [{"code": code}, {"code": "PowerState/running"}]
+    doc["properties"]["instanceView"]["statuses"] = statuses
+    instance = parse_instance(doc, OrchestrationMode.UNIFORM)
+    assert instance.failure == failure
+    assert instance.counts is counts
+
+
 def test_model_deleting_state_wins_over_a_stale_instance_view() -> None:
     doc = rest_vm(provisioningState="Deleting")
     assert parse_instance(doc, OrchestrationMode.UNIFORM).deleting

@@ -186,6 +186,48 @@ def test_capacity_change_returns_at_once_and_resumes_from_its_record() -> None:
         assert call.correlation_id != again.correlation_id
 
 
+def test_capacity_write_is_conditional_on_the_etag_it_was_decided_on() -> None:
+    """A PATCH decided on a read that someone else's write has overtaken is refused (412)
+    instead of overwriting their change; the next read gives the new ETag."""
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,))) as sim, adapter_for(sim) as adapter:
+        target = ref(sim, "rg-web", "web")
+        seen = adapter.get_scale_set(target)
+        assert seen.etag
+        sim.actor.set_capacity("rg-web", "web", 10)  # autoscale, after our read
+        with pytest.raises(AdapterError) as refused:
+            adapter.set_capacity(target, 8, etag=seen.etag)
+        assert refused.value.kind is ErrorKind.CONFLICT
+        assert refused.value.code == "PreconditionFailed" and refused.value.status == 412
+        assert sim.scale_set("rg-web", "web").capacity == 10
+        fresh = adapter.get_scale_set(target)
+        assert fresh.etag != seen.etag and fresh.capacity == 10
+        adapter.set_capacity(target, 11, etag=fresh.etag)
+        assert sim.scale_set("rg-web", "web").capacity == 11
+
+
+def test_a_write_answered_with_location_only_is_polled_not_taken_as_done() -> None:
+    """The ARM async spec allows a 200/201/202 with only `Location`: that is not finished."""
+    scenario = Scenario(scale_sets=(UNIFORM,), lro_headers="location")
+    with ArmSim.start(scenario) as sim, adapter_for(sim) as adapter:
+        call = adapter.set_capacity(ref(sim, "rg-web", "web"), 9)
+        assert call.status_code == 200 and call.async_operation_url is None
+        assert call.location_url and not call.synchronous
+        assert adapter.operation_status(call).state is OperationState.IN_PROGRESS
+        sim.advance(600)
+        assert adapter.operation_status(call).state is OperationState.SUCCEEDED
+
+
+def test_retry_after_on_status_polls_is_passed_on() -> None:
+    scenario = Scenario(scale_sets=(UNIFORM,), lro_retry_after=17)
+    with ArmSim.start(scenario) as sim, adapter_for(sim) as adapter:
+        call = adapter.set_capacity(ref(sim, "rg-web", "web"), 9)
+        status = adapter.operation_status(call)
+        assert status.state is OperationState.IN_PROGRESS and status.retry_after == 17
+        sim.advance(600)
+        done = adapter.operation_status(call)
+        assert done.state is OperationState.SUCCEEDED and done.retry_after is None
+
+
 def test_delete_instances_uniform_ids_and_flexible_names_idempotently() -> None:
     with ArmSim.start(Scenario(scale_sets=(UNIFORM, FLEXIBLE))) as sim, adapter_for(sim) as adapter:
         uniform = ref(sim, "rg-web", "web")

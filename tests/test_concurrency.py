@@ -180,10 +180,10 @@ class _Stalling:
         self.entered = threading.Event()
         self.go = threading.Event()
 
-    def set_capacity(self, ref: ScaleSetRef, capacity: int) -> Any:
+    def set_capacity(self, ref: ScaleSetRef, capacity: int, **kw: Any) -> Any:
         self.entered.set()
         assert self.go.wait(ROUND_TIMEOUT), "never released"
-        return self.inner.set_capacity(ref, capacity)
+        return self.inner.set_capacity(ref, capacity, **kw)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from rebalancer.evaluator import (
@@ -76,11 +78,11 @@ def test_zone_counts_include_empty_zones_in_zone_order() -> None:
     assert counts == {"2": ZoneCount(0, 0), "3": ZoneCount(2, 2), "10": ZoneCount(0, 0)}
 
 
-def test_deleting_and_failed_vms_do_not_count_and_are_listed() -> None:
+def test_deleting_and_allocation_failed_vms_do_not_count_and_are_listed() -> None:
     instances = (
         vm(0, "1"),
         vm(1, "1", state="Deleting"),
-        vm(2, "2", state="Failed"),
+        vm(2, "2", state="Failed", failure="ZonalAllocationFailed"),
         vm(3, "2"),
         vm(4, "3", state="Creating"),
         vm(5, "3", power=PowerState.STOPPED),
@@ -88,6 +90,17 @@ def test_deleting_and_failed_vms_do_not_count_and_are_listed() -> None:
     result = assess(inventory(instances))
     assert result.zones == {"1": ZoneCount(1, 1), "2": ZoneCount(1, 1), "3": ZoneCount(2, 0)}
     assert result.excluded == ("1", "2")
+
+
+def test_vms_whose_extensions_failed_count_like_deallocated_ones() -> None:
+    """Azure's zone-balancing page: a VM created whose extensions failed to deploy still
+    counts toward zone balance; it is not active, so it is never a source."""
+    failed = vm(2, "2", state="Failed", failure="VMExtensionProvisioningError")
+    instances = (vm(0, "1"), vm(1, "2"), failed, vm(3, "3"))
+    result = assess(inventory(instances))
+    assert result.zones == {"1": ZoneCount(1, 1), "2": ZoneCount(2, 1), "3": ZoneCount(1, 1)}
+    assert result.balanced and result.excluded == ()
+    assert eligible_sources(instances, "2") == (instances[1],)
 
 
 @pytest.mark.parametrize(
@@ -213,6 +226,29 @@ def test_ineligible_scale_sets_are_skipped_with_a_named_reason(scale, reason) ->
 def test_uniform_with_a_load_balancer_probe_is_eligible() -> None:
     scale = scale_set(monitoring=HealthMonitoring.LOAD_BALANCER_PROBE)
     assert assess(inventory(BALANCED_FLEET, scale)).decision is Decision.MOVE
+
+
+@pytest.mark.parametrize(
+    ("mode", "read_path"),
+    [
+        (OrchestrationMode.UNIFORM, "virtualMachineScaleSets/web/virtualMachines"),
+        (OrchestrationMode.FLEXIBLE, "virtualMachineScaleSet/id"),
+    ],
+)
+def test_health_never_reported_is_a_named_skip_naming_the_read_path(mode, read_path) -> None:
+    """Monitoring is configured but no VM reports vmHealth where the app reads it: a new VM
+    could never be confirmed healthy, and no source is known to be unhealthy."""
+    silent = tuple(replace(i, health=Health.NOT_REPORTED) for i in BALANCED_FLEET)
+    result = assess(inventory(silent, scale_set(mode=mode)))
+    assert result.decision is Decision.SKIP
+    assert result.reason is Reason.HEALTH_NOT_REPORTED
+    assert read_path in result.detail and "vmHealth" in result.detail
+
+
+def test_one_vm_reporting_health_is_enough_to_observe_it() -> None:
+    silent = [replace(i, health=Health.NOT_REPORTED) for i in BALANCED_FLEET]
+    silent[0] = replace(silent[0], health=Health.UNHEALTHY)
+    assert assess(inventory(silent)).reason is Reason.MOVES_PLANNED
 
 
 @pytest.mark.parametrize("zone", [None, "4"])

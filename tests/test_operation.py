@@ -56,6 +56,7 @@ def vm(
     power: PowerState = PowerState.RUNNING,
     state: str = "Succeeded",
     protected: bool = False,
+    failure: str | None = None,
 ) -> Instance:
     return Instance(
         id=vm_id,
@@ -65,6 +66,7 @@ def vm(
         power_state=power,
         health=health,
         protect_from_scale_in=protected,
+        failure=failure,
     )
 
 
@@ -81,6 +83,8 @@ class Fleet:
     zone_room: dict[str, int] = field(default_factory=dict)
     """Zones listed here can take only that many more VMs (capacity shortage)."""
     never_healthy: set[str] = field(default_factory=set)
+    extension_fails: set[str] = field(default_factory=set)
+    """New VMs whose extensions fail: created, then `Failed` with VMExtensionProvisioningError."""
     delete_ticks: int = 1
     """Ticks a deleting VM stays before it is gone (a terminate notification makes it longer)."""
     next_id: int = 100
@@ -145,8 +149,11 @@ class Fleet:
             self.next_id += 1
             zone = self._place()
             state = "Creating" if zone is not None else "Failed"
+            failure = None if zone is not None else "ZonalAllocationFailed"
             zone = zone or self._fewest(self.zones)
-            self.instances[vm_id] = vm(vm_id, zone, health=Health.NOT_REPORTED, state=state)
+            self.instances[vm_id] = vm(
+                vm_id, zone, health=Health.NOT_REPORTED, state=state, failure=failure
+            )
         if self.capacity > capacity:  # a scale-in by someone else: highest ids go
             candidates = [i for i in self.instances.values() if not i.deleting and not i.protected]
             candidates.sort(key=Instance.sort_id, reverse=True)
@@ -190,6 +197,10 @@ class Fleet:
                     if vm_id in self.capacity_pending:
                         self.capacity_pending.discard(vm_id)
                         self.capacity -= 1
+            elif instance.provisioning_state == "Creating" and vm_id in self.extension_fails:
+                self.instances[vm_id] = replace(
+                    instance, provisioning_state="Failed", failure="VMExtensionProvisioningError"
+                )
             elif instance.provisioning_state == "Creating":
                 self.instances[vm_id] = replace(
                     instance, provisioning_state="Succeeded", health=Health.INITIALIZING
@@ -289,6 +300,14 @@ def test_1_3_3_becomes_balanced_with_one_move():
     assert [n.kind for n in run.of(Notify)][-1] == "operation.succeeded"
 
 
+def test_the_capacity_write_carries_the_etag_of_the_read_it_was_decided_on():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    inventory = fleet.inventory(T0)
+    inventory = replace(inventory, scale_set=replace(inventory.scale_set, etag='"7"'))
+    _, commands = start(inventory, assess(inventory), POLICY, T0, "op-1")
+    assert SetCapacity(8, etag='"7"') in commands
+
+
 def test_0_2_4_with_max_surge_2_moves_two_at_once():
     fleet = Fleet.of({"2": 2, "3": 4})
     run = Run(fleet, policy=OperationPolicy(max_surge=2))
@@ -336,6 +355,32 @@ def test_allocation_failure_everywhere_rolls_back_the_failed_vm():
     assert run.deleted() == {"100"} and "100" not in fleet.instances
 
 
+def test_allocation_failure_in_the_target_zone_backs_off_that_zone_only():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3}, zone_room={"1": 0, "2": 0, "3": 0})
+    run = Run(fleet)
+    record = run.until_done(run.start())
+    assert record.state is State.ROLLED_BACK
+    assert record.history[1].reason is Reason.NO_CAPACITY_IN_TARGET_ZONE
+    assert "ZonalAllocationFailed" in record.history[1].detail
+    assert run.of(BackOffZone) == [
+        BackOffZone("westeurope", "Standard_D2s_v5", "1", "no_capacity_in_target_zone")
+    ]
+
+
+def test_new_vm_whose_extensions_failed_is_removed_without_backing_off_the_zone():
+    """The zone had room (the VM was created there): a failed replacement, not a capacity
+    shortage. The VM counts toward balance until it is gone, so it is removed."""
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3}, extension_fails={"100"})
+    run = Run(fleet)
+    record = run.until_done(run.start())
+    assert record.state is State.ROLLED_BACK
+    assert record.history[1].reason is Reason.NEW_VM_FAILED
+    assert "VMExtensionProvisioningError" in record.history[1].detail
+    assert run.of(BackOffZone) == []
+    assert run.deleted() == {"100"} and "100" not in fleet.instances
+    assert fleet.totals() == (1, 3, 3) and fleet.capacity == 7
+
+
 def test_new_vm_never_healthy_and_healthy_source_deletes_the_new_vm():
     fleet = Fleet.of({"1": 1, "2": 3, "3": 3}, never_healthy={"100"})
     run = Run(fleet, step_minutes=20)
@@ -355,6 +400,18 @@ def test_new_vm_never_healthy_and_unhealthy_source_deletes_the_source():
     assert record.sources == ("5",) and record.kept == ("100",)
     assert "100" in fleet.instances and "5" not in fleet.instances
     assert fleet.healthy() == 6  # as before: the unhealthy source was not counted
+
+
+def test_new_vm_never_healthy_and_a_source_whose_health_is_not_known_keeps_the_source():
+    """Health is three-valued: a source is deleted beside an unhealthy replacement only when
+    it was observed unhealthy, never because its health was not reported."""
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3}, never_healthy={"100"})
+    fleet.add(replace(fleet.instances["6"], health=Health.NOT_REPORTED))
+    run = Run(fleet, step_minutes=20)
+    record = run.until_done(run.start())
+    assert record.state is State.ROLLED_BACK
+    assert any(t.reason is Reason.HEALTH_TIMEOUT for t in record.history)
+    assert run.deleted() == {"100"} and "6" in fleet.instances
 
 
 def test_health_deadline_is_the_policy_timeout():
@@ -797,7 +854,7 @@ def test_flexible_vm_names_flow_through_as_ids():
 # --- against armsim, through the real Compute adapter and SDK ------------------------------
 
 
-def drive_on_armsim(spec, policy=POLICY, capacity=(), step=60.0, disturb=None):
+def drive_on_armsim(spec, policy=POLICY, capacity=(), step=60.0, disturb=None, faults=()):
     """Run one operation against armsim: observe with the real adapter, advance, act.
 
     `disturb(sim, record)` runs once, as an outside actor, when the record is awaiting health.
@@ -808,6 +865,8 @@ def drive_on_armsim(spec, policy=POLICY, capacity=(), step=60.0, disturb=None):
     from tests.stack import compute_for, settings_for
 
     with ArmSim.start(Scenario(scale_sets=(spec,), capacity=capacity)) as sim:
+        for rule in faults:
+            sim.faults.add(rule)
         compute = compute_for(sim, settings_for(sim))
         try:
             ref = ScaleSetRef.parse(sim.scale_set(spec.resource_group, spec.name).id)
@@ -869,6 +928,21 @@ def test_armsim_zone_without_capacity_rolls_back(mode):
     no_room = (ZoneCapacity("westeurope", "Standard_D2s_v5", "1", 0),)
     record, deleted, final = drive_on_armsim(spec, capacity=no_room)
     assert record.state is State.ROLLED_BACK
+    assert deleted == list(record.created) and final.zone_counts() == {"1": 1, "2": 3, "3": 3}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["Uniform", "Flexible"])
+def test_armsim_new_vm_with_a_failed_extension_is_removed_without_backoff(mode):
+    from armsim import ScaleSetSpec
+    from armsim.faults import FaultRule
+
+    spec = ScaleSetSpec("web", "rg", mode=mode, counts={"1": 1, "2": 3, "3": 3})
+    failing = FaultRule("provisioning_failure", code="VMExtensionProvisioningError", count=1)
+    record, deleted, final = drive_on_armsim(spec, faults=(failing,))
+    assert record.state is State.ROLLED_BACK
+    assert record.history[1].reason is Reason.NEW_VM_FAILED
+    assert "VMExtensionProvisioningError" in record.history[1].detail
     assert deleted == list(record.created) and final.zone_counts() == {"1": 1, "2": 3, "3": 3}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from armsim import ScaleSetSpec, Scenario
+from rebalancer.model import ScaleSetRef
 from tests.stack import running_stack
 
 ENABLED = {"zone-rebalance": "enabled"}
@@ -59,3 +60,44 @@ def test_auditing_a_balanced_fleet_again_writes_nothing(store):
         spent = store.stats - before
         assert len(again) == 5
         assert spent.writes == 1  # only the audit marker; nothing about the scale sets changed
+
+
+class _AutoscaleRacesTheWrite:
+    """The app's Compute adapter, with autoscale scaling the set out right after the app read
+    it and before its capacity PATCH arrives."""
+
+    def __init__(self, inner, sim, capacity):  # type: ignore[no-untyped-def]
+        self.inner, self.sim, self.capacity, self.raced = inner, sim, capacity, False
+
+    def set_capacity(self, ref, capacity, **kw):  # type: ignore[no-untyped-def]
+        if not self.raced:
+            self.raced = True
+            self.sim.actor.set_capacity(ref.resource_group, ref.name, self.capacity)
+        return self.inner.set_capacity(ref, capacity, **kw)
+
+    def __getattr__(self, name):  # type: ignore[no-untyped-def]
+        return getattr(self.inner, name)
+
+
+def test_a_scale_out_overtaken_by_autoscale_never_overwrites_it(store):
+    """Without If-Match the app's absolute PATCH (7 -> 8) would land after autoscale's 7 -> 10
+    and turn it into a scale-in of two VMs that Azure picks. With the ETag of its read, the
+    PATCH is refused (412), autoscale's capacity stays, and the operation stands down."""
+    scenario = Scenario(
+        scale_sets=(ScaleSetSpec("web", "rg-web", counts={"1": 1, "2": 3, "3": 3}, tags=ENABLED),)
+    )
+    with running_stack(scenario, store) as stack:
+        racing = _AutoscaleRacesTheWrite(stack.compute, stack.sim, 10)
+        reconciler = stack.reconciler(compute=racing)
+        ref = ScaleSetRef.parse(stack.sim.scale_set("rg-web", "web").id)
+        reconciler.reconcile(ref)
+        assert racing.raced
+        refused = [r for r in stack.sim.requests if r.operation == "vmss.update"]
+        assert [r.status for r in refused] == [412]
+        for _ in range(20):
+            stack.sim.advance(60)
+            reconciler.reconcile(ref)
+        assert stack.sim.scale_set("rg-web", "web").capacity == 10
+        updates = [r for r in stack.sim.requests if r.operation == "vmss.update"]
+        assert all(r.status == 412 for r in updates)
+        assert not [r for r in stack.sim.requests if r.method == "POST" and r.status < 400]

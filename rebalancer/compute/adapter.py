@@ -32,6 +32,7 @@ from rebalancer.compute.errors import (
     classify,
     from_exception,
     from_response,
+    parse_retry_after,
 )
 from rebalancer.compute.pipeline import BudgetExhausted, GovernedRetryPolicy
 from rebalancer.model import Instance, Inventory, OrchestrationMode, ScaleSet, ScaleSetRef
@@ -126,6 +127,8 @@ class OperationStatus:
 
     state: OperationState
     error: AdapterError | None = None
+    retry_after: float | None = None
+    """Seconds the status answer asked to wait before the next poll (`Retry-After`)."""
 
     @property
     def done(self) -> bool:
@@ -514,6 +517,8 @@ class ComputeAdapter:
         return arm.parse_instances([vm.as_dict() for vm in pages], OrchestrationMode.UNIFORM)
 
     def _flexible_instances(self, ref: ScaleSetRef) -> tuple[Instance, ...]:
+        """The read path for Flexible VMs: the virtualMachines list filtered on the scale set,
+        with instance views (the scale-set VM list answers bare items for Flexible sets)."""
         pages = self.client.virtual_machines.list(
             ref.resource_group,
             filter=f"'virtualMachineScaleSet/id' eq '{ref.id}'",
@@ -526,8 +531,10 @@ class ComputeAdapter:
     def _verify_flexible_protection(self, inventory: Inventory, to_act: bool) -> Inventory:
         """Read instance protection of the Flexible VMs a move could delete, and re-plan.
 
-        The virtualMachines list has no `protectionPolicy`, and Azure refuses the scale-set VM
-        *list* on Flexible sets; only the scale-set VM GET (VM name as instance id) shows it.
+        The virtualMachines list has no `protectionPolicy`, and Azure answers the scale-set VM
+        *list* of a Flexible set with bare items (names, no properties); only the scale-set VM
+        GET with the VM name as instance id shows it (api-version 2023-09-01 or later; the
+        SDK's default is newer).
         Rather than one GET per VM, only possible sources are read: the planned ones, and
         (`to_act`) the first `source_candidates` eligible VMs of every zone an in-flight
         operation could take its sources from, because it re-chooses them from this
@@ -653,17 +660,27 @@ class ComputeAdapter:
                 getattr(response.request, "headers", None), "x-ms-client-request-id"
             ),
             async_operation_url=_header(headers, "Azure-AsyncOperation"),
-            location_url=_header(headers, "Location") if response.status_code == 202 else None,
+            # A write answered with only `Location` (any 2xx) is not finished: poll it.
+            location_url=_header(headers, "Location"),
             **fields,
         )
 
-    def set_capacity(self, ref: ScaleSetRef, capacity: int) -> ArmCall:
+    def set_capacity(self, ref: ScaleSetRef, capacity: int, *, etag: str | None = None) -> ArmCall:
         """Start `PATCH sku.capacity = capacity` and return without waiting. Absolute, hence
-        safe to repeat; `operation_status` follows it."""
+        safe to repeat; `operation_status` follows it.
+
+        `etag`: the scale set's ETag in the read the capacity was decided on, sent as
+        `If-Match`. When the set changed since, ARM answers 412 and nothing is written: a
+        `conflict` error with code `PreconditionFailed`; read again and decide again."""
         self._own(ref)
         if capacity < 0:
             raise AdapterError(ErrorKind.INVALID, f"capacity must be >= 0, got {capacity}", ref=ref)
+        from azure.core import MatchConditions
         from azure.mgmt.compute.models import Sku, VirtualMachineScaleSetUpdate
+
+        conditional: dict[str, Any] = {}
+        if etag:
+            conditional = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
 
         def begin(hook: Callable[[Any], None]) -> Any:
             return self.client.virtual_machine_scale_sets.begin_update(
@@ -673,6 +690,7 @@ class ComputeAdapter:
                 polling=False,
                 raw_response_hook=hook,
                 headers=_correlation_headers(),
+                **conditional,
             )
 
         return self._start(
@@ -853,11 +871,13 @@ class ComputeAdapter:
                 error.message = f"the operation's status is no longer available: {error.message}"
                 return OperationStatus(OperationState.FAILED, error)
             raise error
+        wait = parse_retry_after(_header(headers, "Retry-After"))
         if not call.async_operation_url:  # Location polling: 202 running, 200/204 done
             if status == 202:
-                return OperationStatus(OperationState.IN_PROGRESS)
+                return OperationStatus(OperationState.IN_PROGRESS, retry_after=wait)
             return OperationStatus(OperationState.SUCCEEDED)
-        return _status_from_document(response.json() if body else {}, ref)
+        result = _status_from_document(response.json() if body else {}, ref)
+        return replace(result, retry_after=wait) if not result.done else result
 
     # -- quota ----------------------------------------------------------------------------
 

@@ -54,7 +54,13 @@ NO_CAPACITY_CODES = frozenset(
 )
 QUOTA_CODES = frozenset(("quotaexceeded", "operationnotallowedquota"))
 CONFLICT_CODES = frozenset(
-    ("conflict", "anotheroperationinprogress", "operationpreempted", "concurrentrequestsnotallowed")
+    (
+        "conflict",
+        "anotheroperationinprogress",
+        "operationpreempted",
+        "concurrentrequestsnotallowed",
+        "preconditionfailed",
+    )
 )
 NOT_FOUND_CODES = frozenset(
     (
@@ -217,7 +223,7 @@ def _kind(status: int | None, code: str, message: str, detail_codes: list[str]) 
         return ErrorKind.FORBIDDEN
     if codes & NOT_FOUND_CODES or status == 404:
         return ErrorKind.NOT_FOUND
-    if codes & CONFLICT_CODES or "in progress" in text or status == 409:
+    if codes & CONFLICT_CODES or "in progress" in text or status in (409, 412):
         return ErrorKind.CONFLICT
     if codes & TRANSIENT_CODES or (status is not None and status in TRANSIENT_STATUSES):
         return ErrorKind.TRANSIENT

@@ -47,10 +47,23 @@ def test_unsupported_filter_is_rejected(compute) -> None:
     assert error.value.error.code == "InvalidParameter"
 
 
-def test_vmss_vm_list_is_not_offered_for_flexible(compute) -> None:
+def test_vmss_vm_list_of_flexible_answers_bare_items(sim: ArmSim, compute) -> None:
+    """As Azure answers it (issue #15): 200 and items without properties, so neither health
+    nor protection can be read there; the virtualMachines list stays the read path."""
+    vms = list(compute.virtual_machine_scale_set_vms.list("rg-api", "api", expand="instanceView"))
+    names = sorted(vm.name for vm in sim.scale_set("rg-api", "api").vms)
+    assert sorted(vm.name for vm in vms) == names
+    assert all(vm.instance_id == vm.name for vm in vms)
+    assert all("properties" not in vm.as_dict() for vm in vms)
+
+
+def test_flexible_vm_protection_by_name_needs_api_2023_09_01(sim: ArmSim, compute) -> None:
+    name = sim.scale_set("rg-api", "api").vms[0].name
     with pytest.raises(HttpResponseError) as error:
-        list(compute.virtual_machine_scale_set_vms.list("rg-api", "api"))
-    assert error.value.status_code == 400
+        compute.virtual_machine_scale_set_vms.get("rg-api", "api", name, api_version="2023-07-01")
+    assert error.value.status_code == 400 and "2023-09-01" in error.value.message
+    vm = compute.virtual_machine_scale_set_vms.get("rg-api", "api", name, api_version="2023-09-01")
+    assert vm.instance_id == name
 
 
 def test_protection_is_read_and_written_through_the_vmss_vm_api(sim: ArmSim, compute) -> None:

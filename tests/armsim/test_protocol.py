@@ -6,6 +6,7 @@ import requests
 
 from armsim import ArmSim
 from armsim.auth import make_token
+from tests.armsim.conftest import web_scenario
 
 
 def call(sim: ArmSim, method: str, path: str, *, token: str | None = "", **kwargs):  # type: ignore[no-untyped-def]
@@ -64,27 +65,42 @@ def test_every_answer_carries_request_id_and_rate_limit_headers(sim: ArmSim) -> 
     )
 
 
-def test_patch_answers_200_with_async_operation_and_location(sim: ArmSim) -> None:
+def test_patch_answers_200_with_async_operation_only(sim: ArmSim) -> None:
+    """As the recorded capacity write (tests/data/real-azure) was answered: no Location."""
     response = call(
         sim, "PATCH", vmss_path(sim) + "?api-version=2024-07-01", json={"sku": {"capacity": 14}}
     )
     assert response.status_code == 200
     assert response.json()["properties"]["provisioningState"] == "Updating"
+    assert "Location" not in response.headers
     status_url = response.headers["Azure-AsyncOperation"]
-    monitor_url = response.headers["Location"]
     assert status_url.startswith(sim.endpoint) and "api-version=2024-07-01" in status_url
-    assert "monitor=true" in monitor_url
     token = make_token(sim.scenario.app_principal_id, sim.scenario.tenant_id)
     auth = {"Authorization": f"Bearer {token}"}
     status = requests.get(status_url, headers=auth, verify=sim.ca_cert_path, timeout=10)
     assert status.json()["status"] == "InProgress"
-    monitor = requests.get(monitor_url, headers=auth, verify=sim.ca_cert_path, timeout=10)
-    assert monitor.status_code == 202
     sim.clock.advance(60)
     done = requests.get(status_url, headers=auth, verify=sim.ca_cert_path, timeout=10).json()
     assert done["status"] == "Succeeded" and done["endTime"]
+
+
+def test_location_only_mode_is_polled_through_the_monitor_url(make_sim) -> None:  # type: ignore[no-untyped-def]
+    sim = make_sim(web_scenario(lro_headers="location", lro_retry_after=7))
+    response = call(
+        sim, "PATCH", vmss_path(sim) + "?api-version=2024-07-01", json={"sku": {"capacity": 14}}
+    )
+    assert response.status_code == 200 and "Azure-AsyncOperation" not in response.headers
+    assert response.headers["Retry-After"] == "7"
+    monitor_url = response.headers["Location"]
+    assert "monitor=true" in monitor_url
+    token = make_token(sim.scenario.app_principal_id, sim.scenario.tenant_id)
+    auth = {"Authorization": f"Bearer {token}"}
+    monitor = requests.get(monitor_url, headers=auth, verify=sim.ca_cert_path, timeout=10)
+    assert monitor.status_code == 202 and monitor.headers["Retry-After"] == "7"
+    sim.clock.advance(60)
     monitor = requests.get(monitor_url, headers=auth, verify=sim.ca_cert_path, timeout=10)
     assert monitor.status_code == 200 and monitor.json()["sku"]["capacity"] == 14
+    assert "Retry-After" not in monitor.headers
 
 
 def test_delete_instances_answers_202(sim: ArmSim) -> None:
@@ -93,7 +109,7 @@ def test_delete_instances_answers_202(sim: ArmSim) -> None:
     )
     assert response.status_code == 202
     assert response.content == b""
-    assert "Azure-AsyncOperation" in response.headers
+    assert "Azure-AsyncOperation" in response.headers and "Location" in response.headers
 
 
 def test_unknown_paths_and_methods(sim: ArmSim) -> None:

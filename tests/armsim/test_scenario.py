@@ -49,7 +49,8 @@ def test_overrides_by_zone_and_instance() -> None:
     assert web.vms[0].health is None
     assert (web.vms[2].latest_model, web.vms[2].health) == (False, "unhealthy")
     assert web.vm("3").provisioning_state == "Failed"
-    assert web.zone_counts() == {"1": 3, "2": 0}
+    assert web.vm("3").failure_code == "VMExtensionProvisioningError"
+    assert web.zone_counts() == {"1": 3, "2": 1}  # a failed extension still counts
 
 
 @pytest.mark.parametrize(
