@@ -28,7 +28,15 @@ from armsim.clock import Clock, VirtualClock
 from armsim.errors import OperationFailure
 from armsim.events import EventFacts, EventSink, HttpEventDelivery, build_event
 from armsim.faults import Faults
-from armsim.resources import VMSS_TYPE, Caller, Operation, ScaleSetState, Vm, VmChange
+from armsim.resources import (
+    VMSS_TYPE,
+    Caller,
+    CapacityChange,
+    Operation,
+    ScaleSetState,
+    Vm,
+    VmChange,
+)
 from armsim.scenario import ScaleSetSpec, Scenario
 from armsim.server import SimHTTPServer, make_certificates
 from armsim.throttling import Throttle
@@ -368,6 +376,18 @@ class ArmSim:
             self.world.settle(self.clock.now())
             journal = list(self.world.journal)
         self.flush_events()
+        if scale_set_id is None:
+            return tuple(journal)
+        wanted = scale_set_id.lower()
+        return tuple(change for change in journal if change.scale_set_id.lower() == wanted)
+
+    def capacity_history(self, scale_set_id: str | None = None) -> tuple[CapacityChange, ...]:
+        """The capacity journal (every `sku.capacity` write, and every VM delete that lowered
+        the capacity by one), oldest first; only changes after the start, optionally for one
+        scale set (its resource id, compared case-insensitively)."""
+        with self.world.lock:
+            self.world.settle(self.clock.now())
+            journal = list(self.world.capacity_journal)
         if scale_set_id is None:
             return tuple(journal)
         wanted = scale_set_id.lower()
