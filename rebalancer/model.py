@@ -148,6 +148,10 @@ class Instance:
     protect_from_scale_set_actions: bool = False
     latest_model: bool = True
     created: datetime | None = None
+    protection_unknown: bool = False
+    """Flexible only: this observation did not read the VM's protection (one GET per VM).
+    Such a VM is never chosen as a source, nor taken for a protected one: every VM is read
+    again right before it is deleted."""
 
     @property
     def protected(self) -> bool:

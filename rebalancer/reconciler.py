@@ -656,7 +656,10 @@ def _with_flags(instance: Instance, known: dict[str, tuple[bool, bool]]) -> Inst
         return instance
     scale_in, scale_set_actions = known[instance.id]
     return replace(
-        instance, protect_from_scale_in=scale_in, protect_from_scale_set_actions=scale_set_actions
+        instance,
+        protect_from_scale_in=scale_in,
+        protect_from_scale_set_actions=scale_set_actions,
+        protection_unknown=False,
     )
 
 
