@@ -923,8 +923,10 @@ def test_new_vms_seen_before_the_capacity_during_an_update_are_waited_for():
 
 
 def test_a_delete_the_record_does_not_know_about_is_never_added_to():
-    # Capacity that drops only once a VM is gone hides a delete in flight; a record that lost
-    # its last step (or any actor deleting a VM) must not lead to a second source delete.
+    # Capacity that drops only once a VM is gone hides a delete in flight. A delete no record
+    # asked for is someone else's (the shell commits a step before sending its deletes): no
+    # source is deleted beside it, and the operation removes only the VMs it created, so the
+    # scale set ends at the capacity its owners left it.
     fleet = Fleet.of({"1": 1, "2": 3, "3": 3}, capacity_drops_when_gone=True, delete_ticks=3)
     run = Run(fleet)
     record = run.start()
@@ -939,5 +941,14 @@ def test_a_delete_the_record_does_not_know_about_is_never_added_to():
     later = run.now + timedelta(minutes=5)
     assert fleet.capacity == 8 and fleet.instances[source].deleting
     step = advance(record, fleet.inventory(later), POLICY, later)
+    assert step.record.state is State.ROLLING_BACK
+    assert step.record.history[-1].reason is Reason.OUTSIDE_DELETE
+    (delete,) = [c for c in step.commands if isinstance(c, DeleteInstances)]
+    assert set(delete.ids) == set(record.kept) and source not in delete.ids
+    fleet.apply(step.commands)
+    for _ in range(4):
+        fleet.tick()
+    later += timedelta(minutes=20)
+    step = advance(step.record, fleet.inventory(later), POLICY, later)
     assert step.record.state is State.SUPERSEDED and step.record.outcome is Reason.OUTSIDE_DELETE
-    assert not [c for c in step.commands if isinstance(c, DeleteInstances)]
+    assert fleet.capacity == 6  # the 7 it started from, less the VM deleted outside it
