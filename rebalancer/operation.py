@@ -123,6 +123,7 @@ class Reason(StrEnum):
     DELETE_REQUESTED = "delete_requested"
     MOVES_DONE = "moves_done"
     NO_CAPACITY_IN_TARGET_ZONE = "no_capacity_in_target_zone"
+    PLACEMENT_TIE = "placement_tie"
     NOTHING_TO_KEEP = "nothing_to_keep"
     ROLLBACK_DONE = "rollback_done"
     CAPACITY_CHANGED = "capacity_changed"
@@ -170,6 +171,12 @@ _REASONS: Mapping[Reason, str] = MappingProxyType(
         Reason.NO_CAPACITY_IN_TARGET_ZONE: (
             "No new VM landed in an under-provisioned zone (that zone is likely short of capacity "
             "for this size); deleting the new VMs and backing off the zone before trying again."
+        ),
+        Reason.PLACEMENT_TIE: (
+            "Azure placed the new VM in a zone that held as many VMs as the planned zone "
+            "(its placement balances VM counts, not running VMs), where it would not improve "
+            "the spread of running VMs; the new VMs are deleted and no zone is backed off. "
+            "The same move is not tried again until the scale set changes."
         ),
         Reason.NOTHING_TO_KEEP: (
             "No move could be completed safely (the new VMs never became healthy while their "
@@ -703,9 +710,12 @@ def _scaling_out(
         if timed_out and provisioning:
             return _roll_back(record, view, policy, now, Reason.SCALE_OUT_TIMEOUT, placed)
         detail = f"wanted zone(s) {', '.join(record.target_zones)}; new VMs: {placed}"
+        short = _short_zones(record, new, baseline)
+        if not short:
+            return _roll_back(record, view, policy, now, Reason.PLACEMENT_TIE, detail)
         backoffs = tuple(
             BackOffZone(record.location, record.sku, zone, Reason.NO_CAPACITY_IN_TARGET_ZONE.value)
-            for zone in record.target_zones
+            for zone in short
         )
         return _roll_back(
             record, view, policy, now, Reason.NO_CAPACITY_IN_TARGET_ZONE, detail, backoffs
@@ -750,6 +760,29 @@ def _receiving_zone(
         if left > 0 and planned is not None and here.total == planned.total:
             return target
     return None
+
+
+def _short_zones(
+    record: OperationRecord, new: Sequence[Instance], baseline: Mapping[str, Any]
+) -> tuple[str, ...]:
+    """The target zones that showed a shortage of capacity in this scale-out, in zone order.
+
+    Evidence is a new VM that failed in the zone (an allocation error), or one placed in a
+    zone that held more VMs than it: the platform's placement fills the emptiest zones first,
+    so it skipped the target zone. A VM placed in a zone tied with the target zone on VM count
+    is no evidence: the platform may pick either.
+    """
+    short: set[str] = set()
+    for vm in new:
+        if vm.zone in record.zone_needs and vm.provisioning_state.lower() != "succeeded":
+            short.add(vm.zone)
+            continue
+        here = baseline.get(vm.zone) if vm.zone is not None else None
+        for zone in record.zone_needs:
+            planned = baseline.get(zone)
+            if vm.zone is None or here is None or planned is None or planned.total < here.total:
+                short.add(zone)
+    return tuple(sorted(short, key=zone_key))
 
 
 def _scale_out_not_visible(
