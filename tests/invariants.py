@@ -478,6 +478,7 @@ def owners_capacity(
             for vm in record.kept:
                 handed[_key(record.scale_set_id, vm)] = record.updated_at
     views = {view.id.lower(): view for view in sim.state}
+    journal = sim.capacity_history()[capacity_offset:]
     accounts = []
     for scale_set, start in start_capacity.items():
         view = views.get(scale_set)
@@ -485,8 +486,8 @@ def owners_capacity(
             continue
         owners, changes = start, []
         owned: set[tuple[str, str]] = set()
-        for change in sim.capacity_history(scale_set)[capacity_offset:]:
-            if change.principal_id == app:
+        for change in journal:
+            if change.scale_set_id.lower() != scale_set or change.principal_id == app:
                 continue
             at = change.time
             if change.change == "write":
