@@ -376,7 +376,7 @@ class Reconciler:
                 )
         scale_set = inventory.scale_set
         k = min(len(assessment.moves), settings.max_surge)
-        tie = self._placement_tie(inventory, assessment, k)
+        tie = self._placement_tie(inventory, assessment)
         if tie is not None:
             return Gate.PLACEMENT_TIE, tie
         for zone in sorted({move.to_zone for move in assessment.moves[:k]}):
@@ -390,7 +390,7 @@ class Reconciler:
                 )
         return self._quota_gate(inventory, k)
 
-    def _placement_tie(self, inventory: Inventory, assessment: Assessment, k: int) -> str | None:
+    def _placement_tie(self, inventory: Inventory, assessment: Assessment) -> str | None:
         """Why the planned move would only repeat a placement tie, or None.
 
         When the last operation ended because Azure placed its VM in a zone tied with the
@@ -408,7 +408,7 @@ class Reconciler:
             return None
         if all(t.reason is not op.Reason.PLACEMENT_TIE for t in last.history):
             return None
-        targets = {move.to_zone for move in assessment.moves[:k]}
+        targets = {move.to_zone for move in assessment.moves}  # as `op.start` counts them
         current = {instance.id for instance in inventory.instances}
         if current != last.baseline.instance_ids or targets != set(last.zone_needs):
             return None
