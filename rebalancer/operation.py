@@ -207,7 +207,8 @@ _REASONS: Mapping[Reason, str] = MappingProxyType(
         Reason.SCALE_SET_DELETED: "The scale set no longer exists.",
         Reason.SCALE_SET_BUSY: (
             "The scale set stayed in an update started by someone else for too long; the "
-            "operation stops without deleting anything. The new VMs stay in the scale set."
+            "operation deletes no source and removes the VMs it created, so the scale set "
+            "ends at its owners' capacity."
         ),
         Reason.STAND_DOWN: (
             "The scale set was opted out or handed to Azure's own zone balancing; the operation "
@@ -246,8 +247,9 @@ _REASONS: Mapping[Reason, str] = MappingProxyType(
 )
 
 
-_OUTSIDE_DELETES = frozenset({Reason.OUTSIDE_DELETE, Reason.NEW_VM_REMOVED})
-"""Someone else deleted VMs: the operation removes its own and ends `superseded`."""
+_OUTSIDE_DELETES = frozenset({Reason.OUTSIDE_DELETE, Reason.NEW_VM_REMOVED, Reason.SCALE_SET_BUSY})
+"""Someone else acted (deleted VMs, or kept the scale set updating): the operation removes
+the VMs it created and ends `superseded`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -878,7 +880,7 @@ def _scaling_in(
         if now < health_deadline + policy.scale_out_timeout:
             return Step(record)  # never delete while someone else's update runs
         detail = f"provisioningState {view.scale_set.provisioning_state}"
-        return _finish(record, now, State.SUPERSEDED, Reason.SCALE_SET_BUSY, detail)
+        return _roll_back(record, view, policy, now, Reason.SCALE_SET_BUSY, detail)
     by_id = view.by_id
     regressed = [vm for vm in record.kept if not by_id[vm].healthy]
     if regressed and now < health_deadline:

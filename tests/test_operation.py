@@ -640,6 +640,30 @@ def test_outside_update_blocks_the_delete_until_it_ends():
     assert isinstance(run.step(record).commands[0], DeleteInstances)
 
 
+def test_an_outside_update_that_never_ends_removes_the_new_vms_and_no_source():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    run = Run(fleet)
+    record = run.start()
+    while record.state is not State.SCALING_IN:
+        fleet.tick()
+        run.now += timedelta(minutes=5)
+        record = run.step(record).record
+    fleet.provisioning_state = "Updating"
+    later = (record.health_deadline or run.now) + POLICY.scale_out_timeout
+    step = advance(record, fleet.inventory(later), POLICY, later)
+    assert step.record.state is State.ROLLING_BACK
+    (delete,) = [c for c in step.commands if isinstance(c, DeleteInstances)]
+    assert set(delete.ids) == set(record.created)
+    fleet.apply(step.commands)
+    fleet.provisioning_state = "Succeeded"
+    for _ in range(4):
+        fleet.tick()
+    later += timedelta(minutes=20)
+    step = advance(step.record, fleet.inventory(later), POLICY, later)
+    assert step.record.state is State.SUPERSEDED and step.record.outcome is Reason.SCALE_SET_BUSY
+    assert fleet.capacity == 7 and fleet.totals() == (1, 3, 3)
+
+
 # --- crash safety ---------------------------------------------------------------------------
 
 
