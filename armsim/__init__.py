@@ -7,7 +7,7 @@ The real azure-mgmt-compute client talks to it over HTTPS. Start one with
 from armsim.auth import SimCredential
 from armsim.clock import VirtualClock, WallClock
 from armsim.faults import FaultRule
-from armsim.resources import VmChange
+from armsim.resources import CapacityChange, VmChange
 from armsim.scenario import (
     QuotaSpec,
     ScaleSetSpec,
@@ -23,6 +23,7 @@ from armsim.testing import ArmSim, OperationView, ScaleSetView, VmView
 
 __all__ = [
     "ArmSim",
+    "CapacityChange",
     "FaultRule",
     "OperationView",
     "QuotaSpec",

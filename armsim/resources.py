@@ -62,6 +62,22 @@ class VmChange:
     """Caller of the operation behind the change (None for the platform's own steps)."""
 
 
+@dataclass(frozen=True, slots=True)
+class CapacityChange:
+    """One entry of the capacity journal: a change of a scale set's `sku.capacity`, and why."""
+
+    time: datetime
+    scale_set_id: str
+    capacity: int
+    """`sku.capacity` after the change."""
+    change: str
+    """`write`: a PUT or PATCH set `sku.capacity` (absolute); `delete`: deleting one VM (by
+    the VM or the VMSS-VM API, or `delete_instances`) lowered it by one."""
+    instance_id: str | None
+    """The deleted VM (`delete` only)."""
+    principal_id: str | None
+
+
 @dataclass(eq=False)
 class Vm:
     serial: int

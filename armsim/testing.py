@@ -32,6 +32,7 @@ from armsim.resources import (
     ALLOCATION_FAILURES,
     VMSS_TYPE,
     Caller,
+    CapacityChange,
     Operation,
     ScaleSetState,
     Vm,
@@ -380,6 +381,18 @@ class ArmSim:
             self.world.settle(self.clock.now())
             journal = list(self.world.journal)
         self.flush_events()
+        if scale_set_id is None:
+            return tuple(journal)
+        wanted = scale_set_id.lower()
+        return tuple(change for change in journal if change.scale_set_id.lower() == wanted)
+
+    def capacity_history(self, scale_set_id: str | None = None) -> tuple[CapacityChange, ...]:
+        """The capacity journal (every `sku.capacity` write, and every VM delete that lowered
+        the capacity by one), oldest first; only changes after the start, optionally for one
+        scale set (its resource id, compared case-insensitively)."""
+        with self.world.lock:
+            self.world.settle(self.clock.now())
+            journal = list(self.world.capacity_journal)
         if scale_set_id is None:
             return tuple(journal)
         wanted = scale_set_id.lower()

@@ -31,6 +31,7 @@ from armsim.resources import (
     VM_TYPE,
     VMSS_TYPE,
     Caller,
+    CapacityChange,
     Operation,
     ScaleSetState,
     Vm,
@@ -74,6 +75,7 @@ class World:
         self.vms_by_group: dict[str, dict[str, Vm]] = {}
         self.operations: dict[str, Operation] = {}
         self.journal: list[VmChange] = []
+        self.capacity_journal: list[CapacityChange] = []
         self.skus: dict[str, SkuSpec] = {sku.name.lower(): sku for sku in scenario.skus}
         self.free: dict[tuple[str, str, str], int] = {}
         self.quota: dict[tuple[str, str], int] = {}
@@ -130,6 +132,25 @@ class World:
                 value=value,
                 health=vm.health,
                 protected=vm.protect_from_scale_in or vm.protect_from_scale_set_actions,
+                principal_id=principal_id,
+            )
+        )
+
+    def note_capacity(
+        self,
+        ss: ScaleSetState,
+        change: str,
+        principal_id: str | None,
+        instance_id: str | None = None,
+    ) -> None:
+        """Add to the capacity journal (runtime changes only, not the scenario's seeding)."""
+        self.capacity_journal.append(
+            CapacityChange(
+                time=self.now,
+                scale_set_id=ss.resource_id,
+                capacity=ss.capacity,
+                change=change,
+                instance_id=instance_id,
                 principal_id=principal_id,
             )
         )
@@ -699,6 +720,7 @@ class World:
         op = self._begin_model_write(ss, caller)
         if new_capacity is not None:
             ss.capacity = new_capacity
+            self.note_capacity(ss, "write", caller.principal_id)
             self.reconcile_capacity(ss, op)
         self.check(op, self.now)
         return op
@@ -808,6 +830,7 @@ class World:
             raise
         op = self._begin_model_write(ss, caller)
         ss.capacity = capacity
+        self.note_capacity(ss, "write", caller.principal_id)
         self.reconcile_capacity(ss, op)
         self.check(op, self.now)
         return op, True
@@ -839,6 +862,7 @@ class World:
         for vm in vms:
             if vm.provisioning_state != "Deleting":
                 ss.capacity = max(0, ss.capacity - 1)
+                self.note_capacity(ss, "delete", caller.principal_id, vm.instance_id)
             self.start_delete(vm, op, self.now)
         self.check(op, self.now)
         return op
@@ -886,6 +910,7 @@ class World:
         if vm.provisioning_state != "Deleting":
             ss.version += 1
             ss.capacity = max(0, ss.capacity - 1)
+            self.note_capacity(ss, "delete", caller.principal_id, vm.instance_id)
         self.start_delete(vm, op, self.now)
         self.check(op, self.now)
         return op

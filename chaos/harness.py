@@ -409,6 +409,7 @@ class ScenarioRun:
                 self._step(step)
             self._replay_journal(settled=False)
             self._end_phase(count)
+            self.checker.at_end()
             self._replay_journal(settled=True)
         finally:
             self.sim.remove_event_sink(self.on_event)

@@ -9,7 +9,10 @@ Three moments:
 - `after_step`: after every step of a scenario: the Table parses, slots and operations stay
   within limits, every VM the app created is tracked by an operation, and the request log
   shows no write outside scope or outside an operation.
-- the harness's end phase, once faults stop: operations terminal, scale sets balanced.
+- the harness's end phase, once faults stop: operations terminal, scale sets balanced, and
+  (`at_end`) each scale set handed back at its owners' capacity: the capacity at the start
+  plus the outside changes in armsim's capacity journal (tests/invariants.py,
+  `owners_capacity`), so no operation left the app's surplus VMs standing.
 
 Outside actors are the harness's own doing, so it tells the checker which VMs they touched
 (`outside_touched`); the healthy floor discounts those.
@@ -38,6 +41,7 @@ NEVER = {
     7: "the Table state always parses",
     8: "every operation terminal within a bounded number of ticks once faults stop",
     9: "no unhandled exception other than a transient one the host retries",
+    11: "the capacity handed back is the owners' (the start plus the outside changes)",
 }
 
 
@@ -92,6 +96,14 @@ class Checker:
     _log_seen: int = 0
     _orphans: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    start_capacity: dict[str, int] = field(default_factory=dict)
+    """Lower-case scale set id -> `sku.capacity` when the checker was made."""
+    journal_offsets: tuple[int, int] = (0, 0)
+    """Lengths of armsim's VM and capacity journals then."""
+
+    def __post_init__(self) -> None:
+        self.start_capacity = {v.id.lower(): v.capacity for v in self.snapshot().values()}
+        self.journal_offsets = (len(self.sim.history()), len(self.sim.capacity_history()))
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -385,6 +397,34 @@ class Checker:
             for vm in body.get("instanceIds") or ():
                 if (_key(rg, name), str(vm).lower()) not in self.deleted_ids:
                     self.violate(6, f"{name}: {vm} deleted without passing the checks")
+
+    # -- at the end -----------------------------------------------------------------------
+
+    def at_end(self) -> None:
+        """Every scale set with nothing in flight is handed back at its owners' capacity."""
+        from tests.invariants import owners_capacity
+
+        records: list[op.OperationRecord] = []
+        try:
+            for scale_set_id in self.start_capacity:
+                for row in self.observer.history(scale_set_id, limit=100):
+                    try:
+                        records.append(op.OperationRecord.from_json(row.body))
+                    except ValueError:
+                        continue  # reported as rule 7
+        except StoreError:
+            self.unverified += 1
+            return
+        accounts = owners_capacity(
+            self.sim,
+            self.start_capacity,
+            records,
+            journal_offset=self.journal_offsets[0],
+            capacity_offset=self.journal_offsets[1],
+        )
+        for account in accounts:
+            if not account.in_flight and account.actual != account.expected:
+                self.violate(11, account.describe())
 
 
 def _tag(view: ScaleSetView, name: str) -> str | None:

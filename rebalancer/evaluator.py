@@ -218,8 +218,13 @@ def is_balanced(counts: Mapping[str, ZoneCount]) -> bool:
 
 def is_eligible_source(instance: Instance) -> bool:
     """Could be deleted in a move: active (so not deallocated, stopped, deleting or failed)
-    and not protected."""
-    return instance.active and instance.counts and not instance.protected
+    and known not to be protected."""
+    return (
+        instance.active
+        and instance.counts
+        and not instance.protected
+        and not instance.protection_unknown
+    )
 
 
 def eligible_sources(instances: Iterable[Instance], zone: str) -> tuple[Instance, ...]:
@@ -299,6 +304,9 @@ def _unmovable(zone: str, total: int, instances: tuple[Instance, ...], planned: 
     members = [i for i in instances if i.zone == zone and i.counts and i.id not in planned]
     kinds = {
         "protected": sum(1 for i in members if i.active and i.protected),
+        "of unread protection": sum(
+            1 for i in members if i.active and i.protection_unknown and not i.protected
+        ),
         "not running": sum(1 for i in members if not i.active),
     }
     parts = ", ".join(f"{count} {kind}" for kind, count in kinds.items() if count)

@@ -169,6 +169,10 @@ class Instance:
     created: datetime | None = None
     failure: str | None = None
     """The code of a failed provisioning (`ProvisioningState/failed/<code>`), if any."""
+    protection_unknown: bool = False
+    """Flexible only: this observation did not read the VM's protection (one GET per VM).
+    Such a VM is never chosen as a source, nor taken for a protected one: every VM is read
+    again right before it is deleted."""
 
     @property
     def protected(self) -> bool:

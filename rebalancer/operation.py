@@ -24,7 +24,9 @@ Safety rules enforced here (DESIGN.md section 2):
 - a protected VM, a VM not in the latest observation, or a VM we did not create or choose is
   never deleted; sources are re-chosen from the current observation right before the delete;
 - any capacity we did not set, or VMs we did not ask for, end the operation `superseded`
-  with nothing deleted: the other actor's decision wins;
+  with nothing deleted: the other actor's absolute capacity counts our VMs in; VMs someone
+  else deleted end it `superseded` too, after removing the VMs it created, so the capacity
+  handed back is always the owners' (start plus their changes);
 - every VM that appeared since the baseline is kept in the record, whatever happens next.
 """
 
@@ -123,6 +125,7 @@ class Reason(StrEnum):
     MOVES_DONE = "moves_done"
     NO_CAPACITY_IN_TARGET_ZONE = "no_capacity_in_target_zone"
     NEW_VM_FAILED = "new_vm_failed"
+    PLACEMENT_TIE = "placement_tie"
     NOTHING_TO_KEEP = "nothing_to_keep"
     ROLLBACK_DONE = "rollback_done"
     CAPACITY_CHANGED = "capacity_changed"
@@ -176,6 +179,12 @@ _REASONS: Mapping[Reason, str] = MappingProxyType(
             "an extension failed to deploy); they are deleted. The zone had capacity, so it is "
             "not backed off; check the scale set's extensions before the next move."
         ),
+        Reason.PLACEMENT_TIE: (
+            "Azure placed the new VM in a zone that held as many VMs as the planned zone "
+            "(its placement balances VM counts, not running VMs), where it would not improve "
+            "the spread of running VMs; the new VMs are deleted and no zone is backed off. "
+            "The same move is not tried again until the scale set changes."
+        ),
         Reason.NOTHING_TO_KEEP: (
             "No move could be completed safely (the new VMs never became healthy while their "
             "sources were healthy, or no eligible source was left), so the new VMs are deleted "
@@ -193,17 +202,20 @@ _REASONS: Mapping[Reason, str] = MappingProxyType(
             "so the operation stops without deleting anything."
         ),
         Reason.NEW_VM_REMOVED: (
-            "A VM this operation created was deleted or is being deleted by someone else; the "
-            "operation stops without deleting anything."
+            "A VM this operation created was deleted or is being deleted by someone else; "
+            "their decision wins: the operation removes the other VMs it created, so the "
+            "scale set ends at its owners' capacity, and the next audit plans again."
         ),
         Reason.OUTSIDE_DELETE: (
-            "A VM of the scale set is being deleted and this operation did not ask for it; "
-            "the operation stops without deleting anything, so deletes never add up."
+            "Someone else deleted VMs of the scale set during the operation, which lowered "
+            "its owners' capacity; their decision wins: the operation deletes no source and "
+            "removes the VMs it created, so the scale set ends at its owners' capacity."
         ),
         Reason.SCALE_SET_DELETED: "The scale set no longer exists.",
         Reason.SCALE_SET_BUSY: (
             "The scale set stayed in an update started by someone else for too long; the "
-            "operation stops without deleting anything. The new VMs stay in the scale set."
+            "operation deletes no source and removes the VMs it created, so the scale set "
+            "ends at its owners' capacity."
         ),
         Reason.STAND_DOWN: (
             "The scale set was opted out or handed to Azure's own zone balancing; the operation "
@@ -240,6 +252,11 @@ _REASONS: Mapping[Reason, str] = MappingProxyType(
         ),
     }
 )
+
+
+_OUTSIDE_DELETES = frozenset({Reason.OUTSIDE_DELETE, Reason.NEW_VM_REMOVED, Reason.SCALE_SET_BUSY})
+"""Someone else acted (deleted VMs, or kept the scale set updating): the operation removes
+the VMs it created and ends `superseded`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -598,11 +615,41 @@ def _note_new_vms(record: OperationRecord, view: _View) -> OperationRecord:
     return replace(record, created=MappingProxyType({**record.created, **unseen}))
 
 
+def _deleted_by_others(record: OperationRecord, view: _View) -> tuple[str, ...]:
+    """VMs gone or being deleted since the start that this operation did not ask to delete:
+    someone else deleted them, and each such delete lowered the capacity by one."""
+    by_id = view.by_id
+    known = record.baseline.deleting | set(record.delete_requested)
+    candidates = [*record.baseline.instance_ids, *record.created]
+    return _sorted_ids(
+        vm for vm in candidates if vm not in known and (vm not in by_id or by_id[vm].deleting)
+    )
+
+
 def _outside_change(
-    record: OperationRecord, view: _View, now: datetime, expected: int
+    record: OperationRecord,
+    view: _View,
+    policy: OperationPolicy,
+    now: datetime,
+    expected: int,
 ) -> Step | None:
-    """End `superseded` when capacity or instances show someone else acting, else None."""
+    """End the operation when capacity or instances show someone else acting, else None.
+
+    Their decision wins, and the capacity handed back is theirs. Someone deleted VMs (the
+    capacity is ours minus those deletes): the owners' capacity is the one at the start minus
+    the VMs of theirs they deleted, so the VMs this operation created are removed (rolled
+    back), and it ends `superseded`. Someone wrote another capacity: it is absolute and counts
+    the new VMs in, so nothing is deleted. More VMs appeared than were asked for: someone is
+    scaling out (and wrote a capacity that counts them in); nothing is deleted.
+    """
     capacity = view.scale_set.capacity
+    gone = _deleted_by_others(record, view)
+    explained = capacity is not None and capacity in (expected, expected - len(gone))
+    if gone and explained and len(view.new) <= record.k:
+        ours = [vm for vm in gone if vm in record.created]
+        reason = Reason.NEW_VM_REMOVED if ours else Reason.OUTSIDE_DELETE
+        detail = f"VM(s) {', '.join(gone)} deleted by someone else; capacity is {capacity}"
+        return _roll_back(record, view, policy, now, reason, detail)
     if capacity != expected:
         detail = f"capacity is {capacity}; this operation set {expected}"
         return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
@@ -610,27 +657,7 @@ def _outside_change(
         listed = ", ".join(i.id for i in view.new)
         detail = f"{len(view.new)} VMs appeared ({listed}) where {record.k} were requested"
         return _finish(record, now, State.SUPERSEDED, Reason.UNEXPECTED_INSTANCES, detail)
-    known = record.baseline.deleting | set(record.delete_requested)
-    deleting = [
-        i.id
-        for i in view.inventory.instances
-        if i.deleting and i.id in record.baseline.instance_ids and i.id not in known
-    ]
-    if deleting:
-        # Not by this operation (as far as its record knows): never choose sources beside it.
-        detail = f"VM(s) {', '.join(deleting)} being deleted by someone else"
-        return _finish(record, now, State.SUPERSEDED, Reason.OUTSIDE_DELETE, detail)
     return None
-
-
-def _kept_gone(record: OperationRecord, view: _View, now: datetime) -> Step | None:
-    """End `superseded` when someone deleted (or is deleting) a new VM we meant to keep."""
-    by_id = view.by_id
-    gone = [vm for vm in record.kept if vm not in by_id or by_id[vm].deleting]
-    if not gone:
-        return None
-    detail = f"new VM(s) {', '.join(gone)} deleted by someone else"
-    return _finish(record, now, State.SUPERSEDED, Reason.NEW_VM_REMOVED, detail)
 
 
 # scaling_out ---------------------------------------------------------------------------------
@@ -646,7 +673,11 @@ def _scaling_out(
     capacity = view.scale_set.capacity
     deadline = record.scale_out_deadline or record.created_at + policy.scale_out_timeout
     if not record.scale_out_confirmed:
-        if capacity == record.target_capacity:
+        gone = _deleted_by_others(record, view)
+        if capacity == record.target_capacity or (
+            gone and view.new and capacity == record.target_capacity - len(gone)
+        ):
+            # Applied; someone may have deleted VMs since, which `_outside_change` handles.
             record = replace(record, scale_out_confirmed=True, attempts=0)
         elif capacity == record.baseline.capacity:
             return _scale_out_not_visible(record, view, policy, now, stand_down, deadline)
@@ -654,7 +685,7 @@ def _scaling_out(
             detail = f"capacity is {capacity}; this operation set {record.target_capacity}"
             return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
 
-    outside = _outside_change(record, view, now, record.target_capacity)
+    outside = _outside_change(record, view, policy, now, record.target_capacity)
     if outside is not None:
         return outside
     if stand_down is not None:
@@ -693,9 +724,11 @@ def _scaling_out(
         if timed_out and provisioning:
             return _roll_back(record, view, policy, now, Reason.SCALE_OUT_TIMEOUT, placed)
         detail = f"wanted zone(s) {', '.join(record.target_zones)}; new VMs: {placed}"
-        short = _short_zones(record, new)
+        short = _short_zones(record, new, baseline)
         if not short:
-            return _roll_back(record, view, policy, now, Reason.NEW_VM_FAILED, detail)
+            failed = any(i.provisioning_state.lower() == "failed" for i in new)
+            reason = Reason.NEW_VM_FAILED if failed else Reason.PLACEMENT_TIE
+            return _roll_back(record, view, policy, now, reason, detail)
         backoffs = tuple(
             BackOffZone(record.location, record.sku, zone, Reason.NO_CAPACITY_IN_TARGET_ZONE.value)
             for zone in short
@@ -723,24 +756,6 @@ def _placed(vm: Instance) -> str:
     return f"{vm.id} in zone {vm.zone} ({state})"
 
 
-def _short_zones(record: OperationRecord, new: Sequence[Instance]) -> tuple[str, ...]:
-    """Target zones that showed a lack of capacity, when no new VM can be kept.
-
-    An allocation error names its zone (a regional one, or one outside the targets, all of
-    them); a VM that Azure's best-effort placement put outside the targets says the targets
-    had no room. A VM created in a target zone that failed for another reason (an extension)
-    shows the zone had room: that alone backs off nothing.
-    """
-    targets = record.target_zones
-    short: set[str] = set()
-    for vm in new:
-        if vm.allocation_failed:
-            short.update([vm.zone] if vm.zone in targets else targets)
-        elif vm.zone not in targets:
-            short.update(targets)
-    return tuple(zone for zone in targets if zone in short)
-
-
 def _receiving_zone(
     zone: str | None, needs: Mapping[str, int], baseline: Mapping[str, Any]
 ) -> str | None:
@@ -766,6 +781,34 @@ def _receiving_zone(
         if left > 0 and planned is not None and here.total == planned.total:
             return target
     return None
+
+
+def _short_zones(
+    record: OperationRecord, new: Sequence[Instance], baseline: Mapping[str, Any]
+) -> tuple[str, ...]:
+    """The target zones that showed a shortage of capacity in this scale-out, in zone order.
+
+    Evidence is an allocation error (in its zone; a regional one, or one outside the targets,
+    in all of them), or a VM placed in a zone that held more VMs than a target zone: the
+    platform's placement fills the emptiest zones first, so it skipped that zone. A VM
+    created in a target zone that failed for another reason (an extension) shows the zone
+    had room, and a VM placed in a zone tied with the target zone on VM count is no evidence
+    either: the platform may pick either.
+    """
+    targets = record.target_zones
+    short: set[str] = set()
+    for vm in new:
+        if vm.allocation_failed:
+            short.update([vm.zone] if vm.zone in targets else targets)
+            continue
+        if vm.zone in targets:
+            continue
+        here = baseline.get(vm.zone) if vm.zone is not None else None
+        for zone in targets:
+            planned = baseline.get(zone)
+            if here is None or planned is None or planned.total < here.total:
+                short.add(zone)
+    return tuple(zone for zone in targets if zone in short)
 
 
 def _scale_out_not_visible(
@@ -821,9 +864,7 @@ def _awaiting_health(
     now: datetime,
     stand_down: str | None,
 ) -> Step:
-    ended = _kept_gone(record, view, now) or _outside_change(
-        record, view, now, record.target_capacity
-    )
+    ended = _outside_change(record, view, policy, now, record.target_capacity)
     if ended is not None:
         return ended
     if stand_down is not None:
@@ -853,9 +894,7 @@ def _scaling_in(
 ) -> Step:
     if record.delete_requested:
         return _await_deletes(record, view, policy, now)
-    ended = _kept_gone(record, view, now) or _outside_change(
-        record, view, now, record.target_capacity
-    )
+    ended = _outside_change(record, view, policy, now, record.target_capacity)
     if ended is not None:
         return ended
     if stand_down is not None:
@@ -865,7 +904,7 @@ def _scaling_in(
         if now < health_deadline + policy.scale_out_timeout:
             return Step(record)  # never delete while someone else's update runs
         detail = f"provisioningState {view.scale_set.provisioning_state}"
-        return _finish(record, now, State.SUPERSEDED, Reason.SCALE_SET_BUSY, detail)
+        return _roll_back(record, view, policy, now, Reason.SCALE_SET_BUSY, detail)
     by_id = view.by_id
     regressed = [vm for vm in record.kept if not by_id[vm].healthy]
     if regressed and now < health_deadline:
@@ -1099,6 +1138,10 @@ def _complete(record: OperationRecord, now: datetime) -> Step:
         why = record.history[-1]
         detail += f"; rolled back for {why.reason.value}"
         detail += f": {why.detail}" if why.detail else ""
+        if why.reason in _OUTSIDE_DELETES:
+            if record.outcome_detail:
+                detail += f"; {record.outcome_detail}"
+            return _finish(record, now, State.SUPERSEDED, why.reason, detail)
     if record.outcome_detail:
         detail += f"; {record.outcome_detail}"
     return _finish(record, now, State.ROLLED_BACK, Reason.ROLLBACK_DONE, detail)
@@ -1134,7 +1177,8 @@ def _roll_back(
         listed = ", ".join(protected)
         record = replace(record, outcome_detail=f"not deleted (protected meanwhile): {listed}")
     if not ours:
-        return _finish(record, now, State.ROLLED_BACK, reason, detail or "nothing to remove", extra)
+        final = State.SUPERSEDED if reason in _OUTSIDE_DELETES else State.ROLLED_BACK
+        return _finish(record, now, final, reason, detail or "nothing to remove", extra)
     commands = extra + ((DeleteInstances(_sorted_ids(to_delete)),) if to_delete else ())
     return _transition(record, State.ROLLING_BACK, now, reason, detail, commands)
 

@@ -61,6 +61,7 @@ class Gate(StrEnum):
     COOLDOWN = "cooldown"
     MIN_INTERVAL = "min_interval"
     ZONE_BACKOFF = "zone_backoff"
+    PLACEMENT_TIE = "placement_tie"
     QUOTA = "quota"
     NO_SLOT = "no_slot"
 
@@ -375,6 +376,9 @@ class Reconciler:
                 )
         scale_set = inventory.scale_set
         k = min(len(assessment.moves), settings.max_surge)
+        tie = self._placement_tie(inventory, assessment)
+        if tie is not None:
+            return Gate.PLACEMENT_TIE, tie
         for zone in sorted({move.to_zone for move in assessment.moves[:k]}):
             until = self.store.backoff_until(
                 scale_set.location, scale_set.sku_name or "", zone, now
@@ -385,6 +389,35 @@ class Reconciler:
                     f"{scale_set.sku_name}; next try after {until.isoformat()}"
                 )
         return self._quota_gate(inventory, k)
+
+    def _placement_tie(self, inventory: Inventory, assessment: Assessment) -> str | None:
+        """Why the planned move would only repeat a placement tie, or None.
+
+        When the last operation ended because Azure placed its VM in a zone tied with the
+        planned one on VM count (`placement_tie`), and the scale set still holds exactly the VMs
+        it started from and the plan names the same zones, Azure would place the VM there
+        again: the move waits until the scale set changes, instead of retrying in a loop.
+        """
+        ref = inventory.scale_set.ref
+        rows = self.store.history(ref.key, limit=1)
+        if not rows or rows[0].active:
+            return None
+        try:
+            last = op.OperationRecord.from_json(rows[0].body)
+        except ValueError:
+            return None
+        if all(t.reason is not op.Reason.PLACEMENT_TIE for t in last.history):
+            return None
+        targets = {move.to_zone for move in assessment.moves}  # as `op.start` counts them
+        current = {instance.id for instance in inventory.instances}
+        if current != last.baseline.instance_ids or targets != set(last.zone_needs):
+            return None
+        placed = ", ".join(f"zone {zone}" for zone in sorted(set(last.created.values()) - {None}))
+        return (
+            f"operation {last.operation_id} asked for zone(s) {', '.join(last.target_zones)} "
+            f"and Azure placed its VM in {placed or 'another zone'}, which holds as many VMs; "
+            "it would do so again. The move waits until the scale set's VMs change"
+        )
 
     def _quota_gate(self, inventory: Inventory, k: int) -> tuple[Gate, str] | None:
         from rebalancer.compute.errors import AdapterError
@@ -680,7 +713,10 @@ def _with_flags(instance: Instance, known: dict[str, tuple[bool, bool]]) -> Inst
         return instance
     scale_in, scale_set_actions = known[instance.id]
     return replace(
-        instance, protect_from_scale_in=scale_in, protect_from_scale_set_actions=scale_set_actions
+        instance,
+        protect_from_scale_in=scale_in,
+        protect_from_scale_set_actions=scale_set_actions,
+        protection_unknown=False,
     )
 
 

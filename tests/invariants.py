@@ -13,8 +13,15 @@ raises AssertionError listing every broken rule:
    is left behind by a rolled-back operation;
 4. at most one in-flight operation per scale set, at most `maxConcurrentOperations` at once,
    and (optionally) exactly one capacity PATCH per operation, always to its target capacity;
-5. the app's deletes never take the healthy active count below the operation's baseline;
-6. the app writes only to the scale sets it may change.
+5. the app's deletes never take the healthy active count below the operation's baseline
+   (less the healthy VMs someone else deleted since it started);
+6. the app writes only to the scale sets it may change;
+
+and, once settled, the capacity each scale set is handed back equals its owners' capacity:
+the capacity at the start plus the outside changes since (armsim's capacity journal: an
+absolute capacity someone wrote, a VM someone deleted), plus the app's VMs the owners adopted
+by protecting them (`owners_capacity`). So no operation, whatever its outcome, leaves the
+app's surplus VMs standing.
 
 The checks read nothing from the reconciler under test: only armsim and the Table rows, so a
 chaos or crash suite can call `check()` at any moment.
@@ -23,7 +30,7 @@ chaos or crash suite can call `check()` at any moment.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -72,6 +79,9 @@ class Invariants:
     scale_set_ids: tuple[str, ...]
     start: dict[tuple[str, str], _Vm]
     journal_offset: int
+    start_capacity: dict[str, int] = field(default_factory=dict)
+    """Lower-case scale set id -> `sku.capacity` at the start."""
+    capacity_offset: int = 0
     checks: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -107,6 +117,8 @@ class Invariants:
             scale_set_ids=tuple(v.id for v in views),
             start=start,
             journal_offset=len(sim.history()),
+            start_capacity={v.id.lower(): v.capacity for v in views},
+            capacity_offset=len(sim.capacity_history()),
         )
 
     # -- inputs ------------------------------------------------------------------------
@@ -138,6 +150,8 @@ class Invariants:
         self._tracking(records, vms, problems, settled)
         self._one_at_a_time(records, problems, settled)
         self._writes(records, problems, single_scale_out)
+        if settled:
+            self._capacity(records, problems)
         if problems:
             listing = "\n  ".join(problems)
             raise AssertionError(f"invariants broken{' ' + where if where else ''}:\n  {listing}")
@@ -150,6 +164,7 @@ class Invariants:
         vms = dict(self.start)
         journal = self.sim.history()[self.journal_offset :]
         deleted_sources: dict[str, tuple[int, int]] = {}
+        self._outside_deletes: list[tuple[datetime, str, bool]] = []
         index = 0
         while index < len(journal):
             change = journal[index]
@@ -169,6 +184,10 @@ class Invariants:
                 self._judge_deletes(batch, before, vms, records, deleted_sources, problems)
                 index += len(batch)
                 continue
+            if change.change == "deleting" and change.principal_id != app:
+                vm = vms.get(_key(change.scale_set_id, change.instance_id))
+                healthy = vm is not None and vm.healthy
+                self._outside_deletes.append((change.time, change.scale_set_id.lower(), healthy))
             self._apply(vms, change)
             index += 1
         return vms
@@ -266,7 +285,13 @@ class Invariants:
         if owner is not None:
             healthy_before = _healthy(before, scale_set)
             healthy_after = _healthy(after, scale_set)
-            floor = min(owner.baseline.healthy, healthy_before)
+            # Healthy VMs someone else deleted since the start lowered what the owners keep.
+            taken = sum(
+                1
+                for t, s, healthy in self._outside_deletes
+                if s == scale_set and healthy and owner.created_at <= t <= at
+            )
+            floor = min(owner.baseline.healthy - taken, healthy_before)
             if healthy_after < floor:
                 problems.append(
                     f"[5] {at.isoformat()} {_name(scale_set)}: the app's delete took healthy "
@@ -300,6 +325,24 @@ class Invariants:
                     f"[3] {label}: operation {rolled_back[-1].operation_id} rolled back but "
                     "left it behind"
                 )
+
+    # 3: the capacity handed back is the owners' -----------------------------------------
+
+    def owners(self, records: Sequence[OperationRecord] | None = None) -> list[CapacityAccount]:
+        """The owners' capacity of every watched scale set that still exists."""
+        return owners_capacity(
+            self.sim,
+            self.start_capacity,
+            records if records is not None else self.records(),
+            journal_offset=self.journal_offset,
+            capacity_offset=self.capacity_offset,
+        )
+
+    def _capacity(self, records: Sequence[OperationRecord], problems: list[str]) -> None:
+        for account in self.owners(records):
+            if account.in_flight or account.actual == account.expected:
+                continue
+            problems.append(f"[3] {account.describe()}")
 
     # 4: one operation per scale set, a bounded number at once ----------------------------
 
@@ -374,6 +417,108 @@ class Invariants:
             for operation_id, count in patches.items():
                 if count != 1:
                     problems.append(f"[4] operation {operation_id} PATCHed capacity {count} times")
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityAccount:
+    """One scale set's capacity: what it is, and what its owners made it."""
+
+    scale_set: str
+    """Lower-case scale set id."""
+    start: int
+    owners: int
+    """The start plus the outside changes: capacities written, VMs deleted (not the app's
+    VMs of an operation that had not handed them over)."""
+    adopted: tuple[str, ...]
+    """VMs the app created and did not hand over that the owners protected: theirs now."""
+    actual: int
+    in_flight: bool
+    changes: tuple[str, ...]
+
+    @property
+    def expected(self) -> int:
+        return self.owners + len(self.adopted)
+
+    def describe(self) -> str:
+        adopted = ""
+        if self.adopted:
+            adopted = f" + {len(self.adopted)} adopted ({', '.join(self.adopted)})"
+        changes = "; ".join(self.changes) or "no outside change"
+        return (
+            f"{_name(self.scale_set)}: capacity {self.actual} handed back, its owners' is "
+            f"{self.owners}{adopted} (start {self.start}; {changes})"
+        )
+
+
+def owners_capacity(
+    sim: ArmSim,
+    start_capacity: Mapping[str, int],
+    records: Sequence[OperationRecord],
+    *,
+    journal_offset: int = 0,
+    capacity_offset: int = 0,
+) -> list[CapacityAccount]:
+    """Replay armsim's capacity journal: each scale set's owners' capacity now.
+
+    Outside a write of the app, `sku.capacity` changes because someone wrote an absolute
+    capacity (it becomes the owners' capacity, the app's VMs present then included) or
+    deleted a VM (one less, unless it was a VM the app created and had not handed over yet:
+    an operation hands its kept new VMs over when it succeeds). The app's writes never
+    change it: a move is capacity-neutral. An app VM the owners protected and that is still
+    there counts as theirs.
+    """
+    app = sim.scenario.app_principal_id
+    created: dict[tuple[str, str], datetime] = {}
+    for change in sim.history()[journal_offset:]:
+        if change.change == "created" and change.principal_id == app:
+            created[_key(change.scale_set_id, change.instance_id)] = change.time
+    handed: dict[tuple[str, str], datetime] = {}
+    for record in records:
+        if record.state is State.SUCCEEDED:
+            for vm in record.kept:
+                handed[_key(record.scale_set_id, vm)] = record.updated_at
+    views = {view.id.lower(): view for view in sim.state}
+    journal = sim.capacity_history()[capacity_offset:]
+    accounts = []
+    for scale_set, start in start_capacity.items():
+        view = views.get(scale_set)
+        if view is None:
+            continue
+        owners, changes = start, []
+        owned: set[tuple[str, str]] = set()
+        for change in journal:
+            if change.scale_set_id.lower() != scale_set or change.principal_id == app:
+                continue
+            at = change.time
+            if change.change == "write":
+                owners = change.capacity
+                owned |= {key for key, t in created.items() if key[0] == scale_set and t <= at}
+                changes.append(f"capacity {change.capacity} written at {at.isoformat()}")
+                continue
+            key = _key(scale_set, change.instance_id or "")
+            handed_at = handed.get(key)
+            surplus = key in created and key not in owned and (handed_at is None or handed_at > at)
+            if surplus:
+                changes.append(f"the app's VM {change.instance_id} deleted at {at.isoformat()}")
+                continue
+            owners -= 1
+            changes.append(f"VM {change.instance_id} deleted at {at.isoformat()}")
+        adopted = tuple(
+            vm.instance_id
+            for vm in view.vms
+            if (key := _key(scale_set, vm.instance_id)) in created
+            and key not in handed
+            and key not in owned
+            and vm.provisioning_state != "Deleting"
+            and (vm.protect_from_scale_in or vm.protect_from_scale_set_actions)
+        )
+        in_flight = any(r.active for r in records if r.scale_set_id.lower() == scale_set)
+        accounts.append(
+            CapacityAccount(
+                scale_set, start, owners, adopted, view.capacity, in_flight, tuple(changes)
+            )
+        )
+    return accounts
 
 
 def _latest(records: Sequence[OperationRecord], at: datetime) -> OperationRecord | None:

@@ -106,6 +106,40 @@ def test_flexible_inventory_reads_protection_of_planned_sources_only() -> None:
         assert "virtualMachineScaleSet/id" in vm_list.query["$filter"]
 
 
+def test_flexible_protection_left_unread_is_unknown_and_a_read_is_reused() -> None:
+    """Past the read limit a possible source is not taken for protected (an operation's own
+    new VM must stay deletable), only kept out of the plan; a read is reused for a while."""
+    spec = ScaleSetSpec(
+        "flex",
+        "rg-flex",
+        mode="Flexible",
+        counts={"1": 1, "2": 1, "3": 6},
+        overrides=(VmOverride(zone="3", count=5, protect_from_scale_in=True),),
+    )
+    with ArmSim.start(Scenario(scale_sets=(spec,))) as sim:
+        flex = ref(sim, "rg-flex", "flex")
+        with adapter_for(sim, flexible_protection_reads=2) as adapter:
+            inventory = adapter.read_inventory(flex, NOW)
+            unknown = [i for i in inventory.instances if i.protection_unknown]
+            assert unknown and not any(i.protected for i in unknown)
+            assert operations(sim)["vmss_vm.get"] == 2
+            assert all(m.source not in {i.id for i in unknown} for m in assess(inventory).moves)
+        with adapter_for(sim) as adapter:
+            first = adapter.read_inventory(flex, NOW)
+            reads = operations(sim)["vmss_vm.get"]
+            again = adapter.read_inventory(flex, NOW)
+            assert operations(sim)["vmss_vm.get"] == reads  # nothing read twice
+            assert not any(i.protection_unknown for i in first.instances)
+            (move,) = assess(again).moves
+            unprotected = {vm.instance_id for vm in sim.scale_set("rg-flex", "flex").vms}
+            unprotected -= {
+                vm.instance_id
+                for vm in sim.scale_set("rg-flex", "flex").vms
+                if vm.protect_from_scale_in
+            }
+            assert move.source in unprotected
+
+
 def test_list_scale_sets_is_zonal_and_scoped_case_insensitively() -> None:
     scenario = Scenario(
         page_size=2,

@@ -697,6 +697,30 @@ def test_outside_update_blocks_the_delete_until_it_ends():
     assert isinstance(run.step(record).commands[0], DeleteInstances)
 
 
+def test_an_outside_update_that_never_ends_removes_the_new_vms_and_no_source():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    run = Run(fleet)
+    record = run.start()
+    while record.state is not State.SCALING_IN:
+        fleet.tick()
+        run.now += timedelta(minutes=5)
+        record = run.step(record).record
+    fleet.provisioning_state = "Updating"
+    later = (record.health_deadline or run.now) + POLICY.scale_out_timeout
+    step = advance(record, fleet.inventory(later), POLICY, later)
+    assert step.record.state is State.ROLLING_BACK
+    (delete,) = [c for c in step.commands if isinstance(c, DeleteInstances)]
+    assert set(delete.ids) == set(record.created)
+    fleet.apply(step.commands)
+    fleet.provisioning_state = "Succeeded"
+    for _ in range(4):
+        fleet.tick()
+    later += timedelta(minutes=20)
+    step = advance(step.record, fleet.inventory(later), POLICY, later)
+    assert step.record.state is State.SUPERSEDED and step.record.outcome is Reason.SCALE_SET_BUSY
+    assert fleet.capacity == 7 and fleet.totals() == (1, 3, 3)
+
+
 # --- crash safety ---------------------------------------------------------------------------
 
 
@@ -997,8 +1021,10 @@ def test_new_vms_seen_before_the_capacity_during_an_update_are_waited_for():
 
 
 def test_a_delete_the_record_does_not_know_about_is_never_added_to():
-    # Capacity that drops only once a VM is gone hides a delete in flight; a record that lost
-    # its last step (or any actor deleting a VM) must not lead to a second source delete.
+    # Capacity that drops only once a VM is gone hides a delete in flight. A delete no record
+    # asked for is someone else's (the shell commits a step before sending its deletes): no
+    # source is deleted beside it, and the operation removes only the VMs it created, so the
+    # scale set ends at the capacity its owners left it.
     fleet = Fleet.of({"1": 1, "2": 3, "3": 3}, capacity_drops_when_gone=True, delete_ticks=3)
     run = Run(fleet)
     record = run.start()
@@ -1013,5 +1039,14 @@ def test_a_delete_the_record_does_not_know_about_is_never_added_to():
     later = run.now + timedelta(minutes=5)
     assert fleet.capacity == 8 and fleet.instances[source].deleting
     step = advance(record, fleet.inventory(later), POLICY, later)
+    assert step.record.state is State.ROLLING_BACK
+    assert step.record.history[-1].reason is Reason.OUTSIDE_DELETE
+    (delete,) = [c for c in step.commands if isinstance(c, DeleteInstances)]
+    assert set(delete.ids) == set(record.kept) and source not in delete.ids
+    fleet.apply(step.commands)
+    for _ in range(4):
+        fleet.tick()
+    later += timedelta(minutes=20)
+    step = advance(step.record, fleet.inventory(later), POLICY, later)
     assert step.record.state is State.SUPERSEDED and step.record.outcome is Reason.OUTSIDE_DELETE
-    assert not [c for c in step.commands if isinstance(c, DeleteInstances)]
+    assert fleet.capacity == 6  # the 7 it started from, less the VM deleted outside it

@@ -154,7 +154,13 @@ def exercise(sim: ArmSim, adapter: ComputeAdapter) -> list[tuple[str, Callable[[
 @pytest.mark.integration
 def test_every_call_sends_exactly_the_requests_it_lists():
     with ArmSim.start(SCENARIO) as sim:
-        config = ArmConfig(sim.subscription_id, endpoint=sim.endpoint, ca_cert=sim.ca_cert_path)
+        # No reuse of protection reads: every call sends the requests of its own branch.
+        config = ArmConfig(
+            sim.subscription_id,
+            endpoint=sim.endpoint,
+            ca_cert=sim.ca_cert_path,
+            flexible_protection_ttl=0,
+        )
         with ComputeAdapter(config, sim.credential, clock=VirtualTime(sim.clock)) as adapter:
             sent: dict[str, set[ArmRequest]] = {name: set() for name in ADAPTER_CALLS}
             for name, run in exercise(sim, adapter):

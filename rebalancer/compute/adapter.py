@@ -69,8 +69,12 @@ class ArmConfig:
     retry_attempts: int = 4
     connection_timeout: float = 10.0
     read_timeout: float = 60.0
-    flexible_protection_reads: int = 10
-    """Most instance-protection GETs per Flexible inventory (possible sources only)."""
+    flexible_protection_reads: int = 40
+    """Most instance-protection GETs per Flexible inventory (possible sources only); VMs
+    left unread are marked `protection_unknown`, never chosen as sources."""
+    flexible_protection_ttl: float = 300.0
+    """Seconds a Flexible VM's protection, once read, is reused in later inventories. Safe:
+    it only steers the choice of sources, and every delete reads the VMs again first."""
     source_candidates: int = 1
     """Possible sources per zone whose protection a Flexible inventory reads: the most VMs
     one operation deletes from a zone, i.e. the app's `maxSurge`."""
@@ -92,6 +96,11 @@ class ArmConfig:
             raise ValueError(f"max wait must be >= 0 seconds, got {self.max_wait}")
         if self.source_candidates < 1:
             raise ValueError(f"source candidates must be >= 1, got {self.source_candidates}")
+        if self.flexible_protection_reads < 0 or self.flexible_protection_ttl < 0:
+            raise ValueError(
+                "flexible protection reads and ttl must be >= 0, got "
+                f"{self.flexible_protection_reads} and {self.flexible_protection_ttl}"
+            )
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -273,6 +282,8 @@ class ComputeAdapter:
         self._client: ComputeManagementClient | None = None
         self._lock = threading.Lock()
         self._cache = _TtlCache(self.clock)
+        self._protection: dict[tuple[str, str], tuple[tuple[bool, bool], float]] = {}
+        self._protection_lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -535,45 +546,62 @@ class ComputeAdapter:
         *list* of a Flexible set with bare items (names, no properties); only the scale-set VM
         GET with the VM name as instance id shows it (api-version 2023-09-01 or later; the
         SDK's default is newer).
-        Rather than one GET per VM, only possible sources are read: the planned ones, and
-        (`to_act`) the first `source_candidates` eligible VMs of every zone an in-flight
-        operation could take its sources from, because it re-chooses them from this
-        observation, often when the new VMs already balance the set and nothing is planned.
-        A protected one is marked and the choice made again, until every possible source is
-        known to be unprotected. At most `flexible_protection_reads` GETs per inventory; VMs
-        still unread then are treated as protected, so nothing unverified is ever chosen.
+        Rather than one GET per VM, only possible sources are read: those of the first
+        `source_candidates` planned moves (what one operation takes; later moves are planned
+        again before they run), and (`to_act`) the first eligible VMs of every zone an
+        in-flight operation could take its sources from, because it re-chooses them from
+        this observation, often when the new VMs already balance the set and nothing is
+        planned. A protected one is marked and the choice made again, until every possible
+        source is known to be unprotected. A protection read within `flexible_protection_ttl`
+        is reused. At most `flexible_protection_reads` GETs per inventory; a possible source
+        still unread then is marked `protection_unknown`: never chosen as a source, and never
+        taken for protected either (an operation's own new VMs stay deletable; every delete
+        reads its VMs again first).
         """
         from rebalancer.evaluator import assess
 
         ref = inventory.scale_set.ref
-        flags: dict[str, tuple[bool, bool]] = {}
+        flags: dict[str, tuple[bool, bool] | None] = {}
         reads_left = self.config.flexible_protection_reads
         depth = self.config.source_candidates
+        unread = 0
         while True:
-            possible = [m.source for m in assess(inventory).moves]
+            possible = [m.source for m in assess(inventory).moves[:depth]]
             if to_act:
                 possible += _source_candidates(inventory, depth)
             pending = [name for name in dict.fromkeys(possible) if name.lower() not in flags]
             if not pending:
-                return inventory
-            if reads_left <= 0:
-                unread = {i.id.lower() for i in inventory.instances} - set(flags)
-                flags.update(dict.fromkeys(unread, (True, True)))
-                log.warning(
-                    "%s: protection of %d Flexible VMs not read (limit %d); treated as protected",
-                    ref,
-                    len(unread),
-                    self.config.flexible_protection_reads,
-                )
-            for name in pending[: max(0, reads_left)]:
-                flags[name.lower()] = self._flexible_vm_protection(ref, name)
-                reads_left -= 1
+                break
+            for name in pending:
+                known = self._remembered_protection(ref, name)
+                if known is None and reads_left > 0:
+                    known = self._flexible_vm_protection(ref, name)
+                    reads_left -= 1
+                unread += known is None
+                flags[name.lower()] = known
             inventory = replace(
                 inventory,
                 instances=tuple(_with_protection(i, flags) for i in inventory.instances),
             )
+        if unread:
+            log.warning(
+                "%s: protection of %d possible source(s) not read (limit %d GETs); they are "
+                "not chosen as sources this time",
+                ref,
+                unread,
+                self.config.flexible_protection_reads,
+            )
+        return inventory
+
+    def _remembered_protection(self, ref: ScaleSetRef, name: str) -> tuple[bool, bool] | None:
+        with self._protection_lock:
+            known = self._protection.get((ref.key, name.lower()))
+        if known is None or known[1] <= self.clock.monotonic():
+            return None
+        return known[0]
 
     def _flexible_vm_protection(self, ref: ScaleSetRef, name: str) -> tuple[bool, bool]:
+        """A fresh read of one Flexible VM's protection (remembered for later inventories)."""
         from azure.core.exceptions import ResourceNotFoundError
 
         with self._translate(ref):
@@ -584,7 +612,11 @@ class ComputeAdapter:
             except ResourceNotFoundError:
                 return (True, True)  # gone since the list: never a source
             instance = arm.parse_instance(model.as_dict(), OrchestrationMode.FLEXIBLE)
-        return (instance.protect_from_scale_in, instance.protect_from_scale_set_actions)
+        flags = (instance.protect_from_scale_in, instance.protect_from_scale_set_actions)
+        expires = self.clock.monotonic() + self.config.flexible_protection_ttl
+        with self._protection_lock:
+            self._protection[(ref.key, name.lower())] = (flags, expires)
+        return flags
 
     def audit(
         self,
@@ -1001,14 +1033,25 @@ def _source_candidates(inventory: Inventory, depth: int) -> list[str]:
     ]
 
 
-def _with_protection(instance: Instance, protection: Mapping[str, tuple[bool, bool]]) -> Instance:
-    """`protection` is keyed by lowercased VM name: ARM names are case-insensitive."""
-    flags = protection.get(instance.name.lower()) or protection.get(instance.id.lower())
-    if flags is None:
+def _with_protection(
+    instance: Instance, protection: Mapping[str, tuple[bool, bool] | None]
+) -> Instance:
+    """`protection` is keyed by lowercased VM name: ARM names are case-insensitive; None
+    marks a VM whose protection was not read."""
+    for key in (instance.name.lower(), instance.id.lower()):
+        if key in protection:
+            flags = protection[key]
+            break
+    else:
         return instance
+    if flags is None:
+        return replace(instance, protection_unknown=True)
     scale_in, scale_set_actions = flags
     return replace(
-        instance, protect_from_scale_in=scale_in, protect_from_scale_set_actions=scale_set_actions
+        instance,
+        protect_from_scale_in=scale_in,
+        protect_from_scale_set_actions=scale_set_actions,
+        protection_unknown=False,
     )
 
 
