@@ -58,6 +58,8 @@ class Gate(StrEnum):
     MODE_OFF = "mode_off"
     NOT_OPTED_IN = "not_opted_in"
     OPTED_OUT = "opted_out"
+    AUTOSCALE_AT_MAXIMUM = "autoscale_at_maximum"
+    """A skip, not a wait: autoscale would take back the VMs a move adds."""
     COOLDOWN = "cooldown"
     MIN_INTERVAL = "min_interval"
     ZONE_BACKOFF = "zone_backoff"
@@ -76,6 +78,8 @@ class Verdict:
 
     @property
     def decision(self) -> str:
+        if self.gate is Gate.AUTOSCALE_AT_MAXIMUM:
+            return str(Decision.SKIP)
         if self.gate is not None and self.assessment.decision is Decision.MOVE:
             return "wait"
         return str(self.assessment.decision)
@@ -351,6 +355,9 @@ class Reconciler:
         settings, ref, now = self.settings, inventory.scale_set.ref, self.clock()
         if opt_in is OptIn.DISABLED:
             return Gate.OPTED_OUT, "tag zone-rebalance=disabled: not even reported as actionable"
+        autoscale = self._autoscale_gate(inventory, assessment, now)
+        if autoscale is not None:
+            return autoscale
         if opt_in is not OptIn.ENABLED:
             return Gate.NOT_OPTED_IN, (
                 "audited only: tag the scale set zone-rebalance=enabled to let the app move VMs"
@@ -385,6 +392,29 @@ class Reconciler:
                     f"{scale_set.sku_name}; next try after {until.isoformat()}"
                 )
         return self._quota_gate(inventory, k)
+
+    def _autoscale_gate(
+        self, inventory: Inventory, assessment: Assessment, now: datetime
+    ) -> tuple[Gate, str] | None:
+        from rebalancer.autoscale import at_maximum
+        from rebalancer.compute.errors import AdapterError
+
+        scale_set = inventory.scale_set
+        try:
+            settings = self.compute.autoscale_settings()
+        except AdapterError as error:
+            # Unknown autoscale does not block: a move over its maximum is taken back by
+            # autoscale and ends superseded with nothing deleted.
+            log.info(
+                "autoscale of %s unknown: %s", scale_set.ref, error, extra=_dims(scale_set.ref)
+            )
+            return None
+        capacity = scale_set.capacity
+        if capacity is None:
+            capacity = sum(1 for instance in inventory.instances if instance.counts)
+        k = min(len(assessment.moves), self.settings.max_surge)
+        found = at_maximum(settings, scale_set.ref, capacity, k, now)
+        return (Gate.AUTOSCALE_AT_MAXIMUM, found.describe()) if found else None
 
     def _quota_gate(self, inventory: Inventory, k: int) -> tuple[Gate, str] | None:
         from rebalancer.compute.errors import AdapterError
@@ -619,6 +649,10 @@ class Reconciler:
 
         results = []
         now = self.clock()
+        try:
+            self.compute.autoscale_settings(fresh=True)  # once per audit; the passes reuse it
+        except AdapterError as error:
+            log.warning("autoscale settings not read: %s; moves are not held to them", error)
         for item in self.compute.audit(self.settings.resource_groups or None, now):
             if isinstance(item, AdapterError):
                 ref = item.ref

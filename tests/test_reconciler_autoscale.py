@@ -1,0 +1,73 @@
+"""Autoscale holds the capacity: a move that would pass the maximum is skipped with its reason.
+
+Against armsim (whose autoscale engine puts a capacity above the maximum back on its next
+evaluation) and Azurite, through the real clients. Without the check, every cooldown the app
+would create a VM that autoscale takes back, and each operation would end superseded.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from armsim import ScaleSetSpec, Scenario
+from rebalancer.model import ScaleSetRef
+from rebalancer.operation import State
+from rebalancer.reconciler import Outcome
+from tests.stack import Drive, running_stack
+
+ENABLED = {"zone-rebalance": "enabled"}
+MODES = ["Uniform", "Flexible"]
+
+
+def scenario(mode: str) -> Scenario:
+    spec = ScaleSetSpec("web", "rg-web", mode=mode, counts={"1": 1, "2": 3, "3": 3}, tags=ENABLED)
+    return Scenario(scale_sets=(spec,))
+
+
+def app_capacity_writes(stack) -> list:
+    app = stack.sim.scenario.app_principal_id
+    return [
+        r
+        for r in stack.sim.requests
+        if r.method == "PATCH" and r.principal_id == app and r.status < 400
+    ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_scale_set_at_its_autoscale_maximum_is_skipped_and_never_scaled_out(store, mode):
+    with running_stack(scenario(mode), store) as stack:
+        web = stack.sim.scale_set("rg-web", "web")
+        stack.sim.autoscale.put("rg-web", "web-autoscale", target=web.id, minimum=2, maximum=7)
+        run = Drive(stack)
+        for _ in range(12):  # six virtual minutes: several autoscale evaluations
+            run.tick()
+        assert run.records() == []
+        assert app_capacity_writes(stack) == []
+        assert stack.sim.autoscale.actions == []
+        result = run.results[-1]
+        assert result.outcome is Outcome.ASSESSED
+        assert result.verdict is not None
+        assert (result.verdict.decision, result.verdict.reason) == ("skip", "autoscale_at_maximum")
+        assert "web-autoscale" in result.detail and "at most 7 VMs" in result.detail
+        saved = stack.store.last_assessment(ScaleSetRef.parse(web.id).key)
+        assert saved is not None
+        body = json.loads(saved.body)
+        assert body["reason"] == "autoscale_at_maximum" and "web-autoscale" in body["detail"]
+        run.check("at the end", settled=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_room_under_the_maximum_lets_the_move_run(store, mode):
+    with running_stack(scenario(mode), store) as stack:
+        web = stack.sim.scale_set("rg-web", "web")
+        stack.sim.autoscale.put(
+            "rg-web", "web-autoscale", target=web.id.upper(), minimum=2, maximum=8
+        )
+        run = Drive(stack)
+        run.until_settled()
+        (record,) = run.records()
+        assert record.state is State.SUCCEEDED
+        assert stack.sim.autoscale.actions == []
+        assert sorted(stack.counts("rg-web", "web").values()) == [2, 2, 3]
