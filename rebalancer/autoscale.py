@@ -23,6 +23,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from rebalancer.model import ScaleSetRef
 
+REASON = "autoscale_at_maximum"
+"""The reason code of a move skipped because autoscale would take its VMs back."""
 _WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 # Windows time zone names the portal writes, for the ones Python's zoneinfo spells differently.
 _WINDOWS_ZONES = {

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from rebalancer import autoscale
 from rebalancer import operation as op
 from rebalancer.evaluator import Assessment, Decision, assess
 from rebalancer.model import Instance, Inventory, OrchestrationMode, ScaleSetRef
@@ -58,7 +59,7 @@ class Gate(StrEnum):
     MODE_OFF = "mode_off"
     NOT_OPTED_IN = "not_opted_in"
     OPTED_OUT = "opted_out"
-    AUTOSCALE_AT_MAXIMUM = "autoscale_at_maximum"
+    AUTOSCALE_AT_MAXIMUM = autoscale.REASON
     """A skip, not a wait: autoscale would take back the VMs a move adds."""
     COOLDOWN = "cooldown"
     MIN_INTERVAL = "min_interval"
@@ -396,7 +397,6 @@ class Reconciler:
     def _autoscale_gate(
         self, inventory: Inventory, assessment: Assessment, now: datetime
     ) -> tuple[Gate, str] | None:
-        from rebalancer.autoscale import at_maximum
         from rebalancer.compute.errors import AdapterError
 
         scale_set = inventory.scale_set
@@ -413,7 +413,7 @@ class Reconciler:
         if capacity is None:
             capacity = sum(1 for instance in inventory.instances if instance.counts)
         k = min(len(assessment.moves), self.settings.max_surge)
-        found = at_maximum(settings, scale_set.ref, capacity, k, now)
+        found = autoscale.at_maximum(settings, scale_set.ref, capacity, k, now)
         return (Gate.AUTOSCALE_AT_MAXIMUM, found.describe()) if found else None
 
     def _quota_gate(self, inventory: Inventory, k: int) -> tuple[Gate, str] | None:

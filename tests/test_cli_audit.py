@@ -322,3 +322,36 @@ def test_a_set_that_cannot_be_read_is_reported_beside_the_others(
     assert [e["id"].rsplit("/", 1)[1] for e in report["errors"]] == ["tilted"]
     assert report["errors"][0]["kind"] == "forbidden"
     assert len(report["scaleSets"]) == 4
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("static_token")
+def test_a_move_over_the_autoscale_maximum_is_reported_as_a_skip_naming_the_setting(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with ArmSim.start(Scenario(scale_sets=MIXED[:2])) as sim:
+        tilted = sim.scale_set("rg-a", "tilted").id
+        sim.autoscale.put("rg-a", "tilted-autoscale", target=tilted.lower(), minimum=1, maximum=7)
+        code, report, err = audit_json(sim, capsys)
+        assert code == 0, err
+        assert report is not None
+        entry = next(e for e in report["scaleSets"] if e["id"] == tilted)
+        assert (entry["decision"], entry["reason"]) == ("skip", "autoscale_at_maximum")
+        assert "tilted-autoscale" in entry["detail"] and "at most 7 VMs" in entry["detail"]
+        assert len(entry["moves"]) == 1  # what it would move with room under the maximum
+        assert (
+            main(
+                [
+                    "audit",
+                    "--subscription",
+                    sim.subscription_id,
+                    "--arm-endpoint",
+                    sim.endpoint,
+                    "--ca-cert",
+                    str(sim.ca_cert_path),
+                ]
+            )
+            == 0
+        )
+        out = capsys.readouterr().out
+        assert "autoscale_at_maximum" in out and "tilted-autoscale" in out

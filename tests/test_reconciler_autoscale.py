@@ -12,6 +12,7 @@ import json
 import pytest
 
 from armsim import ScaleSetSpec, Scenario
+from rebalancer.cli import EXIT_OK, build_parser, status
 from rebalancer.model import ScaleSetRef
 from rebalancer.operation import State
 from rebalancer.reconciler import Outcome
@@ -36,7 +37,9 @@ def app_capacity_writes(stack) -> list:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_scale_set_at_its_autoscale_maximum_is_skipped_and_never_scaled_out(store, mode):
+def test_a_scale_set_at_its_autoscale_maximum_is_skipped_and_never_scaled_out(
+    store, azurite, table_prefix, capsys, mode
+):
     with running_stack(scenario(mode), store) as stack:
         web = stack.sim.scale_set("rg-web", "web")
         stack.sim.autoscale.put("rg-web", "web-autoscale", target=web.id, minimum=2, maximum=7)
@@ -56,6 +59,14 @@ def test_a_scale_set_at_its_autoscale_maximum_is_skipped_and_never_scaled_out(st
         body = json.loads(saved.body)
         assert body["reason"] == "autoscale_at_maximum" and "web-autoscale" in body["detail"]
         run.check("at the end", settled=True)
+        capsys.readouterr()
+        args = build_parser().parse_args(
+            ["status", "--table-prefix", table_prefix, "--scale-set", web.id]
+        )
+        env = {"AzureWebJobsStorage": azurite.connection_string}
+        assert status.run(args, env, now=stack.sim.clock.now()) == EXIT_OK
+        shown = " ".join(capsys.readouterr().out.split())
+        assert "(autoscale_at_maximum)" in shown and "setting web-autoscale" in shown
 
 
 @pytest.mark.parametrize("mode", MODES)
