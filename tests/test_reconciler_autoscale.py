@@ -12,6 +12,7 @@ import json
 import pytest
 
 from armsim import ScaleSetSpec, Scenario
+from armsim.autoscale import EVALUATION_SECONDS
 from rebalancer.cli import EXIT_OK, build_parser, status
 from rebalancer.model import ScaleSetRef
 from rebalancer.operation import State
@@ -82,3 +83,45 @@ def test_room_under_the_maximum_lets_the_move_run(store, mode):
         assert record.state is State.SUCCEEDED
         assert stack.sim.autoscale.actions == []
         assert sorted(stack.counts("rg-web", "web").values()) == [2, 2, 3]
+
+
+CPU_HIGH = {
+    "metricTrigger": {
+        "metricName": "Percentage CPU",
+        "timeGrain": "PT1M",
+        "statistic": "Average",
+        "timeWindow": "PT5M",
+        "timeAggregation": "Average",
+        "operator": "GreaterThan",
+        "threshold": 75.0,
+        "dividePerInstance": False,
+    },
+    "scaleAction": {
+        "direction": "Increase",
+        "type": "ChangeCount",
+        "value": "2",
+        "cooldown": "PT5M",
+    },
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autoscale_scaling_out_on_its_rule_mid_move_supersedes_it_and_nothing_is_deleted(
+    store, mode
+):
+    with running_stack(scenario(mode), store) as stack:
+        web = stack.sim.scale_set("rg-web", "web")
+        stack.sim.autoscale.put(
+            "rg-web", "web-autoscale", target=web.id, minimum=2, maximum=20, rules=(CPU_HIGH,)
+        )
+        run = Drive(stack)
+        run.until(lambda: bool(run.records()) and run.records()[-1].state is State.AWAITING_HEALTH)
+        stack.sim.autoscale.set_metric(web.id, "Percentage CPU", 95.0)
+        stack.sim.advance(EVALUATION_SECONDS)  # the engine evaluates before the app looks again
+        run.until(run.idle, what="the operation ends")
+        (record,) = run.records()
+        assert record.state is State.SUPERSEDED
+        (action,) = stack.sim.autoscale.actions
+        assert (action.old_capacity, action.new_capacity) == (8, 10)
+        assert run.app_deletes() == []
+        run.check("at the end", settled=True)
