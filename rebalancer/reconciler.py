@@ -356,9 +356,9 @@ class Reconciler:
         settings, ref, now = self.settings, inventory.scale_set.ref, self.clock()
         if opt_in is OptIn.DISABLED:
             return Gate.OPTED_OUT, "tag zone-rebalance=disabled: not even reported as actionable"
-        autoscale = self._autoscale_gate(inventory, assessment, now)
-        if autoscale is not None:
-            return autoscale
+        held = self._autoscale_gate(inventory, assessment, now)
+        if held is not None:
+            return held
         if opt_in is not OptIn.ENABLED:
             return Gate.NOT_OPTED_IN, (
                 "audited only: tag the scale set zone-rebalance=enabled to let the app move VMs"
