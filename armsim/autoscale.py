@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from armsim.errors import ArmError
@@ -82,6 +82,16 @@ class Autoscale:
             raise ValueError(
                 f"autoscale {name}: need 0 <= minimum <= maximum, got {minimum}, {maximum}"
             )
+        for extra in profiles:
+            fixed = extra.get("fixedDate")
+            try:
+                if fixed and _utc(fixed.get("start")) > _utc(fixed.get("end")):
+                    raise ValueError("the window ends before it starts")
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"autoscale {name}: profile {extra.get('name')!r} fixedDate {fixed!r}: "
+                    f"{error}; give ISO 8601 start and end"
+                ) from None
         world = self._sim.world
         sub = self._sim.subscription_id
         default_profile = {
@@ -238,13 +248,16 @@ def _apply(action: Mapping[str, Any], current: int) -> int:
 def _profile_in_force(profiles: list[Mapping[str, Any]], at: datetime) -> Mapping[str, Any]:
     for profile in profiles:
         fixed = profile.get("fixedDate")
-        if fixed:
-            start = datetime.fromisoformat(str(fixed["start"]).replace("Z", "+00:00"))
-            end = datetime.fromisoformat(str(fixed["end"]).replace("Z", "+00:00"))
-            if start <= at <= end:
-                return profile
+        if fixed and _utc(fixed.get("start")) <= at <= _utc(fixed.get("end")):
+            return profile
     plain = [p for p in profiles if not p.get("fixedDate") and not p.get("recurrence")]
     return plain[0] if plain else profiles[-1]
+
+
+def _utc(value: Any) -> datetime:
+    """A fixed date's start or end; times without an offset are read as UTC."""
+    moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _target(world: World, resource_id: str) -> Any:

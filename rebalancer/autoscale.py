@@ -171,13 +171,21 @@ def _profile(doc: Any, where: str) -> Profile:
         )
     if recurrence is not None:
         schedule = recurrence.get("schedule") or {}
+        try:
+            hours = tuple(int(h) for h in schedule.get("hours") or (0,))
+            minutes = tuple(int(m) for m in schedule.get("minutes") or (0,))
+        except (TypeError, ValueError):
+            raise AutoscaleParseError(
+                f"{where}: recurrence hours {schedule.get('hours')!r} and minutes "
+                f"{schedule.get('minutes')!r} must be whole numbers"
+            ) from None
         return Profile(
             **_fields(profile),
             recurrence=Recurrence(
                 time_zone=str(schedule.get("timeZone") or "UTC"),
                 days=tuple(str(d) for d in schedule.get("days") or ()),
-                hours=tuple(int(h) for h in schedule.get("hours") or (0,)),
-                minutes=tuple(int(m) for m in schedule.get("minutes") or (0,)),
+                hours=hours,
+                minutes=minutes,
             ),
         )
     return profile

@@ -146,6 +146,14 @@ def test_a_profile_whose_time_cannot_be_placed_counts_with_its_lower_maximum():
             ]}},
             "capacity.minimum 'one' is not a count",
         ),
+        (
+            {"id": "x", "properties": {"targetResourceUri": REF.id, "profiles": [
+                {"name": "p", "capacity": {"minimum": "1", "maximum": "2", "default": "1"},
+                 "recurrence": {"frequency": "Week", "schedule": {"days": ["Monday"],
+                                                                  "hours": ["noon"]}}}
+            ]}},
+            "recurrence hours \\['noon'\\]",
+        ),
     ],
 )  # fmt: skip
 def test_an_unreadable_setting_names_what_is_wrong(document, message):

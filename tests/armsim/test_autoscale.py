@@ -9,6 +9,8 @@ autoscale service as caller: an outside change to the rebalancer.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import requests
 
@@ -154,3 +156,34 @@ def test_the_engines_writes_emit_events_naming_the_autoscale_service(sim):
         event["id"], event["eventType"], event["subject"], event["eventTime"], data, settings
     )
     assert isinstance(trigger, Trigger) and trigger.outside
+
+
+def test_a_fixed_date_profile_in_force_sets_its_own_limits(sim):
+    now = sim.clock.now()
+    launch = {
+        "name": "launch",
+        "capacity": {"minimum": "8", "maximum": "12", "default": "8"},
+        "rules": [],
+        "fixedDate": {
+            "timeZone": "UTC",
+            "start": (now - timedelta(hours=1)).isoformat(),
+            "end": (now + timedelta(hours=1)).isoformat(),
+        },
+    }
+    sim.autoscale.put(
+        "rg-web", "web-autoscale", target=web_id(sim), minimum=2, maximum=6, profiles=(launch,)
+    )
+    sim.advance(EVALUATION_SECONDS)
+    assert sim.scale_set("rg-web", "web").capacity == 8
+    sim.advance(2 * 3600)  # the window is over: the default profile's maximum holds again
+    assert sim.scale_set("rg-web", "web").capacity == 6
+
+
+def test_a_malformed_fixed_date_is_refused_with_the_profile_named(sim):
+    bad = {
+        "name": "launch",
+        "capacity": {"minimum": "1", "maximum": "2", "default": "1"},
+        "fixedDate": {"timeZone": "UTC", "start": "soon", "end": "later"},
+    }
+    with pytest.raises(ValueError, match="profile 'launch' fixedDate"):
+        sim.autoscale.put("rg-web", "a", target=web_id(sim), minimum=1, maximum=2, profiles=(bad,))
