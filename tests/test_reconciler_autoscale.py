@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from armsim import ScaleSetSpec, Scenario
+from armsim import ScaleSetSpec, Scenario, Timings
 from armsim.autoscale import EVALUATION_SECONDS
 from rebalancer.cli import EXIT_OK, build_parser, status
 from rebalancer.model import ScaleSetRef
@@ -23,9 +23,9 @@ ENABLED = {"zone-rebalance": "enabled"}
 MODES = ["Uniform", "Flexible"]
 
 
-def scenario(mode: str) -> Scenario:
+def scenario(mode: str, **options) -> Scenario:
     spec = ScaleSetSpec("web", "rg-web", mode=mode, counts={"1": 1, "2": 3, "3": 3}, tags=ENABLED)
-    return Scenario(scale_sets=(spec,))
+    return Scenario(scale_sets=(spec,), **options)
 
 
 def app_capacity_writes(stack) -> list:
@@ -41,11 +41,13 @@ def app_capacity_writes(stack) -> list:
 def test_a_scale_set_at_its_autoscale_maximum_is_skipped_and_never_scaled_out(
     store, azurite, table_prefix, capsys, mode
 ):
-    with running_stack(scenario(mode), store) as stack:
+    # New VMs take five minutes to report healthy (an application starting), so autoscale's
+    # next run finds the capacity above its maximum while a move waits for health.
+    with running_stack(scenario(mode, timings=Timings(health=300)), store) as stack:
         web = stack.sim.scale_set("rg-web", "web")
         stack.sim.autoscale.put("rg-web", "web-autoscale", target=web.id, minimum=2, maximum=7)
         run = Drive(stack)
-        for _ in range(12):  # six virtual minutes: several autoscale evaluations
+        for _ in range(20):  # ten virtual minutes: several autoscale evaluations
             run.tick()
         assert run.records() == []
         assert app_capacity_writes(stack) == []
