@@ -34,6 +34,10 @@ _RG = _SUB + r"/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Compute"
 _VMSS = _RG + r"/virtualMachineScaleSets/(?P<name>[^/]+)"
 _VMSS_VM = _VMSS + r"/virtualMachines/(?P<instance>[^/]+)"
 _VM = _RG + r"/virtualMachines/(?P<vm>[^/]+)"
+_AUTOSCALE = (
+    _SUB + r"/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Insights/autoscalesettings/"
+    r"(?P<setting>[^/]+)"
+)
 _VM_FILTER = re.compile(
     r"^\s*'?virtualMachineScaleSet/id'?\s+eq\s+'(?P<id>[^']+)'\s*$", re.IGNORECASE
 )
@@ -75,6 +79,8 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("DELETE", _VM, "vm.delete"),
         ("GET", _VM + r"/instanceView", "vm.instance_view"),
         ("POST", _VM + r"/deallocate", "vm.deallocate"),
+        ("GET", _SUB + r"/providers/Microsoft\.Insights/autoscalesettings", "autoscale.list"),
+        ("GET", _AUTOSCALE, "autoscale.get"),
     )
 ]
 WRITE_METHODS = frozenset({"PUT", "PATCH", "POST", "DELETE"})
@@ -644,6 +650,14 @@ class Api:
         vm = self.world.find_vm(params["rg"], params["vm"])
         op = self.world.deallocate_vm(vm, caller, flexible_api=True)
         return self._lro(request, op, 202)
+
+    # --- autoscale settings (Microsoft.Insights) ----------------------------------------
+
+    def _autoscale_list(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
+        return self._page(request, self.sim.autoscale.documents(), lambda doc: doc)
+
+    def _autoscale_get(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
+        return Reply(200, self.sim.autoscale.get(params["rg"], params["setting"]))
 
     # --- usages and operations ----------------------------------------------------------
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from armsim.api import Api, RequestRecord
 from armsim.auth import SimCredential
+from armsim.autoscale import Autoscale
 from armsim.clock import Clock, VirtualClock
 from armsim.errors import OperationFailure
 from armsim.events import EventFacts, EventSink, HttpEventDelivery, build_event
@@ -209,6 +210,8 @@ class ArmSim:
         self.world = World(self.scenario, self.clock.now(), self.faults, self._emit)
         self.api = Api(self)
         self.actor = Actor(self)
+        self.autoscale = Autoscale(self)
+        """Autoscale settings and their engine (armsim/autoscale.py)."""
         self._host, self._port, self._tls = host, port, tls
         self._server: SimHTTPServer | None = None
         self._thread: threading.Thread | None = None

@@ -219,13 +219,14 @@ resource scaleSetRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   }
 }
 
-// Quota and SKU availability are subscription-level reads: always assigned on the subscription.
+// Quota, SKU availability and autoscale settings are subscription-level reads: always assigned
+// on the subscription.
 // Exactly rebalancer.azure_operations.SUBSCRIPTION_READ_ROLE_ACTIONS.
 resource subscriptionReadRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(subscription().id, environmentName, 'vmss-zone-rebalancer-subscription-reads')
   properties: {
     roleName: 'VMSS Zone Rebalancer subscription reads (${environmentName}, ${subscription().subscriptionId})'
-    description: 'Reads compute quota and the zones that offer each VM size.'
+    description: 'Reads compute quota, the zones that offer each VM size, and autoscale settings.'
     type: 'CustomRole'
     assignableScopes: [
       subscription().id
@@ -235,6 +236,7 @@ resource subscriptionReadRole 'Microsoft.Authorization/roleDefinitions@2022-04-0
         actions: [
           'Microsoft.Compute/skus/read'
           'Microsoft.Compute/locations/usages/read'
+          'Microsoft.Insights/autoscalesettings/read'
         ]
         notActions: []
         dataActions: []

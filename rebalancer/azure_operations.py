@@ -134,12 +134,19 @@ ADAPTER_CALLS: Mapping[str, tuple[ArmRequest, ...]] = MappingProxyType(
             ArmRequest("GET", _SUBSCRIPTION + "/skus"),
             ArmRequest("GET", _SUBSCRIPTION + "/locations/{location}/usages"),
         ),
+        # Autoscale settings live in any resource group: one list of the subscription.
+        "autoscale_settings": (
+            ArmRequest(
+                "GET",
+                "/subscriptions/{subscriptionId}/providers/Microsoft.Insights/autoscalesettings",
+            ),
+        ),
     }
 )
 """Every `ComputeAdapter` call and the requests it can send (tests/test_role_actions.py
 records them against armsim). The custom roles hold exactly the actions these need."""
 
-SUBSCRIPTION_READ_CALLS: tuple[str, ...] = ("quota",)
+SUBSCRIPTION_READ_CALLS: tuple[str, ...] = ("quota", "autoscale_settings")
 """Calls whose requests only a subscription-scope assignment allows."""
 
 
@@ -157,8 +164,8 @@ resource-group assignment for operations started in that group.
 """
 
 SUBSCRIPTION_READ_ROLE_ACTIONS: tuple[str, ...] = _actions(SUBSCRIPTION_READ_CALLS)
-"""Quota and SKU availability: subscription-level reads, assigned on the subscription even
-when the app manages only some resource groups."""
+"""Quota, SKU availability and autoscale settings: subscription-level reads, assigned on the
+subscription even when the app manages only some resource groups."""
 
 LINKED_ACCESS_ROLE_ACTIONS: tuple[str, ...] = (
     "Microsoft.Network/virtualNetworks/subnets/join/action",

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from rebalancer import autoscale
 from rebalancer import operation as op
 from rebalancer.evaluator import Assessment, Decision, assess
 from rebalancer.model import Instance, Inventory, OrchestrationMode, ScaleSetRef
@@ -58,6 +59,8 @@ class Gate(StrEnum):
     MODE_OFF = "mode_off"
     NOT_OPTED_IN = "not_opted_in"
     OPTED_OUT = "opted_out"
+    AUTOSCALE_AT_MAXIMUM = autoscale.REASON
+    """A skip, not a wait: autoscale would take back the VMs a move adds."""
     COOLDOWN = "cooldown"
     MIN_INTERVAL = "min_interval"
     ZONE_BACKOFF = "zone_backoff"
@@ -77,6 +80,8 @@ class Verdict:
 
     @property
     def decision(self) -> str:
+        if self.gate is Gate.AUTOSCALE_AT_MAXIMUM:
+            return str(Decision.SKIP)
         if self.gate is not None and self.assessment.decision is Decision.MOVE:
             return "wait"
         return str(self.assessment.decision)
@@ -352,6 +357,9 @@ class Reconciler:
         settings, ref, now = self.settings, inventory.scale_set.ref, self.clock()
         if opt_in is OptIn.DISABLED:
             return Gate.OPTED_OUT, "tag zone-rebalance=disabled: not even reported as actionable"
+        held = self._autoscale_gate(inventory, assessment, now)
+        if held is not None:
+            return held
         if opt_in is not OptIn.ENABLED:
             return Gate.NOT_OPTED_IN, (
                 "audited only: tag the scale set zone-rebalance=enabled to let the app move VMs"
@@ -418,6 +426,28 @@ class Reconciler:
             f"and Azure placed its VM in {placed or 'another zone'}, which holds as many VMs; "
             "it would do so again. The move waits until the scale set's VMs change"
         )
+
+    def _autoscale_gate(
+        self, inventory: Inventory, assessment: Assessment, now: datetime
+    ) -> tuple[Gate, str] | None:
+        from rebalancer.compute.errors import AdapterError
+
+        scale_set = inventory.scale_set
+        try:
+            settings = self.compute.autoscale_settings()
+        except AdapterError as error:
+            # Unknown autoscale does not block: a move over its maximum is taken back by
+            # autoscale and ends superseded with nothing deleted.
+            log.info(
+                "autoscale of %s unknown: %s", scale_set.ref, error, extra=_dims(scale_set.ref)
+            )
+            return None
+        capacity = scale_set.capacity
+        if capacity is None:
+            capacity = sum(1 for instance in inventory.instances if instance.counts)
+        k = min(len(assessment.moves), self.settings.max_surge)
+        found = autoscale.at_maximum(settings, scale_set.ref, capacity, k, now)
+        return (Gate.AUTOSCALE_AT_MAXIMUM, found.describe()) if found else None
 
     def _quota_gate(self, inventory: Inventory, k: int) -> tuple[Gate, str] | None:
         from rebalancer.compute.errors import AdapterError
@@ -657,6 +687,10 @@ class Reconciler:
 
         results = []
         now = self.clock()
+        try:
+            self.compute.autoscale_settings(fresh=True)  # once per audit; the passes reuse it
+        except AdapterError as error:
+            log.warning("autoscale settings not read: %s; moves are not held to them", error)
         for item in self.compute.audit(self.settings.resource_groups or None, now):
             if isinstance(item, AdapterError):
                 ref = item.ref

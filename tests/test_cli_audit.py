@@ -367,3 +367,36 @@ def test_a_loopback_endpoint_without_a_credential_names_the_static_token(
     assert code == 3, err
     assert report is None
     assert "REBALANCER_ARM_STATIC_TOKEN" in err and err.count("\n") == 1
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("static_token")
+def test_a_move_over_the_autoscale_maximum_is_reported_as_a_skip_naming_the_setting(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with ArmSim.start(Scenario(scale_sets=MIXED[:2])) as sim:
+        tilted = sim.scale_set("rg-a", "tilted").id
+        sim.autoscale.put("rg-a", "tilted-autoscale", target=tilted.lower(), minimum=1, maximum=7)
+        code, report, err = audit_json(sim, capsys)
+        assert code == 0, err
+        assert report is not None
+        entry = next(e for e in report["scaleSets"] if e["id"] == tilted)
+        assert (entry["decision"], entry["reason"]) == ("skip", "autoscale_at_maximum")
+        assert "tilted-autoscale" in entry["detail"] and "at most 7 VMs" in entry["detail"]
+        assert len(entry["moves"]) == 1  # what it would move with room under the maximum
+        assert (
+            main(
+                [
+                    "audit",
+                    "--subscription",
+                    sim.subscription_id,
+                    "--arm-endpoint",
+                    sim.endpoint,
+                    "--ca-cert",
+                    str(sim.ca_cert_path),
+                ]
+            )
+            == 0
+        )
+        out = capsys.readouterr().out
+        assert "autoscale_at_maximum" in out and "tilted-autoscale" in out

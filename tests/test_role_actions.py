@@ -56,6 +56,8 @@ SUB = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Compute"
          "Microsoft.Compute/locations/operations/read"),
         ("GET", "/subscriptions/0000/providers/Microsoft.Compute/skus",
          "Microsoft.Compute/skus/read"),
+        ("GET", "/subscriptions/0000/providers/Microsoft.Insights/autoscalesettings",
+         "Microsoft.Insights/autoscalesettings/read"),
     ],
 )  # fmt: skip
 def test_the_action_resource_manager_checks_for_a_request(method, path, action):
@@ -148,6 +150,7 @@ def exercise(sim: ArmSim, adapter: ComputeAdapter) -> list[tuple[str, Callable[[
         ("delete_instances", lambda: delete_refused_as_missing(web, "0")),
         ("delete_instances", lambda: delete_refused_as_missing(flex, flex_vms[1])),
         ("quota", lambda: adapter.quota("westeurope", "Standard_D2s_v5")),
+        ("autoscale_settings", lambda: adapter.autoscale_settings(fresh=True)),
     ]
 
 

@@ -11,12 +11,14 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rebalancer.autoscale import REASON as AUTOSCALE_REASON
 from rebalancer.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError
 from rebalancer.cli.tables import Column, print_table
 
@@ -211,11 +213,20 @@ def _moves(assessment) -> list[dict[str, str]]:
 
 
 def build_report(
-    subscription: str, results: Sequence[Any], settings: Any
+    subscription: str,
+    results: Sequence[Any],
+    settings: Any,
+    autoscale: Sequence[Any] = (),
+    now: datetime | None = None,
 ) -> tuple[dict[str, Any], list[tuple[Any, Any]]]:
-    """The `--json` document, and (inventory, assessment) pairs for the table."""
+    """The `--json` document, and (inventory, assessment, mode, autoscale) rows for the table.
+
+    A planned move that capacity + k would carry past the autoscale maximum is reported as a
+    skip with reason `autoscale_at_maximum` and a `detail` naming the setting, as the app does.
+    """
+    from rebalancer.autoscale import at_maximum
     from rebalancer.compute import AdapterError
-    from rebalancer.evaluator import assess
+    from rebalancer.evaluator import Decision, assess
     from rebalancer.settings import OPT_IN_TAG
 
     entries: list[dict[str, Any]] = []
@@ -235,21 +246,30 @@ def build_report(
             continue
         assessment = assess(result)
         mode = settings.opt_in(result.scale_set.tag(OPT_IN_TAG))
-        entries.append(
-            {
-                "id": result.scale_set.ref.id,
-                "balanced": assessment.balanced,
-                "zones": {
-                    zone: {"total": count.total, "active": count.active}
-                    for zone, count in assessment.zones.items()
-                },
-                "decision": assessment.decision.value,
-                "reason": assessment.reason.value,
-                "mode": mode.value,
-                "moves": _moves(assessment),
-            }
-        )
-        rows.append((result, assessment, mode))
+        held = None
+        if assessment.decision is Decision.MOVE:
+            scale_set = result.scale_set
+            capacity = scale_set.capacity
+            if capacity is None:
+                capacity = sum(1 for instance in result.instances if instance.counts)
+            k = min(len(assessment.moves), settings.max_surge)
+            held = at_maximum(autoscale, scale_set.ref, capacity, k, now or datetime.now(UTC))
+        entry: dict[str, Any] = {
+            "id": result.scale_set.ref.id,
+            "balanced": assessment.balanced,
+            "zones": {
+                zone: {"total": count.total, "active": count.active}
+                for zone, count in assessment.zones.items()
+            },
+            "decision": "skip" if held else assessment.decision.value,
+            "reason": AUTOSCALE_REASON if held else assessment.reason.value,
+            "mode": mode.value,
+            "moves": _moves(assessment),
+        }
+        if held:
+            entry["detail"] = held.describe()
+        entries.append(entry)
+        rows.append((result, assessment, mode, held))
     entries.sort(key=lambda entry: entry["id"].lower())
     errors.sort(key=lambda entry: (entry["id"] or "").lower())
     rows.sort(key=lambda row: row[0].scale_set.ref.key)
@@ -282,7 +302,7 @@ def _print_table(
 
     console = Console(highlight=False)
     cells = []
-    for inventory, assessment, mode in rows:
+    for inventory, assessment, mode, held in rows:
         zones = "\n".join(
             f"{zone}: {count.total}/{count.active}" for zone, count in assessment.zones.items()
         )
@@ -295,8 +315,8 @@ def _print_table(
                 mode.value,
                 zones,
                 "yes" if assessment.balanced else "no",
-                assessment.decision.value,
-                assessment.reason.value,
+                "skip" if held else assessment.decision.value,
+                AUTOSCALE_REASON if held else assessment.reason.value,
                 moves or "-",
             )
         )
@@ -306,6 +326,9 @@ def _print_table(
     else:
         console.print("No zonal scale sets in scope.")
     console.print(summary_line(len(rows), left_out, resource_groups))
+    for inventory, _assessment, _mode, held in rows:
+        if held:
+            console.print(f"{inventory.scale_set.ref.name}: {AUTOSCALE_REASON}: {held.describe()}")
     for error in report.get("errors", ()):
         console.print(f"[red]not read[/red] {error['id']}: {error['kind']}: {error['message']}")
 
@@ -349,14 +372,22 @@ def run(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
     adapter = _adapter(args, subscription, env)
     left_out: Counter[str] = Counter()
     with adapter:
+        now = datetime.now(UTC)
         try:
-            results = adapter.audit(
-                args.resource_group or None, now=datetime.now(UTC), left_out=left_out
-            )
+            results = adapter.audit(args.resource_group or None, now=now, left_out=left_out)
         except AdapterError as error:
             loopback = adapter.config.loopback and not env.get(STATIC_TOKEN_ENV, "").strip()
             raise _fatal(error, subscription, adapter.config.endpoint, loopback=loopback) from error
-    report, rows = build_report(subscription, results, settings)
+        try:
+            autoscale = adapter.autoscale_settings(fresh=True)
+        except AdapterError as error:
+            autoscale = ()
+            print(
+                f"autoscale settings not read ({error}); moves are reported without their "
+                "autoscale maximum",
+                file=sys.stderr,
+            )
+    report, rows = build_report(subscription, results, settings, autoscale, now)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

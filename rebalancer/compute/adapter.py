@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
     from azure.mgmt.compute import ComputeManagementClient
 
+    from rebalancer.autoscale import AutoscaleSetting
     from rebalancer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class ArmConfig:
     one operation deletes from a zone, i.e. the app's `maxSurge`."""
     sku_cache_ttl: float = 6 * 3600.0
     usage_cache_ttl: float = 300.0
+    autoscale_cache_ttl: float = 300.0
+    """How long the autoscale settings an audit read serve the event-driven passes."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.endpoint)
@@ -238,6 +241,10 @@ class _TtlCache:
 
     error_ttl: float = 60.0
     """How long a failed load is remembered, so a missing API is not asked on every call."""
+
+    def forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
 
     def get(self, key: tuple[str, str], ttl: float, load: Callable[[], Any]) -> Any:
         with self._lock:
@@ -910,6 +917,25 @@ class ComputeAdapter:
             return OperationStatus(OperationState.SUCCEEDED)
         result = _status_from_document(response.json() if body else {}, ref)
         return replace(result, retry_after=wait) if not result.done else result
+
+    # -- autoscale ------------------------------------------------------------------------
+
+    def autoscale_settings(self, *, fresh: bool = False) -> tuple[AutoscaleSetting, ...]:
+        """The subscription's autoscale settings, one paged list (cached for
+        `autoscale_cache_ttl`; `fresh` reads them again, as each audit does)."""
+        from rebalancer.compute.autoscale import list_autoscale_settings
+
+        key = ("autoscale", "")
+        if fresh:
+            self._cache.forget(key)
+
+        def load() -> tuple[AutoscaleSetting, ...]:
+            with self._translate():
+                return list_autoscale_settings(
+                    self.client, self.config.endpoint, self.config.subscription_id
+                )
+
+        return self._cache.get(key, self.config.autoscale_cache_ttl, load)
 
     # -- quota ----------------------------------------------------------------------------
 

@@ -93,6 +93,29 @@ USAGE_READS = (
 )
 
 
+AUTOSCALE_READS = (
+    "id",
+    "name",
+    "type",
+    "properties.enabled",
+    "properties.targetResourceUri",
+    "properties.profiles[].name",
+    "properties.profiles[].capacity.minimum",
+    "properties.profiles[].capacity.maximum",
+    "properties.profiles[].capacity.default",
+    "properties.profiles[].rules[].metricTrigger.metricName",
+    "properties.profiles[].rules[].metricTrigger.operator",
+    "properties.profiles[].rules[].metricTrigger.threshold",
+    "properties.profiles[].rules[].scaleAction.direction",
+    "properties.profiles[].rules[].scaleAction.type",
+    "properties.profiles[].rules[].scaleAction.value",
+    "properties.profiles[].rules[].scaleAction.cooldown",
+    "properties.profiles[].fixedDate.timeZone",
+    "properties.profiles[].fixedDate.start",
+    "properties.profiles[].fixedDate.end",
+)
+
+
 def listed(paths: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f"value[].{path}" for path in paths)
 
@@ -267,7 +290,56 @@ CASES: dict[str, tuple[tuple[str, ...], Callable[[ArmSim], list[Any]]]] = {
         USAGE_READS,
         lambda sim: [call(sim, "GET", "/providers/Microsoft.Compute/locations/westeurope/usages")],
     ),
+    "listAutoscaleSetting.json": (
+        listed(AUTOSCALE_READS),
+        lambda sim: [
+            autoscaled(sim) and call(sim, "GET", "/providers/Microsoft.Insights/autoscalesettings")
+        ],
+    ),
 }
+
+
+def autoscaled(sim: ArmSim) -> bool:
+    """An autoscale setting on `web` with a scale-out rule and a fixed-date profile."""
+    rule = {
+        "metricTrigger": {
+            "metricName": "Percentage CPU",
+            "metricResourceUri": sim.scale_set("rg-web", "web").id,
+            "timeGrain": "PT1M",
+            "statistic": "Average",
+            "timeWindow": "PT5M",
+            "timeAggregation": "Average",
+            "operator": "GreaterThan",
+            "threshold": 75.0,
+            "dividePerInstance": False,
+        },
+        "scaleAction": {
+            "direction": "Increase",
+            "type": "ChangeCount",
+            "value": "1",
+            "cooldown": "PT5M",
+        },
+    }
+    event = {
+        "name": "launch",
+        "capacity": {"minimum": "10", "maximum": "20", "default": "10"},
+        "rules": [rule],
+        "fixedDate": {
+            "timeZone": "UTC",
+            "start": "2026-12-24T00:00:00Z",
+            "end": "2026-12-26T00:00:00Z",
+        },
+    }
+    sim.autoscale.put(
+        "rg-web",
+        "web-autoscale",
+        target=sim.scale_set("rg-web", "web").id,
+        minimum=2,
+        maximum=20,
+        rules=(rule,),
+        profiles=(event,),
+    )
+    return True
 
 
 @pytest.mark.parametrize("example", sorted(CASES))
