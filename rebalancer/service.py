@@ -53,7 +53,6 @@ def utc_now() -> datetime:
 def build_runtime(env: Mapping[str, str]) -> Runtime:
     """The production wiring: app settings -> store, Compute adapter (managed identity)."""
     from rebalancer.compute import ArmConfig, ComputeAdapter
-    from rebalancer.notify import EventGridNotifier
     from rebalancer.reconciler import Reconciler
     from rebalancer.store import Store, parse_connection, storage_credential
     from rebalancer.telemetry import Telemetry, flatten_dimensions
@@ -65,11 +64,11 @@ def build_runtime(env: Mapping[str, str]) -> Runtime:
     store = Store(connection, table_prefix=settings.table_prefix, credential=credential)
     shared = credential if _one_identity(connection, env) else None
     compute = ComputeAdapter(ArmConfig.from_settings(settings), credential=shared)
-    notifier = (
-        EventGridNotifier(settings.notify_topic_endpoint, credential=shared)
-        if settings.notify_topic_endpoint
-        else None
-    )
+    notifier = None
+    if settings.notify_topic_endpoint:  # without a topic, the notifier is never imported
+        from rebalancer.notify import EventGridNotifier
+
+        notifier = EventGridNotifier(settings.notify_topic_endpoint, credential=shared)
     reconciler = Reconciler(
         settings=settings,
         store=store,
