@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from rebalancer.events import Trigger
     from rebalancer.model import ScaleSetRef
     from rebalancer.reconciler import Reconciler, Result
-    from rebalancer.store import Store
+    from rebalancer.store import StorageConnection, Store
 
 log = logging.getLogger("rebalancer")
 
@@ -53,20 +53,22 @@ def utc_now() -> datetime:
 def build_runtime(env: Mapping[str, str]) -> Runtime:
     """The production wiring: app settings -> store, Compute adapter (managed identity)."""
     from rebalancer.compute import ArmConfig, ComputeAdapter
-    from rebalancer.notify import EventGridNotifier
     from rebalancer.reconciler import Reconciler
-    from rebalancer.store import open_store
+    from rebalancer.store import Store, parse_connection, storage_credential
     from rebalancer.telemetry import Telemetry, flatten_dimensions
 
     flatten_dimensions()
     settings = load_settings(env)
-    store = open_store(env, table_prefix=settings.table_prefix)
-    compute = ComputeAdapter(ArmConfig.from_settings(settings))
-    notifier = (
-        EventGridNotifier(settings.notify_topic_endpoint)
-        if settings.notify_topic_endpoint
-        else None
-    )
+    connection = parse_connection(env)
+    credential = storage_credential(connection)
+    store = Store(connection, table_prefix=settings.table_prefix, credential=credential)
+    shared = credential if _one_identity(connection, env) else None
+    compute = ComputeAdapter(ArmConfig.from_settings(settings), credential=shared)
+    notifier = None
+    if settings.notify_topic_endpoint:  # without a topic, the notifier is never imported
+        from rebalancer.notify import EventGridNotifier
+
+        notifier = EventGridNotifier(settings.notify_topic_endpoint, credential=shared)
     reconciler = Reconciler(
         settings=settings,
         store=store,
@@ -76,6 +78,30 @@ def build_runtime(env: Mapping[str, str]) -> Runtime:
         telemetry=Telemetry(notifier=notifier),
     )
     return Runtime(settings, store, reconciler, utc_now)
+
+
+_SERVICE_PRINCIPAL_SETTINGS = (
+    "AZURE_CLIENT_SECRET",
+    "AZURE_CLIENT_CERTIFICATE_PATH",
+    "AZURE_USERNAME",
+    "AZURE_FEDERATED_TOKEN_FILE",
+)
+
+
+def _one_identity(connection: StorageConnection, env: Mapping[str, str]) -> bool:
+    """Whether Table Storage's identity is the one DefaultAzureCredential picks for Compute
+    and Event Grid; then the three share one credential (one token cache, one client of the
+    identity endpoint) instead of building it again on first use.
+
+    DefaultAzureCredential takes a service principal or workload identity from the
+    environment before a managed identity, and the managed identity `AZURE_CLIENT_ID` names."""
+    if not connection.identity_based:
+        return False
+    if connection.client_id != (env.get("AZURE_CLIENT_ID") or None):
+        return False
+    if not connection.managed_identity:
+        return True  # DefaultAzureCredential for the same managed identity: the same chain
+    return not any(env.get(name) for name in _SERVICE_PRINCIPAL_SETTINGS)
 
 
 _runtime: Runtime | None = None

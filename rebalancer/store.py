@@ -506,6 +506,8 @@ class Store:
     """All rebalancer state in Azure Table Storage. Thread-safe; one per process is enough.
 
     `options` go to the azure-data-tables client (e.g. `retry_total`, `connection_timeout`).
+    `credential` replaces the one an identity-based connection would build (`storage_credential`),
+    so that the app authenticates once for Table Storage and Compute.
     """
 
     def __init__(
@@ -516,6 +518,7 @@ class Store:
         backoff: BackoffPolicy | None = None,
         event_ttl: timedelta = timedelta(hours=48),
         slot_grace: timedelta = timedelta(minutes=5),
+        credential: Any = None,
         **options: Any,
     ) -> None:
         if not _TABLE_PREFIX.match(table_prefix):
@@ -529,7 +532,7 @@ class Store:
         self.event_ttl = event_ttl
         self.slot_grace = slot_grace
         self._counter = _Counter()
-        self._service = _service_client(connection, self._counter, options)
+        self._service = _service_client(connection, self._counter, options, credential)
         self._tables = {
             name: self._service.get_table_client(f"{table_prefix}{name}") for name in _TABLES
         }
@@ -1412,8 +1415,25 @@ class Store:
                     self._tables[name].submit_transaction([action])
 
 
+def storage_credential(connection: StorageConnection) -> Any:
+    """The token credential an identity-based connection authenticates with (None for a
+    connection string): the managed identity it names, or DefaultAzureCredential."""
+    if not connection.identity_based:
+        return None
+    if connection.managed_identity:
+        from azure.identity import ManagedIdentityCredential
+
+        return ManagedIdentityCredential(client_id=connection.client_id)
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential(managed_identity_client_id=connection.client_id)
+
+
 def _service_client(
-    connection: StorageConnection, counter: _Counter, options: Mapping[str, Any]
+    connection: StorageConnection,
+    counter: _Counter,
+    options: Mapping[str, Any],
+    credential: Any = None,
 ) -> Any:
     from azure.data.tables import TableServiceClient
 
@@ -1433,12 +1453,6 @@ def _service_client(
             raise StoreConfigError(
                 f"{connection.setting}: not a usable storage connection string ({error})"
             ) from error
-    if connection.managed_identity:
-        from azure.identity import ManagedIdentityCredential
-
-        credential: Any = ManagedIdentityCredential(client_id=connection.client_id)
-    else:
-        from azure.identity import DefaultAzureCredential
-
-        credential = DefaultAzureCredential(managed_identity_client_id=connection.client_id)
+    if credential is None:
+        credential = storage_credential(connection)
     return TableServiceClient(connection.table_service_uri or "", credential=credential, **settings)

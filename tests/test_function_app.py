@@ -71,6 +71,45 @@ def test_bindings():
     assert timer_binding.get_dict_repr()["schedule"] == "%REBALANCER_TIMER_SCHEDULE%"
 
 
+_WHAT_IS_IMPORTED = """\
+import json, sys
+import function_app
+app = set(sys.modules)
+from rebalancer import service
+service.build_runtime({
+    "REBALANCER_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000000",
+    "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+})
+print(json.dumps({"app": sorted(app), "runtime": sorted(sys.modules)}))
+"""
+
+
+def test_a_cold_start_imports_each_sdk_only_when_it_is_first_used():
+    """A fresh worker: the app imports azure.functions and nothing heavy; building the runtime
+    imports no credential, no Compute SDK and no notifier (no topic is configured). Each comes
+    on its first use (the first token, the first ARM call, the first event)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _WHAT_IS_IMPORTED],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    modules = json.loads(done.stdout.strip().splitlines()[-1])
+
+    def loaded(step: str, prefixes: tuple[str, ...]) -> list[str]:
+        return [name for name in modules[step] if name.startswith(prefixes)]
+
+    assert loaded("app", ("azure.core", "azure.data", "azure.mgmt", "requests")) == []
+    assert loaded("app", ("rebalancer.",)) == ["rebalancer.azure_operations"]
+    assert loaded("runtime", ("azure.identity", "azure.mgmt", "azure.eventgrid")) == []
+    assert loaded("runtime", ("rebalancer.notify", "rebalancer.events")) == []
+
+
 def test_bad_settings_make_the_functions_refuse_to_act(monkeypatch, caplog):
     monkeypatch.setenv("REBALANCER_SUBSCRIPTION_ID", "5e8a1b2c-3d4e-4f50-8a61-7b8c9d0e1f2a")
     monkeypatch.setenv("REBALANCER_MODE", "sometimes")

@@ -785,6 +785,44 @@ def test_open_store_builds_identity_clients_without_network():
     assert isinstance(StoreUnavailable("x"), StoreError)
 
 
+def test_the_app_builds_one_credential_for_storage_compute_and_notifications(monkeypatch):
+    """The deployed wiring (infra/modules/app.bicep): Table Storage through the user-assigned
+    identity that AZURE_CLIENT_ID names too. Compute and Event Grid reuse the store's
+    credential instead of building a DefaultAzureCredential each on first use."""
+    from rebalancer.service import build_runtime
+
+    client_id = "11111111-2222-3333-4444-555555555555"
+    for name in ("AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PATH", "AZURE_USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("AZURE_FEDERATED_TOKEN_FILE", raising=False)
+    monkeypatch.setenv("AZURE_CLIENT_ID", client_id)
+    env = {
+        "REBALANCER_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000000",
+        "REBALANCER_NOTIFY_TOPIC_ENDPOINT": "https://t.westeurope-1.eventgrid.azure.net/api/events",
+        "AzureWebJobsStorage__tableServiceUri": "https://acct.table.core.windows.net",
+        "AzureWebJobsStorage__credential": "managedidentity",
+        "AzureWebJobsStorage__clientId": client_id,
+        "AZURE_CLIENT_ID": client_id,
+    }
+    runtime = build_runtime(env)
+    credential = runtime.store._service.credential
+    assert type(credential).__name__ == "ManagedIdentityCredential"
+    assert runtime.reconciler.compute._credential is credential
+    assert runtime.reconciler.on_notify.credential is credential
+    runtime.store.close()
+
+    # Another identity for storage, or a service principal that DefaultAzureCredential would
+    # take first: Compute keeps its own credential, built on first use.
+    for other in (
+        {"AzureWebJobsStorage__clientId": "99999999-2222-3333-4444-555555555555"},
+        {"AZURE_CLIENT_SECRET": "from-the-environment"},
+    ):
+        separate = build_runtime({**env, **other})
+        assert separate.reconciler.compute._credential is None
+        assert separate.reconciler.on_notify.credential is None
+        separate.store.close()
+
+
 def test_imbalanced_since_survives_detail_changes_and_ends_when_balanced(store: Store):
     assert store.save_assessment(WEB, '{"detail": "cooldown 1"}', T0, imbalanced=True)
     later = T0 + timedelta(minutes=20)
