@@ -230,12 +230,16 @@ def is_eligible_source(instance: Instance) -> bool:
 def eligible_sources(instances: Iterable[Instance], zone: str) -> tuple[Instance, ...]:
     """The VMs of `zone` that a move may delete, best candidate first.
 
-    Order: unhealthy (anything but `HealthState/healthy`) first, then VMs not on the latest
-    model, then the highest instance id (numeric ids compared as numbers).
+    Order: VMs observed unhealthy first, then those whose health is not known, then healthy
+    ones; within each, VMs not on the latest model first, then the highest instance id
+    (numeric ids compared as numbers). An observed-unhealthy source is the one the health
+    timeout's rule may delete beside a replacement that never turned healthy.
     """
     candidates = [i for i in instances if i.zone == zone and is_eligible_source(i)]
     candidates.sort(key=Instance.sort_id, reverse=True)
-    candidates.sort(key=lambda i: (i.health is Health.HEALTHY, i.latest_model))
+    candidates.sort(
+        key=lambda i: (not i.observed_unhealthy, i.health is Health.HEALTHY, i.latest_model)
+    )
     return tuple(candidates)
 
 

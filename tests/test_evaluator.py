@@ -115,7 +115,7 @@ def test_is_balanced_allows_one_vm_of_difference(spread, expected) -> None:
 # --- sources ----------------------------------------------------------------------------
 
 
-def test_eligible_sources_order_unhealthy_then_outdated_then_highest_id() -> None:
+def test_eligible_sources_order_unhealthy_then_unknown_then_outdated_then_highest_id() -> None:
     instances = [
         vm(2, "1"),
         vm(10, "1"),
@@ -124,7 +124,9 @@ def test_eligible_sources_order_unhealthy_then_outdated_then_highest_id() -> Non
         vm(1, "1", health=Health.UNKNOWN, latest=False),
         vm(7, "2", health=Health.UNHEALTHY),
     ]
-    assert [i.id for i in eligible_sources(instances, "1")] == ["1", "3", "9", "10", "2"]
+    # Seen unhealthy before health unknown: only the first may go beside a replacement that
+    # never turned healthy, so the health timeout's rule can apply.
+    assert [i.id for i in eligible_sources(instances, "1")] == ["3", "1", "9", "10", "2"]
 
 
 def test_eligible_sources_never_include_protected_deallocated_deleting_or_failed() -> None:
