@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from rebalancer.model import ALLOCATION_FAILURES, Inventory
+from rebalancer.model import Inventory
 
 if TYPE_CHECKING:
     from rebalancer.operation import OperationRecord
@@ -40,11 +40,6 @@ class CallOutcome:
     def failed(self) -> bool:
         """Ended `Failed` or `Canceled` (`Unknown`: the status was no longer available)."""
         return self.status.lower() in ("failed", "canceled")
-
-    @property
-    def allocation_failure(self) -> bool:
-        codes = [self.code or "", *self.failed_instances.values()]
-        return any(code.lower() in ALLOCATION_FAILURES for code in codes)
 
     def describe(self) -> str:
         text = f"ended {self.status}"
