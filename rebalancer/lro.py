@@ -160,7 +160,8 @@ def reported(record: OperationRecord, pending: PendingCall) -> OperationRecord:
     if outcome is None or not outcome.failed:
         return record
     if not pending.reported:
-        record = record.with_arm_call(f"{pending.action}:{outcome.status}:{outcome.code or '-'}")
+        code = outcome.code or "-"
+        record = record.with_arm_call(f"ended:{pending.action}:{outcome.status}:{code}")
     if record.state.terminal and "request ended" not in record.outcome_detail:
         note = f"the last {pending.action} request {outcome.describe()}"
         detail = f"{record.outcome_detail}; {note}" if record.outcome_detail else note

@@ -87,6 +87,6 @@ def test_a_failed_write_is_noted_once_and_named_in_the_outcome():
     record = started(Fleet.of({"1": 1, "2": 3, "3": 3}))
     call = pending(DELETE_INSTANCES, CallOutcome("Failed", "InternalExecutionError", "retry"))
     noted = reported(record, call)
-    assert noted.arm_calls[-1] == "delete_instances:Failed:InternalExecutionError"
+    assert noted.arm_calls[-1] == "ended:delete_instances:Failed:InternalExecutionError"
     assert reported(noted, replace(call, reported=True)) == noted
     assert "Unknown" not in reported(record, pending(outcome=CallOutcome("Unknown"))).arm_calls

@@ -42,7 +42,7 @@ def test_an_allocation_error_named_only_by_the_operation_backs_the_zone_off(stor
         assert record.state is State.ROLLED_BACK
         assert Reason.NO_CAPACITY_IN_TARGET_ZONE in [t.reason for t in record.history]
         assert Reason.NEW_VM_FAILED not in [t.reason for t in record.history]
-        assert "set_capacity:Failed:ZonalAllocationFailed" in record.arm_calls
+        assert "ended:set_capacity:Failed:ZonalAllocationFailed" in record.arm_calls
         now = stack.sim.clock.now()
         assert store.backoff_until("westeurope", SKU, "1", now) is not None
         assert stack.sim.scale_set("rg-web", "web").zone_counts() == {"1": 1, "2": 3, "3": 3}
@@ -61,7 +61,7 @@ def test_an_extension_error_named_only_by_the_operation_is_a_failed_replacement(
         assert record.state is State.ROLLED_BACK
         assert record.history[1].reason is Reason.NEW_VM_FAILED
         assert "VMExtensionProvisioningError" in record.history[1].detail
-        assert "set_capacity:Failed:VMExtensionProvisioningError" in record.arm_calls
+        assert "ended:set_capacity:Failed:VMExtensionProvisioningError" in record.arm_calls
         now = stack.sim.clock.now()
         assert store.backoff_until("westeurope", SKU, "1", now) is None
 
@@ -80,7 +80,7 @@ def test_a_failed_delete_is_reported_with_its_code(store, mode):
         run = Drive(stack)
         run.until_terminal()
         (record,) = run.records()
-        assert "delete_instances:Failed:InternalExecutionError" in record.arm_calls
+        assert "ended:delete_instances:Failed:InternalExecutionError" in record.arm_calls
         assert "the last delete_instances request ended Failed with InternalExecutionError" in (
             record.outcome_detail
         )
