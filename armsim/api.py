@@ -547,8 +547,11 @@ class Api:
         expand = self._expand(request)
         now = self.world.now
         health = ss.mode in self.sim.scenario.vm_health_in_lists
+        codes = ss.mode in self.sim.scenario.failure_codes_in_lists
         return self._page(
-            request, vms, lambda vm: render.scale_set_vm(vm, now, expand, health=health)
+            request,
+            vms,
+            lambda vm: render.scale_set_vm(vm, now, expand, health=health, failure_code=codes),
         )
 
     def _vmss_vm_get(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
@@ -614,8 +617,11 @@ class Api:
             vms = self.world.vms_in(params["rg"])
         now = self.world.now
         health = "Flexible" in self.sim.scenario.vm_health_in_lists
+        codes = "Flexible" in self.sim.scenario.failure_codes_in_lists
         return self._page(
-            request, vms, lambda vm: render.virtual_machine(vm, now, expand, health=health)
+            request,
+            vms,
+            lambda vm: render.virtual_machine(vm, now, expand, health=health, failure_code=codes),
         )
 
     def _vms_of_scale_set(self, scale_set_id: str, group: str) -> list[Any]:

@@ -173,15 +173,20 @@ def reported_health(vm: Vm) -> str | None:
     return "healthy" if vm.health == "healthy" else "unhealthy"
 
 
-def instance_view(vm: Vm, now: datetime, *, health: bool = True) -> dict[str, Any]:
-    """`health=False`: without `vmHealth`, as a list answer that does not surface it."""
+def instance_view(
+    vm: Vm, now: datetime, *, health: bool = True, failure_code: bool = True
+) -> dict[str, Any]:
+    """`health=False`: without `vmHealth`, as a list answer that does not surface it;
+    `failure_code=False`: a failed VM's status without its sub-code and message."""
     statuses: list[dict[str, Any]] = []
     state = vm.provisioning_state
     if state == "Failed":
         failure = vm.failure
         code = f"ProvisioningState/failed/{failure.code if failure else 'Unknown'}"
+        if not failure_code:
+            code = "ProvisioningState/failed"
         status = _status(code, "Provisioning failed", now, "Error")
-        if failure is not None:
+        if failure is not None and failure_code:
             status["message"] = failure.message
         statuses.append(status)
     elif state == "Succeeded":
@@ -251,7 +256,9 @@ def _os_and_network(vm: Vm) -> dict[str, Any]:
     }
 
 
-def scale_set_vm(vm: Vm, now: datetime, expand: bool, *, health: bool = True) -> dict[str, Any]:
+def scale_set_vm(
+    vm: Vm, now: datetime, expand: bool, *, health: bool = True, failure_code: bool = True
+) -> dict[str, Any]:
     """A VM as the VMSS-VM API shows it (Uniform, or Flexible by VM name)."""
     ss = vm.scale_set
     properties: dict[str, Any] = {
@@ -269,7 +276,9 @@ def scale_set_vm(vm: Vm, now: datetime, expand: bool, *, health: bool = True) ->
             "protectFromScaleSetActions": vm.protect_from_scale_set_actions,
         }
     if expand:
-        properties["instanceView"] = instance_view(vm, now, health=health)
+        properties["instanceView"] = instance_view(
+            vm, now, health=health, failure_code=failure_code
+        )
     body: dict[str, Any] = {
         "name": vm.name,
         "id": f"{ss.resource_id}/virtualMachines/{vm.instance_id}",
@@ -298,7 +307,9 @@ def bare_scale_set_vm(vm: Vm) -> dict[str, Any]:
     }
 
 
-def virtual_machine(vm: Vm, now: datetime, expand: bool, *, health: bool = True) -> dict[str, Any]:
+def virtual_machine(
+    vm: Vm, now: datetime, expand: bool, *, health: bool = True, failure_code: bool = True
+) -> dict[str, Any]:
     """A Flexible scale set's VM as the virtualMachines API shows it (no protectionPolicy)."""
     ss = vm.scale_set
     properties: dict[str, Any] = {
@@ -310,7 +321,9 @@ def virtual_machine(vm: Vm, now: datetime, expand: bool, *, health: bool = True)
         "timeCreated": iso(vm.created),
     }
     if expand:
-        properties["instanceView"] = instance_view(vm, now, health=health)
+        properties["instanceView"] = instance_view(
+            vm, now, health=health, failure_code=failure_code
+        )
     body: dict[str, Any] = {
         "name": vm.name,
         "id": vm.resource_id,

@@ -177,6 +177,10 @@ class Scenario:
     """Orchestration modes whose VM list answers with `$expand=instanceView` carry
     `vmHealth` (the VMSS-VM list for Uniform, the virtualMachines list for Flexible). Leave a
     mode out to model health that never surfaces on that read path."""
+    failure_codes_in_lists: tuple[str, ...] = MODES
+    """Orchestration modes whose VM list answers with `$expand=instanceView` carry a failed
+    VM's sub-code (`ProvisioningState/failed/<code>`; without it: `ProvisioningState/failed`).
+    Leave a mode out to model a failure whose code only the operation's `error` names."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -328,11 +332,10 @@ def _validate(scenario: Scenario) -> None:
         )
     if scenario.lro_retry_after is not None and scenario.lro_retry_after < 0:
         raise ScenarioError(f"lro_retry_after must be >= 0, got {scenario.lro_retry_after}")
-    unknown_modes = set(scenario.vm_health_in_lists) - set(MODES)
-    if unknown_modes:
-        raise ScenarioError(
-            f"vm_health_in_lists may name only {MODES}, got {sorted(unknown_modes)}"
-        )
+    for name in ("vm_health_in_lists", "failure_codes_in_lists"):
+        unknown_modes = set(getattr(scenario, name)) - set(MODES)
+        if unknown_modes:
+            raise ScenarioError(f"{name} may name only {MODES}, got {sorted(unknown_modes)}")
     for index, spec in enumerate(scenario.scale_sets):
         where = f"scale_sets[{index}] ({spec.name})"
         if spec.key in seen:

@@ -18,6 +18,7 @@ from typing import Any
 
 from armsim.errors import (
     ArmError,
+    ErrorBody,
     OperationFailure,
     bad_request,
     entity_not_found,
@@ -553,7 +554,7 @@ class World:
                 op.waiting.pop(vm.serial, None)
                 vm.waiters.discard(op)
                 if condition == "provisioned" and vm.provisioning_state == "Failed":
-                    op.pending_failure = op.pending_failure or vm.failure
+                    op.pending_failure = _with_failed_vm(op.pending_failure, vm)
                 self.check(op, at)
 
     # --- VM life ------------------------------------------------------------------------
@@ -1014,6 +1015,17 @@ def _allocation_failure(ss: ScaleSetState, zone: str | None) -> OperationFailure
         f"{ss.sku} in this region. Read more about improving likelihood of allocation success "
         "at http://aka.ms/allocation-guidance",
     )
+
+
+def _with_failed_vm(failure: OperationFailure | None, vm: Vm) -> OperationFailure | None:
+    """The operation's error once `vm` failed: the first failure's code and message on top,
+    and one detail per failed VM (its code, `target` its instance id), as Compute reports a
+    scale set write whose VMs failed."""
+    if vm.failure is None:
+        return failure
+    detail = ErrorBody(vm.failure.code, vm.failure.message, vm.instance_id)
+    top = failure or vm.failure
+    return OperationFailure(top.code, top.message, (*top.details, detail))
 
 
 def _fault_operation(operation_name: str) -> str:

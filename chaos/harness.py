@@ -117,7 +117,10 @@ class Servers:
         front of it, all on 127.0.0.1 at free ports; stopped on exit."""
         with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
             azurite = Azurite(location=Path(tmp) / "azurite")
-            with ArmSim.start(Scenario(seed=1)) as sim, azurite:
+            # Status polls answered with Retry-After, and Uniform lists that show a failed
+            # VM without its code: the app must read its writes' outcomes and wait as asked.
+            chaos = Scenario(seed=1, lro_retry_after=20, failure_codes_in_lists=("Flexible",))
+            with ArmSim.start(chaos) as sim, azurite:
                 netcut = NetCut(azurite.port or 0)
                 original = service.runtime
                 service.runtime = _thread_runtime  # type: ignore[assignment]

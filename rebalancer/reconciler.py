@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from rebalancer import autoscale
+from rebalancer import autoscale, lro
 from rebalancer import operation as op
 from rebalancer.evaluator import Assessment, Decision, assess
 from rebalancer.model import Instance, Inventory, OrchestrationMode, ScaleSetRef
@@ -214,21 +214,32 @@ class Reconciler:
             )
             return Result(ref, Outcome.STUCK, detail=f"unreadable operation record: {error}")
         self._repair_backoff(record)
-        for _ in range(MAX_STEPS_PER_CALL):
+        pending = _pending(row)
+        for round_ in range(MAX_STEPS_PER_CALL):
             observation = self._observe(ref)
             if observation is None:
                 self._confirm_gone(ref)
+            if round_ == 0:  # after a read that went through: a throttled pass polls nothing
+                pending = self._poll(ref, record, pending)
             stand_down = self._stand_down(ref, observation)
             now = self.clock()
+            observation = lro.with_outcome(observation, record, pending)
             step = op.advance(record, observation, self.policy, now, stand_down=stand_down)
             step = self._known_protection(ref, record, observation, step, stand_down, now)
-            if step.record != record:
+            if pending is not None and pending.outcome is not None:
+                step = replace(step, record=lro.reported(step.record, pending))
+                pending = replace(pending, reported=True)
+            if step.record != record or _call_json(pending) != row.call:
+                row = replace(row, call=_call_json(pending))
                 row, lock = self._persist(row, step.record, lock)
                 self._log_step(record, step.record)
             record = step.record
             if step.commands:
-                record = self._run(ref, record, step.commands, lock)
-                if record != step.record:  # call ids or a rejection to remember
+                sent: list[lro.PendingCall] = []
+                record = self._run(ref, record, step.commands, lock, sent)
+                pending = sent[-1] if sent else pending
+                if record != step.record or sent:  # call ids or a rejection to remember
+                    row = replace(row, call=_call_json(pending))
                     row, lock = self._persist(row, record, lock)
             if not step.observe_again or record.state.terminal:
                 break
@@ -238,6 +249,45 @@ class Reconciler:
             if follow_up.outcome is Outcome.STARTED:
                 return follow_up
         return Result(ref, Outcome.ADVANCED, state=str(record.state), detail=record.outcome_detail)
+
+    def _poll(
+        self, ref: ScaleSetRef, record: op.OperationRecord, pending: lro.PendingCall | None
+    ) -> lro.PendingCall | None:
+        """Read the status of the operation's last write once, when it is due: never before
+        the `Retry-After` the last answer gave, and never by waiting for it."""
+        from rebalancer.compute.adapter import ArmCall
+        from rebalancer.compute.errors import AdapterError, ErrorKind
+
+        now = self.clock()
+        if pending is None or not pending.due(now):
+            return pending
+        try:
+            status = self.compute.operation_status(ArmCall.from_record(pending.call))
+        except AdapterError as error:
+            log.info("status of %s on %s unknown: %s", pending.action, ref, error)
+            if error.kind is ErrorKind.INVALID:  # a status URL not to be sent a token
+                return pending.ended(lro.CallOutcome("Unknown", error.code, error.message))
+            return pending.still_running(now, error.retry_after)  # the next pass asks again
+        if not status.done:
+            return pending.still_running(now, status.retry_after)
+        error = status.error
+        gone = error is not None and error.kind is ErrorKind.NOT_FOUND
+        outcome = lro.CallOutcome(
+            status="Unknown" if gone else str(status.state),
+            code=error.code if error is not None else None,
+            message=(error.message if error is not None else "")[:1000],
+            failed_instances=dict(status.failed_instances),
+        )
+        if outcome.failed:
+            log.warning(
+                "operation %s on %s: the %s request %s",
+                record.operation_id,
+                ref,
+                pending.action,
+                outcome.describe(),
+                extra=_dims(ref, operation=record.operation_id, code=outcome.code or ""),
+            )
+        return pending.ended(outcome)
 
     def _confirm_gone(self, ref: ScaleSetRef) -> None:
         """Ask a second way before an operation ends because its scale set is gone.
@@ -523,8 +573,9 @@ class Reconciler:
         row, lock = begun
         self._record_verdict(verdict)
         self._log_step(None, record)
-        record = self._run(ref, record, commands, lock)
-        self._persist(row, record, lock)
+        sent: list[lro.PendingCall] = []
+        record = self._run(ref, record, commands, lock, sent)
+        self._persist(replace(row, call=_call_json(sent[-1] if sent else None)), record, lock)
         return Result(ref, Outcome.STARTED, state=str(record.state), verdict=verdict)
 
     # -- commands -------------------------------------------------------------------------
@@ -535,6 +586,7 @@ class Reconciler:
         record: op.OperationRecord,
         commands: Iterable[op.Command],
         lock: Lock,
+        sent: list[lro.PendingCall] | None = None,
     ) -> op.OperationRecord:
         """Run the commands of a step whose record is already on disk.
 
@@ -558,11 +610,15 @@ class Reconciler:
                 if isinstance(command, op.SetCapacity):
                     call = self.compute.set_capacity(ref, command.capacity, etag=command.etag)
                     record = record.with_arm_call(_call_id("set_capacity", call))
+                    if sent is not None:
+                        sent.append(lro.PendingCall(lro.SET_CAPACITY, call.to_record(), now))
                 elif isinstance(command, op.DeleteInstances):
                     call = self.compute.delete_instances(
                         ref, command.ids, still_ours=lambda: self.clock() < lock.lease_until
                     )
                     record = record.with_arm_call(_call_id("delete_instances", call))
+                    if sent is not None:
+                        sent.append(lro.PendingCall(lro.DELETE_INSTANCES, call.to_record(), now))
                 elif isinstance(command, op.BackOffZone):
                     self._back_off(record, command, now)
                 elif isinstance(command, op.ClearZoneBackoff):
@@ -736,6 +792,22 @@ class Reconciler:
             if error.kind is ErrorKind.THROTTLED:
                 self.telemetry.throttled(ref.id, error.retry_after, "reconcile")
             return Result(ref, Outcome.DEFERRED, detail=str(error))
+
+
+def _pending(row: OperationRow) -> lro.PendingCall | None:
+    """The operation's last write as stored beside it; an unreadable one is dropped (the
+    operation goes on from what it observes, as before the write's outcome was kept)."""
+    if not row.call:
+        return None
+    try:
+        return lro.PendingCall.from_json(row.call)
+    except (ValueError, KeyError, TypeError) as error:
+        log.warning("operation %s: its last write cannot be read: %s", row.operation_id, error)
+        return None
+
+
+def _call_json(pending: lro.PendingCall | None) -> str | None:
+    return pending.to_json() if pending is not None else None
 
 
 def _deleted_by(step: op.Step) -> list[str]:

@@ -130,6 +130,9 @@ class OperationRow:
     created_at: datetime | None = None
     """When the operation started; defaults to `updated_at` of its first save."""
     etag: str | None = None
+    call: str | None = None
+    """The last Azure write the operation sent and what its status said (JSON, opaque to
+    the store; `rebalancer.lro.PendingCall`)."""
 
     @classmethod
     def of(cls, record: OperationRecordLike, etag: str | None = None) -> OperationRow:
@@ -842,6 +845,8 @@ class Store:
             "UpdatedAt": row.updated_at,
             **_body_properties(row.body),
         }
+        if row.call is not None:
+            entity["Call"] = row.call
         _check_size(entity, f"operation {row.operation_id}")
         return entity
 
@@ -856,6 +861,7 @@ class Store:
             body=_body(entity),
             created_at=_plain(entity["CreatedAt"]),
             etag=entity.metadata["etag"],  # type: ignore[attr-defined]
+            call=entity.get("Call"),
         )
 
     def _history_entity(self, row: OperationRow) -> dict[str, Any]:

@@ -301,6 +301,12 @@ def test_allocation_failure_is_read_from_the_failed_operation() -> None:
     assert status.state is OperationState.FAILED
     assert status.error is not None and status.error.kind is ErrorKind.NO_CAPACITY
     assert status.error.code in ("ZonalAllocationFailed", "AllocationFailed")
+    failed = [vm.instance_id for vm in sim.scale_set("rg-web", "web").vms if vm.failure_code]
+    assert sorted(vm for vm, _ in status.failed_instances) == sorted(failed) and failed
+    assert {code for _, code in status.failed_instances} <= {
+        "ZonalAllocationFailed",
+        "AllocationFailed",
+    }
 
 
 def test_preempted_operation_is_a_conflict() -> None:

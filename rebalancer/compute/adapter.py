@@ -141,6 +141,9 @@ class OperationStatus:
     error: AdapterError | None = None
     retry_after: float | None = None
     """Seconds the status answer asked to wait before the next poll (`Retry-After`)."""
+    failed_instances: tuple[tuple[str, str], ...] = ()
+    """(instance id or VM name, code) of each `error.details` entry that names its `target`:
+    how Compute says which VMs of a scale set write failed, and why."""
 
     @property
     def done(self) -> bool:
@@ -1094,5 +1097,12 @@ def _status_from_document(document: Any, ref: ScaleSetRef) -> OperationStatus:
         )
         if status != "failed" and classified.kind is ErrorKind.INVALID:
             classified.kind = ErrorKind.CONFLICT
-        return OperationStatus(OperationState.FAILED, classified.about(ref))
+        failed = tuple(
+            (str(d["target"]), str(d["code"]))
+            for d in error.get("details") or ()
+            if isinstance(d, Mapping) and d.get("target") and d.get("code")
+        )
+        return OperationStatus(
+            OperationState.FAILED, classified.about(ref), failed_instances=failed
+        )
     return OperationStatus(OperationState.IN_PROGRESS)

@@ -125,6 +125,43 @@ def test_zone_without_room_sends_vms_elsewhere_then_fails_allocation(make_sim: S
     assert sim.zone_room("westeurope", "Standard_D2s_v5", "2") == 0
 
 
+def test_failed_scale_out_names_each_failed_vm_in_its_error(make_sim: SimFactory) -> None:
+    scenario = Scenario(
+        scale_sets=(
+            ScaleSetSpec(
+                "web", "rg-web", zones=("1", "2"), counts={"1": 1, "2": 2}, zone_balance=True
+            ),
+        ),
+        capacity=(ZoneCapacity("westeurope", "Standard_D2s_v5", "1", 0),),
+        failure_codes_in_lists=(),
+    )
+    sim = make_sim(scenario)
+    compute = sim.compute_client(retry_total=0)
+    poller = compute.virtual_machine_scale_sets.begin_update("rg-web", "web", capacity(4))
+    sim.clock.advance(60)
+    with pytest.raises(HttpResponseError) as failure:
+        poller.result(timeout=10)
+    (failed,) = [
+        vm for vm in sim.scale_set("rg-web", "web").vms if vm.provisioning_state == "Failed"
+    ]
+    error = failure.value.error
+    assert error.code == "ZonalAllocationFailed"
+    assert [(d.code, d.target) for d in error.details] == [
+        ("ZonalAllocationFailed", failed.instance_id)
+    ]
+    # The list leaves the sub-code out (failure_codes_in_lists); the VM's own view has it.
+    (listed,) = [
+        vm
+        for vm in compute.virtual_machine_scale_set_vms.list("rg-web", "web", expand="instanceView")
+        if vm.instance_id == failed.instance_id
+    ]
+    assert [s.code for s in listed.instance_view.statuses] == ["ProvisioningState/failed"]
+    vm = compute.virtual_machine_scale_set_vms.get(
+        "rg-web", "web", failed.instance_id, expand="instanceView"
+    )
+    assert vm.instance_view.statuses[0].code == "ProvisioningState/failed/ZonalAllocationFailed"
+
+
 def test_delete_instances_waits_for_terminate_notification(make_sim: SimFactory) -> None:
     scenario = Scenario(
         scale_sets=(
