@@ -65,6 +65,7 @@ class Gate(StrEnum):
     MIN_INTERVAL = "min_interval"
     ZONE_BACKOFF = "zone_backoff"
     PLACEMENT_TIE = "placement_tie"
+    FAILED_REPLACEMENT = "failed_replacement"
     QUOTA = "quota"
     NO_SLOT = "no_slot"
 
@@ -434,9 +435,9 @@ class Reconciler:
                 )
         scale_set = inventory.scale_set
         k = min(len(assessment.moves), settings.max_surge)
-        tie = self._placement_tie(inventory, assessment)
-        if tie is not None:
-            return Gate.PLACEMENT_TIE, tie
+        repeat = self._repeat_gate(inventory, assessment, now)
+        if repeat is not None:
+            return repeat
         for zone in sorted({move.to_zone for move in assessment.moves[:k]}):
             until = self.store.backoff_until(
                 scale_set.location, scale_set.sku_name or "", zone, now
@@ -448,13 +449,18 @@ class Reconciler:
                 )
         return self._quota_gate(inventory, k)
 
-    def _placement_tie(self, inventory: Inventory, assessment: Assessment) -> str | None:
-        """Why the planned move would only repeat a placement tie, or None.
+    def _repeat_gate(
+        self, inventory: Inventory, assessment: Assessment, now: datetime
+    ) -> tuple[Gate, str] | None:
+        """Why the planned move would only repeat how the last one ended, or None.
 
-        When the last operation ended because Azure placed its VM in a zone tied with the
-        planned one on VM count (`placement_tie`), and the scale set still holds exactly the VMs
-        it started from and the plan names the same zones, Azure would place the VM there
-        again: the move waits until the scale set changes, instead of retrying in a loop.
+        Both apply while the scale set still holds exactly the VMs the last operation started
+        from and the plan names the same zones:
+        - `placement_tie`: Azure placed its VM in a zone tied with the planned one on VM
+          count and would do so again; the move waits until the scale set's VMs change.
+        - `new_vm_failed`: its new VMs failed to provision in the wanted zone (an extension,
+          not capacity); the move waits one cooldown, so that a broken extension does not
+          create and delete a VM on every pass.
         """
         ref = inventory.scale_set.ref
         rows = self.store.history(ref.key, limit=1)
@@ -464,17 +470,30 @@ class Reconciler:
             last = op.OperationRecord.from_json(rows[0].body)
         except ValueError:
             return None
-        if all(t.reason is not op.Reason.PLACEMENT_TIE for t in last.history):
+        reasons = {t.reason for t in last.history}
+        if not reasons & {op.Reason.PLACEMENT_TIE, op.Reason.NEW_VM_FAILED}:
             return None
         targets = {move.to_zone for move in assessment.moves}  # as `op.start` counts them
         current = {instance.id for instance in inventory.instances}
         if current != last.baseline.instance_ids or targets != set(last.zone_needs):
             return None
-        placed = ", ".join(f"zone {zone}" for zone in sorted(set(last.created.values()) - {None}))
-        return (
-            f"operation {last.operation_id} asked for zone(s) {', '.join(last.target_zones)} "
-            f"and Azure placed its VM in {placed or 'another zone'}, which holds as many VMs; "
-            "it would do so again. The move waits until the scale set's VMs change"
+        if op.Reason.PLACEMENT_TIE in reasons:
+            placed = sorted(set(last.created.values()) - {None})
+            where = ", ".join(f"zone {zone}" for zone in placed) or "another zone"
+            return Gate.PLACEMENT_TIE, (
+                f"operation {last.operation_id} asked for zone(s) "
+                f"{', '.join(last.target_zones)} and Azure placed its VM in {where}, which "
+                "holds as many VMs; it would do so again. The move waits until the scale "
+                "set's VMs change"
+            )
+        until = rows[0].updated_at + self.settings.cooldown
+        if until <= now:
+            return None
+        return Gate.FAILED_REPLACEMENT, (
+            f"the new VMs of operation {last.operation_id} failed to provision in zone(s) "
+            f"{', '.join(last.target_zones)} (see its history: an extension, not capacity); "
+            f"next try after {until.isoformat()} (REBALANCER_COOLDOWN_MINUTES), or fix the "
+            "scale set's extensions first"
         )
 
     def _autoscale_gate(
@@ -658,6 +677,16 @@ class Reconciler:
         """
         entered = _capacity_rollback(record)
         if record.state is not op.State.ROLLING_BACK or entered is None:
+            return
+        # The rollback names only the zones that showed a shortage, and those are recorded
+        # with it: any backoff of this size since the rollback began means it was not lost.
+        # Only when none is there did the process die first; then every target zone waits
+        # (the record does not say which were short), which delays but never harms.
+        size = (record.location.lower(), record.sku.lower())
+        if any(
+            (b.location, b.sku) == size and b.last_failure_at >= entered.at
+            for b in self.store.backoffs(entered.at)
+        ):
             return
         now = self.clock()
         for zone in record.target_zones:

@@ -13,6 +13,7 @@ from armsim import ScaleSetSpec, Scenario, ZoneCapacity
 from armsim.faults import FaultRule
 from rebalancer.lro import PendingCall
 from rebalancer.operation import Reason, State
+from rebalancer.reconciler import Gate
 from tests.stack import Drive, running_stack
 
 ENABLED = {"zone-rebalance": "enabled"}
@@ -112,3 +113,22 @@ def _polls(stack, path: str | None = None) -> list:
         for r in stack.sim.requests
         if r.operation == "operation.status" and path in (None, r.path)
     ]
+
+
+def test_a_failed_replacement_is_not_tried_again_before_a_cooldown(store):
+    """New VMs whose extension always fails: one operation, then the move waits one cooldown
+    (`failed_replacement`) instead of creating and deleting a VM on every pass."""
+    with running_stack(Scenario(scale_sets=web("Uniform")), store, cooldown_minutes="60") as stack:
+        stack.sim.faults.add(
+            FaultRule("provisioning_failure", code="VMExtensionProvisioningError", count=None)
+        )
+        run = Drive(stack)
+        run.until_terminal()
+        assert [r.state for r in run.records()] == [State.ROLLED_BACK]
+        for _ in range(100):  # 50 minutes
+            run.tick()
+        assert len(run.records()) == 1
+        verdict = run.results[-1].verdict
+        assert verdict is not None and verdict.gate is Gate.FAILED_REPLACEMENT
+        assert "REBALANCER_COOLDOWN_MINUTES" in verdict.gate_detail
+        run.until(lambda: len(run.records()) == 2, ticks=40, what="the move tried again")
