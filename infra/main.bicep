@@ -340,7 +340,8 @@ module linkedAccessRoleOnSubscriptions 'modules/subscription-role-assignment.bic
     name: 'rebalancer-linked-access-${uniqueString(environmentName, id)}'
     scope: subscription(id)
     params: {
-      roleDefinitionId: linkedAccessRole.id
+      // The custom role's id as seen from that subscription, one of its assignable scopes.
+      roleDefinitionId: '/subscriptions/${id}/providers/Microsoft.Authorization/roleDefinitions/${linkedAccessRole.name}'
       principalId: app.outputs.identityPrincipalId
       assignmentDescription: 'VMSS zone rebalancer: linked access checks of scale-outs in ${subscription().subscriptionId}.'
     }

@@ -380,8 +380,16 @@ def check_linked_subscriptions(infra: Infra) -> list[str]:
         {"subscription_id": loop["item_name"]},
     ):
         problems.append("the linked-access role is not assigned on each linked subscription")
-    if dotted(body["params"]["roleDefinitionId"]) != "linkedAccessRole.id":
-        problems.append("the linked subscriptions get another role than linked access")
+    # A role definition id names a subscription: the one of the assignment's scope.
+    expected = (
+        f"/subscriptions/${{{loop['item_name']}}}/providers/Microsoft.Authorization/"
+        "roleDefinitions/${linkedAccessRole.name}"
+    )
+    if body["params"]["roleDefinitionId"] != expected:
+        problems.append(
+            "the linked subscriptions get another role than linked access, or name it "
+            "from another subscription"
+        )
     return problems
 
 
