@@ -239,7 +239,7 @@ resource operationFailedAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01
   kind: 'LogAlert'
   properties: {
     displayName: 'Zone rebalancer: an operation failed or rolled back'
-    description: 'An operation ended failed (Azure refused a call: quota, size, permissions) or rolled back (no capacity in the zone it needed, or the new VMs never turned healthy). docs/observability.md says what to do.'
+    description: 'An operation ended failed (Azure refused a call: quota, size, permissions) or rolled back (no capacity in the zone it needed, new VMs that failed to provision or never turned healthy; not a placement tie). docs/observability.md says what to do.'
     severity: 2
     enabled: alertsEnabled
     scopes: [
