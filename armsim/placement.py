@@ -22,6 +22,13 @@ def placement_order(
     return ranked
 
 
+def overprovision_extras(count: int) -> int:
+    """Extra VMs an overprovisioned Uniform scale-out of `count` creates. Azure documents no
+    number; 2 extras for 5 requested is what the recorded create shows (instance ids 0-6 for a
+    capacity of 5), and at least one extra for any scale-out."""
+    return 0 if count <= 0 else max(1, (2 * count + 4) // 5)
+
+
 def scale_in_order(members: Sequence[Vm], counts: Mapping[str | None, int], count: int) -> list[Vm]:
     """The platform's default scale-in: failed VMs first, then from the zone with the most
     VMs, highest instance id first. VMs protected from scale-in, or from scale set actions

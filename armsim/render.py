@@ -132,7 +132,7 @@ def scale_set(ss: ScaleSetState) -> dict[str, Any]:
     }
     if ss.mode == "Uniform":
         properties["upgradePolicy"] = {"mode": "Manual"}
-        properties["overprovision"] = False
+        properties["overprovision"] = ss.overprovision
         properties["doNotRunExtensionsOnOverprovisionedVMs"] = False
     if ss.zones:
         properties["zoneBalance"] = ss.zone_balance

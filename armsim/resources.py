@@ -148,6 +148,8 @@ class ScaleSetState:
     unique_id: str
     created: datetime
     provisioning_state: str = "Succeeded"
+    overprovision: bool = False
+    """Uniform scale-outs create extra VMs and delete them once the requested ones succeeded."""
     health_states: str = "rich"
     """The health extension's mode: `rich` (four states) or `binary` (healthy/unhealthy)."""
     version: int = 1
@@ -159,6 +161,8 @@ class ScaleSetState:
     hold: ArmError | None = None
     deleted: bool = False
     extra_model: dict[str, Any] = field(default_factory=dict)
+    pending_extras: int = 0
+    """Overprovisioned VMs still among the members until their scale-out picks which go."""
 
     @property
     def resource_id(self) -> str:
@@ -178,6 +182,10 @@ class ScaleSetState:
     def members(self) -> list[Vm]:
         """VMs that hold a place in `sku.capacity` (everything not being deleted)."""
         return [vm for vm in self.vms.values() if vm.provisioning_state != "Deleting"]
+
+    def held(self) -> int:
+        """Places of `sku.capacity` taken: members, less overprovisioned extras to go."""
+        return len(self.members()) - self.pending_extras
 
     def zone_counts(self) -> dict[str | None, int]:
         counts: dict[str | None, int] = dict.fromkeys(self.zones or (None,), 0)

@@ -116,6 +116,10 @@ class ScaleSetSpec:
     """The Application Health extension's mode: `rich` reports healthy, unhealthy,
     initializing and unknown; `binary` only healthy and unhealthy (a VM still warming up,
     or one whose state is unknown, reads unhealthy)."""
+    overprovision: bool = True
+    """Uniform only (`properties.overprovision`, true unless set): a scale-out creates extra
+    VMs, placed like the requested ones, and deletes them once the requested number succeeded.
+    Flexible scale sets never overprovision."""
     provisioning_state: str = "Succeeded"
     overrides: tuple[VmOverride, ...] = ()
 

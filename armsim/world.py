@@ -26,7 +26,7 @@ from armsim.errors import (
     resource_not_found,
 )
 from armsim.faults import HEALTH_KINDS, OPERATION_KINDS, PLACEMENT_KINDS, Faults
-from armsim.placement import placement_order, scale_in_order
+from armsim.placement import overprovision_extras, placement_order, scale_in_order
 from armsim.resources import (
     DEFAULT_LIMIT,
     VM_TYPE,
@@ -177,6 +177,7 @@ class World:
             terminate_notification_seconds=spec.terminate_notification_seconds,
             new_vm_health=spec.new_vm_health,
             health_states=spec.health_states,
+            overprovision=spec.overprovision and spec.mode == "Uniform",
             created=self.now - timedelta(days=30),
         )
         ss.provisioning_state = spec.provisioning_state
@@ -603,13 +604,22 @@ class World:
             vm.health = health
             self.note(vm, "health", health)
 
-    def start_delete(self, vm: Vm, op: Operation, at: datetime) -> None:
-        """Deleting for the terminate notification delay plus the delete time, then gone."""
-        self.wait_for(op, vm, "gone")
+    def start_delete(
+        self, vm: Vm, op: Operation, at: datetime, *, overprovisioned: bool = False
+    ) -> None:
+        """Deleting for the terminate notification delay plus the delete time, then gone.
+
+        `overprovisioned`: the platform removes an extra VM of its own scale-out; `op` does not
+        wait for it, and the journal names no caller, as for the platform's other steps."""
+        if not overprovisioned:
+            self.wait_for(op, vm, "gone")
         if vm.provisioning_state == "Deleting":
             return
         vm.provisioning_state = "Deleting"
-        self.note(vm, "deleting", principal_id=op.caller.principal_id, at=at)
+        if overprovisioned:
+            self.note(vm, "deleting", "overprovisioned", at=at)
+        else:
+            self.note(vm, "deleting", principal_id=op.caller.principal_id, at=at)
         self._notify(vm, at)
         seconds = (vm.scale_set.terminate_notification_seconds or 0) + self.timings.delete
         self.after(at, seconds, lambda t: self._gone(vm, t))
@@ -647,7 +657,7 @@ class World:
     def reconcile_capacity(self, ss: ScaleSetState, op: Operation) -> None:
         """Create or delete VMs so that the members match `sku.capacity`."""
         members = ss.members()
-        delta = ss.capacity - len(members)
+        delta = ss.capacity - ss.held()
         if delta > 0:
             self._scale_out(ss, delta, op)
         elif delta < 0:
@@ -657,7 +667,10 @@ class World:
     def _scale_out(self, ss: ScaleSetState, count: int, op: Operation) -> None:
         counts = ss.zone_counts()
         zones: list[str | None] = list(ss.zones) if ss.zones else [None]
-        for _ in range(count):
+        extras = overprovision_extras(count) if ss.overprovision else 0
+        group: list[Vm] = []
+        wanted: dict[str | None, int] = {}
+        for index in range(count + extras):
             ranked = placement_order(zones, counts, strict=ss.zone_balance)
             chosen = None
             for zone in ranked:
@@ -675,9 +688,57 @@ class World:
             else:
                 self._allocate(vm)
                 counts[chosen] = counts.get(chosen, 0) + 1
-            self.wait_for(op, vm, "provisioned")
+            if index < count:
+                wanted[vm.zone] = wanted.get(vm.zone, 0) + 1
+            if extras:
+                group.append(vm)
+            else:
+                self.wait_for(op, vm, "provisioned")
             self.note(vm, "created", principal_id=op.caller.principal_id)
             self.after(self.now, self.timings.create, lambda at, vm=vm: self._provisioned(vm, at))
+        if extras:
+            ss.pending_extras += extras
+            key = -group[0].serial
+            op.waiting[key] = "overprovisioned"
+            self.after(
+                self.now,
+                self.timings.create,
+                lambda at: self._trim_overprovisioned(op, key, group, count, wanted, at),
+            )
+
+    def _trim_overprovisioned(
+        self,
+        op: Operation,
+        key: int,
+        group: list[Vm],
+        count: int,
+        wanted: Mapping[str | None, int],
+        at: datetime,
+    ) -> None:
+        """Keep `count` of an overprovisioned scale-out's VMs, succeeded ones first and in the
+        zones a scale-out of exactly `count` would have used, and delete the others; the write
+        finishes without waiting for them to be gone. It fails only if fewer than `count`
+        succeeded."""
+        group[0].scale_set.pending_extras -= len(group) - count
+        alive = [vm for vm in group if not vm.gone and vm.provisioning_state != "Deleting"]
+        succeeded = [vm for vm in alive if vm.provisioning_state == "Succeeded"]
+        keep: list[Vm] = []
+        need = dict(wanted)
+        for vm in sorted(succeeded, key=Vm.sort_key, reverse=True):
+            if need.get(vm.zone, 0) > 0:
+                keep.append(vm)
+                need[vm.zone] -= 1
+        for vm in [*sorted(succeeded, key=Vm.sort_key, reverse=True), *alive]:
+            if len(keep) < count and vm not in keep:
+                keep.append(vm)
+        if op.pending_failure is None:
+            failed = [vm for vm in keep if vm.provisioning_state == "Failed"]
+            op.pending_failure = failed[0].failure if failed else None
+        op.waiting.pop(key, None)
+        for vm in alive:
+            if vm not in keep:
+                self.start_delete(vm, op, at, overprovisioned=True)
+        self.check(op, at)
 
     def update_scale_set(
         self,
@@ -703,7 +764,7 @@ class World:
                     code="InvalidParameter",
                     target="sku.capacity",
                 )
-            growth = new_capacity - len(ss.members())
+            growth = new_capacity - ss.held()
             if growth > 0:
                 self.check_sku(ss)
                 self.check_quota(ss, growth)
@@ -756,6 +817,8 @@ class World:
                 vm.latest_model = False
         if "zoneBalance" in props:
             ss.zone_balance = bool(props["zoneBalance"])
+        if "overprovision" in props and ss.mode == "Uniform":
+            ss.overprovision = bool(props["overprovision"])
         policy = (props.get("resiliencyPolicy") or {}).get("automaticZoneRebalancingPolicy")
         if isinstance(policy, Mapping) and "enabled" in policy:
             ss.platform_rebalancing = bool(policy["enabled"])
@@ -819,6 +882,7 @@ class World:
             zone_balance=False,
             terminate_notification_seconds=None,
             new_vm_health="healthy",
+            overprovision=str(props.get("orchestrationMode") or "Uniform") == "Uniform",
             created=self.now,
         )
         ss.provisioning_state = "Creating"

@@ -138,7 +138,8 @@ SCRIPT = (
     Beat(
         timedelta(0),
         f"Autoscale scales web out from 9 to 15 VMs. Zone 1 has no free capacity for "
-        f"{CONSTRAINED_SKU}, so Azure's best-effort placement puts all 6 new VMs in zones 2 and 3.",
+        f"{CONSTRAINED_SKU}, so Azure's best-effort placement puts all 6 new VMs (and the 3 extra "
+        "ones it overprovisions, then deletes) in zones 2 and 3.",
         lambda sim: sim.actor.set_capacity(RESOURCE_GROUP, "web", 15),
     ),
     Beat(

@@ -602,6 +602,12 @@ class _View:
         return tuple(sorted(fresh, key=Instance.sort_id))
 
     @property
+    def live_new(self) -> tuple[Instance, ...]:
+        """New instances not being deleted: overprovisioned extras on their way out, or
+        VMs someone deletes, no longer stand for this operation's scale-out."""
+        return tuple(i for i in self.new if not i.deleting)
+
+    @property
     def busy(self) -> bool:
         """An update of the scale set is running (ours or anyone's). `Failed` is settled."""
         return self.scale_set.provisioning_state.lower() not in ("succeeded", "failed")
@@ -626,6 +632,22 @@ def _deleted_by_others(record: OperationRecord, view: _View) -> tuple[str, ...]:
     )
 
 
+def _overprovisioned(
+    record: OperationRecord, view: _View, gone: Sequence[str], capacity: int | None, expected: int
+) -> tuple[str, ...]:
+    """The VMs among `gone` that Azure removed itself: extras of an overprovisioned Uniform
+    scale-out. A delete by anyone else lowers the capacity by one; the platform's removal of
+    its extras does not. So new VMs gone beyond the capacity's drop are extras."""
+    if view.scale_set.mode is not OrchestrationMode.UNIFORM or capacity is None:
+        return ()
+    ours = [vm for vm in gone if vm in record.created]
+    theirs = len(gone) - len(ours)
+    dropped = max(expected - capacity, 0)
+    if theirs > dropped:
+        return ()
+    return tuple(ours[: len(gone) - dropped])
+
+
 def _outside_change(
     record: OperationRecord,
     view: _View,
@@ -640,12 +662,17 @@ def _outside_change(
     the VMs of theirs they deleted, so the VMs this operation created are removed (rolled
     back), and it ends `superseded`. Someone wrote another capacity: it is absolute and counts
     the new VMs in, so nothing is deleted. More VMs appeared than were asked for: someone is
-    scaling out (and wrote a capacity that counts them in); nothing is deleted.
+    scaling out (and wrote a capacity that counts them in); nothing is deleted. Extras of an
+    overprovisioned scale-out are neither: Azure shows them while its update runs and removes
+    them itself.
     """
     capacity = view.scale_set.capacity
     gone = _deleted_by_others(record, view)
+    extras = _overprovisioned(record, view, gone, capacity, expected)
+    gone = tuple(vm for vm in gone if vm not in extras)
+    live = view.live_new
     explained = capacity is not None and capacity in (expected, expected - len(gone))
-    if gone and explained and len(view.new) <= record.k:
+    if gone and explained and len(live) <= record.k:
         ours = [vm for vm in gone if vm in record.created]
         reason = Reason.NEW_VM_REMOVED if ours else Reason.OUTSIDE_DELETE
         detail = f"VM(s) {', '.join(gone)} deleted by someone else; capacity is {capacity}"
@@ -653,11 +680,17 @@ def _outside_change(
     if capacity != expected:
         detail = f"capacity is {capacity}; this operation set {expected}"
         return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
-    if len(view.new) > record.k:
-        listed = ", ".join(i.id for i in view.new)
-        detail = f"{len(view.new)} VMs appeared ({listed}) where {record.k} were requested"
+    if len(live) > record.k and not (view.busy and _may_overprovision(view)):
+        listed = ", ".join(i.id for i in live)
+        detail = f"{len(live)} VMs appeared ({listed}) where {record.k} were requested"
         return _finish(record, now, State.SUPERSEDED, Reason.UNEXPECTED_INSTANCES, detail)
     return None
+
+
+def _may_overprovision(view: _View) -> bool:
+    """Uniform scale sets overprovision by default: while an update runs, more new VMs than
+    requested may show, and Azure deletes the extras before the update ends."""
+    return view.scale_set.mode is OrchestrationMode.UNIFORM
 
 
 # scaling_out ---------------------------------------------------------------------------------
@@ -674,6 +707,8 @@ def _scaling_out(
     deadline = record.scale_out_deadline or record.created_at + policy.scale_out_timeout
     if not record.scale_out_confirmed:
         gone = _deleted_by_others(record, view)
+        extras = _overprovisioned(record, view, gone, capacity, record.target_capacity)
+        gone = tuple(vm for vm in gone if vm not in extras)
         if capacity == record.target_capacity or (
             gone and view.new and capacity == record.target_capacity - len(gone)
         ):
@@ -820,10 +855,11 @@ def _scale_out_not_visible(
     deadline: datetime,
 ) -> Step:
     """Capacity still at the baseline: the scale-out was not applied (yet)."""
-    if view.busy and len(view.new) <= record.k and now < deadline:
+    live = view.live_new
+    if view.busy and (len(live) <= record.k or _may_overprovision(view)) and now < deadline:
         return Step(record)  # an update runs: ours may show its VMs before its capacity
-    if view.new:
-        listed = ", ".join(i.id for i in view.new)
+    if live:
+        listed = ", ".join(i.id for i in live)
         detail = f"VMs {listed} appeared while capacity stayed at {record.baseline.capacity}"
         return _finish(record, now, State.SUPERSEDED, Reason.UNEXPECTED_INSTANCES, detail)
     if stand_down is not None:

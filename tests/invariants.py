@@ -40,6 +40,14 @@ from rebalancer.settings import Settings
 from rebalancer.store import Store
 
 
+def own_new_vms(sim: ArmSim, record: OperationRecord) -> list[str]:
+    """The VMs `record` created, less the extras Azure removed itself (overprovisioning)."""
+    removed = [c for c in sim.history() if c.value == "overprovisioned"]
+    extras = {(c.scale_set_id.lower(), c.instance_id) for c in removed}
+    scale_set = record.scale_set_id.lower()
+    return [vm for vm in record.created if (scale_set, vm) not in extras]
+
+
 @dataclass(frozen=True, slots=True)
 class _Vm:
     """A VM as the journal replay knows it at one moment."""

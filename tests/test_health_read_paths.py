@@ -44,7 +44,8 @@ def test_a_read_path_without_vm_health_is_a_named_skip(mode: str) -> None:
 
 @pytest.mark.parametrize(("states", "warming"), [("rich", "initializing"), ("binary", "unhealthy")])
 def test_binary_health_reads_a_warming_vm_unhealthy(states: str, warming: str) -> None:
-    spec = unbalanced("Uniform", health_states=states, new_vm_health="healthy")
+    # Not overprovisioned, so the one new VM is instance 7.
+    spec = unbalanced("Uniform", health_states=states, new_vm_health="healthy", overprovision=False)
     with ArmSim.start(Scenario(scale_sets=(spec,))) as sim, adapter_for(sim) as adapter:
         ref = ScaleSetRef(sim.subscription_id, "rg", "web")
         adapter.set_capacity(ref, 8)

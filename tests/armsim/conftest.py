@@ -12,11 +12,15 @@ SimFactory = Callable[..., ArmSim]
 
 
 def web_scenario(**kwargs: object) -> Scenario:
-    """A Uniform set at 2/4/7 (one protected VM in zone 3) and a Flexible set at 1/1/2."""
+    """A Uniform set at 2/4/7 (one protected VM in zone 3) and a Flexible set at 1/1/2.
+
+    The Uniform set does not overprovision, so tests can name the instance ids a scale-out
+    creates; tests/armsim/test_scale_sets.py covers overprovisioning (Azure's default)."""
     scale_sets = (
         ScaleSetSpec(
             "web",
             "rg-web",
+            overprovision=False,
             counts={"1": 2, "2": 4, "3": 7},
             tags={"zone-rebalance": "enabled"},
             overrides=(VmOverride(instance="12", protect_from_scale_in=True),),

@@ -52,7 +52,12 @@ def test_ninety_minutes_of_unhealthy_vms_take_no_real_time(make_sim: SimFactory)
     scenario = Scenario(
         scale_sets=(
             ScaleSetSpec(
-                "web", "rg", counts={"1": 1, "2": 2}, zones=("1", "2"), new_vm_health="initializing"
+                "web",
+                "rg",
+                counts={"1": 1, "2": 2},
+                zones=("1", "2"),
+                new_vm_health="initializing",
+                overprovision=False,
             ),
         )
     )

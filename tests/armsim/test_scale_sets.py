@@ -94,9 +94,51 @@ def test_scale_out_places_new_vms_in_the_emptiest_zones(sim: ArmSim, compute) ->
     assert sim.scale_set("rg-web", "web").zone_counts() == {"1": 4, "2": 4, "3": 7}
 
 
+def test_uniform_scale_out_overprovisions_by_default(make_sim: SimFactory) -> None:
+    """Azure's default (`overprovision: true`): 5 more VMs create 7, shown Creating; once the
+    requested 5 succeeded the 2 extras are Deleting, then gone, and their ids stay used."""
+    sim = make_sim(Scenario(scale_sets=(ScaleSetSpec("web", "rg-web", counts={"1": 3}),)))
+    compute = sim.compute_client()
+    assert compute.virtual_machine_scale_sets.get("rg-web", "web").overprovision is True
+    poller = compute.virtual_machine_scale_sets.begin_update("rg-web", "web", capacity(8))
+    web = sim.scale_set("rg-web", "web")
+    creating = [vm for vm in web.vms if vm.provisioning_state == "Creating"]
+    assert sorted(int(vm.instance_id) for vm in creating) == list(range(3, 10))
+    assert sorted(vm.zone for vm in creating) == ["1", "2", "2", "2", "3", "3", "3"]
+    sim.clock.advance(60)
+    assert poller.result(timeout=10).sku.capacity == 8
+    listed = {
+        vm.instance_id: vm.provisioning_state
+        for vm in compute.virtual_machine_scale_set_vms.list("rg-web", "web")
+    }
+    assert sorted(listed.values()).count("Deleting") == 2
+    sim.clock.advance(30)
+    web = sim.scale_set("rg-web", "web")
+    assert len(web.vms) == 8 and web.capacity == 8
+    assert web.zone_counts() == {"1": 3, "2": 3, "3": 2}
+    ids = {int(vm.instance_id) for vm in web.vms}
+    assert len(ids) == 8 and ids != set(range(8))
+    extras = [c for c in sim.history() if c.value == "overprovisioned"]
+    assert [(c.change, c.principal_id) for c in extras] == [("deleting", None)] * 2
+
+
+def test_overprovisioning_can_be_switched_off(make_sim: SimFactory) -> None:
+    spec = ScaleSetSpec("web", "rg-web", counts={"1": 3}, overprovision=False)
+    sim = make_sim(Scenario(scale_sets=(spec,)))
+    compute = sim.compute_client()
+    assert compute.virtual_machine_scale_sets.get("rg-web", "web").overprovision is False
+    compute.virtual_machine_scale_sets.begin_update("rg-web", "web", capacity(8))
+    sim.clock.advance(90)
+    web = sim.scale_set("rg-web", "web")
+    assert sorted(int(vm.instance_id) for vm in web.vms) == list(range(8))
+    assert not [c for c in sim.history() if c.value == "overprovisioned"]
+
+
 def test_zone_without_room_sends_vms_elsewhere_then_fails_allocation(make_sim: SimFactory) -> None:
     scenario = Scenario(
-        scale_sets=(ScaleSetSpec("web", "rg-web", counts={"1": 2, "2": 4, "3": 7}),),
+        scale_sets=(
+            ScaleSetSpec("web", "rg-web", counts={"1": 2, "2": 4, "3": 7}, overprovision=False),
+        ),
         capacity=(
             ZoneCapacity("westeurope", "Standard_D2s_v5", "1", 0),
             ZoneCapacity("westeurope", "Standard_D2s_v5", "2", 1),
