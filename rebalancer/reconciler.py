@@ -77,6 +77,8 @@ class Verdict:
     opt_in: OptIn
     gate: Gate | None = None
     gate_detail: str = ""
+    instances: tuple[Instance, ...] = ()
+    """The VMs assessed: stored with the assessment to see silent changes next time."""
 
     @property
     def decision(self) -> str:
@@ -105,6 +107,7 @@ class Verdict:
                 "reason": self.reason,
                 "detail": self.detail,
                 "mode": str(self.opt_in),
+                "instances": sorted(instance.id for instance in self.instances),
                 "moves": [
                     {"fromZone": m.from_zone, "toZone": m.to_zone, "source": m.source}
                     for m in a.moves
@@ -344,7 +347,7 @@ class Reconciler:
         scale_set = inventory.scale_set
         assessment = assess(inventory)
         opt_in = self.settings.opt_in(scale_set.tag(OPT_IN_TAG))
-        verdict = Verdict(assessment, opt_in)
+        verdict = Verdict(assessment, opt_in, instances=inventory.instances)
         if assessment.decision is not Decision.MOVE:
             return verdict
         gate = self._gate(inventory, assessment, opt_in)
@@ -369,6 +372,9 @@ class Reconciler:
         if settings.mode is Mode.AUDIT:
             return Gate.MODE_AUDIT, "REBALANCER_MODE=audit: set it to enforce to move VMs"
         last = self.store.last_activity(ref.key)
+        silent = self._silent_change(inventory, last, now)
+        if silent is not None:
+            return Gate.COOLDOWN, silent
         if last is not None and last + settings.cooldown > now:
             return Gate.COOLDOWN, (
                 f"outside change at {last.isoformat()}; moves wait until "
@@ -397,6 +403,59 @@ class Reconciler:
                     f"{scale_set.sku_name}; next try after {until.isoformat()}"
                 )
         return self._quota_gate(inventory, k)
+
+    def _silent_change(
+        self, inventory: Inventory, last_activity: datetime | None, now: datetime
+    ) -> str | None:
+        """VMs gone or new since the last assessment, not by the app nor by an event it saw.
+
+        Repairs, upgrades, evictions and overprovisioning emit no Event Grid event: such a
+        change starts the cooldown as an event would (recorded as outside activity now).
+        """
+        ref = inventory.scale_set.ref
+        stored = self.store.last_assessment(ref.key)
+        if stored is None or (last_activity is not None and last_activity >= stored.at):
+            return None  # nothing to compare with, or an event already started the cooldown
+        try:
+            before = json.loads(stored.body).get("instances")
+        except ValueError:
+            return None
+        if not isinstance(before, list):
+            return None  # stored by an earlier version
+        current = {instance.id for instance in inventory.instances}
+        ours = self._apps_vms(ref, stored.at)
+        gone = sorted(set(before) - current - ours)
+        new = sorted(current - set(before) - ours)
+        if not gone and not new:
+            return None
+        self.store.record_activity(ref.key, now)
+        seen = "; ".join(
+            part
+            for part in (
+                f"gone: {', '.join(gone)}" if gone else "",
+                f"new: {', '.join(new)}" if new else "",
+            )
+            if part
+        )
+        return (
+            f"VMs changed since the assessment at {stored.at.isoformat()} ({seen}), not by the "
+            "app nor by an event it saw (repairs, upgrades, evictions emit none); moves wait "
+            f"until {(now + self.settings.cooldown).isoformat()} (REBALANCER_COOLDOWN_MINUTES)"
+        )
+
+    def _apps_vms(self, ref: ScaleSetRef, since: datetime) -> set[str]:
+        """VMs the app's own operations created or deleted since `since`."""
+        ours: set[str] = set()
+        for row in self.store.history(ref.key):
+            if row.updated_at < since:
+                break
+            try:
+                record = op.OperationRecord.from_json(row.body)
+            except ValueError:
+                continue
+            ours |= set(record.created) | set(record.discarded) | set(record.sources)
+            ours |= set(record.delete_requested)
+        return ours
 
     def _placement_tie(self, inventory: Inventory, assessment: Assessment) -> str | None:
         """Why the planned move would only repeat a placement tie, or None.
