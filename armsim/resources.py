@@ -159,6 +159,8 @@ class ScaleSetState:
     hold: ArmError | None = None
     deleted: bool = False
     extra_model: dict[str, Any] = field(default_factory=dict)
+    upgrade_policy: dict[str, Any] = field(default_factory=lambda: {"mode": "Manual"})
+    """`properties.upgradePolicy` as last written (Azure's default mode is Manual)."""
 
     @property
     def resource_id(self) -> str:

@@ -755,6 +755,8 @@ class World:
                 vm.latest_model = False
         if "zoneBalance" in props:
             ss.zone_balance = bool(props["zoneBalance"])
+        if isinstance(props.get("upgradePolicy"), Mapping):
+            ss.upgrade_policy = {**ss.upgrade_policy, **props["upgradePolicy"]}
         policy = (props.get("resiliencyPolicy") or {}).get("automaticZoneRebalancingPolicy")
         if isinstance(policy, Mapping) and "enabled" in policy:
             ss.platform_rebalancing = bool(policy["enabled"])
