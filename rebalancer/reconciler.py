@@ -61,6 +61,8 @@ class Gate(StrEnum):
     OPTED_OUT = "opted_out"
     AUTOSCALE_AT_MAXIMUM = autoscale.REASON
     """A skip, not a wait: autoscale would take back the VMs a move adds."""
+    UPGRADE_IN_PROGRESS = "upgrade_in_progress"
+    """Someone else's model change or a rolling upgrade runs; the platform's balance waits too."""
     COOLDOWN = "cooldown"
     MIN_INTERVAL = "min_interval"
     ZONE_BACKOFF = "zone_backoff"
@@ -346,6 +348,13 @@ class Reconciler:
     def _verdict(self, inventory: Inventory) -> Verdict:
         scale_set = inventory.scale_set
         assessment = assess(inventory)
+        if scale_set.provisioning_state.lower() == "updating":
+            # Someone else's update runs: would the set move once it ends? Then say so.
+            settled = replace(
+                inventory, scale_set=replace(scale_set, provisioning_state="Succeeded")
+            )
+            if assess(settled).decision is Decision.MOVE:
+                assessment = assess(settled)
         opt_in = self.settings.opt_in(scale_set.tag(OPT_IN_TAG))
         verdict = Verdict(assessment, opt_in, instances=inventory.instances)
         if assessment.decision is not Decision.MOVE:
@@ -371,6 +380,11 @@ class Reconciler:
             return Gate.MODE_OFF, "REBALANCER_MODE=off"
         if settings.mode is Mode.AUDIT:
             return Gate.MODE_AUDIT, "REBALANCER_MODE=audit: set it to enforce to move VMs"
+        if inventory.scale_set.provisioning_state.lower() == "updating":
+            return Gate.UPGRADE_IN_PROGRESS, (
+                "the scale set's provisioningState is Updating (a model change or upgrade by "
+                "someone else); the move waits until it is Succeeded"
+            )
         last = self.store.last_activity(ref.key)
         silent = self._silent_change(inventory, last, now)
         if silent is not None:
@@ -402,7 +416,40 @@ class Reconciler:
                     f"zone {zone} of {scale_set.location} had no capacity for "
                     f"{scale_set.sku_name}; next try after {until.isoformat()}"
                 )
-        return self._quota_gate(inventory, k)
+        return self._quota_gate(inventory, k) or self._rolling_upgrade_gate(inventory)
+
+    def _rolling_upgrade_gate(self, inventory: Inventory) -> tuple[Gate, str] | None:
+        """A rolling upgrade (or automatic OS image upgrade) reimaging the set's VMs.
+
+        Read last, and only when the upgrade policy can roll: one GET per scale set that
+        would otherwise move.
+        """
+        from rebalancer.compute.errors import AdapterError
+
+        scale_set = inventory.scale_set
+        if not scale_set.can_roll:
+            return None
+        try:
+            upgrade = self.compute.latest_rolling_upgrade(scale_set.ref)
+        except AdapterError as error:
+            # Unknown does not block: the VMs being reimaged are not active, so none is
+            # chosen as a source, and a new VM is still awaited healthy before any delete.
+            log.info(
+                "rolling upgrade of %s unknown: %s",
+                scale_set.ref,
+                error,
+                extra=_dims(scale_set.ref),
+            )
+            return None
+        if upgrade is None or not upgrade.running:
+            return None
+        since = f" since {upgrade.started.isoformat()}" if upgrade.started else ""
+        return Gate.UPGRADE_IN_PROGRESS, (
+            f"a rolling upgrade is {upgrade.status}{since} ({upgrade.in_progress} VM(s) in "
+            f"progress, {upgrade.pending} pending; upgradePolicy.mode {scale_set.upgrade_mode}"
+            f"{', automatic OS upgrades' if scale_set.automatic_os_upgrade else ''}); the move "
+            "waits until rollingUpgrades/latest is no longer RollingForward"
+        )
 
     def _silent_change(
         self, inventory: Inventory, last_activity: datetime | None, now: datetime
