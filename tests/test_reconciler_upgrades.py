@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from armsim import ScaleSetSpec, Scenario, Timings
+from rebalancer.cli import EXIT_OK, build_parser, status
 from rebalancer.operation import State
 from tests.stack import Drive, running_stack
 
@@ -56,7 +57,9 @@ def test_a_manual_upgrade_policy_costs_no_rolling_upgrade_read(store, mode):
         assert latest_reads(stack) == 0
 
 
-def test_someone_elses_model_change_waits_with_upgrade_in_progress(store):
+def test_someone_elses_model_change_waits_with_upgrade_in_progress(
+    store, azurite, table_prefix, capsys
+):
     with running_stack(scenario("Uniform", timings=Timings(update=600)), store) as stack:
         stack.sim.actor.set_tags("rg-web", "web", {**ENABLED, "owner": "team-web"})
         run = Drive(stack)
@@ -66,3 +69,12 @@ def test_someone_elses_model_change_waits_with_upgrade_in_progress(store):
         assert "provisioningState is Updating" in result.detail
         assert latest_reads(stack) == 0  # the model says enough: no read
         assert run.records() == []
+        capsys.readouterr()
+        web = stack.sim.scale_set("rg-web", "web")
+        args = build_parser().parse_args(
+            ["status", "--table-prefix", table_prefix, "--scale-set", web.id]
+        )
+        env = {"AzureWebJobsStorage": azurite.connection_string}
+        assert status.run(args, env, now=stack.sim.clock.now()) == EXIT_OK
+        shown = " ".join(capsys.readouterr().out.split())
+        assert "(upgrade_in_progress)" in shown and "provisioningState is Updating" in shown
