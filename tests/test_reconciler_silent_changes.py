@@ -58,3 +58,19 @@ def test_the_apps_own_moves_do_not_start_the_cooldown(store, mode):
         assert [r.state for r in run.records()] == [State.SUCCEEDED, State.SUCCEEDED]
         assert stack.store.last_activity(run.ref().key) is None
         run.check("at the end", settled=True)
+
+
+def test_a_change_the_app_saw_an_event_for_keeps_the_events_time(store):
+    with running_stack(scenario("Uniform", {"1": 2, "2": 2, "3": 2}), store) as stack:
+        run = Drive(stack)
+        run.tick()
+        web = stack.sim.scale_set("rg-web", "web")
+        gone = [vm.instance_id for vm in web.vms if vm.zone == "1"]
+        stack.sim.actor.delete_instances("rg-web", "web", gone)
+        seen = stack.sim.clock.now()
+        stack.store.record_activity(run.ref().key, seen)  # as the Event Grid trigger does
+        stack.sim.advance(120)
+        (result,) = run.tick()
+        assert result.verdict is not None and result.verdict.reason == "cooldown"
+        assert f"outside change at {seen.isoformat()}" in result.detail
+        assert stack.store.last_activity(run.ref().key) == seen
