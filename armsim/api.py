@@ -68,6 +68,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("DELETE", _VMSS, "vmss.delete"),
         ("POST", _VMSS + r"/delete", "vmss.delete_instances"),
         ("GET", _VMSS + r"/instanceView", "vmss.get_instance_view"),
+        ("GET", _VMSS + r"/rollingUpgrades/latest", "vmss.rolling_upgrade_latest"),
         ("GET", _VMSS + r"/virtualMachines", "vmss_vm.list"),
         ("GET", _VMSS_VM, "vmss_vm.get"),
         ("PUT", _VMSS_VM, "vmss_vm.update"),
@@ -658,6 +659,11 @@ class Api:
         return self._lro(request, op, 202)
 
     # --- autoscale settings (Microsoft.Insights) ----------------------------------------
+
+    def _vmss_rolling_upgrade_latest(
+        self, request: Request, params: Mapping[str, str], caller: Caller
+    ) -> Reply:
+        return Reply(200, self.sim.upgrades.latest(params["rg"], params["name"]))
 
     def _autoscale_list(self, request: Request, params: Mapping[str, str], caller: Caller) -> Reply:
         return self._page(request, self.sim.autoscale.documents(), lambda doc: doc)

@@ -44,6 +44,7 @@ OPERATIONS = frozenset(
         "vmss.delete",
         "vmss.delete_instances",
         "vmss.get_instance_view",
+        "vmss.rolling_upgrade_latest",
         "vmss.deallocate",
         "vmss_vm.list",
         "vmss_vm.get",

@@ -130,8 +130,9 @@ def scale_set(ss: ScaleSetState) -> dict[str, Any]:
             },
         },
     }
+    if ss.mode == "Uniform" or ss.upgrade_policy != {"mode": "Manual"}:
+        properties["upgradePolicy"] = dict(ss.upgrade_policy)
     if ss.mode == "Uniform":
-        properties["upgradePolicy"] = {"mode": "Manual"}
         properties["overprovision"] = ss.overprovision
         properties["doNotRunExtensionsOnOverprovisionedVMs"] = False
     if ss.zones:

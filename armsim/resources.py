@@ -163,6 +163,8 @@ class ScaleSetState:
     extra_model: dict[str, Any] = field(default_factory=dict)
     pending_extras: int = 0
     """Overprovisioned VMs still among the members until their scale-out picks which go."""
+    upgrade_policy: dict[str, Any] = field(default_factory=lambda: {"mode": "Manual"})
+    """`properties.upgradePolicy` as last written (Azure's default mode is Manual)."""
 
     @property
     def resource_id(self) -> str:

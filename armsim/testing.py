@@ -42,6 +42,7 @@ from armsim.resources import (
 from armsim.scenario import ScaleSetSpec, Scenario
 from armsim.server import SimHTTPServer, make_certificates
 from armsim.throttling import Throttle
+from armsim.upgrades import RollingUpgrades
 from armsim.world import World
 
 ARM_SCOPE = "https://management.azure.com/.default"
@@ -211,6 +212,8 @@ class ArmSim:
         self.api = Api(self)
         self.actor = Actor(self)
         self.autoscale = Autoscale(self)
+        self.upgrades = RollingUpgrades(self)
+        """Rolling upgrades and their batches (armsim/upgrades.py)."""
         """Autoscale settings and their engine (armsim/autoscale.py)."""
         self._host, self._port, self._tls = host, port, tls
         self._server: SimHTTPServer | None = None

@@ -116,6 +116,7 @@ DEFAULT_POLICIES: Mapping[str, Policy] = {
 }
 
 _READS_ONLY = (
+    "vmss.rolling_upgrade_latest",
     "vmss_vm.get",
     "vmss_vm.get_instance_view",
     "vm.get",

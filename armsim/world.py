@@ -819,6 +819,8 @@ class World:
             ss.zone_balance = bool(props["zoneBalance"])
         if "overprovision" in props and ss.mode == "Uniform":
             ss.overprovision = bool(props["overprovision"])
+        if isinstance(props.get("upgradePolicy"), Mapping):
+            ss.upgrade_policy = {**ss.upgrade_policy, **props["upgradePolicy"]}
         policy = (props.get("resiliencyPolicy") or {}).get("automaticZoneRebalancingPolicy")
         if isinstance(policy, Mapping) and "enabled" in policy:
             ss.platform_rebalancing = bool(policy["enabled"])

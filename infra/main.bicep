@@ -205,6 +205,7 @@ resource scaleSetRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
       {
         actions: [
           'Microsoft.Compute/virtualMachineScaleSets/read'
+          'Microsoft.Compute/virtualMachineScaleSets/rollingUpgrades/read'
           'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read'
           'Microsoft.Compute/virtualMachines/read'
           'Microsoft.Compute/virtualMachineScaleSets/write'

@@ -26,6 +26,7 @@ from rebalancer.model import (
     Instance,
     OrchestrationMode,
     PowerState,
+    RollingUpgrade,
     ScaleSet,
     ScaleSetRef,
     frozen_mapping,
@@ -245,6 +246,30 @@ def parse_scale_set(doc: Mapping[str, Any]) -> ScaleSet:
         zone_balance=_flag(_prop(doc, "zoneBalance")),
         terminate_notification=_terminate_notification(doc),
         etag=_text(_get(doc, "etag")) or None,
+        upgrade_mode=_text(_prop(doc, "upgradePolicy", "mode")) or "Manual",
+        automatic_os_upgrade=_flag(
+            _prop(doc, "upgradePolicy", "automaticOSUpgradePolicy", "enableAutomaticOSUpgrade")
+        ),
+    )
+
+
+def parse_rolling_upgrade(doc: Mapping[str, Any]) -> RollingUpgrade:
+    """The status of `GET .../rollingUpgrades/latest`.
+
+    Raises ArmParseError when it has no `runningStatus.code`.
+    """
+    if not isinstance(doc, Mapping):
+        raise ArmParseError(f"expected a rolling upgrade status object, got {_describe(doc)}")
+    code = _text(_prop(doc, "runningStatus", "code"))
+    if not code:
+        raise ArmParseError("rolling upgrade status has no runningStatus.code")
+    pending = _prop(doc, "progress", "pendingInstanceCount")
+    in_progress = _prop(doc, "progress", "inProgressInstanceCount")
+    return RollingUpgrade(
+        status=code,
+        started=parse_time(_prop(doc, "runningStatus", "startTime")),
+        pending=pending if isinstance(pending, int) else 0,
+        in_progress=in_progress if isinstance(in_progress, int) else 0,
     )
 
 

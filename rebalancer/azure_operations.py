@@ -107,6 +107,8 @@ ADAPTER_CALLS: Mapping[str, tuple[ArmRequest, ...]] = MappingProxyType(
         # The whole subscription in one paged list, or resource group by resource group.
         "list_scale_sets": (_LIST_ALL_SCALE_SETS, _LIST_SCALE_SETS),
         "get_scale_set": (_GET_SCALE_SET,),
+        # Read only for a scale set that would move and whose upgrade policy can roll.
+        "latest_rolling_upgrade": (ArmRequest("GET", _SCALE_SET + "/rollingUpgrades/latest"),),
         # Instance views come with the lists ($expand=instanceView), never one by one; the
         # protection of Flexible VMs only from the scale set's VM GET.
         "read_inventory": (*_CURRENT_INSTANCES, _GET_INSTANCE),

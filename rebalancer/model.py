@@ -139,6 +139,15 @@ class ScaleSet:
     """`scheduledEventsProfile.terminateNotificationProfile.notBeforeTimeout` when enabled."""
     etag: str | None = None
     """The model's ETag in this read: a write decided on it is sent with `If-Match`."""
+    upgrade_mode: str = "Manual"
+    """`upgradePolicy.mode`: Manual, Automatic or Rolling."""
+    automatic_os_upgrade: bool = False
+    """`upgradePolicy.automaticOSUpgradePolicy.enableAutomaticOSUpgrade`."""
+
+    @property
+    def can_roll(self) -> bool:
+        """Rolling upgrades can run on it: Rolling mode, or automatic OS image upgrades."""
+        return self.upgrade_mode.lower() == "rolling" or self.automatic_os_upgrade
 
     def tag(self, name: str) -> str | None:
         """Tag value by case-insensitive name (ARM tag names are case-insensitive)."""
@@ -223,6 +232,21 @@ class Instance:
     def sort_id(self) -> tuple[int, int | str]:
         """Numeric instance ids sort numerically, names lexically after them."""
         return (0, int(self.id)) if self.id.isdigit() else (1, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class RollingUpgrade:
+    """The scale set's latest rolling upgrade (`rollingUpgrades/latest`)."""
+
+    status: str
+    """`runningStatus.code`: RollingForward, Cancelled, Completed or Faulted."""
+    started: datetime | None = None
+    pending: int = 0
+    in_progress: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.status.lower() == "rollingforward"
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,8 @@ class Gate(StrEnum):
     OPTED_OUT = "opted_out"
     AUTOSCALE_AT_MAXIMUM = autoscale.REASON
     """A skip, not a wait: autoscale would take back the VMs a move adds."""
+    UPGRADE_IN_PROGRESS = "upgrade_in_progress"
+    """Someone else's model change or a rolling upgrade runs; the platform's balance waits too."""
     COOLDOWN = "cooldown"
     MIN_INTERVAL = "min_interval"
     ZONE_BACKOFF = "zone_backoff"
@@ -78,6 +80,8 @@ class Verdict:
     opt_in: OptIn
     gate: Gate | None = None
     gate_detail: str = ""
+    instances: tuple[Instance, ...] = ()
+    """The VMs assessed: stored with the assessment to see silent changes next time."""
 
     @property
     def decision(self) -> str:
@@ -106,6 +110,7 @@ class Verdict:
                 "reason": self.reason,
                 "detail": self.detail,
                 "mode": str(self.opt_in),
+                "instances": sorted(instance.id for instance in self.instances),
                 "moves": [
                     {"fromZone": m.from_zone, "toZone": m.to_zone, "source": m.source}
                     for m in a.moves
@@ -394,8 +399,15 @@ class Reconciler:
     def _verdict(self, inventory: Inventory) -> Verdict:
         scale_set = inventory.scale_set
         assessment = assess(inventory)
+        if scale_set.provisioning_state.lower() == "updating":
+            # Someone else's update runs: would the set move once it ends? Then say so.
+            settled = replace(
+                inventory, scale_set=replace(scale_set, provisioning_state="Succeeded")
+            )
+            if assess(settled).decision is Decision.MOVE:
+                assessment = assess(settled)
         opt_in = self.settings.opt_in(scale_set.tag(OPT_IN_TAG))
-        verdict = Verdict(assessment, opt_in)
+        verdict = Verdict(assessment, opt_in, instances=inventory.instances)
         if assessment.decision is not Decision.MOVE:
             return verdict
         gate = self._gate(inventory, assessment, opt_in)
@@ -419,7 +431,15 @@ class Reconciler:
             return Gate.MODE_OFF, "REBALANCER_MODE=off"
         if settings.mode is Mode.AUDIT:
             return Gate.MODE_AUDIT, "REBALANCER_MODE=audit: set it to enforce to move VMs"
+        if inventory.scale_set.provisioning_state.lower() == "updating":
+            return Gate.UPGRADE_IN_PROGRESS, (
+                "the scale set's provisioningState is Updating (a model change or upgrade by "
+                "someone else); the move waits until it is Succeeded"
+            )
         last = self.store.last_activity(ref.key)
+        silent = self._silent_change(inventory, last, now)
+        if silent is not None:
+            return Gate.COOLDOWN, silent
         if last is not None and last + settings.cooldown > now:
             return Gate.COOLDOWN, (
                 f"outside change at {last.isoformat()}; moves wait until "
@@ -447,7 +467,93 @@ class Reconciler:
                     f"zone {zone} of {scale_set.location} had no capacity for "
                     f"{scale_set.sku_name}; next try after {until.isoformat()}"
                 )
-        return self._quota_gate(inventory, k)
+        return self._quota_gate(inventory, k) or self._rolling_upgrade_gate(inventory)
+
+    def _rolling_upgrade_gate(self, inventory: Inventory) -> tuple[Gate, str] | None:
+        """A rolling upgrade (or automatic OS image upgrade) reimaging the set's VMs.
+
+        Read last, and only when the upgrade policy can roll: one GET per scale set that
+        would otherwise move.
+        """
+        from rebalancer.compute.errors import AdapterError
+
+        scale_set = inventory.scale_set
+        if not scale_set.can_roll:
+            return None
+        try:
+            upgrade = self.compute.latest_rolling_upgrade(scale_set.ref)
+        except AdapterError as error:
+            # Unknown does not block: the VMs being reimaged are not active, so none is
+            # chosen as a source, and a new VM is still awaited healthy before any delete.
+            log.info(
+                "rolling upgrade of %s unknown: %s",
+                scale_set.ref,
+                error,
+                extra=_dims(scale_set.ref),
+            )
+            return None
+        if upgrade is None or not upgrade.running:
+            return None
+        since = f" since {upgrade.started.isoformat()}" if upgrade.started else ""
+        return Gate.UPGRADE_IN_PROGRESS, (
+            f"a rolling upgrade is {upgrade.status}{since} ({upgrade.in_progress} VM(s) in "
+            f"progress, {upgrade.pending} pending; upgradePolicy.mode {scale_set.upgrade_mode}"
+            f"{', automatic OS upgrades' if scale_set.automatic_os_upgrade else ''}); the move "
+            "waits until rollingUpgrades/latest is no longer RollingForward"
+        )
+
+    def _silent_change(
+        self, inventory: Inventory, last_activity: datetime | None, now: datetime
+    ) -> str | None:
+        """VMs gone or new since the last assessment, not by the app nor by an event it saw.
+
+        Repairs, upgrades, evictions and overprovisioning emit no Event Grid event: such a
+        change starts the cooldown as an event would (recorded as outside activity now).
+        """
+        ref = inventory.scale_set.ref
+        stored = self.store.last_assessment(ref.key)
+        if stored is None or (last_activity is not None and last_activity >= stored.at):
+            return None  # nothing to compare with, or an event already started the cooldown
+        try:
+            before = json.loads(stored.body).get("instances")
+        except ValueError:
+            return None
+        if not isinstance(before, list):
+            return None  # stored by an earlier version
+        current = {instance.id for instance in inventory.instances}
+        ours = self._apps_vms(ref, stored.at)
+        gone = sorted(set(before) - current - ours)
+        new = sorted(current - set(before) - ours)
+        if not gone and not new:
+            return None
+        self.store.record_activity(ref.key, now)
+        seen = "; ".join(
+            part
+            for part in (
+                f"gone: {', '.join(gone)}" if gone else "",
+                f"new: {', '.join(new)}" if new else "",
+            )
+            if part
+        )
+        return (
+            f"VMs changed since the assessment at {stored.at.isoformat()} ({seen}), not by the "
+            "app nor by an event it saw (repairs, upgrades, evictions emit none); moves wait "
+            f"until {(now + self.settings.cooldown).isoformat()} (REBALANCER_COOLDOWN_MINUTES)"
+        )
+
+    def _apps_vms(self, ref: ScaleSetRef, since: datetime) -> set[str]:
+        """VMs the app's own operations created or deleted since `since`."""
+        ours: set[str] = set()
+        for row in self.store.history(ref.key):
+            if row.updated_at < since:
+                break
+            try:
+                record = op.OperationRecord.from_json(row.body)
+            except ValueError:
+                continue
+            ours |= set(record.created) | set(record.discarded) | set(record.sources)
+            ours |= set(record.delete_requested)
+        return ours
 
     def _repeat_gate(
         self, inventory: Inventory, assessment: Assessment, now: datetime

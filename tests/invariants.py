@@ -232,6 +232,10 @@ class Invariants:
             vms[key] = replace(vm, power=change.value or vm.power, health=change.health)
         elif change.change == "protection":
             vms[key] = replace(vm, protected=change.protected)
+        elif change.change == "reimaging":
+            vms[key] = replace(vm, provisioning="Updating", power="starting", health=None)
+        elif change.change == "reimaged":
+            vms[key] = replace(vm, provisioning="Succeeded", power="running", health=change.health)
 
     def _judge_deletes(
         self,

@@ -17,6 +17,7 @@ from rebalancer.arm import (
     parse_duration,
     parse_instance,
     parse_instances,
+    parse_rolling_upgrade,
     parse_scale_set,
     parse_time,
 )
@@ -503,3 +504,32 @@ def test_az_vm_list_show_details_power_state_is_read() -> None:
     instance = parse_instance(doc, OrchestrationMode.FLEXIBLE)
     assert instance.power_state is PowerState.DEALLOCATED
     assert instance.health is Health.NOT_REPORTED
+
+
+def test_rolling_upgrade_status_from_the_spec_example():
+    body = spec_body("VirtualMachineScaleSetRollingUpgrade_GetLatest_MaximumSet_Gen.json")
+    upgrade = parse_rolling_upgrade(body)
+    assert upgrade.running and upgrade.status == "RollingForward"
+    assert upgrade.started == datetime(2021, 11, 30, 13, 6, 23, 362000, tzinfo=UTC)
+    assert (upgrade.in_progress, upgrade.pending) == (20, 27)
+    done = copy.deepcopy(body)
+    done["properties"]["runningStatus"]["code"] = "Completed"
+    assert not parse_rolling_upgrade(done).running
+    with pytest.raises(ArmParseError, match="no runningStatus"):
+        parse_rolling_upgrade({"properties": {}})
+
+
+@pytest.mark.parametrize(
+    ("policy", "can_roll"),
+    [
+        (None, False),
+        ({"mode": "Manual"}, False),
+        ({"mode": "Automatic"}, False),
+        ({"mode": "Rolling"}, True),
+        ({"mode": "Manual", "automaticOSUpgradePolicy": {"enableAutomaticOSUpgrade": True}}, True),
+    ],
+)
+def test_upgrade_policy_says_whether_upgrades_can_roll(policy, can_roll):
+    doc = rest_scale_set(**({"upgradePolicy": policy} if policy else {}))
+    assert parse_scale_set(doc).can_roll is can_roll
+    assert parse_scale_set(flatten(doc)).can_roll is can_roll

@@ -58,6 +58,8 @@ SUB = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Compute"
          "Microsoft.Compute/skus/read"),
         ("GET", "/subscriptions/0000/providers/Microsoft.Insights/autoscalesettings",
          "Microsoft.Insights/autoscalesettings/read"),
+        ("GET", SUB + "/virtualMachineScaleSets/web/rollingUpgrades/latest",
+         "Microsoft.Compute/virtualMachineScaleSets/rollingUpgrades/read"),
     ],
 )  # fmt: skip
 def test_the_action_resource_manager_checks_for_a_request(method, path, action):
@@ -136,6 +138,7 @@ def exercise(sim: ArmSim, adapter: ComputeAdapter) -> list[tuple[str, Callable[[
         ("list_scale_sets", lambda: adapter.list_scale_sets(None)),
         ("list_scale_sets", lambda: adapter.list_scale_sets(["rg-web", "rg-flex"])),
         ("get_scale_set", lambda: adapter.get_scale_set(web)),
+        ("latest_rolling_upgrade", lambda: adapter.latest_rolling_upgrade(web)),
         ("vm_scale_set", lambda: adapter.vm_scale_set("rg-flex", flex_vms[0])),
         ("vm_scale_set", lambda: adapter.vm_scale_set("rg-flex", "no-such-vm")),
         ("read_inventory", lambda: adapter.read_inventory(web, NOW)),

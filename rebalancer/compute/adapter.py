@@ -35,7 +35,14 @@ from rebalancer.compute.errors import (
     parse_retry_after,
 )
 from rebalancer.compute.pipeline import BudgetExhausted, GovernedRetryPolicy
-from rebalancer.model import Instance, Inventory, OrchestrationMode, ScaleSet, ScaleSetRef
+from rebalancer.model import (
+    Instance,
+    Inventory,
+    OrchestrationMode,
+    RollingUpgrade,
+    ScaleSet,
+    ScaleSetRef,
+)
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -484,6 +491,20 @@ class ComputeAdapter:
                 return arm.parse_scale_set(model.as_dict())
         except AdapterError as error:
             raise gone(error) from None
+
+    def latest_rolling_upgrade(self, ref: ScaleSetRef) -> RollingUpgrade | None:
+        """The scale set's latest rolling upgrade (one GET), or None when it never had one."""
+        self._own(ref)
+        try:
+            with self._translate(ref):
+                model = self.client.virtual_machine_scale_set_rolling_upgrades.get_latest(
+                    ref.resource_group, ref.name
+                )
+                return arm.parse_rolling_upgrade(model.as_dict())
+        except AdapterError as error:
+            if error.kind is ErrorKind.NOT_FOUND:
+                return None
+            raise
 
     def vm_scale_set(self, resource_group: str, vm_name: str) -> ScaleSetRef | None:
         """The scale set a VM names in `virtualMachineScaleSet.id` (one GET of the VM); None

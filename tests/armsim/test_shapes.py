@@ -114,6 +114,12 @@ AUTOSCALE_READS = (
     "properties.profiles[].fixedDate.start",
     "properties.profiles[].fixedDate.end",
 )
+ROLLING_UPGRADE_READS = (
+    "properties.runningStatus.code",
+    "properties.runningStatus.startTime",
+    "properties.progress.inProgressInstanceCount",
+    "properties.progress.pendingInstanceCount",
+)
 
 
 def listed(paths: tuple[str, ...]) -> tuple[str, ...]:
@@ -290,6 +296,10 @@ CASES: dict[str, tuple[tuple[str, ...], Callable[[ArmSim], list[Any]]]] = {
         USAGE_READS,
         lambda sim: [call(sim, "GET", "/providers/Microsoft.Compute/locations/westeurope/usages")],
     ),
+    "VirtualMachineScaleSetRollingUpgrade_GetLatest_MaximumSet_Gen.json": (
+        ROLLING_UPGRADE_READS,
+        lambda sim: [upgrading(sim) and call(sim, "GET", VMSS + "/batch/rollingUpgrades/latest")],
+    ),
     "listAutoscaleSetting.json": (
         listed(AUTOSCALE_READS),
         lambda sim: [
@@ -297,6 +307,14 @@ CASES: dict[str, tuple[tuple[str, ...], Callable[[ArmSim], list[Any]]]] = {
         ],
     ),
 }
+
+
+def upgrading(sim: ArmSim) -> bool:
+    """A rolling upgrade running on `batch` (its policy set to Rolling first)."""
+    policy = {"properties": {"upgradePolicy": {"mode": "Rolling"}}}
+    sim.actor.update_scale_set("rg-web", "batch", policy)
+    sim.advance(30)
+    return sim.upgrades.start("rg-web", "batch").status == "RollingForward"
 
 
 def autoscaled(sim: ArmSim) -> bool:
