@@ -171,7 +171,12 @@ def test_failed_scale_out_names_each_failed_vm_in_its_error(make_sim: SimFactory
     scenario = Scenario(
         scale_sets=(
             ScaleSetSpec(
-                "web", "rg-web", zones=("1", "2"), counts={"1": 1, "2": 2}, zone_balance=True
+                "web",
+                "rg-web",
+                zones=("1", "2"),
+                counts={"1": 1, "2": 2},
+                zone_balance=True,
+                overprovision=False,  # one new VM, so exactly one failed VM to name
             ),
         ),
         capacity=(ZoneCapacity("westeurope", "Standard_D2s_v5", "1", 0),),
