@@ -8,7 +8,7 @@ import logging
 
 import azure.functions as func
 
-from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME
+from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME, TIMER_FUNCTION_NAME
 
 app = func.FunctionApp()
 
@@ -23,7 +23,7 @@ def on_resource_event(event: func.EventGridEvent) -> None:
     service.handle_event(*envelope(event))
 
 
-@app.function_name("on_timer")
+@app.function_name(TIMER_FUNCTION_NAME)
 @app.timer_trigger(arg_name="timer", schedule="%REBALANCER_TIMER_SCHEDULE%", run_on_startup=False)
 def on_timer(timer: func.TimerRequest) -> None:
     """Advance in-flight operations every tick; audit the subscription when the audit is due."""

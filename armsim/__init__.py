@@ -19,7 +19,7 @@ from armsim.scenario import (
     ZoneCapacity,
     load_scenario,
 )
-from armsim.testing import ArmSim, OperationView, ScaleSetView, VmView
+from armsim.simulator import ArmSim, OperationView, ScaleSetView, VmView
 
 __all__ = [
     "ArmSim",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from armsim.clock import VirtualClock, WallClock
 from armsim.scenario import ScenarioError, load_scenario
-from armsim.testing import ArmSim
+from armsim.simulator import ArmSim
 
 
 def _parser() -> argparse.ArgumentParser:

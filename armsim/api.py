@@ -26,7 +26,7 @@ from armsim.throttling import throttle_error_for_fault
 from armsim.world import check_if_match
 
 if TYPE_CHECKING:
-    from armsim.testing import ArmSim
+    from armsim.simulator import ArmSim
 
 _API_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
 _SUB = r"^/subscriptions/(?P<sub>[^/]+)"

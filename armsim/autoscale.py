@@ -26,7 +26,7 @@ from armsim.resources import Caller
 from armsim.scenario import parse_iso_duration
 
 if TYPE_CHECKING:
-    from armsim.testing import ArmSim
+    from armsim.simulator import ArmSim
     from armsim.world import World
 
 AUTOSCALE_TYPE = "Microsoft.Insights/autoscaleSettings"

@@ -1,7 +1,7 @@
 """The simulated resources: scale sets, their VMs, long-running operations, callers.
 
 Plain mutable records owned by `World` (which holds the lock); the server and the Python API
-only read them through snapshots (`armsim.testing`) or rendering (`armsim.render`).
+only read them through snapshots (`armsim.simulator`) or rendering (`armsim.render`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from armsim.render import iso
 
 if TYPE_CHECKING:
     from armsim.resources import ScaleSetState, Vm
-    from armsim.testing import ArmSim
+    from armsim.simulator import ArmSim
     from armsim.world import World
 
 REIMAGE_SECONDS = 120.0

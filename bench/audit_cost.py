@@ -21,7 +21,7 @@ from typing import Any
 
 from armsim import ArmSim, Scenario
 from armsim.clock import WallClock
-from armsim.testing import ARM_SCOPE
+from armsim.simulator import ARM_SCOPE
 from bench.common import (
     Figure,
     SkipAheadTime,

@@ -49,23 +49,23 @@ def child(info: dict[str, Any]) -> dict[str, Any]:
 
     imported = time.perf_counter() - started
     from armsim.clock import VirtualClock
-    from bench.common import call_timer, functions
     from bench.steady_state import _wire
+    from devkit.host import Host
     from rebalancer.store import StorageConnection, Store
 
-    handlers = functions()
+    host = Host()
     before = set(sys.modules)
     begin = time.perf_counter()
     connection = StorageConnection("bench", connection_string=info["storage"])
     store = Store(connection, table_prefix=info["prefix"], retry_total=0)
     clock = VirtualClock()
-    compute = _wire(info, store, clock)
-    call_timer(handlers)
+    compute, host.runtime = _wire(info, store, clock)
+    host.timer()
     first = time.perf_counter() - begin
     imported_by_tick = [name for name in sys.modules if name not in before]
     clock.advance(3600)  # the audit is due again: the same work, warm
     begin = time.perf_counter()
-    call_timer(handlers)
+    host.timer()
     second = time.perf_counter() - begin
     compute.close()
     store.close()
@@ -76,8 +76,8 @@ _TICK_IMPORTS = """\
 import json, sys, time
 import function_app
 from armsim.clock import VirtualClock
-from bench.common import call_timer, functions
 from bench.steady_state import _wire
+from devkit.host import Host
 from rebalancer.store import StorageConnection, Store
 seconds = {}
 begin = time.perf_counter()
@@ -110,7 +110,7 @@ def tick_imports(modules: list[str], timeout: float = 60.0) -> dict[str, Any]:
 def run(
     *, runs: int = 7, scale_sets: int = 10, vms: int = 6, timeout: float = 120.0
 ) -> list[Figure]:
-    from rebalancer.devtools.azurite import Azurite
+    from devkit.azurite import Azurite
 
     app = import_seconds("function_app", runs)
     bare = import_seconds("azure.functions", runs)

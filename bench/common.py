@@ -7,7 +7,6 @@ a script) can compare runs; the absolute numbers behind it go into `detail` (the
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 import threading
@@ -126,7 +125,7 @@ def elapsed(clock: Any, since: datetime) -> float:
 @contextmanager
 def azurite_store(**options: Any) -> Iterator[Callable[[], Any]]:
     """An in-memory Azurite; yields a factory of Stores, each on fresh tables."""
-    from rebalancer.devtools.azurite import Azurite
+    from devkit.azurite import Azurite
     from rebalancer.store import StorageConnection, Store
 
     opened: list[Store] = []
@@ -209,86 +208,32 @@ def budget_share_used(requests: list[Any], seconds: float) -> tuple[float, str]:
 
 @dataclass
 class App:
-    """The function app's runtime wired to armsim and a Store, installed for the handlers."""
+    """The function app's runtime wired to armsim and a Store, and the host that invokes the
+    functions on it."""
 
     sim: Any
     store: Any
     settings: Any
     compute: Any
-    reconciler: Any
+    runtime: Any
+    host: Any
 
     def close(self) -> None:
-        from rebalancer import service
-
-        service.use_runtime(None)
         self.compute.close()
 
 
 def install_app(sim: Any, store: Any, *, budget: Any = None, **env: str) -> App:
     """Settings as the app reads them (enforce mode, armsim's endpoint), the real Compute
-    adapter on armsim's clock (with `budget`, if given), a Reconciler, installed as the
-    process's runtime."""
-    from rebalancer import service
-    from rebalancer.compute import ArmConfig, ComputeAdapter
-    from rebalancer.compute.clock import VirtualTime
-    from rebalancer.reconciler import Reconciler
-    from rebalancer.settings import load_settings
+    adapter on armsim's clock (with `budget`, if given), wired by the app's own
+    `build_runtime`, and a host that invokes the functions on that runtime."""
+    from devkit.host import Host
+    from devkit.stack import compute_for, settings_for
+    from rebalancer.service import build_runtime
 
-    values = {
-        "REBALANCER_SUBSCRIPTION_ID": sim.subscription_id,
-        "REBALANCER_MODE": "enforce",
-        "REBALANCER_APP_PRINCIPAL_ID": sim.scenario.app_principal_id,
-        "REBALANCER_ARM_ENDPOINT": sim.endpoint,
-    }
-    values.update({f"REBALANCER_{key.upper()}": value for key, value in env.items()})
-    settings = load_settings(values)
-    config = ArmConfig.from_settings(
-        settings,
-        ca_cert=sim.ca_cert_path,
-        credential_scopes=("https://management.azure.com/.default",),
-    )
-    compute = ComputeAdapter(
-        config, credential=sim.credential, clock=VirtualTime(sim.clock), budget=budget
-    )
-    reconciler = Reconciler(settings=settings, store=store, compute=compute, clock=sim.clock.now)
-    service.use_runtime(service.Runtime(settings, store, reconciler, sim.clock.now))
-    return App(sim, store, settings, compute, reconciler)
-
-
-@functools.cache
-def functions() -> dict[str, Any]:
-    """The decorated functions of function_app, by name, as the Functions host finds them
-    (once: azure.functions refuses to list an app's functions twice)."""
-    from rebalancer.devtools.host import indexed_functions
-
-    return {name: f.get_user_function() for name, f in indexed_functions().items()}
-
-
-def call_timer(handlers: dict[str, Any], past_due: bool = False) -> None:
-    import json
-
-    from azure.functions.meta import Datum
-    from azure.functions.timer import TimerRequestConverter
-
-    timer = TimerRequestConverter.decode(
-        Datum(json.dumps({"IsPastDue": past_due, "ScheduleStatus": {}}), "json"),
-        trigger_metadata={},
-    )
-    handlers["on_timer"](timer)
-
-
-def call_event(handlers: dict[str, Any], payload: dict[str, Any]) -> None:
-    import json
-
-    from azure.functions.eventgrid import EventGridEventInConverter
-    from azure.functions.meta import Datum
-
-    from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME
-
-    event = EventGridEventInConverter.decode(
-        Datum(json.dumps(payload), "json"), trigger_metadata={}
-    )
-    handlers[EVENT_GRID_FUNCTION_NAME](event)
+    settings = settings_for(sim, **env)
+    compute = compute_for(sim, settings, budget=budget, max_wait=None)
+    runtime = build_runtime(settings, store=store, compute=compute, clock=sim.clock.now)
+    return App(sim, store, settings, compute, runtime, Host(runtime))
 
 
 # -- armsim in its own process ------------------------------------------------------------

@@ -19,9 +19,7 @@ from bench.common import (
     Figure,
     RequestCounter,
     armsim_process,
-    call_timer,
     fleet_document,
-    functions,
     mixed_fleet,
 )
 
@@ -35,13 +33,13 @@ class Tick:
     real_seconds: float
 
 
-def _wire(info: dict[str, Any], store: Any, clock: Any) -> Any:
+def _wire(info: dict[str, Any], store: Any, clock: Any) -> tuple[Any, Any]:
+    """The app's runtime on armsim in its own process: (Compute adapter, runtime)."""
     from armsim import SimCredential
     from armsim.scenario import DEFAULT_TENANT
-    from rebalancer import service
     from rebalancer.compute import ArmConfig, ComputeAdapter
     from rebalancer.compute.clock import VirtualTime
-    from rebalancer.reconciler import Reconciler
+    from rebalancer.service import build_runtime
     from rebalancer.settings import load_settings
 
     settings = load_settings(
@@ -59,15 +57,13 @@ def _wire(info: dict[str, Any], store: Any, clock: Any) -> Any:
     )
     credential = SimCredential(info["app_principal_id"], info.get("tenant_id") or DEFAULT_TENANT)
     compute = ComputeAdapter(config, credential=credential, clock=VirtualTime(clock))
-    reconciler = Reconciler(settings=settings, store=store, compute=compute, clock=clock.now)
-    service.use_runtime(service.Runtime(settings, store, reconciler, clock.now))
-    return compute
+    return compute, build_runtime(settings, store=store, compute=compute, clock=clock.now)
 
 
-def _tick(handlers: dict[str, Any], store: Any, counter: RequestCounter) -> Tick:
+def _tick(host: Any, store: Any, counter: RequestCounter) -> Tick:
     before, requests = store.stats, counter.count
     cpu, real = time.process_time(), time.perf_counter()
-    call_timer(handlers)
+    host.timer()
     cpu, real = time.process_time() - cpu, time.perf_counter() - real
     after = store.stats
     return Tick(
@@ -84,24 +80,23 @@ def measure(
 ) -> tuple[Tick, Tick, Tick]:
     """(first audit, the next audit with nothing changed, an ordinary tick between audits)."""
     from armsim.clock import VirtualClock
-    from rebalancer import service
+    from devkit.host import Host
 
     fleet = mixed_fleet(scale_sets, vms, tags={"zone-rebalance": "enabled"})
     with armsim_process(fleet_document(fleet)) as info:
         store = store_factory()
         store.create_tables()
         clock = VirtualClock()
-        compute = _wire(info, store, clock)
-        handlers = functions()
+        compute, runtime = _wire(info, store, clock)
+        host = Host(runtime)
         try:
             with RequestCounter(info["endpoint"]) as counter:
-                first = _tick(handlers, store, counter)
+                first = _tick(host, store, counter)
                 clock.advance(timedelta(minutes=5).total_seconds())
-                between = _tick(handlers, store, counter)
+                between = _tick(host, store, counter)
                 clock.advance(timedelta(minutes=60).total_seconds())
-                steady = _tick(handlers, store, counter)
+                steady = _tick(host, store, counter)
         finally:
-            service.use_runtime(None)
             compute.close()
     return first, steady, between
 

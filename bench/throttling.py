@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from armsim import ArmSim, ScaleSetSpec, Scenario
-from bench.common import Figure, call_event, call_timer, functions, install_app, number
+from bench.common import Figure, install_app, number
 from rebalancer.budget import Budget, CallKind, Reservation, policy_window_seconds
 
 WRITES = frozenset({CallKind.SCALE_SET_UPDATE, CallKind.SCALE_SET_DELETE_INSTANCES})
@@ -120,15 +120,14 @@ def wave(
             sim, store, budget=budget, max_concurrent_operations=str(min(100, scale_sets))
         )
         try:
-            handlers = functions()
             queue: list[dict[str, Any]] = []
             sim.on_event = queue.append
             start = sim.clock.now()
             elapsed, finished = 0.0, None
-            call_timer(handlers)
+            app.host.timer()
             while elapsed <= limit:
                 while queue:
-                    call_event(handlers, queue.pop(0))
+                    app.host.event(queue.pop(0))
                 views = [sim.scale_set("rg-wave", spec.name) for spec in specs]
                 balanced = sum(_balanced(view.zone_counts()) for view in views)
                 if balanced == len(specs) and not store.active_operations():
@@ -138,7 +137,7 @@ def wave(
                 sim.advance(jump)
                 elapsed += jump
                 if elapsed % tick == 0:
-                    call_timer(handlers)
+                    app.host.timer()
             throttled = sum(1 for r in sim.requests if r.status == 429)
             return WaveRun(
                 scale_sets, log.writes, log.waited, log.longest, finished, throttled, balanced

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from armsim import ArmSim, ScaleSetSpec, Scenario, VmOverride, ZoneCapacity
-from bench.common import Figure, call_event, call_timer, functions, install_app
+from bench.common import Figure, install_app
 
 PLATFORM_INTERVAL = 12 * 3600.0
 """The platform's documented pace: at most one rebalance per 12 hours."""
@@ -143,7 +143,6 @@ def drive(
         store = store_factory()
         app = install_app(sim, store, max_surge=str(case.surge), **dict(case.env))
         try:
-            handlers = functions()
             queue: list[dict[str, Any]] = []
             sim.on_event = queue.append
             original = {vm.instance_id for vm in sim.scale_set("rg-web", "web").vms}
@@ -151,14 +150,14 @@ def drive(
             start_count = len(original)
             elapsed, ticks, delivered, surge = 0.0, 0, 0, 0.0
             restored = case.short_zone is None
-            call_timer(handlers)
+            app.host.timer()
             ticks += 1
             finished: float | None = None
             while elapsed <= limit:
                 while queue:
                     event = queue.pop(0)
                     delivered += 1
-                    call_event(handlers, event)
+                    app.host.event(event)
                 view = sim.scale_set("rg-web", "web")
                 seen.update(vm.instance_id for vm in view.vms)
                 if _balanced(view.zone_counts()) and not store.active_operations():
@@ -178,7 +177,7 @@ def drive(
                     sim.actor.set_zone_room(LOCATION, SKU, case.short_zone, None)
                     restored = True
                 if elapsed % tick == 0:
-                    call_timer(handlers)
+                    app.host.timer()
                     ticks += 1
             final = sim.scale_set("rg-web", "web")
             present = {vm.instance_id for vm in final.vms}

@@ -90,7 +90,7 @@ def details(summary: Summary, seconds: float) -> list[str]:
         f"{t('redelivered')} redelivered after a failure, {t('bad_inputs')} hostile "
         f"({outcomes['undecodable']} undecodable by the host); "
         f"{t('transient')} transient failures handed back to the host",
-        f"chaos: operations ended: {ops or 'none'}; the journal replay of tests/invariants.py "
+        f"chaos: operations ended: {ops or 'none'}; the journal replay of devkit/invariants.py "
         f"objected {sum(len(r.journal_notes) for r in summary.results)} time(s)",
     ]
 

@@ -16,7 +16,6 @@ terminal and every scale set that can be balanced is balanced, or a bound is rea
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import multiprocessing.queues
 import queue
@@ -28,26 +27,23 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from azure.functions.meta import Datum
-from azure.functions.timer import TimerRequestConverter
-
 from armsim import ArmSim, FaultRule, ScaleSetSpec, ScaleSetView, Scenario, VmOverride
-from armsim.testing import ARM_SCOPE
+from armsim.simulator import ARM_SCOPE
 from chaos.crash import Crash, CrashingProxy, CrashPlan
-from chaos.events import Delivery, decode, hostile_events
+from chaos.events import Delivery, hostile_events
 from chaos.invariants import Checker, Violation
 from chaos.netcut import NetCut
+from devkit.azurite import Azurite, connection_string
+from devkit.host import Host, decode_event
+from devkit.invariants import Invariants
 from rebalancer import service
-from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME
 from rebalancer.compute import AdapterError, ArmConfig, ComputeAdapter, ErrorKind
 from rebalancer.compute.clock import VirtualTime
-from rebalancer.devtools.azurite import Azurite, connection_string
-from rebalancer.devtools.host import user_function
 from rebalancer.evaluator import Decision, assess
 from rebalancer.model import (
     Health,
@@ -63,7 +59,6 @@ from rebalancer.model import (
 from rebalancer.reconciler import Reconciler
 from rebalancer.settings import OPT_IN_TAG, OptIn, Settings, load_settings
 from rebalancer.store import OperationRow, StorageConnection, Store, StoreError
-from tests.invariants import Invariants
 
 KINDS = ("mixed", "crash-sweep", "azure-faults", "actors", "storage", "races", "events")
 SWEEP = 90
@@ -78,14 +73,6 @@ KNOWN_ISSUES: dict[str, str] = {}
 """Open product bugs the suite found, by name -> what happens. `--without NAME` leaves out the
 chaos that shows one (the quick run in `make test` leaves out all) until it is fixed; the
 default run throws everything. Those found so far are fixed: see docs/safety.md."""
-
-FUNCTIONS = {name: user_function(name) for name in ("on_timer", EVENT_GRID_FUNCTION_NAME)}
-_local = threading.local()
-
-
-def _thread_runtime() -> service.Runtime | None:
-    """`service.runtime` for the harness: each thread runs in the worker it was given."""
-    return getattr(_local, "runtime", None)
 
 
 def scenario_name(index: int) -> str:
@@ -122,12 +109,9 @@ class Servers:
             chaos = Scenario(seed=1, lro_retry_after=20, failure_codes_in_lists=("Flexible",))
             with ArmSim.start(chaos) as sim, azurite:
                 netcut = NetCut(azurite.port or 0)
-                original = service.runtime
-                service.runtime = _thread_runtime  # type: ignore[assignment]
                 try:
                     yield cls(sim, azurite, netcut)
                 finally:
-                    service.runtime = original  # type: ignore[assignment]
                     netcut.close()
 
     @property
@@ -164,7 +148,7 @@ class ScenarioResult:
     harness_error: str | None = None
     seconds: float = 0.0
     journal_notes: list[str] = field(default_factory=list)
-    """What the VM journal replay of tests/invariants.py objected to (not counted in V)."""
+    """What the VM journal replay of devkit/invariants.py objected to (not counted in V)."""
     slowest_step: tuple[float, int, str] = (0.0, -1, "")
     """(wall seconds, step, what ran) of the slowest step: where time goes."""
 
@@ -191,10 +175,21 @@ class Worker:
         compute = CrashingProxy(
             self.compute, "compute", plan, self._before_call, seen=run.result.boundaries_seen
         )
-        self.reconciler = run.reconciler_factory(
-            settings=run.settings, store=store, compute=compute, clock=run.servers.sim.clock.now
+        self.runtime = service.build_runtime(
+            run.settings,
+            store=store,  # type: ignore[arg-type]
+            compute=compute,  # type: ignore[arg-type]
+            clock=run.sim.clock.now,
         )
-        self.runtime = service.Runtime(run.settings, store, self.reconciler, run.sim.clock.now)  # type: ignore[arg-type]
+        if run.reconciler_factory is not Reconciler:  # a reconciler made to break a rule
+            self.runtime = replace(
+                self.runtime,
+                reconciler=run.reconciler_factory(
+                    settings=run.settings, store=store, compute=compute, clock=run.sim.clock.now
+                ),
+            )
+        self.reconciler = self.runtime.reconciler
+        self.host = Host(self.runtime)
         self._checker = run.checker
 
     def _before_call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -256,7 +251,7 @@ class ScenarioRun:
             self.settings,
             writable=[spec.name for spec in self.specs if spec.resource_group == self.rg_in],
         )
-        """A second opinion: tests/invariants.py replays armsim's VM journal afterwards."""
+        """A second opinion: devkit/invariants.py replays armsim's VM journal afterwards."""
         self.delivery = Delivery(self.rng)
         self.real_events: list[dict[str, Any]] = []
         self.fault_handles: list[int] = []
@@ -497,20 +492,15 @@ class ScenarioRun:
         self.result.invocations += 1
         if kind != "timer":
             try:
-                event = decode(payload)
+                event = decode_event(payload)
             except (TypeError, ValueError, KeyError, AttributeError):
                 self.result.outcomes["undecodable"] += 1
                 return  # the host cannot decode it: the function is never called
-        _local.runtime = worker.runtime
         try:
             if kind == "timer":
-                timer = TimerRequestConverter.decode(
-                    Datum(json.dumps({"IsPastDue": False, "ScheduleStatus": {}}), "json"),
-                    trigger_metadata={},
-                )
-                FUNCTIONS["on_timer"](timer)
+                worker.host.timer()
             else:
-                FUNCTIONS[EVENT_GRID_FUNCTION_NAME](event)
+                worker.host.deliver(event)
                 worker.plan.boundary("before the event's acknowledgement")
             self.result.outcomes["ok"] += 1
         except Crash:
@@ -531,8 +521,6 @@ class ScenarioRun:
                 self._unhandled(kind, error)
         except Exception as error:
             self._unhandled(kind, error)
-        finally:
-            _local.runtime = None
 
     def _unhandled(self, kind: str, error: Exception) -> None:
         where = "".join(traceback.format_exception(error, limit=-3)).strip().splitlines()
@@ -778,7 +766,7 @@ class ScenarioRun:
         self._count_outcomes()
 
     def _replay_journal(self, *, settled: bool) -> None:
-        """tests/invariants.py's verdict, kept apart from the violations: it re-judges a
+        """devkit/invariants.py's verdict, kept apart from the violations: it re-judges a
         finished operation when a later one deletes its new VMs, and holds the healthy floor
         absolute even when outside actors took healthy VMs away (see docs/safety.md)."""
         try:

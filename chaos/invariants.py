@@ -1,4 +1,5 @@
-"""The never-rules of DESIGN.md section 2, checked against armsim, its request log and the Table.
+"""The invariants of devkit/invariants.py's catalogue (`RULES`), checked live against armsim, its
+request log and the Table.
 
 Three moments:
 
@@ -11,7 +12,7 @@ Three moments:
   shows no write outside scope or outside an operation.
 - the harness's end phase, once faults stop: operations terminal, scale sets balanced, and
   (`at_end`) each scale set handed back at its owners' capacity: the capacity at the start
-  plus the outside changes in armsim's capacity journal (tests/invariants.py,
+  plus the outside changes in armsim's capacity journal (devkit/invariants.py,
   `owners_capacity`), so no operation left the app's surplus VMs standing.
 
 Outside actors are the harness's own doing, so it tells the checker which VMs they touched
@@ -26,23 +27,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from armsim import ArmSim, ScaleSetView, VmView
+from devkit.invariants import RULES, owners_capacity
 from rebalancer import operation as op
 from rebalancer.model import ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
 from rebalancer.store import Store, StoreError
-
-NEVER = {
-    1: "no source deleted before its replacement is healthy",
-    2: "no protected VM deleted",
-    3: "no VM the app created left untracked",
-    4: "one operation per scale set, at most maxConcurrentOperations in all",
-    5: "healthy active VMs never below the operation's starting count",
-    6: "nothing done outside scope or to an opted-out scale set",
-    7: "the Table state always parses",
-    8: "every operation terminal within a bounded number of ticks once faults stop",
-    9: "no unhandled exception other than a transient one the host retries",
-    11: "the capacity handed back is the owners' (the start plus the outside changes)",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +42,7 @@ class Violation:
     detail: str
 
     def describe(self) -> str:
-        return f"[{self.rule}: {NEVER[self.rule]}] {self.detail}"
+        return f"[{self.rule}: {RULES[self.rule]}] {self.detail}"
 
 
 def _key(resource_group: str, name: str) -> str:
@@ -402,8 +391,6 @@ class Checker:
 
     def at_end(self) -> None:
         """Every scale set with nothing in flight is handed back at its owners' capacity."""
-        from tests.invariants import owners_capacity
-
         records: list[op.OperationRecord] = []
         try:
             for scale_set_id in self.start_capacity:

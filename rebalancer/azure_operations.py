@@ -14,6 +14,9 @@ from types import MappingProxyType
 EVENT_GRID_FUNCTION_NAME = "on_resource_event"
 """Name of the Event Grid triggered function; the event subscription targets it by name."""
 
+TIMER_FUNCTION_NAME = "on_timer"
+"""Name of the timer triggered function."""
+
 HANDLED_EVENT_TYPES: tuple[str, ...] = (
     "Microsoft.Resources.ResourceWriteSuccess",
     "Microsoft.Resources.ResourceDeleteSuccess",

@@ -1,6 +1,6 @@
 """The balance evaluator: is a scale set balanced across its zones, and which moves fix it.
 
-Pure functions over `rebalancer.model` values. The rules (DESIGN.md section 2):
+Pure functions over `rebalancer.model` values. The rules (docs/how-it-decides.md):
 
 - Count per configured zone, zones without VMs included. *Total* = every VM that is not
   being deleted and did not fail for lack of capacity (deallocated VMs, and VMs whose

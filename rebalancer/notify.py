@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rebalancer.operation import Notify, OperationRecord
-    from rebalancer.reconciler import Verdict
+    from rebalancer.verdict import Verdict
 
 log = logging.getLogger("rebalancer.notify")
 

@@ -16,7 +16,7 @@ every step is safe to repeat: `SetCapacity` is absolute, `DeleteInstances` only 
 are present in the observation it was decided on, and each decision is re-derived from the
 observation rather than from what the last invocation believed it did.
 
-Safety rules enforced here (DESIGN.md section 2):
+Safety rules enforced here (the invariants of docs/safety.md):
 - a source is deleted only together with a healthy replacement, or when the source itself was
   observed unhealthy and its replacement timed out (the platform's rule; a health that is not
   reported is not unhealthy), so the number of healthy active VMs never drops because of a

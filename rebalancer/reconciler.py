@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from rebalancer import autoscale, lro
@@ -24,6 +23,7 @@ from rebalancer.evaluator import Assessment, Decision, assess
 from rebalancer.model import Instance, Inventory, OrchestrationMode, ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
 from rebalancer.telemetry import Telemetry
+from rebalancer.verdict import Gate, Outcome, Result, Verdict
 
 if TYPE_CHECKING:
     from rebalancer.compute import ComputeAdapter
@@ -37,96 +37,6 @@ AUDIT_MARKER = "subscription-audit"
 """Key of the row that remembers when the last full audit ran."""
 MAX_STEPS_PER_CALL = 6
 """Bound on `advance` rounds in one invocation (a round that needs no command may act at once)."""
-
-
-class Outcome(StrEnum):
-    BUSY = "busy"
-    """Another invocation holds the scale set's lock; it is doing the work."""
-    ADVANCED = "advanced"
-    STARTED = "started"
-    ASSESSED = "assessed"
-    GONE = "gone"
-    DEFERRED = "deferred"
-    """Azure or Table Storage could not answer now; the next trigger tries again."""
-    STUCK = "stuck"
-    """The in-flight operation's record cannot be read; nothing is done until a person looks."""
-
-
-class Gate(StrEnum):
-    """Why a move the evaluator planned does not start now (on top of the evaluator's reasons)."""
-
-    MODE_AUDIT = "mode_audit"
-    MODE_OFF = "mode_off"
-    NOT_OPTED_IN = "not_opted_in"
-    OPTED_OUT = "opted_out"
-    AUTOSCALE_AT_MAXIMUM = autoscale.REASON
-    """A skip, not a wait: autoscale would take back the VMs a move adds."""
-    UPGRADE_IN_PROGRESS = "upgrade_in_progress"
-    """Someone else's model change or a rolling upgrade runs; the platform's balance waits too."""
-    COOLDOWN = "cooldown"
-    MIN_INTERVAL = "min_interval"
-    ZONE_BACKOFF = "zone_backoff"
-    PLACEMENT_TIE = "placement_tie"
-    FAILED_REPLACEMENT = "failed_replacement"
-    QUOTA = "quota"
-    NO_SLOT = "no_slot"
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The assessment plus the reconciler's gates: what happens to the scale set now."""
-
-    assessment: Assessment
-    opt_in: OptIn
-    gate: Gate | None = None
-    gate_detail: str = ""
-    instances: tuple[Instance, ...] = ()
-    """The VMs assessed: stored with the assessment to see silent changes next time."""
-
-    @property
-    def decision(self) -> str:
-        if self.gate is Gate.AUTOSCALE_AT_MAXIMUM:
-            return str(Decision.SKIP)
-        if self.gate is not None and self.assessment.decision is Decision.MOVE:
-            return "wait"
-        return str(self.assessment.decision)
-
-    @property
-    def reason(self) -> str:
-        return str(self.gate) if self.gate is not None else str(self.assessment.reason)
-
-    @property
-    def detail(self) -> str:
-        return self.gate_detail if self.gate is not None else self.assessment.detail
-
-    def to_json(self) -> str:
-        a = self.assessment
-        return json.dumps(
-            {
-                "id": a.ref.id,
-                "balanced": a.balanced,
-                "zones": {z: {"total": c.total, "active": c.active} for z, c in a.zones.items()},
-                "decision": self.decision,
-                "reason": self.reason,
-                "detail": self.detail,
-                "mode": str(self.opt_in),
-                "instances": sorted(instance.id for instance in self.instances),
-                "moves": [
-                    {"fromZone": m.from_zone, "toZone": m.to_zone, "source": m.source}
-                    for m in a.moves
-                ],
-            },
-            sort_keys=True,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    ref: ScaleSetRef
-    outcome: Outcome
-    state: str | None = None
-    verdict: Verdict | None = None
-    detail: str = ""
 
 
 @dataclass
@@ -816,8 +726,7 @@ class Reconciler:
             self.telemetry.throttled(record.scale_set_id, error.retry_after, type(command).__name__)
         if error.request_id:
             record = record.with_arm_call(f"failed:{error.request_id}")
-        retryable = (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CONFLICT)
-        if isinstance(command, op.SetCapacity) and error.kind not in retryable:
+        if isinstance(command, op.SetCapacity) and not error.retryable:
             if error.kind is ErrorKind.NO_CAPACITY:
                 for zone in [error.zone] if error.zone else record.target_zones:
                     backoff = self.store.record_capacity_failure(

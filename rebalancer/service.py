@@ -1,9 +1,11 @@
 """What the Functions triggers do, independent of the Functions host.
 
 `function_app.py` only decodes the trigger input and calls `handle_event` / `handle_timer`.
-The `Runtime` (settings, store, Compute adapter, reconciler) is built once per process from the
-app settings on first use, so importing the app stays cheap; tests and the demo install their
-own runtime with `use_runtime`.
+`build_runtime` is the one wiring of the app's parts (settings, store, Compute adapter,
+notifier, clock) into a `Runtime`. In Azure the parts come from the app settings
+(`runtime_from_settings`), once per process on first use, so importing the app stays cheap.
+The dev kit's host driver (devkit/host.py) runs an invocation on a runtime of its own parts
+with `serving(runtime)`, which holds only for the calling thread's invocation.
 
 Failure policy, as Event Grid and the timer expect it:
 - a transient failure (Table Storage or ARM unavailable, throttled) of an event raises, so Event
@@ -18,7 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -26,10 +30,13 @@ from typing import TYPE_CHECKING, Any
 from rebalancer.settings import Mode, Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from rebalancer.compute import ComputeAdapter
     from rebalancer.events import Trigger
     from rebalancer.model import ScaleSetRef
-    from rebalancer.reconciler import Reconciler, Result
+    from rebalancer.notify import EventGridNotifier
+    from rebalancer.reconciler import Reconciler
     from rebalancer.store import StorageConnection, Store
+    from rebalancer.verdict import Result
 
 log = logging.getLogger("rebalancer")
 
@@ -50,12 +57,37 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def build_runtime(env: Mapping[str, str]) -> Runtime:
-    """The production wiring: app settings -> store, Compute adapter (managed identity)."""
-    from rebalancer.compute import ArmConfig, ComputeAdapter
+def build_runtime(
+    settings: Settings,
+    *,
+    store: Store,
+    compute: ComputeAdapter,
+    clock: Callable[[], datetime],
+    notifier: EventGridNotifier | None = None,
+) -> Runtime:
+    """The app's wiring: the reconciler over the store and the Compute adapter, with
+    telemetry and (with a topic) lifecycle notifications. Azure, the tests, the chaos suite,
+    the benchmarks and the demo all build their runtime here, from their own parts."""
     from rebalancer.reconciler import Reconciler
+    from rebalancer.telemetry import Telemetry
+
+    reconciler = Reconciler(
+        settings=settings,
+        store=store,
+        compute=compute,
+        clock=clock,
+        on_notify=notifier,
+        telemetry=Telemetry(notifier=notifier),
+    )
+    return Runtime(settings, store, reconciler, clock)
+
+
+def runtime_from_settings(env: Mapping[str, str]) -> Runtime:
+    """The parts as deployed: app settings -> store, Compute adapter (managed identity),
+    notifier when a topic is set, the system clock."""
+    from rebalancer.compute import ArmConfig, ComputeAdapter
     from rebalancer.store import Store, parse_connection, storage_credential
-    from rebalancer.telemetry import Telemetry, flatten_dimensions
+    from rebalancer.telemetry import flatten_dimensions
 
     flatten_dimensions()
     settings = load_settings(env)
@@ -69,15 +101,7 @@ def build_runtime(env: Mapping[str, str]) -> Runtime:
         from rebalancer.notify import EventGridNotifier
 
         notifier = EventGridNotifier(settings.notify_topic_endpoint, credential=shared)
-    reconciler = Reconciler(
-        settings=settings,
-        store=store,
-        compute=compute,
-        clock=utc_now,
-        on_notify=notifier,
-        telemetry=Telemetry(notifier=notifier),
-    )
-    return Runtime(settings, store, reconciler, utc_now)
+    return build_runtime(settings, store=store, compute=compute, clock=utc_now, notifier=notifier)
 
 
 _SERVICE_PRINCIPAL_SETTINGS = (
@@ -104,30 +128,55 @@ def _one_identity(connection: StorageConnection, env: Mapping[str, str]) -> bool
     return not any(env.get(name) for name in _SERVICE_PRINCIPAL_SETTINGS)
 
 
-_runtime: Runtime | None = None
-_runtime_error: str | None = None
-_runtime_lock = threading.Lock()
+_serving: ContextVar[Runtime | None] = ContextVar("rebalancer_runtime", default=None)
+"""The runtime of the current invocation, when the caller gave one (`serving`)."""
 
 
-def use_runtime(runtime: Runtime | None) -> None:
-    """Install a runtime (tests, the demo), or None to build from app settings again."""
-    global _runtime, _runtime_error
-    with _runtime_lock:
-        _runtime, _runtime_error = runtime, None
+@contextmanager
+def serving(runtime: Runtime) -> Iterator[Runtime]:
+    """Run this thread's invocations inside the block on `runtime` instead of the one
+    built from the app settings (the dev kit's host driver; each thread its own)."""
+    token = _serving.set(runtime)
+    try:
+        yield runtime
+    finally:
+        _serving.reset(token)
+
+
+class _FromAppSettings:
+    """The process's runtime in Azure: built from the app settings on first use, once; an
+    invalid setting is remembered and logged on every invocation."""
+
+    def __init__(self) -> None:
+        self._runtime: Runtime | None = None
+        self._error: str | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Runtime | None:
+        with self._lock:
+            if self._runtime is None and self._error is None:
+                try:
+                    self._runtime = runtime_from_settings(os.environ)
+                except (SettingsError, ValueError) as error:
+                    self._error = str(error)
+            if self._runtime is None:
+                log.error("the rebalancer refuses to act: %s", self._error)
+            return self._runtime
+
+    def forget(self) -> None:
+        """Read the app settings again on the next invocation (tests that change them)."""
+        with self._lock:
+            self._runtime, self._error = None, None
+
+
+_from_app_settings = _FromAppSettings()
+forget_app_settings = _from_app_settings.forget
 
 
 def runtime() -> Runtime | None:
-    """The process's runtime, built on first use; None when the settings are invalid."""
-    global _runtime, _runtime_error
-    with _runtime_lock:
-        if _runtime is None and _runtime_error is None:
-            try:
-                _runtime = build_runtime(os.environ)
-            except (SettingsError, ValueError) as error:
-                _runtime_error = str(error)
-        if _runtime is None:
-            log.error("the rebalancer refuses to act: %s", _runtime_error)
-        return _runtime
+    """The invocation's runtime: the one being served, else the process's from the app
+    settings; None when the settings are invalid."""
+    return _serving.get() or _from_app_settings.get()
 
 
 # -- Event Grid -------------------------------------------------------------------------
@@ -198,8 +247,8 @@ def _flexible_vm_scale_set(rt: Runtime, trigger: Trigger) -> ScaleSetRef | None:
 
 
 def _mark_handled(rt: Runtime, event_id: str, now: datetime, result: Result | None) -> None:
-    from rebalancer.reconciler import Outcome
     from rebalancer.store import StoreError
+    from rebalancer.verdict import Outcome
 
     if result is not None and result.outcome is Outcome.DEFERRED:
         return  # raised as a transient failure next: the retry must get through
@@ -216,7 +265,7 @@ def _mark_handled(rt: Runtime, event_id: str, now: datetime, result: Result | No
 
 def _transient_guard(rt: Runtime, event_id: str, action: Callable[[], Any]) -> Any:
     """Run the action; make transient failures retryable and permanent ones logged."""
-    from rebalancer.compute.errors import AdapterError, ErrorKind
+    from rebalancer.compute.errors import AdapterError
     from rebalancer.store import StoreUnavailable
 
     try:
@@ -224,7 +273,7 @@ def _transient_guard(rt: Runtime, event_id: str, action: Callable[[], Any]) -> A
     except StoreUnavailable as error:
         raise TransientFailure(f"Table Storage unavailable: {error}") from error
     except AdapterError as error:
-        if error.kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CONFLICT):
+        if error.retryable:
             raise TransientFailure(f"Azure Compute: {error}") from error
         log.error("event %s: %s; not retried", event_id, error)
         return None
@@ -233,7 +282,7 @@ def _transient_guard(rt: Runtime, event_id: str, action: Callable[[], Any]) -> A
         # would make Event Grid retry it for a day and then dead-letter it.
         log.error("event %s cannot be handled: %s; acknowledged, not retried", event_id, error)
         return None
-    from rebalancer.reconciler import Outcome
+    from rebalancer.verdict import Outcome
 
     if getattr(result, "outcome", None) is Outcome.DEFERRED:
         raise TransientFailure(f"event {event_id} deferred: {result.detail}")
@@ -253,8 +302,8 @@ class TickReport:
 def handle_timer(past_due: bool = False) -> TickReport | None:
     """One timer tick: advance in-flight operations; audit when due; clean up after audits."""
     from rebalancer.compute.errors import AdapterError
-    from rebalancer.reconciler import Outcome
     from rebalancer.store import StoreError
+    from rebalancer.verdict import Outcome
 
     rt = runtime()
     if rt is None or rt.settings.mode is Mode.OFF:

@@ -38,7 +38,7 @@ from rebalancer.model import ScaleSetRef
 if TYPE_CHECKING:
     from rebalancer.notify import Notification
     from rebalancer.operation import OperationRecord
-    from rebalancer.reconciler import Result, Verdict
+    from rebalancer.verdict import Result, Verdict
 
 log = logging.getLogger("rebalancer.metrics")
 

@@ -1,4 +1,4 @@
-"""pytest fixtures for Azurite's Table service (see rebalancer.devtools.azurite).
+"""pytest fixtures for Azurite's Table service (see devkit.azurite).
 
 Enable them in a test module with `pytest_plugins = ["tests.azurite"]` (or from conftest.py).
 One in-memory Azurite serves the whole session; each test gets its own table prefix, so tests
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rebalancer.devtools.azurite import Azurite
+from devkit.azurite import Azurite
 from rebalancer.store import StorageConnection, Store
 
 

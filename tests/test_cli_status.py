@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import pytest
 
 from armsim import ScaleSetSpec, Scenario
+from devkit.stack import running_stack
 from rebalancer import operation as op
 from rebalancer.cli import EXIT_OK, EXIT_USAGE, CliError, build_parser, main, status
 from rebalancer.model import ScaleSetRef
 from rebalancer.store import Store
-from tests.stack import running_stack
 
 ENABLED = {"zone-rebalance": "enabled"}
 

@@ -4,7 +4,7 @@ Each reconciler is a separate "instance" of the app: its own Store client and Co
 (own connections, own throttling budget), sharing only Azurite and armsim. In every round all
 eight are released together by a barrier and each reconciles every scale set, in its own order,
 some through the event path (`reconcile`) and some through the timer path (`advance_all`,
-`audit`); then virtual time moves on. The invariants (tests/invariants.py) are checked after
+`audit`); then virtual time moves on. The invariants (devkit/invariants.py) are checked after
 every round, and at the end armsim's request log must show exactly one capacity PATCH per
 operation, to that operation's target.
 """
@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 
 from armsim import ScaleSetSpec, Scenario
-from rebalancer.compute.errors import AdapterError, ErrorKind
+from devkit.invariants import Invariants
+from devkit.stack import Stack, compute_for, running_stack
+from rebalancer.compute.errors import AdapterError
 from rebalancer.model import ScaleSetRef
-from rebalancer.reconciler import Outcome, Reconciler, Result
+from rebalancer.reconciler import Reconciler
 from rebalancer.store import Store
-from tests.invariants import Invariants
-from tests.stack import Stack, compute_for, running_stack
+from rebalancer.verdict import Outcome, Result
 
 ENABLED = {"zone-rebalance": "enabled"}
 INSTANCES = 8
@@ -110,7 +111,7 @@ def _reconcile(reconciler: Reconciler, ref: ScaleSetRef) -> Result:
     try:
         return reconciler.reconcile(ref)
     except AdapterError as error:  # the event would be delivered again
-        if error.kind not in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CONFLICT):
+        if not error.retryable:
             raise
         return Result(ref, Outcome.DEFERRED, detail=str(error))
 

@@ -40,11 +40,11 @@ import pytest
 from azure.core.pipeline.transport import RequestsTransport
 
 from armsim import ScaleSetSpec, Scenario, VmOverride, ZoneCapacity
+from devkit.stack import Drive, Stack, compute_for, running_stack
 from rebalancer.operation import OperationRecord
 from rebalancer.reconciler import Reconciler
 from rebalancer.store import Store
 from tests.azurite import make_store
-from tests.stack import Drive, Stack, compute_for, running_stack
 
 ENABLED = {"zone-rebalance": "enabled"}
 EVERY_BOUNDARY = os.environ.get("CRASH_EVERY_BOUNDARY") == "1"

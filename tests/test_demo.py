@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from rebalancer.demo import describe_verdict, is_balanced
+from devkit.demo import describe_verdict, is_balanced
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTED = re.compile(
@@ -208,8 +208,8 @@ def test_without_azurite_the_demo_says_what_is_wrong_and_leaves_nothing(tmp):
 def test_each_scale_set_gets_a_one_line_story():
     from datetime import UTC, datetime
 
-    from rebalancer.cli.demo import story
-    from rebalancer.demo import OperationView, SetSummary
+    from devkit.demo import OperationView, SetSummary
+    from devkit.demo_cli import story
 
     def summary(mode: str, operations: tuple[OperationView, ...], **counts: Any) -> SetSummary:
         return SetSummary(
@@ -245,8 +245,8 @@ def test_the_live_view_draws_each_zone_as_a_bar_with_the_operation_under_it():
 
     from rich.console import Console
 
-    from rebalancer.cli.demo import LiveView
-    from rebalancer.demo import Frame, OperationView, SetView, VmMark
+    from devkit.demo import Frame, OperationView, SetView, VmMark
+    from devkit.demo_cli import LiveView
 
     at = datetime(2026, 11, 20, 9, 6, tzinfo=UTC)
     moving = OperationView(

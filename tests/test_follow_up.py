@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from armsim import ScaleSetSpec, Scenario
+from devkit.stack import running_stack
 from rebalancer.model import ScaleSetRef
-from tests.stack import running_stack
 
 
 def test_the_next_operation_starts_when_the_last_one_succeeds(store_factory):

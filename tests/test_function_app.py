@@ -11,43 +11,42 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from azure.functions.eventgrid import EventGridEventInConverter
-from azure.functions.meta import Datum
-from azure.functions.timer import TimerRequestConverter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from armsim import ScaleSetSpec, Scenario, ZoneCapacity
+from devkit.host import Host, decode_event, indexed_functions
+from devkit.stack import Stack, running_stack
 from rebalancer import service
-from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME, HANDLED_OPERATION_NAMES
-from rebalancer.devtools.host import indexed_functions
-from tests.stack import Stack, running_stack
+from rebalancer.azure_operations import (
+    EVENT_GRID_FUNCTION_NAME,
+    HANDLED_OPERATION_NAMES,
+    TIMER_FUNCTION_NAME,
+)
 
 EVENTS = Path(__file__).parent / "data" / "events"
 FUNCTIONS = indexed_functions()
 
 
-def decode_event(payload: dict[str, Any]) -> Any:
-    return EventGridEventInConverter.decode(Datum(json.dumps(payload), "json"), trigger_metadata={})
+HOST = Host()
+"""Invokes the functions on the runtime a test installs (`install`), else on the app settings'."""
 
 
 def call_event(payload: dict[str, Any]) -> None:
-    FUNCTIONS[EVENT_GRID_FUNCTION_NAME].get_user_function()(decode_event(payload))
+    HOST.event(payload)
 
 
 def call_timer(past_due: bool = False) -> None:
-    timer = TimerRequestConverter.decode(
-        Datum(json.dumps({"IsPastDue": past_due, "ScheduleStatus": {}}), "json"),
-        trigger_metadata={},
-    )
-    FUNCTIONS["on_timer"].get_user_function()(timer)
+    HOST.timer(past_due)
 
 
 @pytest.fixture(autouse=True)
 def _reset_runtime() -> Iterator[None]:
-    service.use_runtime(None)
+    HOST.runtime = None
+    service.forget_app_settings()
     yield
-    service.use_runtime(None)
+    HOST.runtime = None
+    service.forget_app_settings()
 
 
 @pytest.fixture
@@ -56,17 +55,15 @@ def store(store_factory):
 
 
 def install(stack: Stack) -> None:
-    service.use_runtime(
-        service.Runtime(stack.settings, stack.store, stack.reconciler(), stack.sim.clock.now)
-    )
+    HOST.runtime = stack.runtime()
 
 
 def test_bindings():
-    assert set(FUNCTIONS) == {EVENT_GRID_FUNCTION_NAME, "on_timer"}
+    assert set(FUNCTIONS) == {EVENT_GRID_FUNCTION_NAME, TIMER_FUNCTION_NAME}
     (event_binding,) = FUNCTIONS[EVENT_GRID_FUNCTION_NAME].get_bindings()
     assert event_binding.type == "eventGridTrigger"
     assert event_binding.name == "event"
-    (timer_binding,) = FUNCTIONS["on_timer"].get_bindings()
+    (timer_binding,) = FUNCTIONS[TIMER_FUNCTION_NAME].get_bindings()
     assert timer_binding.type == "timerTrigger"
     assert timer_binding.get_dict_repr()["schedule"] == "%REBALANCER_TIMER_SCHEDULE%"
 
@@ -76,7 +73,7 @@ import json, sys
 import function_app
 app = set(sys.modules)
 from rebalancer import service
-service.build_runtime({
+service.runtime_from_settings({
     "REBALANCER_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000000",
     "AzureWebJobsStorage": "UseDevelopmentStorage=true",
 })
@@ -230,7 +227,7 @@ def test_no_event_makes_the_handler_raise_or_act_outside_scope(store):
             except (TypeError, ValueError):
                 return  # the host cannot decode it either: the function is never called
             with contextlib.suppress(service.TransientFailure):
-                FUNCTIONS[EVENT_GRID_FUNCTION_NAME].get_user_function()(event)
+                HOST.deliver(event)
 
         check()
         writes = [r for r in stack.sim.requests if r.method in ("PUT", "PATCH", "POST", "DELETE")]

@@ -4,7 +4,7 @@ armsim's Event Grid events reach the real decorated Event Grid function (decoded
 azure.functions converter from the exact payload armsim emits), delivered at least once,
 sometimes twice and out of order; timer ticks reach the real timer function; Azurite holds
 the state. After every tick the never-rules are checked, and every write the app sent to
-armsim must be one operation step's, sent once (tests/functions_driver.py).
+armsim must be one operation step's, sent once (devkit/driver.py).
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ import pytest
 
 from armsim import QuotaSpec, ScaleSetSpec, Scenario, Timings, VmOverride, ZoneCapacity
 from chaos.netcut import NetCut
+from devkit.azurite import connection_string
+from devkit.driver import FunctionsDriver
+from devkit.invariants import own_new_vms
+from devkit.stack import running_stack
 from rebalancer import service
-from rebalancer.devtools.azurite import connection_string
 from rebalancer.events import OBJECT_ID_CLAIM
 from rebalancer.model import ScaleSetRef
 from rebalancer.operation import Reason, State
 from rebalancer.store import StorageConnection, Store
-from tests.functions_driver import FunctionsDriver
-from tests.invariants import own_new_vms
-from tests.stack import running_stack
 
 ENABLED = {"zone-rebalance": "enabled"}
 MODES = ["Uniform", "Flexible"]
@@ -37,9 +37,9 @@ SLOW_HEALTH = Timings(health=900)
 
 @pytest.fixture(autouse=True)
 def _reset_runtime() -> Iterator[None]:
-    service.use_runtime(None)
+    service.forget_app_settings()
     yield
-    service.use_runtime(None)
+    service.forget_app_settings()
 
 
 def web(mode: str, counts: dict[str, int], **options) -> Scenario:
@@ -448,8 +448,7 @@ def app_behind_a_relay(store, azurite, table_prefix) -> Iterator[tuple[Functions
     scenario = web("Uniform", {"1": 1, "2": 3, "3": 3}, timings=SLOW_HEALTH)
     try:
         with running_stack(scenario, store) as stack:
-            reconciler = stack.reconciler(store=app_store)
-            runtime = service.Runtime(stack.settings, app_store, reconciler, stack.sim.clock.now)
+            runtime = stack.runtime(store=app_store)
             with FunctionsDriver(stack, seed=15, runtime=runtime, hold_back=0.0) as run:
                 run.tick()  # the timer's audit starts the move: capacity 7 -> 8
                 assert run.states() == [State.SCALING_OUT]

@@ -4,36 +4,32 @@ acknowledged, through the real Event Grid function, Azurite and armsim."""
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from azure.functions.eventgrid import EventGridEventInConverter
-from azure.functions.meta import Datum
 
 from armsim import ScaleSetSpec, Scenario, VmOverride
+from devkit.host import Host
+from devkit.stack import Stack, running_stack
 from rebalancer import service
-from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME
-from rebalancer.devtools.host import indexed_functions
-from tests.stack import Stack, running_stack
 
-FUNCTIONS = indexed_functions()
 OBJECT_ID_CLAIM = "http://schemas.microsoft.com/identity/claims/objectidentifier"
+HOST = Host()
 
 
 def call_event(payload: dict[str, Any]) -> None:
-    datum = Datum(json.dumps(payload), "json")
-    event = EventGridEventInConverter.decode(datum, trigger_metadata={})
-    FUNCTIONS[EVENT_GRID_FUNCTION_NAME].get_user_function()(event)
+    HOST.event(payload)
 
 
 @pytest.fixture(autouse=True)
 def _reset_runtime() -> Iterator[None]:
-    service.use_runtime(None)
+    HOST.runtime = None
+    service.forget_app_settings()
     yield
-    service.use_runtime(None)
+    HOST.runtime = None
+    service.forget_app_settings()
 
 
 SCENARIO = Scenario(
@@ -54,9 +50,7 @@ SCENARIO = Scenario(
 @pytest.fixture
 def stack(store) -> Iterator[Stack]:
     with running_stack(SCENARIO, store) as stack:
-        service.use_runtime(
-            service.Runtime(stack.settings, stack.store, stack.reconciler(), stack.sim.clock.now)
-        )
+        HOST.runtime = stack.runtime()
         yield stack
 
 

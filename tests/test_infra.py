@@ -827,7 +827,7 @@ def test_the_store_reads_the_deployed_storage_connection(infra):
 def test_the_deployment_targets_and_configures_the_apps_functions(infra):
     """The event subscription's target exists in function_app.py, and every %SETTING% a
     trigger binds to is an app setting the deployment writes."""
-    from rebalancer.devtools.host import indexed_functions
+    from devkit.host import indexed_functions
 
     functions = indexed_functions()
     target = infra.param_default("event_subscription", "functionName")

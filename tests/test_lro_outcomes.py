@@ -11,10 +11,10 @@ import pytest
 
 from armsim import ScaleSetSpec, Scenario, ZoneCapacity
 from armsim.faults import FaultRule
+from devkit.stack import Drive, running_stack
 from rebalancer.lro import PendingCall
 from rebalancer.operation import Reason, State
-from rebalancer.reconciler import Gate
-from tests.stack import Drive, running_stack
+from rebalancer.verdict import Gate
 
 ENABLED = {"zone-rebalance": "enabled"}
 MODES = ["Uniform", "Flexible"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from rebalancer.demo import run_demo
+from devkit.demo import run_demo
 from rebalancer.operation import State
 from rebalancer.telemetry import Metric
 

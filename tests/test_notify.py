@@ -17,8 +17,8 @@ from rebalancer import operation as op
 from rebalancer.evaluator import assess
 from rebalancer.model import Inventory
 from rebalancer.notify import EventGridNotifier, EventType
-from rebalancer.reconciler import Verdict
 from rebalancer.settings import OptIn
+from rebalancer.verdict import Verdict
 from tests.eventgrid_topic import TOKEN, Receiver, Tls, make_tls, notifier_for, running_topic
 from tests.fleets import fleet, inventory, scale_set
 
@@ -228,18 +228,18 @@ def test_default_credential_is_not_built_before_the_first_publish(
 
 
 def test_the_runtime_publishes_only_when_a_topic_is_configured() -> None:
-    from rebalancer.service import build_runtime
+    from rebalancer.service import runtime_from_settings
     from rebalancer.telemetry import FlatDimensions
 
     env = {
         "REBALANCER_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000000",
         "AzureWebJobsStorage": "UseDevelopmentStorage=true",
     }
-    plain = build_runtime(env)
+    plain = runtime_from_settings(env)
     assert plain.reconciler.on_notify is None
     assert plain.reconciler.telemetry.notifier is None
     endpoint = "https://topic.westeurope-1.eventgrid.azure.net/api/events"
-    wired = build_runtime({**env, "REBALANCER_NOTIFY_TOPIC_ENDPOINT": endpoint})
+    wired = runtime_from_settings({**env, "REBALANCER_NOTIFY_TOPIC_ENDPOINT": endpoint})
     notifier = wired.reconciler.on_notify
     assert isinstance(notifier, EventGridNotifier)
     assert notifier.endpoint == endpoint
@@ -256,9 +256,9 @@ def test_an_operation_completes_while_the_topic_fails(
 ) -> None:
     """Failure isolation end to end: every publish gets HTTP 500, the move still finishes."""
     from armsim import ScaleSetSpec, Scenario
+    from devkit.stack import running_stack
     from rebalancer.model import ScaleSetRef
     from rebalancer.telemetry import Telemetry
-    from tests.stack import running_stack
 
     receiver.statuses = [500] * 100
     scenario = Scenario(

@@ -885,8 +885,8 @@ def drive_on_armsim(spec, policy=POLICY, capacity=(), step=60.0, disturb=None, f
     Returns the final record, the ids of every delete requested, and armsim's scale set.
     """
     from armsim import ArmSim, Scenario
+    from devkit.stack import compute_for, settings_for
     from rebalancer.compute.errors import ScaleSetGone
-    from tests.stack import compute_for, settings_for
 
     with ArmSim.start(Scenario(scale_sets=(spec,), capacity=capacity)) as sim:
         for rule in faults:

@@ -4,7 +4,7 @@ Each example builds an imbalanced fleet, starts an operation, then for a number 
 random things happen between observations: time passes, the platform provisions and deletes,
 the shell crashes before or after running a step's commands, and outside actors scale, delete,
 protect, deallocate, flip health, update or delete the scale set. At every step the safety
-invariants of DESIGN.md section 2 that the pure machine is responsible for are checked on the
+invariants of docs/safety.md that the pure machine is responsible for are checked on the
 observation the step was decided on.
 """
 

@@ -10,19 +10,19 @@ from collections.abc import Iterator
 import pytest
 
 from armsim import ScaleSetSpec, Scenario
+from devkit.driver import FunctionsDriver
+from devkit.stack import running_stack
 from rebalancer import service
 from rebalancer.operation import State
-from tests.functions_driver import FunctionsDriver
-from tests.stack import running_stack
 
 ENABLED = {"zone-rebalance": "enabled"}
 
 
 @pytest.fixture(autouse=True)
 def _reset_runtime() -> Iterator[None]:
-    service.use_runtime(None)
+    service.forget_app_settings()
     yield
-    service.use_runtime(None)
+    service.forget_app_settings()
 
 
 @pytest.mark.parametrize("max_surge", ["1", "3"])

@@ -2,7 +2,7 @@
 stays, whatever the outcome (issue 14's four cases, through the Azure Functions entry points).
 
 The driver checks the never-rules after every tick; `check(settled=True)` adds the capacity
-rule of tests/invariants.py: the capacity is the one at the start plus the outside changes
+rule of devkit/invariants.py: the capacity is the one at the start plus the outside changes
 (armsim's capacity journal), plus the app's VMs the owners protected.
 """
 
@@ -14,10 +14,10 @@ from collections.abc import Iterator
 import pytest
 
 from armsim import ScaleSetSpec, Scenario, VmOverride, ZoneCapacity
+from devkit.driver import FunctionsDriver
+from devkit.stack import running_stack
 from rebalancer import service
 from rebalancer.operation import State
-from tests.functions_driver import FunctionsDriver
-from tests.stack import running_stack
 
 ENABLED = {"zone-rebalance": "enabled"}
 LOCATION, SKU = "westeurope", "Standard_D2s_v5"
@@ -25,9 +25,9 @@ LOCATION, SKU = "westeurope", "Standard_D2s_v5"
 
 @pytest.fixture(autouse=True)
 def _reset_runtime() -> Iterator[None]:
-    service.use_runtime(None)
+    service.forget_app_settings()
     yield
-    service.use_runtime(None)
+    service.forget_app_settings()
 
 
 def run_for(run: FunctionsDriver, ticks: int) -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from armsim import ScaleSetSpec, Scenario
+from devkit.stack import running_stack
 from rebalancer.model import ScaleSetRef
-from tests.stack import running_stack
 
 ENABLED = {"zone-rebalance": "enabled"}
 

@@ -13,11 +13,11 @@ import pytest
 
 from armsim import ScaleSetSpec, Scenario, Timings
 from armsim.autoscale import EVALUATION_SECONDS
+from devkit.stack import Drive, running_stack
 from rebalancer.cli import EXIT_OK, build_parser, status
 from rebalancer.model import ScaleSetRef
 from rebalancer.operation import State
-from rebalancer.reconciler import Outcome
-from tests.stack import Drive, running_stack
+from rebalancer.verdict import Outcome
 
 ENABLED = {"zone-rebalance": "enabled"}
 MODES = ["Uniform", "Flexible"]

@@ -1,6 +1,6 @@
 """The issue's end-to-end scenarios, Uniform and Flexible, against armsim and Azurite through
-the real SDK clients. After every tick the invariants of DESIGN.md section 2 are checked
-(tests/invariants.py): no protected VM deleted, no source deleted before its replacement was
+the real SDK clients. After every tick the invariants of docs/safety.md are checked
+(devkit/invariants.py): no protected VM deleted, no source deleted before its replacement was
 healthy, every VM the app created tracked, one operation per scale set, healthy count kept."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from datetime import timedelta
 import pytest
 
 from armsim import QuotaSpec, ScaleSetSpec, Scenario, VmOverride, ZoneCapacity
+from devkit.invariants import own_new_vms
+from devkit.stack import Drive, running_stack
 from rebalancer.model import ScaleSetRef
 from rebalancer.operation import Reason, State
-from rebalancer.reconciler import Outcome
-from tests.invariants import own_new_vms
-from tests.stack import Drive, running_stack
+from rebalancer.verdict import Outcome
 
 ENABLED = {"zone-rebalance": "enabled"}
 MODES = ["Uniform", "Flexible"]

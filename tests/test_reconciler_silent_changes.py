@@ -12,8 +12,8 @@ import json
 import pytest
 
 from armsim import ScaleSetSpec, Scenario
+from devkit.stack import Drive, running_stack
 from rebalancer.operation import State
-from tests.stack import Drive, running_stack
 
 ENABLED = {"zone-rebalance": "enabled"}
 MODES = ["Uniform", "Flexible"]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from armsim import ScaleSetSpec, Scenario, Timings
+from devkit.stack import Drive, running_stack
 from rebalancer.cli import EXIT_OK, build_parser, status
 from rebalancer.operation import State
-from tests.stack import Drive, running_stack
 
 ENABLED = {"zone-rebalance": "enabled"}
 MODES = ["Uniform", "Flexible"]

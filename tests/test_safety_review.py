@@ -12,7 +12,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from armsim import ScaleSetSpec, Scenario, VmOverride
-from armsim.testing import ARM_SCOPE
+from armsim.simulator import ARM_SCOPE
+from devkit.stack import Drive, running_stack
 from rebalancer.compute import ArmConfig, ComputeAdapter
 from rebalancer.compute.clock import VirtualTime
 from rebalancer.compute.errors import AdapterError, ErrorKind
@@ -36,8 +37,7 @@ from rebalancer.operation import (
     advance,
     start,
 )
-from rebalancer.reconciler import Outcome
-from tests.stack import Drive, running_stack
+from rebalancer.verdict import Outcome
 
 ENABLED = {"zone-rebalance": "enabled"}
 NOW = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rebalancer.devtools.azurite import (
+from devkit.azurite import (
     Azurite,
     AzuriteError,
     connection_string,
@@ -137,7 +137,7 @@ def test_a_missing_azurite_says_how_to_install_it(tmp_path, monkeypatch):
 
 def test_azurite_runs_standalone_until_interrupted(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "rebalancer.devtools.azurite", "--location", str(tmp_path)],
+        [sys.executable, "-m", "devkit.azurite", "--location", str(tmp_path)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
@@ -789,7 +789,7 @@ def test_the_app_builds_one_credential_for_storage_compute_and_notifications(mon
     """The deployed wiring (infra/modules/app.bicep): Table Storage through the user-assigned
     identity that AZURE_CLIENT_ID names too. Compute and Event Grid reuse the store's
     credential instead of building a DefaultAzureCredential each on first use."""
-    from rebalancer.service import build_runtime
+    from rebalancer.service import runtime_from_settings
 
     client_id = "11111111-2222-3333-4444-555555555555"
     for name in ("AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PATH", "AZURE_USERNAME"):
@@ -804,7 +804,7 @@ def test_the_app_builds_one_credential_for_storage_compute_and_notifications(mon
         "AzureWebJobsStorage__clientId": client_id,
         "AZURE_CLIENT_ID": client_id,
     }
-    runtime = build_runtime(env)
+    runtime = runtime_from_settings(env)
     credential = runtime.store._service.credential
     assert type(credential).__name__ == "ManagedIdentityCredential"
     assert runtime.reconciler.compute._credential is credential
@@ -817,7 +817,7 @@ def test_the_app_builds_one_credential_for_storage_compute_and_notifications(mon
         {"AzureWebJobsStorage__clientId": "99999999-2222-3333-4444-555555555555"},
         {"AZURE_CLIENT_SECRET": "from-the-environment"},
     ):
-        separate = build_runtime({**env, **other})
+        separate = runtime_from_settings({**env, **other})
         assert separate.reconciler.compute._credential is None
         assert separate.reconciler.on_notify.credential is None
         separate.store.close()

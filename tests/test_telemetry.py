@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from armsim import ScaleSetSpec, Scenario
+from devkit.stack import running_stack
 from rebalancer import operation as op
 from rebalancer.evaluator import assess
 from rebalancer.model import ScaleSetRef
 from rebalancer.telemetry import Measurement, Metric, Telemetry, measure_step, message
 from tests.eventgrid_topic import Receiver, Tls, make_tls, notifier_for, running_topic
 from tests.fleets import fleet, inventory, scale_set
-from tests.stack import running_stack
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 ENABLED = {"zone-rebalance": "enabled"}

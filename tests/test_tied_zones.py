@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from armsim import ScaleSetSpec, Scenario, VmOverride, ZoneCapacity
+from devkit.stack import Stack, running_stack
 from rebalancer.model import ScaleSetRef
-from tests.stack import Stack, running_stack
 
 
 def run_one_operation(stack: Stack, ref: ScaleSetRef) -> str:

@@ -1,17 +1,42 @@
 """Azure Compute adapter: reads inventories, starts capacity changes and deletes, reads
-quota, within a client-side throttling budget. See docs/compute-adapter.md."""
+quota, within a client-side throttling budget. See docs/compute-adapter.md.
 
-from rebalancer.compute.adapter import (
-    PUBLIC_ENDPOINT,
-    ArmCall,
-    ArmConfig,
-    ComputeAdapter,
-    OperationState,
-    OperationStatus,
-    Quota,
-)
-from rebalancer.compute.clock import Clock, SystemClock
-from rebalancer.compute.errors import AdapterError, ErrorKind, ScaleSetGone
+The names below are loaded on first use: `rebalancer.compute.errors` (what the reconciler
+and the service catch) must not pay for the adapter and azure-mgmt-compute behind it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rebalancer.compute.adapter import (
+        PUBLIC_ENDPOINT,
+        ArmCall,
+        ArmConfig,
+        ComputeAdapter,
+        OperationState,
+        OperationStatus,
+        Quota,
+    )
+    from rebalancer.compute.clock import Clock, SystemClock
+    from rebalancer.compute.errors import AdapterError, ErrorKind, ScaleSetGone
+
+_WHERE = {
+    "PUBLIC_ENDPOINT": "adapter",
+    "ArmCall": "adapter",
+    "ArmConfig": "adapter",
+    "ComputeAdapter": "adapter",
+    "OperationState": "adapter",
+    "OperationStatus": "adapter",
+    "Quota": "adapter",
+    "Clock": "clock",
+    "SystemClock": "clock",
+    "AdapterError": "errors",
+    "ErrorKind": "errors",
+    "ScaleSetGone": "errors",
+}
 
 __all__ = [
     "PUBLIC_ENDPOINT",
@@ -27,3 +52,12 @@ __all__ = [
     "ScaleSetGone",
     "SystemClock",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -42,6 +42,9 @@ class ErrorKind(StrEnum):
     """The request is wrong; retrying will not help."""
 
 
+RETRYABLE = frozenset((ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CONFLICT))
+"""The kinds of `AdapterError.retryable`."""
+
 NO_CAPACITY_CODES = frozenset(
     code.lower()
     for code in (
@@ -124,6 +127,12 @@ class AdapterError(Exception):
         self.zone = zone
         self.missing_action = missing_action
         self.ref = ref
+
+    @property
+    def retryable(self) -> bool:
+        """The same call may succeed later (throttled, transient, a conflicting operation):
+        an event is delivered again, an operation step is tried on the next pass."""
+        return self.kind in RETRYABLE
 
     def __str__(self) -> str:
         parts = [f"{self.kind}"]

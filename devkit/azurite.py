@@ -260,14 +260,14 @@ def _accepts_connections(port: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m rebalancer.devtools.azurite`: run Azurite until Ctrl-C, print how to reach it.
+    """`python -m devkit.azurite`: run Azurite until Ctrl-C, print how to reach it.
 
     With `--port 10002` the app's `UseDevelopmentStorage=true` reaches it.
     """
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m rebalancer.devtools.azurite",
+        prog="python -m devkit.azurite",
         description="Run Azurite's Table service on 127.0.0.1 for local development.",
     )
     parser.add_argument("--port", type=int, default=None, help="default: a free port")

@@ -1,8 +1,10 @@
-"""The whole stack on loopback for integration tests: armsim + Azurite + a Reconciler.
+"""The whole stack on loopback: armsim + Azurite + the app's runtime.
 
-`running_stack(scenario, store)` starts armsim and wires a reconciler to it; `Drive(stack)`
-reconciles every opted-in scale set once per tick, checks the invariants (tests/invariants.py)
-and moves virtual time on, until the fleet settles.
+`settings_for(sim)` and `compute_for(sim, settings)` are the app's parts pointed at armsim
+(its endpoint, certificate, credential and virtual clock); `Stack.runtime()` wires them with
+`service.build_runtime`, as in Azure. `running_stack(scenario, store)` starts armsim;
+`Drive(stack)` reconciles every opted-in scale set once per tick, checks the invariants
+(devkit/invariants.py) and moves virtual time on, until the fleet settles.
 
 Real clients throughout: azure-mgmt-compute talks HTTPS to armsim, azure-data-tables talks to
 Azurite. Time is armsim's virtual clock, so a 90-minute health timeout runs in milliseconds.
@@ -16,16 +18,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from armsim import ArmSim, Scenario
-from armsim.testing import ARM_SCOPE
+from armsim.simulator import ARM_SCOPE
+from devkit.invariants import Invariants
+from rebalancer.budget import Budget
 from rebalancer.compute import ArmConfig, ComputeAdapter
 from rebalancer.compute.clock import VirtualTime
-from rebalancer.compute.errors import AdapterError, ErrorKind
+from rebalancer.compute.errors import AdapterError
 from rebalancer.model import ScaleSetRef
 from rebalancer.operation import OperationRecord, State
-from rebalancer.reconciler import Outcome, Reconciler, Result
+from rebalancer.reconciler import Reconciler
+from rebalancer.service import Runtime, build_runtime
 from rebalancer.settings import Settings, load_settings
 from rebalancer.store import Store
-from tests.invariants import Invariants
+from rebalancer.verdict import Outcome, Result
 
 
 @dataclass
@@ -45,6 +50,16 @@ class Stack:
             **overrides,
         )
 
+    def runtime(self, *, store: Store | None = None, notifier: Any = None) -> Runtime:
+        """The app's runtime on this stack (`service.build_runtime`), on armsim's clock."""
+        return build_runtime(
+            self.settings,
+            store=store or self.store,
+            compute=self.compute,
+            clock=self.sim.clock.now,
+            notifier=notifier,
+        )
+
     def counts(self, resource_group: str, name: str) -> dict[str, int]:
         return self.sim.scale_set(resource_group, name).zone_counts()
 
@@ -60,11 +75,25 @@ def settings_for(sim: ArmSim, **env: str) -> Settings:
     return load_settings(values)
 
 
-def compute_for(sim: ArmSim, settings: Settings) -> ComputeAdapter:
+def compute_for(
+    sim: ArmSim,
+    settings: Settings,
+    *,
+    budget: Budget | None = None,
+    max_wait: float | None = 5.0,
+    **options: Any,
+) -> ComputeAdapter:
+    """The real Compute adapter against armsim: its certificate, credential and clock.
+    `max_wait`: longest wait for Azure one call may spend (None: the app's default);
+    `options` go to `ArmConfig`."""
+    if max_wait is not None:
+        options["max_wait"] = max_wait
     config = ArmConfig.from_settings(
-        settings, ca_cert=sim.ca_cert_path, credential_scopes=(ARM_SCOPE,), max_wait=5.0
+        settings, ca_cert=sim.ca_cert_path, credential_scopes=(ARM_SCOPE,), **options
     )
-    return ComputeAdapter(config, credential=sim.credential, clock=VirtualTime(sim.clock))
+    return ComputeAdapter(
+        config, credential=sim.credential, clock=VirtualTime(sim.clock), budget=budget
+    )
 
 
 @contextmanager
@@ -130,7 +159,7 @@ class Drive:
         try:
             return self.reconciler.reconcile(ref)
         except AdapterError as error:
-            if error.kind not in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CONFLICT):
+            if not error.retryable:
                 raise
             return Result(ref, Outcome.DEFERRED, detail=str(error))
 

@@ -1,4 +1,9 @@
-"""The never-rules of DESIGN.md section 2, checked from the outside.
+"""The invariants (docs/safety.md): the one catalogue, and the judge that checks them from
+the outside by replaying armsim's journals.
+
+`RULES` numbers and names every rule; the test suite, the chaos suite (chaos/invariants.py,
+which checks them again right before each of the app's writes) and the demo's self-check report
+a broken rule by its number here.
 
 `Invariants.watch(sim, store, settings)` takes armsim's starting state; `check()` then replays
 armsim's VM journal (who created, deleted, protected what, and each VM's health at the time),
@@ -33,11 +38,30 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from types import MappingProxyType
 
 from armsim import ArmSim
 from rebalancer.operation import OperationRecord, State
 from rebalancer.settings import Settings
 from rebalancer.store import Store
+
+RULES: Mapping[int, str] = MappingProxyType(
+    {
+        1: "no source deleted before its replacement is healthy",
+        2: "no protected VM deleted",
+        3: "no VM the app created left untracked",
+        4: "one operation per scale set, at most maxConcurrentOperations in all",
+        5: "healthy active VMs never below the operation's starting count",
+        6: "nothing done outside scope or to an opted-out scale set",
+        7: "the Table state always parses",
+        8: "every operation terminal within a bounded number of ticks once faults stop",
+        9: "no unhandled exception other than a transient one the host retries",
+        10: "the journal replay agrees",
+        11: "the capacity handed back is the owners' (the start plus the outside changes)",
+    }
+)
+"""The invariants by number (docs/safety.md). 1-6 are the never-rules; 7-11 hold once faults
+stop; 10 is this module's replay as a second judge of the chaos suite."""
 
 
 def own_new_vms(sim: ArmSim, record: OperationRecord) -> list[str]:
@@ -338,7 +362,7 @@ class Invariants:
                     "left it behind"
                 )
 
-    # 3: the capacity handed back is the owners' -----------------------------------------
+    # 11: the capacity handed back is the owners' ----------------------------------------
 
     def owners(self, records: Sequence[OperationRecord] | None = None) -> list[CapacityAccount]:
         """The owners' capacity of every watched scale set that still exists."""
@@ -354,7 +378,7 @@ class Invariants:
         for account in self.owners(records):
             if account.in_flight or account.actual == account.expected:
                 continue
-            problems.append(f"[3] {account.describe()}")
+            problems.append(f"[11] {account.describe()}")
 
     # 4: one operation per scale set, a bounded number at once ----------------------------
 

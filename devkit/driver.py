@@ -1,7 +1,7 @@
 """Drive the app only through its Azure Functions entry points, as the host and Event Grid do.
 
-`FunctionsDriver(stack)` installs a runtime on the stack (armsim + Azurite) and collects every
-Event Grid event armsim emits. Each `tick()`:
+`FunctionsDriver(stack)` runs the functions (devkit/host.py) on a runtime of the stack (armsim +
+Azurite) and collects every Event Grid event armsim emits. Each `tick()`:
 
 1. delivers the queued events to the real decorated Event Grid function, each decoded by
    `EventGridEventInConverter` from the exact payload armsim produced, the way Event Grid
@@ -10,7 +10,7 @@ Event Grid event armsim emits. Each `tick()`:
 2. when the schedule is due (every `timer_every` virtual seconds, 5 minutes as the deployed
    `REBALANCER_TIMER_SCHEDULE`), invokes the timer function with a payload decoded by
    `TimerRequestConverter`; between two timer ticks only events move the app;
-3. checks the never-rules (tests/invariants.py) and that every write the app sent to armsim
+3. checks the never-rules (devkit/invariants.py) and that every write the app sent to armsim
    is recorded once by the operation step that sent it;
 4. moves armsim's virtual time on by `step` seconds.
 
@@ -20,7 +20,6 @@ Randomness comes from one seeded generator, so a failing run repeats exactly.
 from __future__ import annotations
 
 import functools
-import json
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -30,37 +29,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from azure.functions.eventgrid import EventGridEventInConverter
-from azure.functions.meta import Datum
-from azure.functions.timer import TimerRequestConverter
-
+from devkit.host import Host
+from devkit.invariants import Invariants
+from devkit.stack import Stack
 from rebalancer import service
-from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME
-from rebalancer.devtools.host import user_function
 from rebalancer.operation import OperationRecord, State
-from tests.invariants import Invariants
-from tests.stack import Stack
 
-TIMER_FUNCTION_NAME = "on_timer"
 APP_WRITES = {"vmss.update": "set_capacity", "vmss.delete_instances": "delete_instances"}
 """armsim's name of each write the app makes -> the action its operation record names."""
-
-
-def decode_event(payload: dict[str, Any]) -> Any:
-    """The `func.EventGridEvent` the host hands the function for this Event Grid payload."""
-    datum = Datum(json.dumps(payload), "json")
-    return EventGridEventInConverter.decode(datum, trigger_metadata={})
-
-
-def decode_timer(now: datetime, period: timedelta, past_due: bool = False) -> Any:
-    """The `func.TimerRequest` of one tick, with the schedule status the host sends."""
-    status = {
-        "Last": (now - period).isoformat(),
-        "Next": (now + period).isoformat(),
-        "LastUpdated": (now - period).isoformat(),
-    }
-    body = {"Schedule": {"AdjustForDST": True}, "ScheduleStatus": status, "IsPastDue": past_due}
-    return TimerRequestConverter.decode(Datum(json.dumps(body), "json"), trigger_metadata={})
 
 
 @dataclass
@@ -89,7 +65,7 @@ class FunctionsDriver:
     writable: tuple[str, ...] = ()
     """Names of the scale sets the app may change (default: those tagged enabled)."""
     runtime: service.Runtime | None = None
-    """The runtime the functions use (default: the stack's settings, store and a reconciler)."""
+    """The runtime the functions run on (default: `stack.runtime()`)."""
     check_every_tick: bool = True
     parallel: bool = False
     """Run each tick's deliveries (duplicates too) and its timer invocation at once on
@@ -105,26 +81,18 @@ class FunctionsDriver:
         self._inbox: list[dict[str, Any]] = []
         self._retry: list[dict[str, Any]] = []
         self.received: list[dict[str, Any]] = []
-        self.on_event = user_function(EVENT_GRID_FUNCTION_NAME)
-        self.on_timer = user_function(TIMER_FUNCTION_NAME)
         if self.runtime is None:
-            self.runtime = service.Runtime(
-                self.stack.settings,
-                self.stack.store,
-                self.stack.reconciler(),
-                self.stack.sim.clock.now,
-            )
+            self.runtime = self.stack.runtime()
+        self.host = Host(self.runtime)
         self.ids = {(v.resource_group.lower(), v.name.lower()): v.id for v in self.stack.sim.state}
         """Scale set ids by (resource group, name), kept after a set is deleted."""
         self.checker = Invariants.watch(
             self.stack.sim, self.stack.store, self.stack.settings, writable=self.writable
         )
-        service.use_runtime(self.runtime)
         self.stack.sim.add_event_sink(self._receive)
 
     def close(self) -> None:
         self.stack.sim.remove_event_sink(self._receive)
-        service.use_runtime(None)
 
     def __enter__(self) -> FunctionsDriver:
         return self
@@ -141,13 +109,13 @@ class FunctionsDriver:
 
     def event(self, payload: dict[str, Any]) -> None:
         """One delivery to the Event Grid function (raises what the function raises)."""
-        self.on_event(decode_event(payload))
+        self.host.event(payload)
 
     def timer(self, past_due: bool = False) -> None:
         now = self.stack.sim.clock.now()
         self.timer_calls += 1
         self.past_due_calls += past_due
-        self.on_timer(decode_timer(now, timedelta(seconds=self.timer_every), past_due))
+        self.host.timer(past_due, now=now, period=timedelta(seconds=self.timer_every))
 
     # -- Event Grid's delivery ---------------------------------------------------------
 

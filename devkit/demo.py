@@ -9,27 +9,24 @@ the timer function, and moves virtual time on. After each tick it gives the obse
 (what the fleet looks like and what just happened). It returns a `Summary` and always stops
 what it started, also on Ctrl-C.
 
-`python -m rebalancer demo` (`rebalancer/cli/demo.py`) draws the frames; docs/demo.md.
+`python -m rebalancer demo` (`devkit/demo_cli.py`) draws the frames; docs/demo.md.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import queue
 import re
 import signal
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +34,9 @@ from rebalancer.settings import Mode, OptIn, Settings, load_settings
 
 if TYPE_CHECKING:
     from armsim import ArmSim, ScaleSetView, Scenario
+    from devkit.host import Host
 
-log = logging.getLogger("rebalancer.demo")
+log = logging.getLogger("devkit.demo")
 
 RESOURCE_GROUP = "rg-shop"
 LOCATION = "westeurope"
@@ -312,6 +310,8 @@ class Summary:
     elapsed: timedelta
     ticks: int
     events: int
+    broken: tuple[str, ...] = ()
+    """Invariants (devkit/invariants.py) the run broke, each as the judge words it."""
 
     def to_json(self) -> dict[str, Any]:
         return {"scaleSets": [s.to_json() for s in self.sets]}
@@ -467,47 +467,6 @@ class DemoError(RuntimeError):
     """The demo could not run (Azurite missing, a port taken); the message says what to do."""
 
 
-def function_app() -> Any:
-    """The real `function_app.app`, also when the current directory is not the project."""
-    try:
-        return importlib.import_module("function_app").app
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "function_app.py").is_file():
-            raise DemoError(
-                "function_app.py not found: run the demo from a clone of the project"
-            ) from None
-        sys.path.insert(0, str(root))
-        return importlib.import_module("function_app").app
-
-
-class Functions:
-    """The app's decorated functions, fed as the Functions host feeds them."""
-
-    def __init__(self) -> None:
-        from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME
-        from rebalancer.devtools.host import indexed_functions
-
-        function_app()  # importable also when the current directory is not the project
-        functions = indexed_functions()
-        self._on_event = functions[EVENT_GRID_FUNCTION_NAME].get_user_function()
-        self._on_timer = functions["on_timer"].get_user_function()
-
-    def event(self, payload: Mapping[str, Any]) -> None:
-        from azure.functions.eventgrid import EventGridEventInConverter
-        from azure.functions.meta import Datum
-
-        datum = Datum(json.dumps(payload), "json")
-        self._on_event(EventGridEventInConverter.decode(datum, trigger_metadata={}))
-
-    def timer(self, past_due: bool = False) -> None:
-        from azure.functions.meta import Datum
-        from azure.functions.timer import TimerRequestConverter
-
-        body = json.dumps({"IsPastDue": past_due, "ScheduleStatus": {}})
-        self._on_timer(TimerRequestConverter.decode(Datum(body, "json"), trigger_metadata={}))
-
-
 def run_demo(
     observer: Observer,
     *,
@@ -521,13 +480,14 @@ def run_demo(
     here is stopped before returning or raising, KeyboardInterrupt included.
     """
     from armsim import ArmSim
-    from rebalancer.devtools.azurite import Azurite, AzuriteError
+    from devkit.azurite import Azurite, AzuriteError
+    from devkit.host import Host
 
     azurite = Azurite()
     sim = ArmSim(scenario())
     resources: list[Callable[[], None]] = []
     with captured_logs() as capture:
-        app = Functions()  # azure.functions logs a warning on import
+        app = Host()  # azure.functions logs a warning on import
         try:
             try:
                 azurite.start()
@@ -544,15 +504,12 @@ def run_demo(
 
 def _stop(resources: list[Callable[[], None]], sim: ArmSim, azurite: Any) -> None:
     """Stop everything, each step on its own, newest first; a second Ctrl-C waits for it."""
-    from rebalancer import service
-
     with _interrupts_deferred():
         for close in reversed(resources):
             try:
                 close()
             except Exception:
                 log.exception("closing a demo resource failed")
-        service.use_runtime(None)
         try:
             sim.stop()
         finally:
@@ -576,14 +533,15 @@ def _interrupts_deferred() -> Iterator[None]:
 def _drive(
     sim: ArmSim,
     azurite: Any,
-    app: Functions,
+    app: Host,
     observer: Observer,
     pace: float,
     sleep: Callable[[float], None],
     resources: list[Callable[[], None]],
 ) -> Summary:
+    from devkit.invariants import Invariants
+    from devkit.stack import compute_for
     from rebalancer import service
-    from rebalancer.reconciler import Reconciler
     from rebalancer.store import StorageConnection, Store
 
     env = demo_env(sim)
@@ -593,11 +551,11 @@ def _drive(
         table_prefix=settings.table_prefix,
     )
     resources.append(store.close)
-    compute = _compute(sim, settings)
+    compute = compute_for(sim, settings)
     resources.append(compute.close)
-    reconciler = Reconciler(settings=settings, store=store, compute=compute, clock=sim.clock.now)
-    service.use_runtime(service.Runtime(settings, store, reconciler, sim.clock.now))
+    app.runtime = service.build_runtime(settings, store=store, compute=compute, clock=sim.clock.now)
 
+    judge = Invariants.watch(sim, store, settings)
     inbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
     sim.add_event_sink(inbox.put)
     shown = MappingProxyType({name: env[name] for name in SETTINGS_SHOWN})
@@ -646,20 +604,19 @@ def _drive(
         done = not script and not retry and converged(current)
         calm = calm + 1 if done else 0
         if calm > SETTLE_TICKS or now - start >= TIME_LIMIT:
-            return summarize(first, current, frame, settled=done)
+            summary = summarize(first, current, frame, settled=done)
+            return replace(summary, broken=_self_check(judge, settled=done))
         sleep(pace)
         sim.advance(TICK.total_seconds())
 
 
-def _compute(sim: ArmSim, settings: Settings) -> Any:
-    from armsim.testing import ARM_SCOPE
-    from rebalancer.compute import ArmConfig, ComputeAdapter
-    from rebalancer.compute.clock import VirtualTime
-
-    config = ArmConfig.from_settings(
-        settings, ca_cert=sim.ca_cert_path, credential_scopes=(ARM_SCOPE,), max_wait=5.0
-    )
-    return ComputeAdapter(config, credential=sim.credential, clock=VirtualTime(sim.clock))
+def _self_check(judge: Any, *, settled: bool) -> tuple[str, ...]:
+    """The invariants the test suite and the chaos suite check, over the whole run."""
+    try:
+        judge.check("in the demo", settled=settled, single_scale_out=False)
+    except AssertionError as error:
+        return tuple(line.strip() for line in str(error).splitlines()[1:])
+    return ()
 
 
 def _introduction(sets: tuple[SetView, ...]) -> list[str]:

@@ -1,1 +1,0 @@
-"""Local development tools: emulators the tests and the demo start on loopback."""
