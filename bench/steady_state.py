@@ -22,6 +22,7 @@ from bench.common import (
     fleet_document,
     mixed_fleet,
 )
+from devkit.tables import create_tables
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +86,7 @@ def measure(
     fleet = mixed_fleet(scale_sets, vms, tags={"zone-rebalance": "enabled"})
     with armsim_process(fleet_document(fleet)) as info:
         store = store_factory()
-        store.create_tables()
+        create_tables(store)
         clock = VirtualClock()
         compute, runtime = _wire(info, store, clock)
         host = Host(runtime)

@@ -41,6 +41,7 @@ from chaos.netcut import NetCut
 from devkit.azurite import Azurite, connection_string
 from devkit.host import Host, decode_event
 from devkit.invariants import Invariants
+from devkit.tables import table_names
 from rebalancer import service
 from rebalancer.compute import AdapterError, ArmConfig, ComputeAdapter, ErrorKind
 from rebalancer.compute.clock import VirtualTime
@@ -832,7 +833,7 @@ class ScenarioRun:
             with TableServiceClient.from_connection_string(
                 self.servers.azurite.connection_string
             ) as client:
-                for table in self.observer.table_names():
+                for table in table_names(self.observer):
                     client.delete_table(table)
         self.observer.close()
         for view in self.checker.snapshot().values():

@@ -28,6 +28,7 @@ from datetime import datetime
 
 from armsim import ArmSim, ScaleSetView, VmView
 from devkit.invariants import RULES, owners_capacity
+from devkit.tables import lock_holder, slots_in_use
 from rebalancer import operation as op
 from rebalancer.model import ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
@@ -156,7 +157,7 @@ class Checker:
             return  # gone: Azure answers 404, nothing happens
         try:
             row = self.observer.active_operation(ref.key)
-            holder = self.observer.lock_holder(ref.key, self.sim.clock.now())
+            holder = lock_holder(self.observer, ref.key, self.sim.clock.now())
         except StoreError:
             self.unverified += 1
             return
@@ -300,7 +301,7 @@ class Checker:
         self._check_request_log()
         try:
             rows = self.observer.active_operations()
-            slots = self.observer.slots_in_use()
+            slots = slots_in_use(self.observer)
         except StoreError:
             self.unverified += 1
             return

@@ -32,6 +32,7 @@ from typing import Any
 from devkit.host import Host
 from devkit.invariants import Invariants
 from devkit.stack import Stack
+from devkit.tables import lock_holder
 from rebalancer import service
 from rebalancer.operation import OperationRecord, State
 
@@ -257,7 +258,7 @@ class FunctionsDriver:
         now = self.stack.sim.clock.now()
         problems = []
         for (_, name), scale_set_id in self.ids.items():
-            holder = self.stack.store.lock_holder(scale_set_id.lower(), now)
+            holder = lock_holder(self.stack.store, scale_set_id.lower(), now)
             if holder is not None:
                 problems.append(
                     f"the lock of {name} is still held by {holder} after every invocation returned"

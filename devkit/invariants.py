@@ -41,6 +41,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from armsim import ArmSim
+from devkit.tables import slots_in_use
 from rebalancer.operation import OperationRecord, State
 from rebalancer.settings import Settings
 from rebalancer.store import Store
@@ -411,7 +412,7 @@ class Invariants:
         if peak > self.max_concurrent:
             limit = self.max_concurrent
             problems.append(f"[4] {peak} operations ran at once; the limit is {limit}")
-        slots = self.store.slots_in_use()
+        slots = slots_in_use(self.store)
         if len(slots) > self.max_concurrent:
             problems.append(f"[4] {len(slots)} concurrency slots held: {slots}")
         if settled and any(r.active for r in records):

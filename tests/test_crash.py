@@ -41,6 +41,7 @@ from azure.core.pipeline.transport import RequestsTransport
 
 from armsim import ScaleSetSpec, Scenario, VmOverride, ZoneCapacity
 from devkit.stack import Drive, Stack, compute_for, running_stack
+from devkit.tables import lock_holder, slots_in_use, table_names
 from rebalancer.operation import OperationRecord
 from rebalancer.reconciler import Reconciler
 from rebalancer.store import Store
@@ -196,7 +197,7 @@ class Tables:
     def __exit__(self, *exc_info: object) -> None:
         from azure.data.tables import TableServiceClient
 
-        names = self.stores[0].table_names() if self.stores else ()
+        names = table_names(self.stores[0]) if self.stores else ()
         for store in self.stores:
             store.close()
         with TableServiceClient.from_connection_string(self.azurite.connection_string) as tables:
@@ -365,7 +366,7 @@ def test_a_crash_mid_run_leaves_the_lock_to_expire_and_the_next_process_waits(
         run = Drive(stack, reconciler=_reconciler(stack, tables))
         with pytest.raises(Crash), _inside(process):
             run.tick()
-        assert stack.store.lock_holder(run.ref().key, stack.sim.clock.now()) is not None
+        assert lock_holder(stack.store, run.ref().key, stack.sim.clock.now()) is not None
         run.reconciler = _reconciler(stack, tables)
         (result,) = run.tick()
         assert result.outcome.value == "busy"
@@ -411,7 +412,7 @@ def test_a_crash_before_archiving_does_not_keep_the_only_slot(
         with pytest.raises(Crash), _inside(process):
             run.until(lambda: False, what="the crash")
         run.check("right after the crash")
-        assert stack.store.slots_in_use()  # the finished operation still holds the slot
+        assert slots_in_use(stack.store)  # the finished operation still holds the slot
         run.reconciler = _reconciler(stack, tables)
         run.until_settled(ticks=150)
         assert {v.name: sorted(v.zone_counts().values()) for v in stack.sim.state} == {
@@ -419,7 +420,7 @@ def test_a_crash_before_archiving_does_not_keep_the_only_slot(
             "api": [2, 2, 3],
         }
         assert [r.state.value for r in _all(run)] == ["succeeded", "succeeded"]
-        assert stack.store.slots_in_use() == []
+        assert slots_in_use(stack.store) == []
 
 
 def _all(run: Drive) -> list[OperationRecord]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from armsim import ScaleSetSpec, Scenario
 from devkit.stack import running_stack
+from devkit.tables import lock_holder
 from rebalancer.model import ScaleSetRef
 
 
@@ -48,5 +49,5 @@ def test_a_pass_that_wrote_steps_leaves_the_lock_free(store_factory):
         ref = ScaleSetRef.parse(stack.sim.scale_set("rg-web", "web").id)
         for _ in range(6):
             reconciler.reconcile(ref)
-            assert store.lock_holder(ref.key, stack.sim.clock.now()) is None
+            assert lock_holder(store, ref.key, stack.sim.clock.now()) is None
             stack.sim.advance(60)

@@ -22,6 +22,7 @@ from devkit.azurite import connection_string
 from devkit.driver import FunctionsDriver
 from devkit.invariants import own_new_vms
 from devkit.stack import running_stack
+from devkit.tables import forget_event
 from rebalancer import service
 from rebalancer.events import OBJECT_ID_CLAIM
 from rebalancer.model import ScaleSetRef
@@ -395,7 +396,7 @@ def test_duplicated_and_reordered_events_cause_no_second_action(store):
         # Once the de-duplication marks have expired, the events are new again: the app
         # reconciles each scale set anew and finds nothing to do.
         for payload in emitted:
-            store.forget_event(payload["id"])
+            forget_event(store, payload["id"])
         run.redeliver(reversed(emitted))
         run.until(lambda: not run.pending(), ticks=20, what="every event delivered")
         assert run.received == emitted  # nothing new happened

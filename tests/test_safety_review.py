@@ -14,6 +14,7 @@ import pytest
 from armsim import ScaleSetSpec, Scenario, VmOverride
 from armsim.simulator import ARM_SCOPE
 from devkit.stack import Drive, running_stack
+from devkit.tables import lock_holder, save_operation
 from rebalancer.compute import ArmConfig, ComputeAdapter
 from rebalancer.compute.clock import VirtualTime
 from rebalancer.compute.errors import AdapterError, ErrorKind
@@ -123,7 +124,7 @@ def test_a_reconcile_that_wrote_a_step_gives_the_lock_back(store):
         ref = scale_set_ref(stack)
         result = stack.reconciler().reconcile(ref)
         assert result.outcome is Outcome.STARTED
-        assert stack.store.lock_holder(ref.key, stack.sim.clock.now()) is None
+        assert lock_holder(stack.store, ref.key, stack.sim.clock.now()) is None
         other = stack.reconciler().reconcile(ref)  # another instance, seconds later
         assert other.outcome is not Outcome.BUSY
 
@@ -142,7 +143,7 @@ def test_one_unreadable_operation_record_does_not_stop_every_other_scale_set(sto
         web = stack.store.active_operation(scale_set_ref(stack, "web").key)
         body = json.loads(web.body)
         body["schema"] = 2
-        stack.store.save_operation(replace(web, body=json.dumps(body)))
+        save_operation(stack.store, replace(web, body=json.dumps(body)))
         stack.sim.advance(300)
         results = reconciler.advance_all()
         api = [r for r in results if r.ref == scale_set_ref(stack, "api")]

@@ -24,6 +24,15 @@ from devkit.azurite import (
     find_executable,
     free_port,
 )
+from devkit.tables import (
+    claim_slot,
+    create_tables,
+    forget_event,
+    lock_holder,
+    save_operation,
+    slots_in_use,
+    table_names,
+)
 from rebalancer.evaluator import assess
 from rebalancer.model import (
     Health,
@@ -109,7 +118,7 @@ def test_on_disk_azurite_keeps_rows_across_a_restart(azurite_on_disk: Azurite, s
     port = azurite_on_disk.port
     azurite_on_disk.restart()
     assert azurite_on_disk.port == port
-    assert store.lock_holder(WEB, T0) == "a"
+    assert lock_holder(store, WEB, T0) == "a"
 
 
 def test_in_memory_azurite_refuses_restart(azurite: Azurite):
@@ -166,17 +175,17 @@ def test_lock_is_exclusive_until_its_lease_expires(store: Store):
     assert held is not None and held.owner == "alice"
     assert held.lease_until == T0 + LEASE
     assert store.try_acquire(WEB, "bob", T0 + timedelta(minutes=4), LEASE) is None
-    assert store.lock_holder(WEB, T0 + timedelta(minutes=4)) == "alice"
+    assert lock_holder(store, WEB, T0 + timedelta(minutes=4)) == "alice"
 
     # alice crashed: her lease runs out and bob takes over
     later = T0 + LEASE + timedelta(seconds=1)
-    assert store.lock_holder(WEB, later) is None
+    assert lock_holder(store, WEB, later) is None
     taken = store.try_acquire(WEB, "bob", later, LEASE)
     assert taken is not None and taken.owner == "bob"
     with pytest.raises(LockLost, match="no longer held by alice"):
         store.renew(held, later)
     assert store.release(held) is False
-    assert store.lock_holder(WEB, later) == "bob"
+    assert lock_holder(store, WEB, later) == "bob"
 
 
 def test_lock_renew_and_release(store: Store):
@@ -198,11 +207,11 @@ def test_an_earlier_copy_of_a_renewed_lock_still_releases_it(store: Store):
     assert held is not None
     store.renew(held, T0 + timedelta(minutes=1))
     assert store.release(held) is True
-    assert store.lock_holder(WEB, T0 + timedelta(minutes=2)) is None
+    assert lock_holder(store, WEB, T0 + timedelta(minutes=2)) is None
     taken = store.try_acquire(WEB, "pass-2", T0 + timedelta(minutes=2), LEASE)
     assert taken is not None
     assert store.release(held) is False  # another owner's lock is never released
-    assert store.lock_holder(WEB, T0 + timedelta(minutes=2)) == "pass-2"
+    assert lock_holder(store, WEB, T0 + timedelta(minutes=2)) == "pass-2"
 
 
 def test_the_same_owner_reacquires_and_other_scale_sets_are_independent(store: Store):
@@ -224,31 +233,31 @@ def test_eight_concurrent_acquirers_exactly_one_wins(store_factory, expired_hold
     results = race(8, lambda i: stores[i].try_acquire(WEB, f"owner-{i}", now, LEASE))
     winners = [lock for lock in results if lock is not None]
     assert len(winners) == 1
-    assert stores[0].lock_holder(WEB, now) == winners[0].owner
+    assert lock_holder(stores[0], WEB, now) == winners[0].owner
 
 
 # -- operations ----------------------------------------------------------------------------
 
 
 def test_operation_create_read_update_and_stale_etag(store: Store):
-    created = store.save_operation(operation())
+    created = save_operation(store, operation())
     assert created.etag is not None and created.created_at == T0
     assert store.active_operation(WEB) == created
     assert store.active_operation(API) is None
 
-    moved = store.save_operation(
-        replace(created, state="scaling_out", updated_at=T0 + timedelta(minutes=1))
+    moved = save_operation(
+        store, replace(created, state="scaling_out", updated_at=T0 + timedelta(minutes=1))
     )
     assert store.active_operation(WEB) == moved
     with pytest.raises(ConcurrencyError, match="stale ETag"):
-        store.save_operation(replace(created, state="failed"))  # written from an old read
+        save_operation(store, replace(created, state="failed"))  # written from an old read
     assert store.active_operation(WEB) == moved
 
 
 def test_a_scale_set_has_at_most_one_in_flight_operation(store: Store):
-    store.save_operation(operation("op-1"))
+    save_operation(store, operation("op-1"))
     with pytest.raises(ConcurrencyError, match="already has an in-flight operation"):
-        store.save_operation(operation("op-2"))
+        save_operation(store, operation("op-2"))
 
 
 def test_commit_writes_the_operation_only_while_the_lock_is_held(store: Store):
@@ -256,7 +265,7 @@ def test_commit_writes_the_operation_only_while_the_lock_is_held(store: Store):
     assert lock is not None
     row, lock = store.commit(operation(), lock, T0 + timedelta(minutes=1))
     assert lock.lease_until == T0 + timedelta(minutes=6)
-    assert store.lock_holder(WEB, T0 + timedelta(minutes=5, seconds=30)) == "alice"
+    assert lock_holder(store, WEB, T0 + timedelta(minutes=5, seconds=30)) == "alice"
 
     # alice stalls past her lease; bob takes the scale set over
     late = T0 + timedelta(minutes=10)
@@ -270,7 +279,7 @@ def test_commit_rejects_a_stale_operation_even_with_the_lock(store: Store):
     lock = store.try_acquire(WEB, "alice", T0, LEASE)
     assert lock is not None
     row, lock = store.commit(operation(), lock, T0)
-    store.save_operation(replace(row, state="scaling_out"))
+    save_operation(store, replace(row, state="scaling_out"))
     with pytest.raises(ConcurrencyError) as raised:
         store.commit(replace(row, state="failed"), lock, T0)
     assert not isinstance(raised.value, LockLost)
@@ -279,13 +288,13 @@ def test_commit_rejects_a_stale_operation_even_with_the_lock(store: Store):
 
 def test_active_operations_lists_only_in_flight_ones(store: Store):
     assert store.active_operations() == []  # tables do not exist yet: nothing in flight
-    web = store.save_operation(operation("op-web", WEB))
-    api = store.save_operation(operation("op-api", API))
+    web = save_operation(store, operation("op-web", WEB))
+    api = save_operation(store, operation("op-api", API))
     lock = store.try_acquire(WEB, "alice", T0, LEASE)
     assert lock is not None
-    store.claim_slot("op-web", 5, T0)
+    claim_slot(store, "op-web", 5, T0)
     assert {row.operation_id for row in store.active_operations()} == {"op-web", "op-api"}
-    store.save_operation(replace(api, state="succeeded", active=False))
+    save_operation(store, replace(api, state="succeeded", active=False))
     assert store.active_operations() == [web]
 
 
@@ -293,12 +302,13 @@ def test_finished_operations_move_to_history_newest_first(store: Store):
     ids = []
     for day in range(4):
         started = T0 + timedelta(days=day)
-        row = store.save_operation(operation(f"op-{day}", at=started))
-        store.save_operation(
-            replace(row, state="succeeded", active=False, updated_at=started + timedelta(hours=1))
+        row = save_operation(store, operation(f"op-{day}", at=started))
+        save_operation(
+            store,
+            replace(row, state="succeeded", active=False, updated_at=started + timedelta(hours=1)),
         )
         ids.append(f"op-{day}")
-    current = store.save_operation(operation("op-now", at=T0 + timedelta(days=9)))
+    current = save_operation(store, operation("op-now", at=T0 + timedelta(days=9)))
     assert store.active_operation(WEB) == current
 
     history = store.history(WEB, limit=3)
@@ -310,33 +320,33 @@ def test_finished_operations_move_to_history_newest_first(store: Store):
 
 
 def test_a_finished_operation_can_still_be_amended(store: Store):
-    row = store.save_operation(operation())
-    done = store.save_operation(replace(row, state="succeeded", active=False))
-    amended = store.save_operation(replace(done, body='{"note": "call ids appended"}'))
+    row = save_operation(store, operation())
+    done = save_operation(store, replace(row, state="succeeded", active=False))
+    amended = save_operation(store, replace(done, body='{"note": "call ids appended"}'))
     assert store.history(WEB)[0] == amended
     with pytest.raises(ConcurrencyError):
-        store.save_operation(replace(done, body="stale"))
+        save_operation(store, replace(done, body="stale"))
 
 
 def test_interrupted_archiving_is_completed(store: Store):
-    row = store.save_operation(operation("op-1"))
-    assert store.claim_slot("op-1", 3, T0)
+    row = save_operation(store, operation("op-1"))
+    assert claim_slot(store, "op-1", 3, T0)
     # A crash right after the terminal write: the finished row is still in the live partition.
     finished = replace(row, state="failed", active=False)
     store._tables["live"].update_entity(store._operation_entity(finished))
     assert store.active_operations() == []
     assert store.active_operation(WEB) is None  # completes the move
-    assert store.slots_in_use() == []
+    assert slots_in_use(store) == []
     assert [r.operation_id for r in store.history(WEB)] == ["op-1"]
-    assert store.save_operation(operation("op-2")).operation_id == "op-2"
+    assert save_operation(store, operation("op-2")).operation_id == "op-2"
 
 
 def test_purge_removes_finished_operations_past_retention(store: Store):
     for day in range(3):
         at = T0 + timedelta(days=day)
-        row = store.save_operation(operation(f"op-{day}", at=at))
-        store.save_operation(replace(row, state="succeeded", active=False))
-    store.save_operation(operation("op-live", at=T0))
+        row = save_operation(store, operation(f"op-{day}", at=at))
+        save_operation(store, replace(row, state="succeeded", active=False))
+    save_operation(store, operation("op-live", at=T0))
     result = store.purge(T0 + timedelta(days=31, hours=12), history_retention=timedelta(days=30))
     assert result.operations == 2
     assert [row.operation_id for row in store.history(WEB)] == ["op-live", "op-2"]
@@ -345,13 +355,13 @@ def test_purge_removes_finished_operations_past_retention(store: Store):
 def test_large_bodies_are_split_and_oversized_ones_refused(store: Store):
     body = ('{"baseline": [' + ",".join(f'"{i}"' for i in range(9000)) + "]}") + "\U0001f600" * 9
     assert len(body) > 60_000
-    row = store.save_operation(operation(body=body))
+    row = save_operation(store, operation(body=body))
     assert store.active_operation(WEB) == row
     assert store.active_operation(WEB).body == body
 
     too_big = "x" * (MAX_ENTITY_BYTES // 2)
     with pytest.raises(EntityTooLarge, match="at most 1,048,576"):
-        store.save_operation(operation("op-2", API, body=too_big))
+        save_operation(store, operation("op-2", API, body=too_big))
     assert store.active_operation(API) is None
 
 
@@ -391,7 +401,7 @@ def real_record(vms_per_zone: tuple[int, int, int], operation_id: str = "op-real
 def test_a_real_operation_record_of_a_1000_vm_scale_set_round_trips(store: Store):
     record = real_record((300, 350, 350))
     assert record.active and record.scale_set_key == record.ref.key
-    saved = store.save_operation(OperationRow.of(record))
+    saved = save_operation(store, OperationRow.of(record))
     assert saved.state == "scaling_out" and saved.created_at == T0
     [listed] = store.active_operations()
     assert OperationRecord.from_json(listed.body) == record
@@ -412,36 +422,36 @@ def test_split_text_respects_utf16_units_and_surrogate_pairs():
 
 
 def test_slots_cap_concurrent_operations(store: Store):
-    assert store.claim_slot("op-a", 2, T0)
-    assert store.claim_slot("op-a", 2, T0)  # idempotent
-    assert store.claim_slot("op-b", 2, T0)
-    assert not store.claim_slot("op-c", 2, T0)
+    assert claim_slot(store, "op-a", 2, T0)
+    assert claim_slot(store, "op-a", 2, T0)  # idempotent
+    assert claim_slot(store, "op-b", 2, T0)
+    assert not claim_slot(store, "op-c", 2, T0)
     store.release_slot("op-a")
     store.release_slot("op-a")  # idempotent
-    assert store.claim_slot("op-c", 2, T0)
-    assert sorted(store.slots_in_use()) == ["op-b", "op-c"]
-    assert not store.claim_slot("op-d", 0, T0)
+    assert claim_slot(store, "op-c", 2, T0)
+    assert sorted(slots_in_use(store)) == ["op-b", "op-c"]
+    assert not claim_slot(store, "op-d", 0, T0)
 
 
 def test_a_slot_whose_operation_is_gone_is_reclaimed_after_the_grace(store: Store):
-    in_flight = store.save_operation(operation("op-a", WEB))
-    assert store.claim_slot("op-a", 2, T0)
-    assert store.claim_slot("op-b", 2, T0)  # never got an operation row (crashed)
+    in_flight = save_operation(store, operation("op-a", WEB))
+    assert claim_slot(store, "op-a", 2, T0)
+    assert claim_slot(store, "op-b", 2, T0)  # never got an operation row (crashed)
     grace_over = T0 + store.slot_grace + timedelta(seconds=1)
-    assert not store.claim_slot("op-c", 2, T0 + timedelta(seconds=30))
-    assert store.claim_slot("op-c", 2, grace_over)
-    assert sorted(store.slots_in_use()) == ["op-a", "op-c"]
+    assert not claim_slot(store, "op-c", 2, T0 + timedelta(seconds=30))
+    assert claim_slot(store, "op-c", 2, grace_over)
+    assert sorted(slots_in_use(store)) == ["op-a", "op-c"]
     # op-a finishes without releasing its slot: it is reclaimable too
-    store.save_operation(replace(in_flight, state="succeeded", active=False))
-    assert store.claim_slot("op-d", 2, grace_over)
-    assert sorted(store.slots_in_use()) == ["op-c", "op-d"]
+    save_operation(store, replace(in_flight, state="succeeded", active=False))
+    assert claim_slot(store, "op-d", 2, grace_over)
+    assert sorted(slots_in_use(store)) == ["op-c", "op-d"]
 
 
 def test_eight_racing_claims_never_exceed_the_cap(store_factory):
     stores = [store_factory() for _ in range(8)]
-    results = race(8, lambda i: stores[i].claim_slot(f"op-{i}", 3, T0))
+    results = race(8, lambda i: claim_slot(stores[i], f"op-{i}", 3, T0))
     assert results.count(True) == 3
-    assert len(stores[0].slots_in_use()) == 3
+    assert len(slots_in_use(stores[0])) == 3
 
 
 def test_begin_operation_writes_lock_operation_and_slot_together(store: Store):
@@ -452,15 +462,15 @@ def test_begin_operation_writes_lock_operation_and_slot_together(store: Store):
     assert started is not None
     row, web_lock = started
     assert web_lock.lease_until == T0 + LEASE and store.renew(web_lock, T0).owner == "alice"
-    assert store.slots_in_use() == ["op-web"]
+    assert slots_in_use(store) == ["op-web"]
 
     # the only slot is taken: nothing is written for the second scale set
     assert store.begin_operation(operation("op-api", API), api_lock, T0, slot_limit=1) is None
     assert store.active_operation(API) is None
 
     # finishing frees the slot, so the waiting scale set can start
-    store.save_operation(replace(row, state="succeeded", active=False))
-    assert store.slots_in_use() == []
+    save_operation(store, replace(row, state="succeeded", active=False))
+    assert slots_in_use(store) == []
     assert store.begin_operation(operation("op-api", API), api_lock, T0, slot_limit=1)
     assert [r.operation_id for r in store.active_operations()] == ["op-api"]
 
@@ -473,13 +483,13 @@ def test_begin_operation_writes_nothing_without_the_lock_or_with_one_in_flight(s
     assert bob is not None
     with pytest.raises(LockLost):
         store.begin_operation(operation("op-1"), lock, late, slot_limit=5)
-    assert store.active_operation(WEB) is None and store.slots_in_use() == []
+    assert store.active_operation(WEB) is None and slots_in_use(store) == []
 
     started = store.begin_operation(operation("op-1"), bob, late, slot_limit=5)
     assert started is not None
     with pytest.raises(ConcurrencyError, match="already has an in-flight operation"):
         store.begin_operation(operation("op-2"), started[1], late, slot_limit=5)
-    assert store.slots_in_use() == ["op-1"]
+    assert slots_in_use(store) == ["op-1"]
 
 
 def test_eight_scale_sets_racing_to_begin_respect_the_cap(store_factory):
@@ -493,7 +503,7 @@ def test_eight_scale_sets_racing_to_begin_respect_the_cap(store_factory):
     results = race(8, begin)
     assert sum(result is not None for result in results) == 3
     assert len(stores[0].active_operations()) == 3
-    assert len(stores[0].slots_in_use()) == 3
+    assert len(slots_in_use(stores[0])) == 3
 
 
 # -- zone backoff --------------------------------------------------------------------------
@@ -567,7 +577,7 @@ def test_event_ids_are_delivered_once_until_they_expire(store: Store):
     assert store.first_delivery(event, T0)
     assert not store.first_delivery(event, T0 + timedelta(hours=1))
     assert store.first_delivery("another", T0)
-    store.forget_event("another")  # handling failed: let Event Grid's retry through
+    forget_event(store, "another")  # handling failed: let Event Grid's retry through
     assert store.first_delivery("another", T0 + timedelta(minutes=1))
 
     after = T0 + store.event_ttl + timedelta(seconds=1)
@@ -649,7 +659,7 @@ def test_server_errors_raise_store_unavailable(table_prefix, status, code):
         with pytest.raises(StoreUnavailable, match=f"HTTP {status} {code}"):
             store.active_operation(WEB)
         with pytest.raises(StoreUnavailable):
-            store.save_operation(operation())
+            save_operation(store, operation())
 
 
 def test_access_denied_says_which_role_to_grant(table_prefix):
@@ -687,7 +697,7 @@ def test_stats_count_requests_and_tables_are_created_once(store: Store):
     assert store.stats.writes == 3
     store.first_delivery("e2", T0)
     assert store.stats.writes == 4
-    store.create_tables()  # idempotent
+    create_tables(store)  # idempotent
     assert store.stats.writes == 4 + 5
 
 
@@ -767,7 +777,7 @@ def test_open_store_with_a_connection_string_reaches_azurite(azurite, table_pref
     env = {"AzureWebJobsStorage": azurite.connection_string}
     with open_store(env, table_prefix=table_prefix, retry_total=0) as store:
         assert store.first_delivery("e1", T0)
-        assert store.table_names()[0] == f"{table_prefix}live"
+        assert table_names(store)[0] == f"{table_prefix}live"
 
 
 def test_open_store_builds_identity_clients_without_network():

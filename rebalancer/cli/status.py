@@ -113,14 +113,7 @@ def open_status_store(args: argparse.Namespace, env: Mapping[str, str]) -> Store
 
 def recent_finished(store: Store, since: datetime, limit: int) -> list[OperationRow]:
     """Finished operations of every scale set that ended after `since` (newest first)."""
-    # The store has no public query across scale sets yet; this reads its history table
-    # the way `Store.history` does, by FinishedAt instead of by partition.
-    from rebalancer.store import _translated
-
-    with _translated("list recent operations"):
-        entities = store._query("history", "FinishedAt ge @since", {"since": since}, limit=limit)
-    rows = [store._operation(entity) for entity in entities]
-    return sorted(rows, key=lambda row: row.updated_at, reverse=True)
+    return store.finished_since(since, limit)
 
 
 # -- the report (pure) -----------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""What the app remembers per scale set (the scalesets table): its last assessment and the
+last outside activity on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from rebalancer.store.errors import StoreUnavailable
+from rebalancer.store.tables import (
+    TableAccess,
+    _body,
+    _body_properties,
+    _check_size,
+    _fingerprint,
+    _plain,
+    _translated,
+    _utc,
+    encode_key,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAssessment:
+    scale_set_key: str
+    fingerprint: str
+    body: str
+    at: datetime
+    imbalanced_since: datetime | None = None
+    """When the scale set last turned out of balance; None while it is balanced."""
+
+
+class ScaleSetRecords(TableAccess):
+    """The last assessment and the last outside activity of each scale set."""
+
+    def save_assessment(
+        self,
+        scale_set_key: str,
+        body: str,
+        at: datetime,
+        *,
+        fingerprint: str | None = None,
+        imbalanced: bool = False,
+    ) -> bool:
+        """Store the scale set's latest assessment only if it changed. True when written.
+
+        `fingerprint` identifies the content that matters (default: a hash of `body`); pass
+        one that leaves out timestamps, or every tick would count as a change. `imbalanced`
+        keeps `ImbalancedSince`: the time of the first of consecutive out-of-balance
+        assessments, however often their details change.
+        """
+        from azure.data.tables import UpdateMode
+
+        fingerprint = fingerprint or _fingerprint(body)
+        pk = encode_key(scale_set_key)
+        with _translated(f"save the assessment of {scale_set_key}"):
+            current = self._get(
+                "scalesets", pk, "assessment", select=["Fingerprint", "ImbalancedSince"]
+            )
+            if current is not None and current.get("Fingerprint") == fingerprint:
+                return False
+            entity = {
+                "PartitionKey": pk,
+                "RowKey": "assessment",
+                "ScaleSetKey": scale_set_key,
+                "Fingerprint": fingerprint,
+                "At": _utc(at, "at"),
+                **_body_properties(body),
+            }
+            if imbalanced:
+                since = current.get("ImbalancedSince") if current is not None else None
+                entity["ImbalancedSince"] = since or _utc(at, "at")
+            _check_size(entity, f"assessment of {scale_set_key}")
+            self._write("scalesets", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
+        return True
+
+    def last_assessment(self, scale_set_key: str) -> StoredAssessment | None:
+        with _translated(f"read the assessment of {scale_set_key}"):
+            entity = self._get("scalesets", encode_key(scale_set_key), "assessment")
+        if entity is None:
+            return None
+        since = entity.get("ImbalancedSince")
+        return StoredAssessment(
+            entity["ScaleSetKey"],
+            entity["Fingerprint"],
+            _body(entity),
+            _plain(entity["At"]),
+            None if since is None else _plain(since),
+        )
+
+    def record_activity(self, scale_set_key: str, at: datetime) -> bool:
+        """Remember an outside change to the scale set, keeping the latest. True if it moved."""
+        from azure.core.exceptions import (
+            ResourceExistsError,
+            ResourceModifiedError,
+            ResourceNotFoundError,
+        )
+
+        at = _utc(at, "at")
+        pk = encode_key(scale_set_key)
+        entity = {"PartitionKey": pk, "RowKey": "activity", "ScaleSetKey": scale_set_key, "At": at}
+        with _translated(f"record outside activity on {scale_set_key}"):
+            for _ in range(8):
+                current = self._get("scalesets", pk, "activity")
+                if current is not None and _plain(current["At"]) >= at:
+                    return False
+                try:
+                    if current is None:
+                        self._write("scalesets", lambda t: t.create_entity(entity))
+                    else:
+                        self._update("scalesets", entity, current.metadata["etag"])
+                except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+                    continue
+                return True
+        raise StoreUnavailable(
+            f"record outside activity on {scale_set_key}: the row kept changing; retry"
+        )
+
+    def last_activity(self, scale_set_key: str) -> datetime | None:
+        with _translated(f"read outside activity on {scale_set_key}"):
+            entity = self._get("scalesets", encode_key(scale_set_key), "activity")
+        return None if entity is None else _plain(entity["At"])
