@@ -86,6 +86,7 @@ def runtime_from_settings(env: Mapping[str, str]) -> Runtime:
     """The parts as deployed: app settings -> store, Compute adapter (managed identity),
     notifier when a topic is set, the system clock."""
     from rebalancer.compute import ArmConfig, ComputeAdapter
+    from rebalancer.compute.credentials import DeferredCredential
     from rebalancer.store import Store, parse_connection, storage_credential
     from rebalancer.telemetry import flatten_dimensions
 
@@ -94,7 +95,7 @@ def runtime_from_settings(env: Mapping[str, str]) -> Runtime:
     connection = parse_connection(env)
     credential = storage_credential(connection)
     store = Store(connection, table_prefix=settings.table_prefix, credential=credential)
-    shared = credential if _one_identity(connection, env) else None
+    shared = credential if _one_identity(connection, env) else DeferredCredential()
     compute = ComputeAdapter(ArmConfig.from_settings(settings), credential=shared)
     notifier = None
     if settings.notify_topic_endpoint:  # without a topic, the notifier is never imported
@@ -115,7 +116,7 @@ _SERVICE_PRINCIPAL_SETTINGS = (
 def _one_identity(connection: StorageConnection, env: Mapping[str, str]) -> bool:
     """Whether Table Storage's identity is the one DefaultAzureCredential picks for Compute
     and Event Grid; then the three share one credential (one token cache, one client of the
-    identity endpoint) instead of building it again on first use.
+    identity endpoint). Otherwise Compute and Event Grid share one `DeferredCredential`.
 
     DefaultAzureCredential takes a service principal or workload identity from the
     environment before a managed identity, and the managed identity `AZURE_CLIENT_ID` names."""

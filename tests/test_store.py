@@ -799,6 +799,7 @@ def test_the_app_builds_one_credential_for_storage_compute_and_notifications(mon
     """The deployed wiring (infra/modules/app.bicep): Table Storage through the user-assigned
     identity that AZURE_CLIENT_ID names too. Compute and Event Grid reuse the store's
     credential instead of building a DefaultAzureCredential each on first use."""
+    from rebalancer.compute.credentials import DeferredCredential
     from rebalancer.service import runtime_from_settings
 
     client_id = "11111111-2222-3333-4444-555555555555"
@@ -822,14 +823,16 @@ def test_the_app_builds_one_credential_for_storage_compute_and_notifications(mon
     runtime.store.close()
 
     # Another identity for storage, or a service principal that DefaultAzureCredential would
-    # take first: Compute keeps its own credential, built on first use.
+    # take first: Compute and Event Grid share one credential of their own, built on first use.
     for other in (
         {"AzureWebJobsStorage__clientId": "99999999-2222-3333-4444-555555555555"},
         {"AZURE_CLIENT_SECRET": "from-the-environment"},
     ):
         separate = runtime_from_settings({**env, **other})
-        assert separate.reconciler.compute._credential is None
-        assert separate.reconciler.on_notify.credential is None
+        shared = separate.reconciler.compute._credential
+        assert isinstance(shared, DeferredCredential) and not shared.built
+        assert separate.reconciler.on_notify.credential is shared
+        assert shared is not separate.store._service.credential
         separate.store.close()
 
 

@@ -1,12 +1,17 @@
-"""A fixed bearer token, for talking to a simulator (armsim) on this machine only.
+"""Credentials the app builds itself.
 
-`DefaultAzureCredential` cannot log in where there is no Azure; armsim accepts any token. To
-keep a static token from ever being sent to a real endpoint, it is refused for anything but a
-loopback host.
+`DeferredCredential`: the one `DefaultAzureCredential` Compute and Event Grid share when Table
+Storage authenticates as another identity (or with a connection string).
+
+`StaticTokenCredential`: a fixed bearer token, for talking to a simulator (armsim) on this
+machine only. `DefaultAzureCredential` cannot log in where there is no Azure; armsim accepts
+any token. To keep a static token from ever being sent to a real endpoint, it is refused for
+anything but a loopback host.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,3 +38,36 @@ class StaticTokenCredential:
 
     def close(self) -> None:
         return None
+
+
+class DeferredCredential:
+    """`DefaultAzureCredential`, built on the first token request and then shared: Compute and
+    Event Grid hold one credential (one token cache, one client of the identity endpoint),
+    and azure.identity is imported only when a call first needs a token."""
+
+    def __init__(self, authority: str | None = None) -> None:
+        self.authority = authority
+        self._credential: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def built(self) -> bool:
+        return self._credential is not None
+
+    def _get(self) -> Any:
+        with self._lock:
+            if self._credential is None:
+                from azure.identity import DefaultAzureCredential
+
+                kwargs = {"authority": self.authority} if self.authority else {}
+                self._credential = DefaultAzureCredential(**kwargs)
+            return self._credential
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        return self._get().get_token(*scopes, **kwargs)
+
+    def close(self) -> None:
+        with self._lock:
+            credential, self._credential = self._credential, None
+        if credential is not None:
+            credential.close()
