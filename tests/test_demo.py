@@ -282,3 +282,24 @@ def test_the_live_view_draws_each_zone_as_a_bar_with_the_operation_under_it():
     assert "│ zone 3 │ ██████████░░ " in text  # five running, one being deleted
     assert "scaling_out (scale_out_requested): capacity" in text
     assert "09:06:00 virtual time (+6m00s), tick 12, 3 Event Grid events delivered" in text
+
+
+def test_the_demo_s_self_check_names_a_broken_invariant(store):
+    """The judge the demo runs over its fleet is the suites' own: a VM the app's identity
+    deletes with no operation asking for it, a protected one, is named by rule."""
+    from armsim import ArmSim
+    from devkit.demo import RESOURCE_GROUP, _self_check, demo_env, scenario
+    from devkit.invariants import Invariants
+    from rebalancer.settings import load_settings
+
+    with ArmSim.start(scenario()) as sim:
+        judge = Invariants.watch(sim, store, load_settings(demo_env(sim)))
+        assert _self_check(judge, settled=True) == ()
+        api = sim.scale_set(RESOURCE_GROUP, "api")
+        protected = next(vm for vm in api.vms if vm.protect_from_scale_in)
+        app = sim.scenario.app_principal_id
+        sim.actor.delete_instances(RESOURCE_GROUP, "api", [protected.instance_id], principal_id=app)
+        sim.advance(600)
+        broken = _self_check(judge, settled=True)
+    assert any(line.startswith("[2]") and "protected" in line for line in broken), broken
+    assert any(line.startswith("[1]") and "no operation record" in line for line in broken)
