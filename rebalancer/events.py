@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from rebalancer.azure_operations import HANDLED_OPERATION_NAMES
-from rebalancer.model import ScaleSetRef
+from rebalancer.model import OutsideChange, ScaleSetRef
 from rebalancer.settings import Settings
 
 OBJECT_ID_CLAIM = "http://schemas.microsoft.com/identity/claims/objectidentifier"
@@ -106,6 +106,17 @@ class Trigger:
     outside: bool
     """Not the app's own write: counts as outside activity for the cooldown."""
     at: datetime | None
+
+    @property
+    def size_change(self) -> OutsideChange | None:
+        """What the event says about the scale set's size, if anything. A scale set write is
+        taken as a capacity write: that is how capacity is set (autoscale, portal, templates),
+        and a write that keeps the capacity removes no VM."""
+        if self.change is Change.SCALE_SET_WRITE:
+            return OutsideChange.CAPACITY_WRITE
+        if self.change in (Change.INSTANCES_DELETED, Change.INSTANCE_DELETED):
+            return OutsideChange.VM_DELETE
+        return None
 
     def activity_at(self, received_at: datetime) -> datetime:
         """When the outside change happened: the event's time, never later than its arrival,

@@ -259,3 +259,35 @@ class Inventory:
 
     def by_id(self) -> Mapping[str, Instance]:
         return {instance.id: instance for instance in self.instances}
+
+
+class OutsideChange(StrEnum):
+    """What someone else's event says they did to a scale set's size.
+
+    The two look the same in an observation (fewer VMs, capacity lower by as many) but mean
+    opposite things for the VMs an operation created: an absolute capacity counts them in, a
+    delete of someone's VMs lowered what the owners keep, so they are surplus.
+    """
+
+    CAPACITY_WRITE = "capacity_write"
+    VM_DELETE = "vm_delete"
+
+
+@dataclass(frozen=True, slots=True)
+class OutsideActivity:
+    """The latest outside change of each kind that events reported for one scale set."""
+
+    capacity_written_at: datetime | None = None
+    vms_deleted_at: datetime | None = None
+
+    def latest_since(self, since: datetime) -> OutsideChange | None:
+        """The kind of the latest change reported after `since`, or None if none was."""
+        seen = [
+            (at, kind)
+            for at, kind in (
+                (self.capacity_written_at, OutsideChange.CAPACITY_WRITE),
+                (self.vms_deleted_at, OutsideChange.VM_DELETE),
+            )
+            if at is not None and at >= since
+        ]
+        return max(seen)[1] if seen else None

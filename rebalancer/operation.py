@@ -26,7 +26,8 @@ Safety rules enforced here (the invariants of docs/safety.md):
 - any capacity we did not set, or VMs we did not ask for, end the operation `superseded`
   with nothing deleted: the other actor's absolute capacity counts our VMs in; VMs someone
   else deleted end it `superseded` too, after removing the VMs it created, so the capacity
-  handed back is always the owners' (start plus their changes);
+  handed back is always the owners' (start plus their changes); a lower capacity written
+  looks the same as deletes, and the events' operation names tell which it was;
 - every VM that appeared since the baseline is kept in the record, whatever happens next.
 """
 
@@ -43,7 +44,15 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from rebalancer.evaluator import eligible_sources, zone_counts, zone_key
-from rebalancer.model import Instance, Inventory, OrchestrationMode, ScaleSet, ScaleSetRef
+from rebalancer.model import (
+    Instance,
+    Inventory,
+    OrchestrationMode,
+    OutsideActivity,
+    OutsideChange,
+    ScaleSet,
+    ScaleSetRef,
+)
 
 if TYPE_CHECKING:
     from rebalancer.evaluator import Assessment
@@ -52,6 +61,7 @@ SCHEMA_VERSION = 1
 HISTORY_LIMIT = 20
 ARM_CALLS_LIMIT = 20
 _INLINE_BASELINE_CHARS = 2000
+NO_ACTIVITY = OutsideActivity()
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,6 +87,10 @@ class OperationPolicy:
     max_observation_age: timedelta = timedelta(minutes=2)
     """Sources are chosen and deleted only from an observation that began at most this long
     ago: a read slowed down by throttling may show a new VM healthy that no longer is."""
+    outside_cause_wait: timedelta = timedelta(minutes=30)
+    """How long a move waits for the event that says why VMs went missing (someone deleted
+    them, or wrote a lower capacity) before it keeps its VMs. Event Grid retries a delivery
+    at 10 s, 30 s, 1, 5, 10 and 30 minutes."""
 
     def __post_init__(self) -> None:
         if self.max_surge < 1:
@@ -89,6 +103,7 @@ class OperationPolicy:
             "delete_grace",
             "retry_interval",
             "max_observation_age",
+            "outside_cause_wait",
         ):
             if getattr(self, name) < timedelta(0):
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -387,6 +402,8 @@ class OperationRecord:
     """When the current step's command was last issued (spaces out repeats)."""
     rejected: str | None = None
     """A permanent error the shell reported for the scale-out (see `scale_out_rejected`)."""
+    cause_wait_since: datetime | None = None
+    """When VMs were first seen missing with no event yet saying who removed them and how."""
     outcome: Reason | None = None
     outcome_detail: str = ""
     history: tuple[Transition, ...] = ()
@@ -540,8 +557,12 @@ def advance(
     now: datetime,
     *,
     stand_down: str | None = None,
+    activity: OutsideActivity = NO_ACTIVITY,
 ) -> Step:
     """Decide the next step from a fresh observation (`None`: the scale set is gone, 404).
+
+    `activity`: what events reported someone else doing to the scale set's size, which tells a
+    lower capacity they wrote from VMs they deleted (the observation alone cannot).
 
     `stand_down`: the reconciler's reason to stop managing the set (opted out, app mode
     changed); Azure's own zone balancing policy on the scale set counts as well. Standing down
@@ -557,8 +578,10 @@ def advance(
             f"observation of {observation.scale_set.ref} given to operation "
             f"{record.operation_id} of {record.scale_set_id}"
         )
-    view = _View(record, observation)
+    view = _View(record, observation, activity)
     current = _note_new_vms(record, view)
+    if current.cause_wait_since is not None and _missing(current, view) is None:
+        current = replace(current, cause_wait_since=None)
     if observation.scale_set.platform_rebalancing and stand_down is None:
         stand_down = "automaticZoneRebalancingPolicy was enabled on the scale set"
     if observation.scale_set.provisioning_state.lower() == "deleting":
@@ -585,6 +608,7 @@ class _View:
 
     record: OperationRecord
     inventory: Inventory
+    activity: OutsideActivity = NO_ACTIVITY
 
     @property
     def scale_set(self) -> ScaleSet:
@@ -648,6 +672,22 @@ def _overprovisioned(
     return tuple(ours[: len(gone) - dropped])
 
 
+def _missing(record: OperationRecord, view: _View) -> tuple[str, ...] | None:
+    """VMs someone else removed, when the capacity dropped by as many (None otherwise).
+
+    Someone deleted them, or wrote a capacity that much lower and Azure picked them: the
+    observation cannot tell which, the events can.
+    """
+    capacity = view.scale_set.capacity
+    expected = record.target_capacity
+    gone = _deleted_by_others(record, view)
+    extras = _overprovisioned(record, view, gone, capacity, expected)
+    gone = tuple(vm for vm in gone if vm not in extras)
+    if gone and capacity == expected - len(gone) and len(view.live_new) <= record.k:
+        return gone
+    return None
+
+
 def _outside_change(
     record: OperationRecord,
     view: _View,
@@ -661,36 +701,113 @@ def _outside_change(
     capacity is ours minus those deletes): the owners' capacity is the one at the start minus
     the VMs of theirs they deleted, so the VMs this operation created are removed (rolled
     back), and it ends `superseded`. Someone wrote another capacity: it is absolute and counts
-    the new VMs in, so nothing is deleted. More VMs appeared than were asked for: someone is
-    scaling out (and wrote a capacity that counts them in); nothing is deleted. Extras of an
-    overprovisioned scale-out are neither: Azure shows them while its update runs and removes
-    them itself.
+    the new VMs in, so nothing is deleted. A lower capacity written looks like deletes (Azure
+    removes VMs to meet it); the events say which it was, and until one does the operation
+    waits, then keeps its VMs (`_unexplained_drop`). More VMs appeared than were asked for:
+    someone is scaling out (and wrote a capacity that counts them in); nothing is deleted.
+    Extras of an overprovisioned scale-out are neither: Azure shows them while its update runs
+    and removes them itself.
     """
     capacity = view.scale_set.capacity
     gone = _deleted_by_others(record, view)
     extras = _overprovisioned(record, view, gone, capacity, expected)
     gone = tuple(vm for vm in gone if vm not in extras)
     live = view.live_new
-    explained = capacity is not None and capacity in (expected, expected - len(gone))
-    if gone and explained and len(live) <= record.k:
-        ours = [vm for vm in gone if vm in record.created]
-        reason = Reason.NEW_VM_REMOVED if ours else Reason.OUTSIDE_DELETE
-        detail = f"VM(s) {', '.join(gone)} deleted by someone else; capacity is {capacity}"
-        return _roll_back(record, view, policy, now, reason, detail)
+    if gone and capacity == expected and len(live) <= record.k:
+        return _roll_back_for(record, view, policy, now, gone)
+    missing = _missing(record, view)
+    if missing is not None:
+        return _unexplained_drop(record, view, policy, now, missing)
     if capacity != expected:
         detail = f"capacity is {capacity}; this operation set {expected}"
         return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
-    if len(live) > record.k and not (view.busy and _may_overprovision(view)):
+    if len(live) > record.k and not _extras_pending(record, view, policy, now):
         listed = ", ".join(i.id for i in live)
         detail = f"{len(live)} VMs appeared ({listed}) where {record.k} were requested"
         return _finish(record, now, State.SUPERSEDED, Reason.UNEXPECTED_INSTANCES, detail)
     return None
 
 
+def _roll_back_for(
+    record: OperationRecord,
+    view: _View,
+    policy: OperationPolicy,
+    now: datetime,
+    gone: Sequence[str],
+) -> Step:
+    ours = [vm for vm in gone if vm in record.created]
+    reason = Reason.NEW_VM_REMOVED if ours else Reason.OUTSIDE_DELETE
+    detail = (
+        f"VM(s) {', '.join(gone)} deleted by someone else; capacity is {view.scale_set.capacity}"
+    )
+    return _roll_back(record, view, policy, now, reason, detail)
+
+
+def _unexplained_drop(
+    record: OperationRecord,
+    view: _View,
+    policy: OperationPolicy,
+    now: datetime,
+    gone: Sequence[str],
+) -> Step:
+    """VMs gone and the capacity lower by as many: whose decision was it, and which?
+
+    An event reporting VMs deleted: the owners keep fewer VMs, the operation's are surplus
+    (rolled back). An event reporting the scale set written: the capacity is absolute and
+    counts the operation's VMs in (nothing deleted). With neither yet, wait for the event up
+    to `outside_cause_wait`; then keep the VMs: removing them on a guess could leave the scale
+    set below a capacity its owners set, which costs availability, where keeping them costs
+    only the VMs.
+    """
+    capacity = view.scale_set.capacity
+    cause = view.activity.latest_since(record.created_at)
+    if cause is OutsideChange.VM_DELETE:
+        return _roll_back_for(record, view, policy, now, gone)
+    listed = ", ".join(gone)
+    if cause is OutsideChange.CAPACITY_WRITE:
+        detail = (
+            f"capacity {capacity} written by someone else (Azure removed VM(s) {listed} to "
+            f"meet it); it counts this operation's VMs in"
+        )
+        return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
+    since = record.cause_wait_since or now
+    if now < since + policy.outside_cause_wait:
+        if record.cause_wait_since == since:
+            return Step(record)
+        return Step(replace(record, cause_wait_since=since))
+    detail = (
+        f"VM(s) {listed} gone and capacity {capacity}, and no event in "
+        f"{_minutes(policy.outside_cause_wait)} min said whether someone deleted them or wrote "
+        "the capacity; the VMs this operation created are kept (check the Event Grid "
+        "subscription's operation filter)"
+    )
+    return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
+
+
+def _minutes(span: timedelta) -> int:
+    return int(span.total_seconds() // 60)
+
+
 def _may_overprovision(view: _View) -> bool:
     """Uniform scale sets overprovision by default: while an update runs, more new VMs than
     requested may show, and Azure deletes the extras before the update ends."""
     return view.scale_set.mode is OrchestrationMode.UNIFORM
+
+
+def _extras_pending(
+    record: OperationRecord, view: _View, policy: OperationPolicy, now: datetime
+) -> bool:
+    """More new VMs than requested, in a Uniform scale set whose capacity is still the one
+    this operation set: nobody else scaled out (that writes another capacity), so they are
+    extras of Azure's overprovisioning, which Azure removes itself, also after its update
+    ended early (preempted, failed). Wait for them until the scale-out deadline; removing them
+    ourselves would lower the capacity with each one."""
+    if not _may_overprovision(view) or view.scale_set.capacity != record.target_capacity:
+        return False
+    if len(view.live_new) <= record.k:
+        return False
+    deadline = record.scale_out_deadline or record.created_at + policy.scale_out_timeout
+    return view.busy or now < deadline
 
 
 # scaling_out ---------------------------------------------------------------------------------
@@ -729,7 +846,8 @@ def _scaling_out(
     new = [i for i in view.new if not i.deleting]
     provisioning = [i for i in new if i.provisioning_state.lower() not in ("succeeded", "failed")]
     timed_out = now >= deadline
-    if (view.busy or provisioning or not new) and not timed_out:
+    extras = _extras_pending(record, view, policy, now)
+    if (view.busy or provisioning or not new or extras) and not timed_out:
         return Step(record)
     if not new:
         detail = (
@@ -1344,6 +1462,7 @@ def _encode(record: OperationRecord) -> dict[str, Any]:
         "attempts": record.attempts,
         "last_request_at": _time(record.last_request_at),
         "rejected": record.rejected,
+        "cause_wait_since": _time(record.cause_wait_since),
         "outcome": record.outcome.value if record.outcome else None,
         "outcome_detail": record.outcome_detail,
         "history": [[t.state.value, _time(t.at), t.reason.value, t.detail] for t in record.history],
@@ -1387,6 +1506,7 @@ def _decode(doc: Mapping[str, Any]) -> OperationRecord:
         attempts=int(doc["attempts"]),
         last_request_at=_parse_time(doc.get("last_request_at")),
         rejected=doc["rejected"],
+        cause_wait_since=_parse_time(doc.get("cause_wait_since")),
         outcome=Reason(doc["outcome"]) if doc["outcome"] else None,
         outcome_detail=doc["outcome_detail"],
         history=tuple(
@@ -1455,4 +1575,10 @@ def describe(record: OperationRecord, now: datetime) -> str:
             body += f" Detail: {record.outcome_detail}."
         if created:
             body += f" VMs created by it: {created}."
+    if record.active and record.cause_wait_since is not None:
+        body += (
+            " VMs went missing with the capacity lower by as many; since "
+            f"{record.cause_wait_since.isoformat()} it waits for the event that says whether "
+            "someone deleted them (its VMs are then removed) or wrote the capacity (kept)."
+        )
     return f"{head} {body}"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rebalancer import autoscale, lro
 from rebalancer import operation as op
 from rebalancer.evaluator import Assessment, Decision, assess
-from rebalancer.model import Instance, Inventory, OrchestrationMode, ScaleSetRef
+from rebalancer.model import Instance, Inventory, OrchestrationMode, OutsideActivity, ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
 from rebalancer.telemetry import Telemetry
 from rebalancer.verdict import Gate, Outcome, Result, Verdict
@@ -131,6 +131,7 @@ class Reconciler:
             return Result(ref, Outcome.STUCK, detail=f"unreadable operation record: {error}")
         self._repair_backoff(record)
         pending = _pending(row)
+        activity = self.store.outside_activity(ref.key)
         for round_ in range(MAX_STEPS_PER_CALL):
             observation = self._observe(ref)
             if observation is None:
@@ -140,8 +141,10 @@ class Reconciler:
             stand_down = self._stand_down(ref, observation)
             now = self.clock()
             observation = lro.with_outcome(observation, record, pending)
-            step = op.advance(record, observation, self.policy, now, stand_down=stand_down)
-            step = self._known_protection(ref, record, observation, step, stand_down, now)
+            step = op.advance(
+                record, observation, self.policy, now, stand_down=stand_down, activity=activity
+            )
+            step = self._known_protection(ref, record, observation, step, stand_down, activity, now)
             if pending is not None and pending.outcome is not None:
                 step = replace(step, record=lro.reported(step.record, pending))
                 pending = replace(pending, reported=True)
@@ -230,6 +233,7 @@ class Reconciler:
         observation: Inventory | None,
         step: op.Step,
         stand_down: str | None,
+        activity: OutsideActivity,
         now: datetime,
     ) -> op.Step:
         """Decide again until no VM the step deletes is protected, for Flexible scale sets.
@@ -256,7 +260,9 @@ class Reconciler:
                 observation,
                 instances=tuple(_with_flags(i, known) for i in observation.instances),
             )
-            step = op.advance(record, observation, self.policy, now, stand_down=stand_down)
+            step = op.advance(
+                record, observation, self.policy, now, stand_down=stand_down, activity=activity
+            )
         raise RuntimeError(f"{ref}: no stable delete decision after reading VM protection")
 
     def _stand_down(self, ref: ScaleSetRef, observation: Inventory | None) -> str | None:

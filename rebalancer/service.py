@@ -220,7 +220,7 @@ def _handle_trigger(rt: Runtime, trigger: Trigger) -> Result | None:
         )
     else:
         if trigger.outside:
-            rt.store.record_activity(ref.key, trigger.activity_at(now))
+            rt.store.record_activity(ref.key, trigger.activity_at(now), trigger.size_change)
         result = rt.reconciler.reconcile(ref)
         log.info(
             "event %s (%s by %s) on %s: %s %s",

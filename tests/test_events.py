@@ -10,7 +10,7 @@ from azure.functions.meta import Datum
 
 from rebalancer.azure_operations import HANDLED_OPERATION_NAMES
 from rebalancer.events import Change, Ignored, Trigger, classify
-from rebalancer.model import ScaleSetRef
+from rebalancer.model import OutsideChange, ScaleSetRef
 from rebalancer.settings import load_settings
 
 EVENTS = Path(__file__).parent / "data" / "events"
@@ -41,17 +41,18 @@ def classify_event(event: func.EventGridEvent, config=None):
 
 
 @pytest.mark.parametrize(
-    ("name", "change"),
+    ("name", "change", "size_change"),
     [
-        ("vmss-write-capacity.json", Change.SCALE_SET_WRITE),
-        ("vmss-delete-instances.json", Change.INSTANCES_DELETED),
-        ("vmss-vm-delete.json", Change.INSTANCE_DELETED),
+        ("vmss-write-capacity.json", Change.SCALE_SET_WRITE, OutsideChange.CAPACITY_WRITE),
+        ("vmss-delete-instances.json", Change.INSTANCES_DELETED, OutsideChange.VM_DELETE),
+        ("vmss-vm-delete.json", Change.INSTANCE_DELETED, OutsideChange.VM_DELETE),
     ],
 )
-def test_scale_set_events_map_to_their_scale_set(name, change):
+def test_scale_set_events_map_to_their_scale_set(name, change, size_change):
     result = classify_event(decoded(name))
     assert isinstance(result, Trigger)
     assert result.change is change
+    assert result.size_change is size_change
     assert result.ref == ScaleSetRef(SUB, "RG-WEB", "web")
     assert result.outside
     assert result.at is not None and result.at.year == 2026

@@ -22,6 +22,7 @@ from rebalancer.model import (
     Instance,
     Inventory,
     OrchestrationMode,
+    OutsideActivity,
     PowerState,
     ScaleSet,
     ScaleSetRef,
@@ -230,6 +231,8 @@ class Run:
     policy: OperationPolicy = POLICY
     now: datetime = T0
     step_minutes: int = 5
+    activity: OutsideActivity = field(default_factory=OutsideActivity)
+    """What events reported someone else doing to the scale set's size."""
     commands: list[object] = field(default_factory=list)
     records: list[OperationRecord] = field(default_factory=list)
 
@@ -249,6 +252,7 @@ class Run:
         self.fleet.apply(commands)
 
     def step(self, record: OperationRecord, **kw: object) -> Step:
+        kw.setdefault("activity", self.activity)
         step = advance(record, self.fleet.inventory(self.now), self.policy, self.now, **kw)
         self._apply(step.record, step.commands)
         return step
@@ -511,11 +515,73 @@ def test_someone_deletes_the_new_vm_mid_operation():
     run.now += timedelta(minutes=5)
     record = run.step(record).record
     fleet.delete(("100",))
+    run.activity = OutsideActivity(vms_deleted_at=run.now)
     record = run.until_done(record)
     assert record.state is State.SUPERSEDED
     assert record.outcome is Reason.NEW_VM_REMOVED
     assert run.deleted() == set()
     assert fleet.totals() == (1, 3, 3)
+
+
+def _mid_move_drop(run: Run) -> OperationRecord:
+    """Uniform 1/3/3 with the new VM placed; then VM 0 is gone and capacity is one lower:
+    someone deleted it, or wrote capacity 7 and Azure removed it (the same observation)."""
+    record = run.start()
+    run.fleet.tick()
+    run.now += timedelta(minutes=5)
+    record = run.step(record).record
+    assert record.state is State.AWAITING_HEALTH and record.kept == ("100",)
+    run.fleet.delete(("0",))
+    run.fleet.tick()
+    return record
+
+
+def test_a_lower_capacity_written_mid_move_counts_the_new_vm_in():
+    run = Run(Fleet.of({"1": 1, "2": 3, "3": 3}))
+    record = _mid_move_drop(run)
+    run.activity = OutsideActivity(capacity_written_at=run.now)
+    record = run.until_done(record)
+    assert (record.state, record.outcome) == (State.SUPERSEDED, Reason.CAPACITY_CHANGED)
+    assert "written by someone else" in record.outcome_detail
+    assert run.deleted() == set()
+    assert run.fleet.capacity == 7
+
+
+def test_vms_deleted_mid_move_take_the_new_vm_with_them():
+    run = Run(Fleet.of({"1": 1, "2": 3, "3": 3}))
+    record = _mid_move_drop(run)
+    run.activity = OutsideActivity(vms_deleted_at=run.now)
+    record = run.until_done(record)
+    assert (record.state, record.outcome) == (State.SUPERSEDED, Reason.OUTSIDE_DELETE)
+    assert run.deleted() == {"100"}
+
+
+def test_vms_missing_with_no_event_wait_for_it_then_the_new_vm_is_kept():
+    run = Run(Fleet.of({"1": 1, "2": 3, "3": 3}))
+    record = _mid_move_drop(run)
+    missing_at = run.now
+    step = run.step(record)
+    assert step.record.state is State.AWAITING_HEALTH and not step.commands
+    assert step.record.cause_wait_since == missing_at
+    assert "waits for the event" in describe(step.record, run.now)
+    # A late event still decides: VMs deleted, so the new VM goes.
+    run.now = missing_at + POLICY.outside_cause_wait - timedelta(minutes=1)
+    late = run.step(step.record, activity=OutsideActivity(vms_deleted_at=missing_at))
+    assert late.record.state is State.ROLLING_BACK
+    # No event at all: after the wait, the new VM is kept (never below what owners set).
+    run.now = missing_at + POLICY.outside_cause_wait
+    kept = run.step(step.record)
+    assert (kept.record.state, kept.record.outcome) == (State.SUPERSEDED, Reason.CAPACITY_CHANGED)
+    assert not [c for c in kept.commands if isinstance(c, DeleteInstances)]
+    assert "no event in 30 min" in kept.record.outcome_detail
+
+
+def test_an_event_from_before_the_operation_does_not_explain_a_drop():
+    run = Run(Fleet.of({"1": 1, "2": 3, "3": 3}))
+    run.activity = OutsideActivity(vms_deleted_at=T0 - timedelta(minutes=1))
+    record = _mid_move_drop(run)
+    step = run.step(record)
+    assert step.record.state is State.AWAITING_HEALTH and step.record.cause_wait_since
 
 
 def test_scale_set_deleted_mid_operation():

@@ -41,3 +41,22 @@ def test_moves_complete_with_overprovisioning(store, max_surge):
         assert [r.state for r in run.records()] == [State.SUCCEEDED] * len(run.records())
         assert view.capacity == 9
         assert sorted(view.zone_counts().values()) == [3, 3, 3]
+
+
+def test_extras_left_by_a_preempted_scale_out_are_not_someone_elses(store):
+    """The scale-out's update ends early (preempted) while Azure's overprovisioned extras
+    still stand. The capacity is still the app's, so nobody else scaled out: the move waits
+    for Azure to remove them and goes on, and the set ends at its owners' capacity of 4
+    (it used to end `superseded (unexpected_instances)` one VM above it)."""
+    spec = ScaleSetSpec("web", "rg-web", counts={"1": 1, "2": 0, "3": 3}, tags=ENABLED)
+    with (
+        running_stack(Scenario(scale_sets=(spec,)), store) as stack,
+        FunctionsDriver(stack, seed=152) as run,
+    ):
+        run.until(lambda: bool(run.records()), what="the first operation")
+        assert stack.sim.actor.preempt("rg-web", "web")
+        run.until_settled(ticks=300)
+        view = stack.sim.scale_set("rg-web", "web")
+        assert [r.outcome for r in run.records() if r.state is State.SUPERSEDED] == []
+        assert view.capacity == 4
+        assert sorted(view.zone_counts().values()) == [1, 1, 2]

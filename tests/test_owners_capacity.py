@@ -99,6 +99,27 @@ def test_a_vm_deleted_by_a_person_mid_move_takes_the_apps_surplus_with_it(store)
         assert all(r.baseline.capacity == 7 for r in run.records()[1:])
 
 
+def test_a_lower_capacity_written_mid_move_keeps_the_apps_vm(store):
+    """Uniform 6/2 again, but this time someone writes capacity 7 while the move runs: Azure
+    removes two VMs to meet it, which looks exactly like two deletes. The write event says
+    which it was: an absolute capacity counts the app's new VM in, so the app deletes nothing
+    and the scale set stays at the 7 its owners wrote (it used to roll back to 6)."""
+    spec = ScaleSetSpec("web", "rg-web", zones=("1", "2"), counts={"1": 6, "2": 2}, tags=ENABLED)
+    with (
+        running_stack(Scenario(scale_sets=(spec,)), store) as stack,
+        FunctionsDriver(stack, seed=3) as run,
+    ):
+        run.until(lambda: bool(run.records()), what="the first operation")
+        assert stack.sim.scale_set("rg-web", "web").capacity == 9
+        stack.sim.actor.set_capacity("rg-web", "web", 7)
+        run.until(lambda: run.records()[0].state.terminal, what="the first operation ended")
+        first = run.records()[0]
+        assert (first.state, str(first.outcome)) == (State.SUPERSEDED, "capacity_changed")
+        assert not first.delete_requested
+        run.until_settled(ticks=300)
+        assert stack.sim.scale_set("rg-web", "web").capacity == 7
+
+
 def test_a_placement_tie_is_a_named_wait_not_a_zone_backoff(store):
     """Totals 4/6/4, active 4/4/3: the plan moves zone 2 -> zone 3, and Azure places the new
     VM in zone 1 (tied with zone 3 on totals). The VM is rightly not kept; zone 3 is not backed

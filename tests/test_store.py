@@ -40,6 +40,8 @@ from rebalancer.model import (
     Instance,
     Inventory,
     OrchestrationMode,
+    OutsideActivity,
+    OutsideChange,
     PowerState,
     ScaleSet,
     ScaleSetRef,
@@ -570,6 +572,22 @@ def test_outside_activity_keeps_the_latest(store: Store):
     assert not store.record_activity(WEB, T0 + timedelta(minutes=1))  # older, out of order
     assert store.last_activity(WEB) == T0 + timedelta(minutes=5)
     assert store.last_activity(API) is None
+
+
+def test_outside_activity_keeps_the_latest_of_each_kind(store: Store):
+    assert store.outside_activity(WEB) == OutsideActivity()
+    assert store.record_activity(WEB, T0, OutsideChange.VM_DELETE)
+    # An older capacity write still counts as the latest capacity write, not as the latest.
+    assert not store.record_activity(WEB, T0 - timedelta(minutes=1), OutsideChange.CAPACITY_WRITE)
+    assert store.record_activity(WEB, T0 + timedelta(minutes=2))  # a kind that changes no size
+    assert not store.record_activity(WEB, T0 - timedelta(minutes=5), OutsideChange.VM_DELETE)
+    activity = store.outside_activity(WEB)
+    assert activity == OutsideActivity(
+        capacity_written_at=T0 - timedelta(minutes=1), vms_deleted_at=T0
+    )
+    assert store.last_activity(WEB) == T0 + timedelta(minutes=2)
+    assert activity.latest_since(T0 - timedelta(minutes=3)) is OutsideChange.VM_DELETE
+    assert activity.latest_since(T0 + timedelta(seconds=1)) is None
 
 
 def test_event_ids_are_delivered_once_until_they_expire(store: Store):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from rebalancer.model import OutsideActivity, OutsideChange
 from rebalancer.store.errors import StoreUnavailable
 from rebalancer.store.tables import (
     TableAccess,
@@ -19,6 +20,12 @@ from rebalancer.store.tables import (
     _utc,
     encode_key,
 )
+
+_ACTIVITY_COLUMNS = {
+    OutsideChange.CAPACITY_WRITE: "CapacityWrittenAt",
+    OutsideChange.VM_DELETE: "VmsDeletedAt",
+}
+"""The column of the activity row that keeps the latest outside change of each kind."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +96,11 @@ class ScaleSetRecords(TableAccess):
             None if since is None else _plain(since),
         )
 
-    def record_activity(self, scale_set_key: str, at: datetime) -> bool:
-        """Remember an outside change to the scale set, keeping the latest. True if it moved."""
+    def record_activity(
+        self, scale_set_key: str, at: datetime, kind: OutsideChange | None = None
+    ) -> bool:
+        """Remember an outside change to the scale set, keeping the latest, and the latest of
+        its kind (a capacity write, VMs deleted) when it has one. True if the latest moved."""
         from azure.core.exceptions import (
             ResourceExistsError,
             ResourceModifiedError,
@@ -99,20 +109,31 @@ class ScaleSetRecords(TableAccess):
 
         at = _utc(at, "at")
         pk = encode_key(scale_set_key)
-        entity = {"PartitionKey": pk, "RowKey": "activity", "ScaleSetKey": scale_set_key, "At": at}
+        column = None if kind is None else _ACTIVITY_COLUMNS[kind]
         with _translated(f"record outside activity on {scale_set_key}"):
             for _ in range(8):
                 current = self._get("scalesets", pk, "activity")
-                if current is not None and _plain(current["At"]) >= at:
+                entity = {"PartitionKey": pk, "RowKey": "activity", "ScaleSetKey": scale_set_key}
+                if current is not None:
+                    entity.update(
+                        {k: v for k, v in current.items() if k in _ACTIVITY_COLUMNS.values()}
+                    )
+                    entity["At"] = current["At"]
+                moved = current is None or _plain(current["At"]) < at
+                if moved:
+                    entity["At"] = at
+                if column is not None and (column not in entity or _plain(entity[column]) < at):
+                    entity[column] = at
+                elif not moved:
                     return False
                 try:
                     if current is None:
-                        self._write("scalesets", lambda t: t.create_entity(entity))
+                        self._write("scalesets", lambda t, e=entity: t.create_entity(e))
                     else:
                         self._update("scalesets", entity, current.metadata["etag"])
                 except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                     continue
-                return True
+                return moved
         raise StoreUnavailable(
             f"record outside activity on {scale_set_key}: the row kept changing; retry"
         )
@@ -121,3 +142,19 @@ class ScaleSetRecords(TableAccess):
         with _translated(f"read outside activity on {scale_set_key}"):
             entity = self._get("scalesets", encode_key(scale_set_key), "activity")
         return None if entity is None else _plain(entity["At"])
+
+    def outside_activity(self, scale_set_key: str) -> OutsideActivity:
+        """When events last reported someone writing the capacity, and deleting VMs."""
+        with _translated(f"read outside activity on {scale_set_key}"):
+            entity = self._get("scalesets", encode_key(scale_set_key), "activity")
+        if entity is None:
+            return OutsideActivity()
+
+        def at(kind: OutsideChange) -> datetime | None:
+            value = entity.get(_ACTIVITY_COLUMNS[kind])
+            return None if value is None else _plain(value)
+
+        return OutsideActivity(
+            capacity_written_at=at(OutsideChange.CAPACITY_WRITE),
+            vms_deleted_at=at(OutsideChange.VM_DELETE),
+        )
