@@ -9,8 +9,9 @@ Metrics are what the test sets with `set_metric`. The engine's writes go through
 as requests, as the autoscale service's principal, so they take time, preempt and emit the
 Event Grid events ARM would.
 
-Profiles in force: fixed-date profiles (UTC windows) first, then the default profile;
-recurring profiles are not modelled.
+Profiles in force: fixed-date profiles first (a start or end without an offset is read in the
+profile's `timeZone`, UTC when it has none), then the default profile; recurring profiles are
+not modelled.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from armsim.errors import ArmError
 from armsim.resources import Caller
@@ -85,7 +87,7 @@ class Autoscale:
         for extra in profiles:
             fixed = extra.get("fixedDate")
             try:
-                if fixed and _utc(fixed.get("start")) > _utc(fixed.get("end")):
+                if fixed and _instant(fixed, "start") > _instant(fixed, "end"):
                     raise ValueError("the window ends before it starts")
             except (TypeError, ValueError) as error:
                 raise ValueError(
@@ -248,16 +250,37 @@ def _apply(action: Mapping[str, Any], current: int) -> int:
 def _profile_in_force(profiles: list[Mapping[str, Any]], at: datetime) -> Mapping[str, Any]:
     for profile in profiles:
         fixed = profile.get("fixedDate")
-        if fixed and _utc(fixed.get("start")) <= at <= _utc(fixed.get("end")):
+        if fixed and _instant(fixed, "start") <= at <= _instant(fixed, "end"):
             return profile
     plain = [p for p in profiles if not p.get("fixedDate") and not p.get("recurrence")]
     return plain[0] if plain else profiles[-1]
 
 
-def _utc(value: Any) -> datetime:
-    """A fixed date's start or end; times without an offset are read as UTC."""
-    moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+# The portal writes Windows time zone names; the ones zoneinfo spells differently
+# (https://learn.microsoft.com/azure/azure-monitor/autoscale/autoscale-understanding-settings:
+# "timeZone": "Pacific Standard Time").
+_WINDOWS_ZONES = {
+    "coordinated universal time": "UTC",
+    "gmt standard time": "Europe/London",
+    "w. europe standard time": "Europe/Berlin",
+    "romance standard time": "Europe/Paris",
+    "pacific standard time": "America/Los_Angeles",
+    "eastern standard time": "America/New_York",
+    "tokyo standard time": "Asia/Tokyo",
+}
+
+
+def _instant(fixed: Mapping[str, Any], key: str) -> datetime:
+    """A fixed date's start or end; a time without an offset is in the profile's timeZone."""
+    moment = datetime.fromisoformat(str(fixed.get(key)).replace("Z", "+00:00"))
+    if moment.tzinfo is not None:
+        return moment
+    name = str(fixed.get("timeZone") or "UTC").strip()
+    try:
+        zone = ZoneInfo(_WINDOWS_ZONES.get(name.lower(), name))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timeZone {name!r}") from None
+    return moment.replace(tzinfo=zone)
 
 
 def _target(world: World, resource_id: str) -> Any:

@@ -179,6 +179,29 @@ def test_a_fixed_date_profile_in_force_sets_its_own_limits(sim):
     assert sim.scale_set("rg-web", "web").capacity == 6
 
 
+def test_a_fixed_date_without_an_offset_is_read_in_its_time_zone(sim):
+    """Tokyo is UTC+9: a window written in Tokyo wall-clock time around Tokyo's now holds now
+    (read as UTC it would start 8 hours from now)."""
+    tokyo_now = sim.clock.now().replace(tzinfo=None) + timedelta(hours=9)
+    launch = {
+        "name": "launch",
+        "capacity": {"minimum": "8", "maximum": "12", "default": "8"},
+        "rules": [],
+        "fixedDate": {
+            "timeZone": "Tokyo Standard Time",
+            "start": (tokyo_now - timedelta(hours=1)).isoformat(),
+            "end": (tokyo_now + timedelta(hours=1)).isoformat(),
+        },
+    }
+    sim.autoscale.put(
+        "rg-web", "web-autoscale", target=web_id(sim), minimum=2, maximum=6, profiles=(launch,)
+    )
+    sim.advance(EVALUATION_SECONDS)
+    assert sim.scale_set("rg-web", "web").capacity == 8
+    sim.advance(2 * 3600)  # Tokyo's window is over
+    assert sim.scale_set("rg-web", "web").capacity == 6
+
+
 def test_a_malformed_fixed_date_is_refused_with_the_profile_named(sim):
     bad = {
         "name": "launch",
