@@ -19,16 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 from rebalancer import autoscale, lro
 from rebalancer import operation as op
+from rebalancer.compute.adapter import ArmCall
+from rebalancer.compute.errors import AdapterError, ErrorKind, ScaleSetGone
 from rebalancer.evaluator import Assessment, Decision, assess
 from rebalancer.model import Instance, Inventory, OrchestrationMode, OutsideActivity, ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
+from rebalancer.store import Lock, LockLost, OperationRow, Store, StoreError
 from rebalancer.telemetry import Telemetry
 from rebalancer.verdict import Gate, Outcome, Result, Verdict
 
 if TYPE_CHECKING:
     from rebalancer.compute import ComputeAdapter
-    from rebalancer.compute.errors import AdapterError
-    from rebalancer.store import Lock, OperationRow, Store
 
 log = logging.getLogger("rebalancer")
 
@@ -69,8 +70,6 @@ class Reconciler:
         and then the scale set is read again under it. `observed` (an inventory the audit read
         moments ago) is used to assess, never to act.
         """
-        from rebalancer.store import LockLost
-
         if self.store.active_operation(ref.key) is None:
             inventory = observed if observed is not None else self._observe(ref)
             if inventory is None:
@@ -97,8 +96,6 @@ class Reconciler:
             self._release(lock)
 
     def _release(self, lock: Lock) -> None:
-        from rebalancer.store import StoreError
-
         try:
             self.store.release(lock)
         except StoreError as error:  # the lease expires on its own
@@ -106,8 +103,6 @@ class Reconciler:
 
     def _observe(self, ref: ScaleSetRef) -> Inventory | None:
         """A fresh inventory, or None when the scale set no longer exists."""
-        from rebalancer.compute.errors import ScaleSetGone
-
         try:
             return self.compute.read_inventory(ref, self.clock())
         except ScaleSetGone:
@@ -174,9 +169,6 @@ class Reconciler:
     ) -> lro.PendingCall | None:
         """Read the status of the operation's last write once, when it is due: never before
         the `Retry-After` the last answer gave, and never by waiting for it."""
-        from rebalancer.compute.adapter import ArmCall
-        from rebalancer.compute.errors import AdapterError, ErrorKind
-
         now = self.clock()
         if pending is None or not pending.due(now):
             return pending
@@ -215,8 +207,6 @@ class Reconciler:
         operation on that would abandon the VMs it created. The resource group's scale set
         list must agree; if it still shows the set, this pass is deferred (a transient error).
         """
-        from rebalancer.compute.errors import AdapterError, ErrorKind
-
         listed = self.compute.list_scale_sets([ref.resource_group])
         if any(scale_set.ref == ref for scale_set in listed):
             raise AdapterError(
@@ -391,8 +381,6 @@ class Reconciler:
         Read last, and only when the upgrade policy can roll: one GET per scale set that
         would otherwise move.
         """
-        from rebalancer.compute.errors import AdapterError
-
         scale_set = inventory.scale_set
         if not scale_set.can_roll:
             return None
@@ -521,8 +509,6 @@ class Reconciler:
     def _autoscale_gate(
         self, inventory: Inventory, assessment: Assessment, now: datetime
     ) -> tuple[Gate, str] | None:
-        from rebalancer.compute.errors import AdapterError
-
         scale_set = inventory.scale_set
         try:
             settings = self.compute.autoscale_settings()
@@ -541,8 +527,6 @@ class Reconciler:
         return (Gate.AUTOSCALE_AT_MAXIMUM, found.describe()) if found else None
 
     def _quota_gate(self, inventory: Inventory, k: int) -> tuple[Gate, str] | None:
-        from rebalancer.compute.errors import AdapterError
-
         scale_set = inventory.scale_set
         try:
             quota = self.compute.quota(scale_set.location, scale_set.sku_name or "")
@@ -591,8 +575,6 @@ class Reconciler:
     def _start(
         self, ref: ScaleSetRef, inventory: Inventory, verdict: Verdict, lock: Lock
     ) -> Result | None:
-        from rebalancer.store import OperationRow
-
         now = self.clock()
         record, commands = op.start(
             inventory, verdict.assessment, self.policy, now, self.new_operation_id()
@@ -635,9 +617,6 @@ class Reconciler:
         it (another instance may have taken over and decided differently since) stops with
         LockLost instead of acting on what it saw before.
         """
-        from rebalancer.compute.errors import AdapterError, ErrorKind
-        from rebalancer.store import LockLost
-
         now = self.clock()
         for command in commands:
             writes = isinstance(command, op.SetCapacity | op.DeleteInstances)
@@ -718,8 +697,6 @@ class Reconciler:
     def _command_failed(
         self, record: op.OperationRecord, command: op.Command, error: AdapterError
     ) -> op.OperationRecord:
-        from rebalancer.compute.errors import ErrorKind
-
         log.warning(
             "operation %s on %s: %s failed: %s",
             record.operation_id,
@@ -789,8 +766,6 @@ class Reconciler:
 
     def audit(self) -> list[Result]:
         """Assess every zonal scale set in scope; start moves where the rules allow."""
-        from rebalancer.compute.errors import AdapterError, ErrorKind
-
         results = []
         now = self.clock()
         try:
@@ -812,8 +787,6 @@ class Reconciler:
 
     def _imbalanced_since(self, results: list[Result]) -> dict[str, datetime]:
         """When each scale set found out of balance turned so (one read per such set)."""
-        from rebalancer.store import StoreError
-
         since: dict[str, datetime] = {}
         for result in results:
             if result.verdict is None or result.verdict.assessment.balanced:
@@ -833,8 +806,6 @@ class Reconciler:
 
     def _guarded(self, ref: ScaleSetRef, observed: Inventory | None = None) -> Result:
         """One scale set's failure (throttling, a transient error) never stops the pass."""
-        from rebalancer.compute.errors import AdapterError, ErrorKind
-
         try:
             return self.reconcile(ref, observed=observed)
         except AdapterError as error:

@@ -27,7 +27,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from rebalancer.compute.errors import AdapterError
 from rebalancer.settings import Mode, Settings, SettingsError, load_settings
+from rebalancer.store import (
+    StorageConnection,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    parse_connection,
+    storage_credential,
+)
+from rebalancer.verdict import Outcome, Result
 
 if TYPE_CHECKING:
     from rebalancer.compute import ComputeAdapter
@@ -35,8 +45,6 @@ if TYPE_CHECKING:
     from rebalancer.model import ScaleSetRef
     from rebalancer.notify import EventGridNotifier
     from rebalancer.reconciler import Reconciler
-    from rebalancer.store import StorageConnection, Store
-    from rebalancer.verdict import Result
 
 log = logging.getLogger("rebalancer")
 
@@ -87,7 +95,6 @@ def runtime_from_settings(env: Mapping[str, str]) -> Runtime:
     notifier when a topic is set, the system clock."""
     from rebalancer.compute import ArmConfig, ComputeAdapter
     from rebalancer.compute.credentials import DeferredCredential
-    from rebalancer.store import Store, parse_connection, storage_credential
     from rebalancer.telemetry import flatten_dimensions
 
     flatten_dimensions()
@@ -248,8 +255,6 @@ def _flexible_vm_scale_set(rt: Runtime, trigger: Trigger) -> ScaleSetRef | None:
 
 
 def _mark_handled(rt: Runtime, event_id: str, now: datetime, result: Result | None) -> None:
-    from rebalancer.store import StoreError
-    from rebalancer.verdict import Outcome
 
     if result is not None and result.outcome is Outcome.DEFERRED:
         return  # raised as a transient failure next: the retry must get through
@@ -266,8 +271,6 @@ def _mark_handled(rt: Runtime, event_id: str, now: datetime, result: Result | No
 
 def _transient_guard(rt: Runtime, event_id: str, action: Callable[[], Any]) -> Any:
     """Run the action; make transient failures retryable and permanent ones logged."""
-    from rebalancer.compute.errors import AdapterError
-    from rebalancer.store import StoreUnavailable
 
     try:
         result = action()
@@ -283,7 +286,6 @@ def _transient_guard(rt: Runtime, event_id: str, action: Callable[[], Any]) -> A
         # would make Event Grid retry it for a day and then dead-letter it.
         log.error("event %s cannot be handled: %s; acknowledged, not retried", event_id, error)
         return None
-    from rebalancer.verdict import Outcome
 
     if getattr(result, "outcome", None) is Outcome.DEFERRED:
         raise TransientFailure(f"event {event_id} deferred: {result.detail}")
@@ -302,9 +304,6 @@ class TickReport:
 
 def handle_timer(past_due: bool = False) -> TickReport | None:
     """One timer tick: advance in-flight operations; audit when due; clean up after audits."""
-    from rebalancer.compute.errors import AdapterError
-    from rebalancer.store import StoreError
-    from rebalancer.verdict import Outcome
 
     rt = runtime()
     if rt is None or rt.settings.mode is Mode.OFF:
