@@ -664,7 +664,8 @@ def _overprovisioned(
     its extras does not. So new VMs gone beyond the capacity's drop are extras."""
     if view.scale_set.mode is not OrchestrationMode.UNIFORM or capacity is None:
         return ()
-    ours = [vm for vm in gone if vm in record.created]
+    # A VM the operation kept outlived Azure's update: it is no extra.
+    ours = [vm for vm in gone if vm in record.created and vm not in record.kept]
     theirs = len(gone) - len(ours)
     dropped = max(expected - capacity, 0)
     if theirs > dropped:
@@ -802,7 +803,9 @@ def _extras_pending(
     extras of Azure's overprovisioning, which Azure removes itself, also after its update
     ended early (preempted, failed). Wait for them until the scale-out deadline; removing them
     ourselves would lower the capacity with each one."""
-    if not _may_overprovision(view) or view.scale_set.capacity != record.target_capacity:
+    if record.state is not State.SCALING_OUT or not _may_overprovision(view):
+        return False
+    if view.scale_set.capacity != record.target_capacity:
         return False
     if len(view.live_new) <= record.k:
         return False
@@ -1313,9 +1316,15 @@ def _roll_back(
     detail: str,
     extra: tuple[Command, ...] = (),
 ) -> Step:
-    """Delete the VMs this operation created (only those), and wait for them to be gone."""
+    """Delete the VMs this operation created (only those), and wait for them to be gone.
+
+    Rolled back because someone else's update runs (`scale_set_busy`): a delete now would be
+    refused as a conflict, so it is only recorded, and `_await_deletes` sends it once the
+    update ended (or at the delete deadline).
+    """
     ours = [i for i in view.new if i.id in record.created and not i.protected]
-    to_delete = [i.id for i in ours if not i.deleting]
+    deferred = view.busy and reason is Reason.SCALE_SET_BUSY
+    to_delete = [] if deferred else [i.id for i in ours if not i.deleting]
     protected = [i.id for i in view.new if i.id in record.created and i.protected]
     record = replace(
         record,
@@ -1324,8 +1333,8 @@ def _roll_back(
         sources=(),
         delete_requested=MappingProxyType(dict.fromkeys((i.id for i in ours), now)),
         delete_deadline=_delete_deadline(view.scale_set, policy, now),
-        attempts=1,
-        last_request_at=now,
+        attempts=0 if deferred else 1,
+        last_request_at=None if deferred else now,
     )
     if protected:
         listed = ", ".join(protected)

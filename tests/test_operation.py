@@ -775,10 +775,17 @@ def test_an_outside_update_that_never_ends_removes_the_new_vms_and_no_source():
     later = (record.health_deadline or run.now) + POLICY.scale_out_timeout
     step = advance(record, fleet.inventory(later), POLICY, later)
     assert step.record.state is State.ROLLING_BACK
+    # Azure would refuse a delete while the update runs: the rollback is only recorded.
+    assert not [c for c in step.commands if isinstance(c, DeleteInstances)]
+    later += timedelta(minutes=5)
+    step = advance(step.record, fleet.inventory(later), POLICY, later)
+    assert not step.commands
+    fleet.provisioning_state = "Succeeded"
+    later += timedelta(minutes=5)
+    step = advance(step.record, fleet.inventory(later), POLICY, later)
     (delete,) = [c for c in step.commands if isinstance(c, DeleteInstances)]
     assert set(delete.ids) == set(record.created)
     fleet.apply(step.commands)
-    fleet.provisioning_state = "Succeeded"
     for _ in range(4):
         fleet.tick()
     later += timedelta(minutes=20)
