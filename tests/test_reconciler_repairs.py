@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from armsim import ScaleSetSpec, Scenario
+from rebalancer.cli import EXIT_OK, build_parser, status
 from rebalancer.operation import Reason, State
 from tests.stack import Drive, running_stack
 
@@ -29,7 +30,9 @@ def awaiting_health(run: Drive) -> bool:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_the_apps_new_vm_replaced_by_repairs_is_followed_to_its_replacement(store, mode):
+def test_the_apps_new_vm_replaced_by_repairs_is_followed_to_its_replacement(
+    store, azurite, table_prefix, capsys, mode
+):
     with running_stack(scenario(mode), store) as stack:
         sim = stack.sim
         sim.repairs.enable("rg-web", "web", grace_period="PT10M")
@@ -47,6 +50,14 @@ def test_the_apps_new_vm_replaced_by_repairs_is_followed_to_its_replacement(stor
         assert {repair.instance_id, repair.replacement} <= set(record.created)
         assert Reason.REPAIR_REPLACED in {t.reason for t in record.history}
         assert len(run.app_deletes()) == 1  # the source only: nothing of ours deleted twice
+        capsys.readouterr()
+        args = build_parser().parse_args(
+            ["status", "--table-prefix", table_prefix, "--scale-set", record.scale_set_id]
+        )
+        env = {"AzureWebJobsStorage": azurite.connection_string}
+        assert status.run(args, env, now=sim.clock.now()) == EXIT_OK
+        shown = " ".join(capsys.readouterr().out.split())
+        assert "repair_replaced" in shown and "automaticRepairsPolicy.gracePeriod" in shown
 
 
 @pytest.mark.parametrize("mode", MODES)
