@@ -673,11 +673,10 @@ def _follow_repairs(
     if len(pairs) < len(lost):
         deadline = (record.health_deadline or now) + policy.scale_out_timeout
         return Step(record) if now < deadline else record
-    swap = lambda ids: tuple(pairs.get(vm, vm) for vm in ids)  # noqa: E731
     record = replace(
         record,
-        kept=swap(record.kept),
-        discarded=swap(record.discarded),
+        kept=tuple(pairs.get(vm, vm) for vm in record.kept),
+        discarded=tuple(pairs.get(vm, vm) for vm in record.discarded),
         repaired=MappingProxyType({**record.repaired, **pairs}),
     )
     mine = [vm for vm in pairs if vm in ours]
@@ -716,10 +715,11 @@ def _overprovisioned(
 ) -> tuple[str, ...]:
     """The VMs among `gone` that Azure removed itself: extras of an overprovisioned Uniform
     scale-out. A delete by anyone else lowers the capacity by one; the platform's removal of
-    its extras does not. So new VMs gone beyond the capacity's drop are extras."""
+    its extras does not. So new VMs gone beyond the capacity's drop are extras. A kept VM is
+    never one: it was chosen once the scale-out had ended, its extras already on their way."""
     if view.scale_set.mode is not OrchestrationMode.UNIFORM or capacity is None:
         return ()
-    ours = [vm for vm in gone if vm in record.created]
+    ours = [vm for vm in gone if vm in record.created and vm not in record.kept]
     theirs = len(gone) - len(ours)
     dropped = max(expected - capacity, 0)
     if theirs > dropped:
