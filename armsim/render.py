@@ -132,6 +132,8 @@ def scale_set(ss: ScaleSetState) -> dict[str, Any]:
     }
     if ss.mode == "Uniform" or ss.upgrade_policy != {"mode": "Manual"}:
         properties["upgradePolicy"] = dict(ss.upgrade_policy)
+    if ss.repairs_policy is not None:
+        properties["automaticRepairsPolicy"] = dict(ss.repairs_policy)
     if ss.mode == "Uniform":
         properties["overprovision"] = ss.overprovision
         properties["doNotRunExtensionsOnOverprovisionedVMs"] = False

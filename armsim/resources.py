@@ -165,6 +165,8 @@ class ScaleSetState:
     """Overprovisioned VMs still among the members until their scale-out picks which go."""
     upgrade_policy: dict[str, Any] = field(default_factory=lambda: {"mode": "Manual"})
     """`properties.upgradePolicy` as last written (Azure's default mode is Manual)."""
+    repairs_policy: dict[str, Any] | None = None
+    """`properties.automaticRepairsPolicy` with defaults filled in (armsim/repairs.py)."""
 
     @property
     def resource_id(self) -> str:

@@ -29,6 +29,7 @@ from armsim.clock import Clock, VirtualClock
 from armsim.errors import OperationFailure
 from armsim.events import EventFacts, EventSink, HttpEventDelivery, build_event
 from armsim.faults import Faults
+from armsim.repairs import AutomaticRepairs
 from armsim.resources import (
     ALLOCATION_FAILURES,
     VMSS_TYPE,
@@ -213,6 +214,9 @@ class ArmSim:
         self.actor = Actor(self)
         self.autoscale = Autoscale(self)
         self.upgrades = RollingUpgrades(self)
+        self.repairs = AutomaticRepairs(self)
+        """Automatic instance repairs (armsim/repairs.py)."""
+        self.world.model_hooks.append(self.repairs.policy_written)
         """Rolling upgrades and their batches (armsim/upgrades.py)."""
         """Autoscale settings and their engine (armsim/autoscale.py)."""
         self._host, self._port, self._tls = host, port, tls

@@ -76,6 +76,8 @@ class World:
         self.vms_by_group: dict[str, dict[str, Vm]] = {}
         self.operations: dict[str, Operation] = {}
         self.journal: list[VmChange] = []
+        self.model_hooks: list[Callable[[World, ScaleSetState], None]] = []
+        """Called after each write of a scale set's model (armsim/repairs.py listens)."""
         self.capacity_journal: list[CapacityChange] = []
         self.skus: dict[str, SkuSpec] = {sku.name.lower(): sku for sku in scenario.skus}
         self.free: dict[tuple[str, str, str], int] = {}
@@ -821,6 +823,12 @@ class World:
             ss.overprovision = bool(props["overprovision"])
         if isinstance(props.get("upgradePolicy"), Mapping):
             ss.upgrade_policy = {**ss.upgrade_policy, **props["upgradePolicy"]}
+        if isinstance(props.get("automaticRepairsPolicy"), Mapping):
+            from armsim.repairs import normalize_policy
+
+            ss.repairs_policy = normalize_policy(props["automaticRepairsPolicy"], ss.repairs_policy)
+            for hook in self.model_hooks:
+                hook(self, ss)
         policy = (props.get("resiliencyPolicy") or {}).get("automaticZoneRebalancingPolicy")
         if isinstance(policy, Mapping) and "enabled" in policy:
             ss.platform_rebalancing = bool(policy["enabled"])

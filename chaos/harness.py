@@ -43,6 +43,7 @@ from chaos.events import Delivery, decode, hostile_events
 from chaos.invariants import Checker, Violation
 from chaos.netcut import NetCut
 from rebalancer import service
+from rebalancer.autoscale import REASON as AT_MAXIMUM
 from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME
 from rebalancer.compute import AdapterError, ArmConfig, ComputeAdapter, ErrorKind
 from rebalancer.compute.clock import VirtualTime
@@ -72,6 +73,8 @@ END_TICKS = 60
 TERMINAL_TICKS = 40
 TICK_SECONDS = 600.0
 STEP_SECONDS = (30.0, 60.0, 60.0, 120.0, 300.0)
+ROLLING = {"mode": "Rolling"}
+PLATFORM_ACTORS = ("autoscale_engine", "rolling_upgrade", "repairs")
 INVOCATION_TIMEOUT = 120.0
 
 KNOWN_ISSUES: dict[str, str] = {}
@@ -651,6 +654,9 @@ class ScenarioRun:
                 "add_zone",
                 "platform_policy",
                 "delete_scale_set",
+                "autoscale_engine",
+                "rolling_upgrade",
+                "repairs",
             )
         )
         before = self.checker.snapshot()
@@ -693,6 +699,22 @@ class ScenarioRun:
                 actor.update_scale_set(rg, name, {"properties": {"resiliencyPolicy": policy}})
             elif kind == "delete_scale_set" and rng.random() < 0.3:
                 actor.delete_scale_set(rg, name)
+            elif kind == "autoscale_engine":  # often at its maximum: moves must skip
+                top = ss.capacity + rng.choice((0, 0, 1, 3))
+                setting = f"{name}-autoscale"
+                self.sim.autoscale.put(rg, setting, target=ss.id, minimum=1, maximum=top)
+            elif kind == "rolling_upgrade":
+                actor.update_scale_set(rg, name, {"properties": {"upgradePolicy": ROLLING}})
+                self.sim.upgrades.start(rg, name)
+            elif kind == "repairs":
+                policy = {
+                    "enabled": True,
+                    "gracePeriod": rng.choice(("PT10M", "PT30M")),
+                    "repairAction": rng.choice(("Replace", "Replace", "Reimage", "Restart")),
+                }
+                actor.update_scale_set(rg, name, {"properties": {"automaticRepairsPolicy": policy}})
+            if kind in PLATFORM_ACTORS:
+                self.result.outcomes[f"actor {kind}"] += 1
         except Exception:  # armsim refused it (409 while held, 400...): so would Azure
             self.result.outcomes["actor refused"] += 1
         self.checker.note_outside(before, self.checker.snapshot())
@@ -775,6 +797,10 @@ class ScenarioRun:
                     8, f"operation {row.operation_id} on {row.scale_set_key} still {row.state}"
                 )
         self.result.unbalanced = self._unbalanced()
+        self.result.outcomes["held at the autoscale maximum"] += len(self._held)
+        here = f"/resourcegroups/{self.rg_in.lower()}/"
+        made = [r for r in self.sim.repairs.repairs if here in r.scale_set_id.lower()]
+        self.result.outcomes["repairs made"] += len(made)
         self._count_outcomes()
 
     def _replay_journal(self, *, settled: bool) -> None:
@@ -802,15 +828,37 @@ class ScenarioRun:
         judged on armsim's own state (the truth, protection included)."""
         monitoring = {spec.name: spec.health_monitoring for spec in self.specs}
         out = []
+        self._held: list[str] = []
         for view in self.checker.snapshot().values():
             if view.resource_group != self.rg_in:
                 continue
             if self.settings.opt_in(_tag(view.tags, OPT_IN_TAG)) is not OptIn.ENABLED:
                 continue
             assessment = assess(_inventory(view, monitoring[view.name], self.sim.clock.now()))
-            if assessment.decision is Decision.MOVE:
+            if assessment.decision is not Decision.MOVE:
+                continue
+            if self._held_by_autoscale(view):
+                self._held.append(view.name)
+            else:
                 out.append(f"{view.name} {assessment.detail}")
         return out
+
+    def _held_by_autoscale(self, view: ScaleSetView) -> bool:
+        """Left alone correctly: armsim's autoscale setting has no room for one more VM, and
+        the app's last verdict on the set says so (`autoscale_at_maximum`)."""
+        maxima = [
+            int(doc["properties"]["profiles"][-1]["capacity"]["maximum"])
+            for doc in self.sim.autoscale.documents()
+            if doc["properties"]["enabled"]
+            and doc["properties"]["targetResourceUri"].lower() == view.id.lower()
+        ]
+        if not maxima or view.capacity + 1 <= min(maxima):
+            return False
+        try:
+            stored = self.observer.last_assessment(ScaleSetRef.parse(view.id).key)
+        except StoreError:
+            return False
+        return stored is not None and json.loads(stored.body).get("reason") == AT_MAXIMUM
 
     def _count_outcomes(self) -> None:
         from rebalancer import operation as op
@@ -850,6 +898,10 @@ class ScenarioRun:
         for view in self.checker.snapshot().values():
             with contextlib.suppress(Exception):
                 self.sim.actor.delete_scale_set(view.resource_group, view.name)
+        for doc in self.sim.autoscale.documents():
+            group = doc["id"].split("/")[4]
+            if group.lower() == self.rg_in.lower():
+                self.sim.autoscale.set_enabled(group, doc["name"], False)
         self.sim.advance(600)
         self.sim.clear_requests()
         self.sim.events.clear()

@@ -21,11 +21,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rebalancer.model import (
+    AutomaticRepairs,
     Health,
     HealthMonitoring,
     Instance,
     OrchestrationMode,
     PowerState,
+    RepairAction,
     RollingUpgrade,
     ScaleSet,
     ScaleSetRef,
@@ -186,6 +188,19 @@ def _terminate_notification(doc: Mapping[str, Any]) -> timedelta | None:
     return parse_duration(_get(notification, "notBeforeTimeout")) or timedelta(minutes=5)
 
 
+def _automatic_repairs(doc: Mapping[str, Any]) -> AutomaticRepairs | None:
+    """The enabled repairs policy, with Azure's defaults (PT30M, Replace) for absent fields.
+    An action this version does not know reads as Replace: the one that replaces VMs, which
+    the operation must expect."""
+    policy = _prop(doc, "automaticRepairsPolicy")
+    if not isinstance(policy, Mapping) or not _flag(_get(policy, "enabled")):
+        return None
+    grace = parse_duration(_get(policy, "gracePeriod")) or timedelta(minutes=30)
+    named = (_text(_get(policy, "repairAction")) or "").lower()
+    action = next((a for a in RepairAction if a.value.lower() == named), RepairAction.REPLACE)
+    return AutomaticRepairs(grace_period=grace, action=action)
+
+
 def _orchestration_mode(doc: Mapping[str, Any]) -> OrchestrationMode:
     value = _text(_prop(doc, "orchestrationMode"))
     if value is None:
@@ -250,6 +265,7 @@ def parse_scale_set(doc: Mapping[str, Any]) -> ScaleSet:
         automatic_os_upgrade=_flag(
             _prop(doc, "upgradePolicy", "automaticOSUpgradePolicy", "enableAutomaticOSUpgrade")
         ),
+        automatic_repairs=_automatic_repairs(doc),
     )
 
 

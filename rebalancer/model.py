@@ -119,6 +119,32 @@ def frozen_mapping(values: Mapping[str, str] | None = None) -> Mapping[str, str]
     return MappingProxyType(dict(values or {}))
 
 
+class RepairAction(StrEnum):
+    """`automaticRepairsPolicy.repairAction` (Azure's default: Replace)."""
+
+    REPLACE = "Replace"
+    REIMAGE = "Reimage"
+    RESTART = "Restart"
+
+
+@dataclass(frozen=True, slots=True)
+class AutomaticRepairs:
+    """`properties.automaticRepairsPolicy` when enabled: the platform repairs VMs reporting
+    unhealthy or unknown once `grace_period` has passed since their last state change."""
+
+    grace_period: timedelta = timedelta(minutes=30)
+    action: RepairAction = RepairAction.REPLACE
+
+    @property
+    def replaces_vms(self) -> bool:
+        """Replace deletes the VM and creates a new one (new name and instance id) silently."""
+        return self.action is RepairAction.REPLACE
+
+    def describe(self) -> str:
+        minutes = int(self.grace_period.total_seconds() // 60)
+        return f"automaticRepairsPolicy {self.action.value} after a {minutes}-minute grace period"
+
+
 @dataclass(frozen=True, slots=True)
 class ScaleSet:
     """The parts of a scale set's model that the rebalancer reads."""
@@ -143,6 +169,8 @@ class ScaleSet:
     """`upgradePolicy.mode`: Manual, Automatic or Rolling."""
     automatic_os_upgrade: bool = False
     """`upgradePolicy.automaticOSUpgradePolicy.enableAutomaticOSUpgrade`."""
+    automatic_repairs: AutomaticRepairs | None = None
+    """`automaticRepairsPolicy` when enabled, else None."""
 
     @property
     def can_roll(self) -> bool:

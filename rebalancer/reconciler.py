@@ -505,7 +505,8 @@ class Reconciler:
             f"a rolling upgrade is {upgrade.status}{since} ({upgrade.in_progress} VM(s) in "
             f"progress, {upgrade.pending} pending; upgradePolicy.mode {scale_set.upgrade_mode}"
             f"{', automatic OS upgrades' if scale_set.automatic_os_upgrade else ''}); the move "
-            "waits until rollingUpgrades/latest is no longer RollingForward"
+            "waits until rollingUpgrades/latest is no longer RollingForward (or cancel it: "
+            "az vmss rolling-upgrade cancel)"
         )
 
     def _silent_change(
