@@ -124,7 +124,7 @@ def _one_move() -> Scenario:
 def test_a_move_completes_on_follow_ups_and_events_without_a_timer_tick(store_factory):
     """Create 60 s + health 30 s + delete 30 s: done at 120 s, with no timer tick after the
     one that started it. While the new VM is not healthy yet, a follow-up reads its instance
-    view only, never the scale set's VM list."""
+    view only, never the scale set's VM list, and the whole move lists the set three times."""
     store = store_factory()
     with running_stack(_one_move(), store) as stack:
         sim = stack.sim
@@ -138,6 +138,7 @@ def test_a_move_completes_on_follow_ups_and_events_without_a_timer_tick(store_fa
             assert store.active_operations(), "the audit started no operation"
             assert [f.seq for f in sent.sent] == [0]
             start = sim.clock.now()
+            first_request = len(sim.requests)
             lists_while_waiting = 0
             while store.active_operations():
                 assert sim.clock.now() - start < timedelta(minutes=5), "not done in 5 min"
@@ -156,12 +157,17 @@ def test_a_move_completes_on_follow_ups_and_events_without_a_timer_tick(store_fa
                             1 for r in sim.requests[before:] if r.operation == "vmss_vm.list"
                         )
             elapsed = (sim.clock.now() - start).total_seconds()
+            lists = [r for r in sim.requests[first_request:] if r.operation == "vmss_vm.list"]
         finally:
             sim.remove_event_sink(events.append)
             service.use_runtime(None)
         assert sorted(stack.counts("rg-web", "web").values()) == [2, 2, 3]
         assert elapsed <= 125, elapsed
         assert lists_while_waiting == 0
+        # One VM list where the step can change: placed (the write's event), healthy (the
+        # follow-up), done (the delete's event); a step decided on at once, and the next
+        # assessment, reuse the list just taken.
+        assert len(lists) == 3, [r.time.isoformat() for r in lists]
 
 
 def test_a_follow_up_is_handled_once_and_ends_with_its_operation(store_factory):
