@@ -23,6 +23,17 @@ def on_resource_event(event: func.EventGridEvent) -> None:
     service.handle_event(*envelope(event))
 
 
+@app.function_name("on_follow_up")
+@app.queue_trigger(
+    arg_name="message", queue_name="%REBALANCER_FOLLOW_UP_QUEUE%", connection="AzureWebJobsStorage"
+)
+def on_follow_up(message: func.QueueMessage) -> None:
+    """An in-flight operation's follow-up is due (a message sent with a visibility delay)."""
+    from rebalancer import service
+
+    service.handle_follow_up(message.get_body().decode("utf-8", errors="replace"))
+
+
 @app.function_name("on_timer")
 @app.timer_trigger(arg_name="timer", schedule="%REBALANCER_TIMER_SCHEDULE%", run_on_startup=False)
 def on_timer(timer: func.TimerRequest) -> None:

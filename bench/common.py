@@ -204,6 +204,21 @@ def budget_share_used(requests: list[Any], seconds: float) -> tuple[float, str]:
     return worst, which
 
 
+def resource_share_used(requests: list[Any], seconds: float) -> tuple[float, str]:
+    """Largest share of any policy's allowance (burst + refill over `seconds`) the requests
+    used, per scale set for per-resource policies, and the policy (with its scale set)."""
+    from armsim.throttling import DEFAULT_POLICIES
+
+    worst, which = 0.0, "none"
+    for (name, scope), count in charges(requests).items():
+        policy = DEFAULT_POLICIES[name]
+        allowance = policy.burst + policy.per_minute * seconds / 60.0
+        if allowance > 0 and count / allowance > worst:
+            where = f" on {scope.rsplit('/', 1)[-1]}" if scope else ""
+            worst, which = count / allowance, f"{name.rsplit('/', 1)[-1]}{where} ({count} calls)"
+    return worst, which
+
+
 # -- the app on armsim + Azurite ----------------------------------------------------------
 
 
@@ -224,10 +239,12 @@ class App:
         self.compute.close()
 
 
-def install_app(sim: Any, store: Any, *, budget: Any = None, **env: str) -> App:
+def install_app(
+    sim: Any, store: Any, *, budget: Any = None, follow_ups: Any = None, **env: str
+) -> App:
     """Settings as the app reads them (enforce mode, armsim's endpoint), the real Compute
-    adapter on armsim's clock (with `budget`, if given), a Reconciler, installed as the
-    process's runtime."""
+    adapter on armsim's clock (with `budget`, if given), a Reconciler (sending follow-ups to
+    `follow_ups`, if given), installed as the process's runtime."""
     from rebalancer import service
     from rebalancer.compute import ArmConfig, ComputeAdapter
     from rebalancer.compute.clock import VirtualTime
@@ -250,8 +267,14 @@ def install_app(sim: Any, store: Any, *, budget: Any = None, **env: str) -> App:
     compute = ComputeAdapter(
         config, credential=sim.credential, clock=VirtualTime(sim.clock), budget=budget
     )
-    reconciler = Reconciler(settings=settings, store=store, compute=compute, clock=sim.clock.now)
-    service.use_runtime(service.Runtime(settings, store, reconciler, sim.clock.now))
+    reconciler = Reconciler(
+        settings=settings,
+        store=store,
+        compute=compute,
+        clock=sim.clock.now,
+        follow_ups=follow_ups,
+    )
+    service.use_runtime(service.Runtime(settings, store, reconciler, sim.clock.now, follow_ups))
     return App(sim, store, settings, compute, reconciler)
 
 
@@ -275,6 +298,42 @@ def call_timer(handlers: dict[str, Any], past_due: bool = False) -> None:
         trigger_metadata={},
     )
     handlers["on_timer"](timer)
+
+
+class VirtualFollowUps:
+    """The follow-up queue on the virtual clock: what Azure Storage does with a visibility
+    delay (keep the message, hand it to the queue trigger at its time), for a run whose time
+    is armsim's. The app's `FollowUpQueue` is tested against Azurite; its delays run on real
+    time, which a virtual-time benchmark cannot wait for."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[datetime, int, str]] = []
+        self.sent = 0
+
+    def schedule(self, follow_up: Any, now: datetime) -> None:
+        self.sent += 1
+        self.messages.append((max(follow_up.due, now), self.sent, follow_up.to_json()))
+        self.messages.sort()
+
+    def next_due(self) -> datetime | None:
+        return self.messages[0][0] if self.messages else None
+
+    def take_due(self, now: datetime) -> list[str]:
+        due = [body for at, _, body in self.messages if at <= now]
+        self.messages = [m for m in self.messages if m[0] > now]
+        return due
+
+
+def call_follow_up(handlers: dict[str, Any], body: str, message_id: str = "") -> None:
+    """Hand one queue message to `on_follow_up` as the host does (Base64 already decoded)."""
+    from azure.functions.meta import Datum
+    from azure.functions.queue import QueueMessageInConverter
+
+    message = QueueMessageInConverter.decode(
+        Datum(body, "string"),
+        trigger_metadata={"Id": Datum(message_id or uuid.uuid4().hex, "string")},
+    )
+    handlers["on_follow_up"](message)
 
 
 def call_event(handlers: dict[str, Any], payload: dict[str, Any]) -> None:

@@ -339,6 +339,14 @@ def _health(instance_view: Any) -> Health:
     return Health.UNKNOWN
 
 
+def instance_view_health(instance_view: Mapping[str, Any]) -> Health:
+    """A VM's health from its instance view (`GET .../instanceView`, or the SDK's `as_dict`,
+    which spells it `vm_health`)."""
+    if _get(instance_view, "vmHealth") is None and _get(instance_view, "vm_health") is not None:
+        instance_view = {"vmHealth": _get(instance_view, "vm_health")}
+    return _health(instance_view)
+
+
 def _instance_provisioning_state(doc: Mapping[str, Any], codes: Mapping[str, str]) -> str:
     """The instance view's state, or the model's when there is no instance view.
 

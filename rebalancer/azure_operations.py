@@ -129,6 +129,11 @@ ADAPTER_CALLS: Mapping[str, tuple[ArmRequest, ...]] = MappingProxyType(
             ArmRequest("POST", _SCALE_SET + "/delete"),
             *_CURRENT_INSTANCES,
         ),
+        # A follow-up watches its new VMs get healthy: one instance view per VM.
+        "vm_health": (
+            ArmRequest("GET", _SCALE_SET + "/virtualMachines/{instanceId}/instanceView"),
+            ArmRequest("GET", _GROUP + "/virtualMachines/{vmName}/instanceView"),
+        ),
         "operation_status": (
             ArmRequest("GET", _SUBSCRIPTION + "/locations/{location}/operations/{operationId}"),
         ),

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from rebalancer import autoscale, lro
+from rebalancer import autoscale, followup, lro
 from rebalancer import operation as op
 from rebalancer.evaluator import Assessment, Decision, assess
 from rebalancer.model import Instance, Inventory, OrchestrationMode, OutsideActivity, ScaleSetRef
@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from rebalancer.compute import ComputeAdapter
     from rebalancer.compute.errors import AdapterError
     from rebalancer.store import Lock, OperationRow, Store
+
+
+class FollowUpSender(Protocol):
+    def schedule(self, follow_up: followup.FollowUp, now: datetime) -> None: ...
+
 
 log = logging.getLogger("rebalancer")
 
@@ -142,6 +147,8 @@ class Reconciler:
     new_operation_id: Callable[[], str] = field(default_factory=lambda: _operation_id)
     on_notify: Callable[[op.OperationRecord, op.Notify], None] | None = None
     telemetry: Telemetry = field(default_factory=Telemetry)
+    follow_ups: FollowUpSender | None = None
+    """Where an operation's follow-up chain starts (see `follow_up`); None: the timer only."""
 
     @property
     def policy(self) -> op.OperationPolicy:
@@ -222,8 +229,13 @@ class Reconciler:
         self._repair_backoff(record)
         pending = _pending(row)
         activity = self.store.outside_activity(ref.key)
+        seen: Inventory | None = None
         for round_ in range(MAX_STEPS_PER_CALL):
-            observation = self._observe(ref)
+            # A round that acts at once on a state change (no command sent since) decides on
+            # the observation just taken: it is seconds old, and another list of the scale
+            # set would spend its per-scale-set read budget for nothing new.
+            observation = seen if round_ > 0 and seen is not None else self._observe(ref)
+            seen = observation
             if observation is None:
                 self._confirm_gone(ref)
             if round_ == 0:  # after a read that went through: a throttled pass polls nothing
@@ -253,8 +265,9 @@ class Reconciler:
             if not step.observe_again or record.state.terminal:
                 break
         if record.state is op.State.SUCCEEDED:
-            # The next move need not wait for the next audit: assess again under this lock.
-            follow_up = self._evaluate(ref, lock)
+            # The next move need not wait for the next audit: assess again under this lock,
+            # from the observation that showed this one done.
+            follow_up = self._evaluate(ref, lock, observed=seen)
             if follow_up.outcome is Outcome.STARTED:
                 return follow_up
         return Result(ref, Outcome.ADVANCED, state=str(record.state), detail=record.outcome_detail)
@@ -381,9 +394,10 @@ class Reconciler:
 
     # -- idle scale set: assess, maybe start ----------------------------------------------
 
-    def _evaluate(self, ref: ScaleSetRef, lock: Lock) -> Result:
-        """Under the lock, with no operation in flight: read, assess, start if allowed."""
-        inventory = self._observe(ref)
+    def _evaluate(self, ref: ScaleSetRef, lock: Lock, observed: Inventory | None = None) -> Result:
+        """Under the lock, with no operation in flight: read (unless `observed` was, under
+        this lock), assess, start if allowed."""
+        inventory = observed if observed is not None else self._observe(ref)
         if inventory is None:
             return Result(ref, Outcome.GONE, detail="the scale set does not exist")
         verdict = self._verdict(inventory)
@@ -707,8 +721,33 @@ class Reconciler:
         self._log_step(None, record)
         sent: list[lro.PendingCall] = []
         record = self._run(ref, record, commands, lock, sent)
-        self._persist(replace(row, call=_call_json(sent[-1] if sent else None)), record, lock)
+        pending = sent[-1] if sent else None
+        self._persist(replace(row, call=_call_json(pending)), record, lock)
+        self._start_follow_ups(record, pending)
         return Result(ref, Outcome.STARTED, state=str(record.state), verdict=verdict)
+
+    def _start_follow_ups(
+        self, record: op.OperationRecord, pending: lro.PendingCall | None
+    ) -> None:
+        """Send the first follow-up of a new operation. If it cannot be sent, the timer tick
+        still advances the operation (only slower), so this never fails the pass."""
+        if self.follow_ups is None:
+            return
+        now = self.clock()
+        due = followup.next_due(record, pending, now, self.settings.follow_up_interval)
+        if due is None:
+            return
+        first = followup.FollowUp(record.scale_set_key, record.operation_id, 0, due)
+        try:
+            self.follow_ups.schedule(first, now)
+        except Exception as error:  # the queue is an accelerator, the timer the fallback
+            log.warning(
+                "operation %s on %s: no follow-up scheduled (%s); the timer advances it",
+                record.operation_id,
+                record.scale_set_id,
+                error,
+                extra=_dims(record.ref, operation=record.operation_id),
+            )
 
     # -- commands -------------------------------------------------------------------------
 
@@ -869,6 +908,81 @@ class Reconciler:
                 reason=str(last.reason) if last else "",
             ),
         )
+
+    # -- follow-ups -----------------------------------------------------------------------
+
+    def follow_up(self, message: followup.FollowUp) -> followup.FollowUp | None:
+        """Look at an in-flight operation when its follow-up is due; return the next one.
+
+        First the cheapest read that says whether the operation can move on (its new VMs'
+        instance views while it waits for health, its own write's status while that runs);
+        only then the scale set is read in full and the operation advanced. Returns None when
+        the operation named has ended (a successor started by this pass has its own chain).
+        """
+        from rebalancer.compute.errors import AdapterError
+
+        ref = ScaleSetRef.parse(message.scale_set_key)
+        now = self.clock()
+        interval = self.settings.follow_up_interval
+        current = self._followed(message)
+        if current is None:
+            return None
+        record, pending = current
+        try:
+            waiting, pending = self._still_waiting(ref, record, pending, now)
+        except AdapterError as error:
+            log.info("follow-up of %s: %s; looking again later", ref, error, extra=_dims(ref))
+            retry = timedelta(seconds=error.retry_after or 0)
+            due = followup.next_due(record, pending, now, max(interval, retry))
+            return message.next(due) if due is not None else None
+        if waiting:
+            due = followup.next_due(record, pending, now, interval)
+            return message.next(due) if due is not None else None
+        self._guarded(ref)
+        current = self._followed(message)
+        if current is None:
+            return None
+        record, pending = current
+        due = followup.next_due(record, pending, self.clock(), interval)
+        return message.next(due) if due is not None else None
+
+    def _followed(
+        self, message: followup.FollowUp
+    ) -> tuple[op.OperationRecord, lro.PendingCall | None] | None:
+        row = self.store.active_operation(message.scale_set_key)
+        if row is None or row.operation_id != message.operation_id:
+            return None
+        try:
+            return op.OperationRecord.from_json(row.body), _pending(row)
+        except ValueError:
+            return None  # the next pass logs it and stands still (`Outcome.STUCK`)
+
+    def _still_waiting(
+        self,
+        ref: ScaleSetRef,
+        record: op.OperationRecord,
+        pending: lro.PendingCall | None,
+        now: datetime,
+    ) -> tuple[bool, lro.PendingCall | None]:
+        """Whether a cheap read says nothing can change yet (and the pending call with its
+        next poll time); False: read the scale set in full and advance the operation now."""
+        from rebalancer.compute.adapter import ArmCall
+
+        check = followup.check_for(record, pending)
+        if check is followup.Check.HEALTH:
+            if record.health_deadline is not None and now >= record.health_deadline:
+                return False, pending
+            health = self.compute.vm_health(ref, record.mode, record.kept)
+            return not followup.all_healthy(dict(health), record.kept), pending
+        if check is followup.Check.WRITE:
+            assert pending is not None
+            if not pending.due(now):
+                return True, pending
+            status = self.compute.operation_status(ArmCall.from_record(pending.call))
+            if status.done:
+                return False, pending
+            return True, pending.still_running(now, status.retry_after)
+        return False, pending
 
     # -- the subscription -----------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from rebalancer.settings import Mode, Settings, SettingsError, load_settings
 if TYPE_CHECKING:
     from rebalancer.events import Trigger
     from rebalancer.model import ScaleSetRef
-    from rebalancer.reconciler import Reconciler, Result
+    from rebalancer.reconciler import FollowUpSender, Reconciler, Result
     from rebalancer.store import StorageConnection, Store
 
 log = logging.getLogger("rebalancer")
@@ -44,6 +44,8 @@ class Runtime:
     store: Store
     reconciler: Reconciler
     clock: Callable[[], datetime]
+    follow_ups: FollowUpSender | None = None
+    """The follow-up queue (None: in-flight operations move on timer ticks and events only)."""
 
 
 def utc_now() -> datetime:
@@ -53,6 +55,7 @@ def utc_now() -> datetime:
 def build_runtime(env: Mapping[str, str]) -> Runtime:
     """The production wiring: app settings -> store, Compute adapter (managed identity)."""
     from rebalancer.compute import ArmConfig, ComputeAdapter
+    from rebalancer.follow_up_queue import FollowUpQueue
     from rebalancer.reconciler import Reconciler
     from rebalancer.store import Store, parse_connection, storage_credential
     from rebalancer.telemetry import Telemetry, flatten_dimensions
@@ -64,6 +67,9 @@ def build_runtime(env: Mapping[str, str]) -> Runtime:
     store = Store(connection, table_prefix=settings.table_prefix, credential=credential)
     shared = credential if _one_identity(connection, env) else None
     compute = ComputeAdapter(ArmConfig.from_settings(settings), credential=shared)
+    follow_ups = FollowUpQueue.from_connection(
+        settings.follow_up_queue, connection, env, credential=credential
+    )
     notifier = None
     if settings.notify_topic_endpoint:  # without a topic, the notifier is never imported
         from rebalancer.notify import EventGridNotifier
@@ -76,8 +82,9 @@ def build_runtime(env: Mapping[str, str]) -> Runtime:
         clock=utc_now,
         on_notify=notifier,
         telemetry=Telemetry(notifier=notifier),
+        follow_ups=follow_ups,
     )
-    return Runtime(settings, store, reconciler, utc_now)
+    return Runtime(settings, store, reconciler, utc_now, follow_ups)
 
 
 _SERVICE_PRINCIPAL_SETTINGS = (
@@ -238,6 +245,50 @@ def _transient_guard(rt: Runtime, event_id: str, action: Callable[[], Any]) -> A
     if getattr(result, "outcome", None) is Outcome.DEFERRED:
         raise TransientFailure(f"event {event_id} deferred: {result.detail}")
     return result
+
+
+# -- follow-ups -------------------------------------------------------------------------
+
+
+def handle_follow_up(body: str) -> bool | None:
+    """One follow-up message of an in-flight operation (the queue trigger).
+
+    Handled once per chain position: a message seen before (a redelivery, or a copy sent
+    twice after a crash between sending the next one and finishing this one) is dropped,
+    so a chain never splits. The next follow-up is sent before this one is marked handled;
+    if it cannot be sent, this raises and the host delivers this message again.
+    Returns whether the operation is still followed; None when nothing was done.
+    """
+    from rebalancer.compute.errors import AdapterError
+    from rebalancer.follow_up_queue import FollowUpQueueError
+    from rebalancer.followup import FollowUp
+    from rebalancer.store import StoreError, StoreUnavailable
+
+    rt = runtime()
+    if rt is None or rt.settings.mode is Mode.OFF:
+        return None
+    try:
+        message = FollowUp.from_json(body)
+    except ValueError as error:
+        log.error("follow-up dropped: %s; the timer tick still advances operations", error)
+        return None
+    now = rt.clock()
+    try:
+        if rt.store.event_seen(message.dedupe_key, now):
+            log.info("%s ignored: already handled", message.dedupe_key)
+            return None
+        following = rt.reconciler.follow_up(message)
+        if following is not None and rt.follow_ups is not None:
+            rt.follow_ups.schedule(following, rt.clock())
+        rt.store.first_delivery(message.dedupe_key, now)
+    except StoreUnavailable as error:
+        raise TransientFailure(f"Table Storage unavailable: {error}") from error
+    except FollowUpQueueError as error:
+        raise TransientFailure(str(error)) from error
+    except (StoreError, AdapterError) as error:
+        log.error("follow-up %s stopped: %s; the timer tick advances it", message.dedupe_key, error)
+        return None
+    return following is not None
 
 
 # -- timer ------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ EXPECTED = {
     "audit.throttled_responses",
     "audit.budget_share",
     "time_to_balance.1-3-3",
+    "time_to_balance.reads_per_move.1-3-3",
+    "time_to_balance.budget_share.1-3-3",
     "moves.1-3-3",
     "moves.surge_vm_minutes.1-3-3",
     "cold_start.import_function_app",

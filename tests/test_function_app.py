@@ -62,7 +62,7 @@ def install(stack: Stack) -> None:
 
 
 def test_bindings():
-    assert set(FUNCTIONS) == {EVENT_GRID_FUNCTION_NAME, "on_timer"}
+    assert set(FUNCTIONS) == {EVENT_GRID_FUNCTION_NAME, "on_timer", "on_follow_up"}
     (event_binding,) = FUNCTIONS[EVENT_GRID_FUNCTION_NAME].get_bindings()
     assert event_binding.type == "eventGridTrigger"
     assert event_binding.name == "event"
@@ -107,6 +107,7 @@ def test_a_cold_start_imports_each_sdk_only_when_it_is_first_used():
     assert loaded("app", ("azure.core", "azure.data", "azure.mgmt", "requests")) == []
     assert loaded("app", ("rebalancer.",)) == ["rebalancer.azure_operations"]
     assert loaded("runtime", ("azure.identity", "azure.mgmt", "azure.eventgrid")) == []
+    assert loaded("runtime", ("azure.storage.queue",)) == []
     assert loaded("runtime", ("rebalancer.notify", "rebalancer.events")) == []
 
 

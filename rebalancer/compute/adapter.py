@@ -36,6 +36,7 @@ from rebalancer.compute.errors import (
 )
 from rebalancer.compute.pipeline import BudgetExhausted, GovernedRetryPolicy
 from rebalancer.model import (
+    Health,
     Instance,
     Inventory,
     OrchestrationMode,
@@ -648,6 +649,31 @@ class ComputeAdapter:
         with self._protection_lock:
             self._protection[(ref.key, name.lower())] = (flags, expires)
         return flags
+
+    def vm_health(
+        self, ref: ScaleSetRef, mode: OrchestrationMode, vms: Sequence[str]
+    ) -> dict[str, Health]:
+        """The health each VM's instance view reports: one GET per VM, charged to ARM's reads
+        only (no scale-set list policy), so an operation can watch its new VMs get healthy.
+        A VM that is gone reads `not_reported` (the full read that follows says why)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        self._own(ref)
+        health: dict[str, Health] = {}
+        for vm in vms:
+            with self._translate(ref):
+                try:
+                    if mode is OrchestrationMode.FLEXIBLE:
+                        view = self.client.virtual_machines.instance_view(ref.resource_group, vm)
+                    else:
+                        view = self.client.virtual_machine_scale_set_vms.get_instance_view(
+                            ref.resource_group, ref.name, vm
+                        )
+                except ResourceNotFoundError:
+                    health[vm] = Health.NOT_REPORTED
+                    continue
+            health[vm] = arm.instance_view_health(view.as_dict())
+        return health
 
     def audit(
         self,
