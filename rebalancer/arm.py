@@ -340,10 +340,7 @@ def _health(instance_view: Any) -> Health:
 
 
 def instance_view_health(instance_view: Mapping[str, Any]) -> Health:
-    """A VM's health from its instance view (`GET .../instanceView`, or the SDK's `as_dict`,
-    which spells it `vm_health`)."""
-    if _get(instance_view, "vmHealth") is None and _get(instance_view, "vm_health") is not None:
-        instance_view = {"vmHealth": _get(instance_view, "vm_health")}
+    """A VM's health from its instance view (`GET .../instanceView`)."""
     return _health(instance_view)
 
 

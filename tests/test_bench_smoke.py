@@ -24,6 +24,7 @@ EXPECTED = {
     "audit.wall_time_vs_naive",
     "audit.throttled_responses",
     "audit.budget_share",
+    "audit.cpu_per_page",
     "time_to_balance.1-3-3",
     "time_to_balance.reads_per_move.1-3-3",
     "time_to_balance.budget_share.1-3-3",
