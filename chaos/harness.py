@@ -28,7 +28,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from rebalancer.model import (
     Inventory,
     OrchestrationMode,
     PowerState,
+    PriorityMix,
     ScaleSet,
     ScaleSetRef,
     frozen_mapping,
@@ -287,6 +288,9 @@ class ScenarioRun:
     def _scale_sets(self) -> list[ScaleSetSpec]:
         rng = self.rng
         specs: list[ScaleSetSpec] = []
+        # Spot, priority mix, instance mix and standby pools draw from their own stream, so
+        # the seeded one (and every other choice of a scenario) stays as it was.
+        kinds = random.Random(f"{self.name}/{self.result.seed}/kinds")
         for j in range(rng.choice((1, 1, 2, 3))):
             mode = rng.choice(("Uniform", "Uniform", "Flexible"))
             zones = rng.choice((("1", "2", "3"), ("1", "2", "3"), ("1", "2")))
@@ -304,23 +308,27 @@ class ScenarioRun:
             if counts[fullest] >= 4 and rng.random() < 0.2:
                 overrides.append(VmOverride(zone=fullest, count=1, power_state="deallocated"))
             specs.append(
-                ScaleSetSpec(
-                    f"vmss{j}",
-                    self.rg_in,
-                    location=self.location,
-                    mode=mode,
-                    sku=self.sku,
-                    zones=zones,
-                    counts=counts,
-                    tags={OPT_IN_TAG: tag} if tag else {},
-                    health_monitoring=(
-                        "probe" if mode == "Uniform" and rng.random() < 0.3 else "extension"
+                _with_kind(
+                    kinds,
+                    ScaleSetSpec(
+                        f"vmss{j}",
+                        self.rg_in,
+                        location=self.location,
+                        mode=mode,
+                        sku=self.sku,
+                        zones=zones,
+                        counts=counts,
+                        tags={OPT_IN_TAG: tag} if tag else {},
+                        health_monitoring=(
+                            "probe" if mode == "Uniform" and rng.random() < 0.3 else "extension"
+                        ),
+                        platform_rebalancing=rng.random() < 0.05,
+                        terminate_notification_seconds=rng.choice((None, None, 300)),
+                        # both health extension modes, without drawing from the seeded stream
+                        health_states=("rich", "binary")[j % 2],
+                        overrides=tuple(overrides),
                     ),
-                    platform_rebalancing=rng.random() < 0.05,
-                    terminate_notification_seconds=rng.choice((None, None, 300)),
-                    # both health extension modes, without drawing from the seeded stream
-                    health_states=("rich", "binary")[j % 2],
-                    overrides=tuple(overrides),
+                    self.sku,
                 )
             )
         specs.append(
@@ -651,6 +659,7 @@ class ScenarioRun:
                 "add_zone",
                 "platform_policy",
                 "delete_scale_set",
+                "spot_eviction",
             )
         )
         before = self.checker.snapshot()
@@ -693,6 +702,8 @@ class ScenarioRun:
                 actor.update_scale_set(rg, name, {"properties": {"resiliencyPolicy": policy}})
             elif kind == "delete_scale_set" and rng.random() < 0.3:
                 actor.delete_scale_set(rg, name)
+            elif kind == "spot_eviction":  # no-op on a set without Spot VMs, as in Azure
+                actor.evict_spot(rg, name, count=rng.randint(1, 2), zone=rng.choice(ss.zones))
         except Exception:  # armsim refused it (409 while held, 400...): so would Azure
             self.result.outcomes["actor refused"] += 1
         self.checker.note_outside(before, self.checker.snapshot())
@@ -800,14 +811,14 @@ class ScenarioRun:
     def _unbalanced(self) -> list[str]:
         """Scale sets the app may balance that still have a move the evaluator would make,
         judged on armsim's own state (the truth, protection included)."""
-        monitoring = {spec.name: spec.health_monitoring for spec in self.specs}
+        specs = {spec.name: spec for spec in self.specs}
         out = []
         for view in self.checker.snapshot().values():
             if view.resource_group != self.rg_in:
                 continue
             if self.settings.opt_in(_tag(view.tags, OPT_IN_TAG)) is not OptIn.ENABLED:
                 continue
-            assessment = assess(_inventory(view, monitoring[view.name], self.sim.clock.now()))
+            assessment = assess(_inventory(view, specs[view.name], self.sim.clock.now()))
             if assessment.decision is Decision.MOVE:
                 out.append(f"{view.name} {assessment.detail}")
         return out
@@ -862,19 +873,54 @@ _MONITORING = {
 }
 
 
-def _inventory(view: ScaleSetView, monitoring: str, now: datetime) -> Inventory:
+def _with_kind(kinds: random.Random, spec: ScaleSetSpec, sku: str) -> ScaleSetSpec:
+    """A plain set, or one of the kinds other actors act on: Spot (evicted by the actor
+    `spot_eviction`), a priority mix, instance mix, or a standby pool (Flexible only)."""
+    flexible = spec.mode == "Flexible"
+    kind = kinds.choice(
+        ("plain", "plain", "spot", "mix", "instance_mix", "standby")
+        if flexible
+        else ("plain", "plain", "plain", "spot")
+    )
+    policy = kinds.choice(("Deallocate", "Delete"))
+    if kind == "spot":
+        return replace(spec, priority="Spot", eviction_policy=policy)
+    if kind == "mix":
+        return replace(
+            spec,
+            priority="Spot",
+            eviction_policy=policy,
+            base_regular_priority_count=kinds.randint(0, 3),
+            regular_priority_percentage_above_base=kinds.choice((0, 25, 50, 100)),
+        )
+    if kind == "instance_mix":
+        return replace(spec, vm_sizes=(sku, "Standard_D2as_v5"))
+    if kind == "standby":
+        return replace(spec, standby={spec.zones[-1]: kinds.randint(1, 2)})
+    return spec
+
+
+def _inventory(view: ScaleSetView, spec: ScaleSetSpec, now: datetime) -> Inventory:
     """armsim's view of a scale set as the rebalancer's model values."""
+    mix = None
+    if spec.priority_mix:
+        mix = PriorityMix(
+            spec.base_regular_priority_count or 0, spec.regular_priority_percentage_above_base or 0
+        )
     scale_set = ScaleSet(
         ref=ScaleSetRef.parse(view.id),
         location=view.location,
         zones=view.zones,
-        sku_name=view.sku,
+        sku_name="Mix" if spec.vm_sizes else view.sku,
         capacity=view.capacity,
         mode=OrchestrationMode(view.mode),
         provisioning_state=view.provisioning_state,
-        health_monitoring=_MONITORING[monitoring],
+        health_monitoring=_MONITORING[spec.health_monitoring],
         platform_rebalancing=view.platform_rebalancing,
         tags=frozen_mapping(view.tags),
+        spot=spec.priority == "Spot",
+        priority_mix=mix,
+        vm_sizes=tuple(spec.vm_sizes),
     )
     powers = {p.value for p in PowerState}
     instances = tuple(
@@ -891,6 +937,8 @@ def _inventory(view: ScaleSetView, monitoring: str, now: datetime) -> Inventory:
             protect_from_scale_set_actions=vm.protect_from_scale_set_actions,
             latest_model=vm.latest_model,
             created=vm.created,
+            spot=vm.spot,
+            in_standby_pool=vm.in_standby_pool,
         )
         for vm in view.vms
     )
