@@ -212,6 +212,10 @@ def _moves(assessment) -> list[dict[str, str]]:
     ]
 
 
+DETAILED_REASONS = frozenset({"instance_mix", "standby_pool", "spot_priority_mix"})
+"""Skips whose `detail` the report carries: what the set uses and the setting that changes it."""
+
+
 def build_report(
     subscription: str,
     results: Sequence[Any],
@@ -268,6 +272,8 @@ def build_report(
         }
         if held:
             entry["detail"] = held.describe()
+        elif assessment.reason.value in DETAILED_REASONS:
+            entry["detail"] = assessment.detail
         entries.append(entry)
         rows.append((result, assessment, mode, held))
     entries.sort(key=lambda entry: entry["id"].lower())
@@ -326,9 +332,12 @@ def _print_table(
     else:
         console.print("No zonal scale sets in scope.")
     console.print(summary_line(len(rows), left_out, resource_groups))
-    for inventory, _assessment, _mode, held in rows:
+    for inventory, assessment, _mode, held in rows:
         if held:
             console.print(f"{inventory.scale_set.ref.name}: {AUTOSCALE_REASON}: {held.describe()}")
+        elif assessment.reason.value in DETAILED_REASONS:
+            name, reason = inventory.scale_set.ref.name, assessment.reason.value
+            console.print(f"{name}: {reason}: {assessment.detail}")
     for error in report.get("errors", ()):
         console.print(f"[red]not read[/red] {error['id']}: {error['kind']}: {error['message']}")
 
