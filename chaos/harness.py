@@ -288,9 +288,9 @@ class ScenarioRun:
     def _scale_sets(self) -> list[ScaleSetSpec]:
         rng = self.rng
         specs: list[ScaleSetSpec] = []
-        # Spot, priority mix, instance mix and standby pools draw from their own stream, so
-        # the seeded one (and every other choice of a scenario) stays as it was.
-        kinds = random.Random(f"{self.name}/{self.result.seed}/kinds")
+        # Spot, priority mix, instance mix and standby pools (and Spot evictions) draw from
+        # their own stream, so the seeded one (and every other choice) stays as it was.
+        kinds = self.kinds = random.Random(f"{self.name}/{self.result.seed}/kinds")
         for j in range(rng.choice((1, 1, 2, 3))):
             mode = rng.choice(("Uniform", "Uniform", "Flexible"))
             zones = rng.choice((("1", "2", "3"), ("1", "2", "3"), ("1", "2")))
@@ -448,6 +448,8 @@ class ScenarioRun:
             self._arm_fault()
         if rng.random() < p["actor"]:
             self._act()
+        if self.kinds.random() < p["actor"] / 2:
+            self._evict()
         invocations: list[tuple[str, Any]] = []
         if rng.random() < 0.5:
             invocations.append(("timer", None))
@@ -659,7 +661,6 @@ class ScenarioRun:
                 "add_zone",
                 "platform_policy",
                 "delete_scale_set",
-                "spot_eviction",
             )
         )
         before = self.checker.snapshot()
@@ -702,10 +703,25 @@ class ScenarioRun:
                 actor.update_scale_set(rg, name, {"properties": {"resiliencyPolicy": policy}})
             elif kind == "delete_scale_set" and rng.random() < 0.3:
                 actor.delete_scale_set(rg, name)
-            elif kind == "spot_eviction":  # no-op on a set without Spot VMs, as in Azure
-                actor.evict_spot(rg, name, count=rng.randint(1, 2), zone=rng.choice(ss.zones))
         except Exception:  # armsim refused it (409 while held, 400...): so would Azure
             self.result.outcomes["actor refused"] += 1
+        self.checker.note_outside(before, self.checker.snapshot())
+
+    def _evict(self) -> None:
+        """Azure takes Spot VMs back (no event); its own stream, so the seeded one is kept."""
+        kinds = self.kinds
+        targets = [
+            s
+            for s in self.checker.snapshot().values()
+            if s.resource_group == self.rg_in and any(vm.spot for vm in s.vms)
+        ]
+        if not targets:
+            return
+        ss = kinds.choice(sorted(targets, key=lambda s: s.name))
+        before = self.checker.snapshot()
+        self.result.actor_actions += 1
+        zone = kinds.choice(ss.zones) if ss.zones else None
+        self.sim.actor.evict_spot(ss.resource_group, ss.name, count=kinds.randint(1, 2), zone=zone)
         self.checker.note_outside(before, self.checker.snapshot())
 
     def _in_flight_vms(self, ss: ScaleSetView, *, planned_sources: bool = False) -> list[str]:
