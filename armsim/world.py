@@ -370,7 +370,9 @@ class World:
         sku = self.sku(ss.sku)
         if new_vms <= 0:
             return
-        spot = sum(self._upcoming_spot(ss, new_vms))
+        pooled = sum(1 for vm in ss.vms.values() if vm.in_standby_pool and not vm.gone)
+        created = self._upcoming_spot(ss, new_vms)[pooled:]  # pool VMs hold their vCPUs
+        new_vms, spot = len(created), sum(created)
         needs = []
         if new_vms - spot:
             needs += [
