@@ -288,9 +288,11 @@ class ScenarioRun:
     def _scale_sets(self) -> list[ScaleSetSpec]:
         rng = self.rng
         specs: list[ScaleSetSpec] = []
-        # Spot, priority mix, instance mix and standby pools (and Spot evictions) draw from
-        # their own stream, so the seeded one (and every other choice) stays as it was.
+        # One more set, of a kind other actors act on (Spot, evicted by `_evict`; a priority
+        # mix; instance mix; a standby pool), from a stream of its own: the seeded sets and
+        # every seeded choice stay as they were.
         kinds = self.kinds = random.Random(f"{self.name}/{self.result.seed}/kinds")
+        extra = _extra_set(kinds, self.rg_in, self.location, self.sku)
         for j in range(rng.choice((1, 1, 2, 3))):
             mode = rng.choice(("Uniform", "Uniform", "Flexible"))
             zones = rng.choice((("1", "2", "3"), ("1", "2", "3"), ("1", "2")))
@@ -308,29 +310,27 @@ class ScenarioRun:
             if counts[fullest] >= 4 and rng.random() < 0.2:
                 overrides.append(VmOverride(zone=fullest, count=1, power_state="deallocated"))
             specs.append(
-                _with_kind(
-                    kinds,
-                    ScaleSetSpec(
-                        f"vmss{j}",
-                        self.rg_in,
-                        location=self.location,
-                        mode=mode,
-                        sku=self.sku,
-                        zones=zones,
-                        counts=counts,
-                        tags={OPT_IN_TAG: tag} if tag else {},
-                        health_monitoring=(
-                            "probe" if mode == "Uniform" and rng.random() < 0.3 else "extension"
-                        ),
-                        platform_rebalancing=rng.random() < 0.05,
-                        terminate_notification_seconds=rng.choice((None, None, 300)),
-                        # both health extension modes, without drawing from the seeded stream
-                        health_states=("rich", "binary")[j % 2],
-                        overrides=tuple(overrides),
+                ScaleSetSpec(
+                    f"vmss{j}",
+                    self.rg_in,
+                    location=self.location,
+                    mode=mode,
+                    sku=self.sku,
+                    zones=zones,
+                    counts=counts,
+                    tags={OPT_IN_TAG: tag} if tag else {},
+                    health_monitoring=(
+                        "probe" if mode == "Uniform" and rng.random() < 0.3 else "extension"
                     ),
-                    self.sku,
+                    platform_rebalancing=rng.random() < 0.05,
+                    terminate_notification_seconds=rng.choice((None, None, 300)),
+                    # both health extension modes, without drawing from the seeded stream
+                    health_states=("rich", "binary")[j % 2],
+                    overrides=tuple(overrides),
                 )
             )
+        if extra is not None:
+            specs.append(extra)
         specs.append(
             ScaleSetSpec(
                 "outside",
@@ -549,7 +549,7 @@ class ScenarioRun:
         self.checker.violate(9, f"{kind} invocation raised {error!r} at {' | '.join(where)}")
 
     def _hostile(self) -> list[dict[str, Any]]:
-        in_scope = [s for s in self.specs if s.resource_group == self.rg_in]
+        in_scope = [s for s in self.specs if s.resource_group == self.rg_in and s.name != EXTRA_SET]
         spec = self.rng.choice(in_scope)
         ref = ScaleSetRef(self.sim.subscription_id, spec.resource_group, spec.name)
         outside = ScaleSetRef(self.sim.subscription_id, self.rg_out, "outside")
@@ -629,7 +629,11 @@ class ScenarioRun:
 
     def _act(self) -> None:
         rng, actor = self.rng, self.sim.actor
-        targets = [s for s in self.checker.snapshot().values() if s.resource_group == self.rg_in]
+        targets = [
+            s
+            for s in self.checker.snapshot().values()
+            if s.resource_group == self.rg_in and s.name != EXTRA_SET
+        ]
         if not targets:
             return
         ss = rng.choice(targets)
@@ -889,30 +893,45 @@ _MONITORING = {
 }
 
 
-def _with_kind(kinds: random.Random, spec: ScaleSetSpec, sku: str) -> ScaleSetSpec:
-    """A plain set, or one of the kinds other actors act on: Spot (evicted by the actor
-    `spot_eviction`), a priority mix, instance mix, or a standby pool (Flexible only)."""
-    flexible = spec.mode == "Flexible"
-    kind = kinds.choice(
-        ("plain", "plain", "spot", "mix", "instance_mix", "standby")
-        if flexible
-        else ("plain", "plain", "plain", "spot")
+EXTRA_SET = "vmss-x"
+"""The set of another kind (`_extra_set`): the seeded actors and hostile events leave it to
+its own (Spot evictions), so that their choices among the seeded sets stay as they were."""
+
+
+def _extra_set(
+    kinds: random.Random, resource_group: str, location: str, sku: str
+) -> ScaleSetSpec | None:
+    """None, or a set of a kind other actors act on: Spot (Uniform or Flexible; `_evict`
+    evicts its VMs), a Spot priority mix, instance mix or a standby pool (Flexible)."""
+    kind = kinds.choice((None, None, "spot", "spot", "mix", "instance_mix", "standby"))
+    if kind is None:
+        return None
+    mode = "Uniform" if kind == "spot" and kinds.random() < 0.5 else "Flexible"
+    zones = ("1", "2", "3")
+    counts = {zone: kinds.randint(0, 4) for zone in zones}
+    counts["3"] = max(counts["3"], 1)
+    spec = ScaleSetSpec(
+        EXTRA_SET,
+        resource_group,
+        location=location,
+        mode=mode,
+        sku=sku,
+        zones=zones,
+        counts=counts,
+        tags={OPT_IN_TAG: "enabled"},
+        priority="Spot" if kind in ("spot", "mix") else "Regular",
+        eviction_policy=kinds.choice(("Deallocate", "Delete")),
     )
-    policy = kinds.choice(("Deallocate", "Delete"))
-    if kind == "spot":
-        return replace(spec, priority="Spot", eviction_policy=policy)
     if kind == "mix":
         return replace(
             spec,
-            priority="Spot",
-            eviction_policy=policy,
             base_regular_priority_count=kinds.randint(0, 3),
             regular_priority_percentage_above_base=kinds.choice((0, 25, 50, 100)),
         )
     if kind == "instance_mix":
         return replace(spec, vm_sizes=(sku, "Standard_D2as_v5"))
     if kind == "standby":
-        return replace(spec, standby={spec.zones[-1]: kinds.randint(1, 2)})
+        return replace(spec, standby={"1": kinds.randint(1, 2)})
     return spec
 
 
