@@ -27,6 +27,7 @@ from rebalancer.model import (
     Instance,
     OrchestrationMode,
     PowerState,
+    PriorityMix,
     RepairAction,
     RollingUpgrade,
     ScaleSet,
@@ -213,6 +214,32 @@ def _orchestration_mode(doc: Mapping[str, Any]) -> OrchestrationMode:
     )
 
 
+def _is_spot(priority: Any) -> bool:
+    """`priority` Spot, or Low (its older name); Regular or absent is not Spot."""
+    return (_text(priority) or "").lower() in {"spot", "low"}
+
+
+def _priority_mix(doc: Mapping[str, Any]) -> PriorityMix | None:
+    policy = _prop(doc, "priorityMixPolicy")
+    if not isinstance(policy, Mapping):
+        return None
+    base = _get(policy, "baseRegularPriorityCount")
+    percent = _get(policy, "regularPriorityPercentageAboveBase")
+    return PriorityMix(
+        base_regular=base if isinstance(base, int) and not isinstance(base, bool) else 0,
+        regular_percent_above_base=(
+            percent if isinstance(percent, int) and not isinstance(percent, bool) else 0
+        ),
+    )
+
+
+def _vm_sizes(doc: Mapping[str, Any]) -> tuple[str, ...]:
+    """Instance mix: the names in `skuProfile.vmSizes` (REST: under `properties`)."""
+    sizes = _prop(doc, "skuProfile", "vmSizes")
+    names = (_text(_get(size, "name")) for size in sizes) if isinstance(sizes, list) else ()
+    return tuple(name for name in names if name)
+
+
 def parse_scale_set(doc: Mapping[str, Any]) -> ScaleSet:
     """A scale set from `GET .../virtualMachineScaleSets/{name}` or `az vmss show`.
 
@@ -266,6 +293,10 @@ def parse_scale_set(doc: Mapping[str, Any]) -> ScaleSet:
             _prop(doc, "upgradePolicy", "automaticOSUpgradePolicy", "enableAutomaticOSUpgrade")
         ),
         automatic_repairs=_automatic_repairs(doc),
+        spot=_is_spot(_prop(doc, "virtualMachineProfile", "priority")),
+        eviction_policy=_text(_prop(doc, "virtualMachineProfile", "evictionPolicy")) or None,
+        priority_mix=_priority_mix(doc),
+        vm_sizes=_vm_sizes(doc),
     )
 
 
@@ -416,6 +447,8 @@ def parse_instance(doc: Mapping[str, Any], mode: OrchestrationMode) -> Instance:
         latest_model=True if latest is None else _flag(latest),
         created=parse_time(_prop(doc, "timeCreated")),
         failure=_failure_code(instance_view),
+        spot=_is_spot(_prop(doc, "priority")),
+        in_standby_pool=_flag(_get(instance_view, "isVMInStandbyPool")),
     )
 
 

@@ -1215,7 +1215,12 @@ def _choose_sources(record: OperationRecord, view: _View) -> _Choice:
     for vm in order:
         candidate = _best_source(pool, taken, totals, actives, vm)
         if candidate is None:
-            drop(vm, "no eligible source in a fuller zone")
+            mixed = [i for i in pool if i.spot != vm.spot]
+            if mixed and _best_source(mixed, taken, totals, actives, vm, same_priority=False):
+                kind = "Spot" if vm.spot else "regular"
+                drop(vm, f"no {kind} source in a fuller zone: another would change the split")
+            else:
+                drop(vm, "no eligible source in a fuller zone")
             continue
         if not vm.healthy and not candidate.observed_unhealthy:
             drop(
@@ -1253,13 +1258,16 @@ def _best_source(
     totals: Mapping[str, int],
     actives: Mapping[str, int],
     vm: Instance,
+    *,
+    same_priority: bool = True,
 ) -> Instance | None:
     """The next source for new VM `vm`, or None when no move from a fuller zone is possible.
 
     Givers are the zones tied at the highest count that are fuller than `vm`'s zone and have
     more active VMs than it would have without `vm` (a move never worsens the active spread).
     Among their best candidates: unhealthy first, then the zone with most active VMs, then
-    the zone name.
+    the zone name. A source has the new VM's priority (Spot or regular), so that a move
+    keeps a priority mix's split as it was.
     """
     if not totals or vm.zone not in totals:
         return None
@@ -1270,7 +1278,11 @@ def _best_source(
     for zone, total in totals.items():
         if total != highest or total <= receiver_total or actives[zone] <= receiver_active:
             continue
-        candidates = [i for i in eligible_sources(pool, zone) if i.id not in taken]
+        candidates = [
+            i
+            for i in eligible_sources(pool, zone)
+            if i.id not in taken and (i.spot == vm.spot or not same_priority)
+        ]
         if not candidates:
             continue
         key = (candidates[0].healthy, -actives[zone], zone_key(zone))

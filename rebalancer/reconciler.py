@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from rebalancer import autoscale, followup, lro
 from rebalancer import operation as op
-from rebalancer.evaluator import Assessment, Decision, assess
+from rebalancer.evaluator import Assessment, Decision, assess, upcoming_spot
 from rebalancer.model import Instance, Inventory, OrchestrationMode, OutsideActivity, ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
 from rebalancer.telemetry import Telemetry
@@ -646,22 +646,33 @@ class Reconciler:
         return (Gate.AUTOSCALE_AT_MAXIMUM, found.describe()) if found else None
 
     def _quota_gate(self, inventory: Inventory, k: int) -> tuple[Gate, str] | None:
+        """Room for the `k` new VMs in the quota each draws on: Spot VMs (a Spot set, or the
+        Spot share of a priority mix) in lowPriorityCores, regular ones in the size's family."""
         from rebalancer.compute.errors import AdapterError
 
         scale_set = inventory.scale_set
-        try:
-            quota = self.compute.quota(scale_set.location, scale_set.sku_name or "")
-        except AdapterError as error:
-            # Unknown quota does not block: a scale-out over quota is rejected by Azure
-            # before anything is created, and the operation ends `failed` with that reason.
-            log.info("quota of %s unknown: %s", scale_set.ref, error, extra=_dims(scale_set.ref))
-            return None
-        if quota.headroom_vms < k:
-            return Gate.QUOTA, (
-                f"{quota.family} quota in {scale_set.location}: {quota.used_vcpus}/"
-                f"{quota.limit_vcpus} vCPUs used, {k} more VM(s) of {quota.vcpus_per_vm} vCPUs "
-                "do not fit; raise the quota"
-            )
+        spot = sum(new_vms_spot(inventory, k))
+        for is_spot, count in ((False, k - spot), (True, spot)):
+            if count <= 0:
+                continue
+            try:
+                quota = self.compute.quota(
+                    scale_set.location, scale_set.sku_name or "", spot=is_spot
+                )
+            except AdapterError as error:
+                # Unknown quota does not block: a scale-out over quota is rejected by Azure
+                # before anything is created, and the operation ends `failed` with that reason.
+                log.info(
+                    "quota of %s unknown: %s", scale_set.ref, error, extra=_dims(scale_set.ref)
+                )
+                continue
+            if quota.headroom_vms < count:
+                kind = "Spot " if is_spot else ""
+                return Gate.QUOTA, (
+                    f"{quota.family} quota in {scale_set.location}: {quota.used_vcpus}/"
+                    f"{quota.limit_vcpus} vCPUs used, {count} more {kind}VM(s) of "
+                    f"{quota.vcpus_per_vm} vCPUs do not fit; raise the quota"
+                )
         return None
 
     def _record_verdict(self, verdict: Verdict) -> None:
@@ -1087,6 +1098,13 @@ def _capacity_rollback(record: op.OperationRecord) -> op.Transition | None:
     reason = op.Reason.NO_CAPACITY_IN_TARGET_ZONE
     entries = [t for t in record.history if t.reason is reason]
     return entries[-1] if entries else None
+
+
+def new_vms_spot(inventory: Inventory, k: int) -> tuple[bool, ...]:
+    """Whether each of the `k` VMs a move creates is Spot: all of a Spot set's, or as the
+    priority mix splits them."""
+    upcoming = upcoming_spot(inventory.scale_set, inventory.instances, k)
+    return upcoming if upcoming is not None else (inventory.scale_set.spot,) * k
 
 
 def _actionable(verdict: Verdict) -> bool:

@@ -429,3 +429,43 @@ def test_a_rolling_upgrade_waits_and_automatic_repairs_are_explained(
         out = " ".join(capsys.readouterr().out.split())
         assert "tilted: upgrade_in_progress: a rolling upgrade is RollingForward" in out
         assert "tilted: automatic repairs: automaticRepairsPolicy Replace" in out
+
+
+@pytest.mark.usefixtures("static_token")
+def test_spot_mix_instance_mix_and_standby_pools_are_reported_with_what_changes_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from armsim import VmOverride
+
+    flexible = {"mode": "Flexible", "counts": {"1": 1, "2": 1, "3": 4}}
+    sets = (
+        ScaleSetSpec(
+            "mixed",
+            "rg-a",
+            priority="Spot",
+            base_regular_priority_count=3,
+            overrides=(
+                VmOverride(zone="1", priority="Spot"),
+                VmOverride(zone="2", priority="Spot"),
+                VmOverride(zone="3", count=4, priority="Regular"),
+            ),
+            **flexible,
+        ),
+        ScaleSetSpec("sizes", "rg-a", vm_sizes=("Standard_D2s_v5", "Standard_D4s_v5"), **flexible),
+        ScaleSetSpec("pooled", "rg-a", standby={"1": 2}, **flexible),
+    )
+    with ArmSim.start(Scenario(scale_sets=sets)) as sim:
+        code, report, err = audit_json(sim, capsys)
+        assert code == 0, err
+        assert report is not None
+        found = {e["id"].rsplit("/", 1)[-1]: e for e in report["scaleSets"]}
+        assert (found["mixed"]["decision"], found["mixed"]["reason"]) == (
+            "skip",
+            "spot_priority_mix",
+        )
+        assert "changed priorityMixPolicy" in found["mixed"]["detail"]
+        assert found["sizes"]["reason"] == "instance_mix"
+        assert "single VM size" in found["sizes"]["detail"]
+        assert found["pooled"]["reason"] == "standby_pool"
+        assert found["pooled"]["zones"]["1"]["total"] == 1  # the pool VMs are not counted
+        assert "detach the standby pool" in found["pooled"]["detail"]

@@ -1169,3 +1169,20 @@ def test_a_delete_the_record_does_not_know_about_is_never_added_to():
     step = advance(step.record, fleet.inventory(later), POLICY, later)
     assert step.record.state is State.SUPERSEDED and step.record.outcome is Reason.OUTSIDE_DELETE
     assert fleet.capacity == 6  # the 7 it started from, less the VM deleted outside it
+
+
+def test_a_new_vm_is_never_paired_with_a_source_of_the_other_priority():
+    """Azure chose the new VM's priority (a priority mix) unlike every source left: the new
+    VM is removed instead, so the split of Spot and regular VMs ends as it began."""
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    for instance in list(fleet.instances.values()):
+        if instance.zone in ("2", "3"):
+            fleet.instances[instance.id] = replace(instance, spot=True)
+    run = Run(fleet)
+    record = run.until_done(run.start())
+    assert fleet.instances.get("100") is None or fleet.instances["100"].deleting
+    assert record.state is State.ROLLED_BACK and record.sources == ()
+    assert "no regular source in a fuller zone" in " ".join(t.detail for t in record.history)
+    assert run.deleted() == {"100"}
+    assert fleet.totals() == (1, 3, 3)
+    assert sum(1 for i in fleet.instances.values() if i.spot and not i.deleting) == 6

@@ -215,6 +215,10 @@ def _moves(assessment) -> list[dict[str, str]]:
     ]
 
 
+DETAILED_REASONS = frozenset({"instance_mix", "standby_pool", "spot_priority_mix"})
+"""Skips whose `detail` the report carries: what the set uses and the setting that changes it."""
+
+
 def build_report(
     subscription: str,
     results: Sequence[Any],
@@ -281,6 +285,8 @@ def build_report(
             entry["detail"] = held.describe()
         elif wait:
             entry["detail"] = wait
+        elif assessment.reason.value in DETAILED_REASONS:
+            entry["detail"] = assessment.detail
         repairs = result.scale_set.automatic_repairs
         if repairs is not None:
             entry["automaticRepairs"] = {
@@ -385,7 +391,7 @@ def _print_table(
     else:
         console.print("No zonal scale sets in scope.")
     console.print(summary_line(len(rows), left_out, resource_groups))
-    for entry, (inventory, _assessment, _mode, held, wait) in zip(
+    for entry, (inventory, assessment, _mode, held, wait) in zip(
         report["scaleSets"], rows, strict=True
     ):
         name = inventory.scale_set.ref.name
@@ -393,6 +399,8 @@ def _print_table(
             console.print(f"{name}: {AUTOSCALE_REASON}: {held.describe()}")
         elif wait:
             console.print(f"{name}: {UPGRADE_REASON}: {wait}")
+        elif assessment.reason.value in DETAILED_REASONS:
+            console.print(f"{name}: {assessment.reason.value}: {assessment.detail}")
         if entry.get("automaticRepairs"):
             console.print(f"{name}: automatic repairs: {entry['automaticRepairs']['note']}")
     for error in report.get("errors", ()):

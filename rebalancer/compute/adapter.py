@@ -220,6 +220,10 @@ class ArmCall:
         )
 
 
+SPOT_QUOTA_FAMILY = "lowPriorityCores"
+"""The usage name of the regional Spot vCPU quota (Total Regional Low-priority vCPUs)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Quota:
     """vCPU quota for a VM size's family in one location, and the size's vCPU count."""
@@ -1076,9 +1080,12 @@ class ComputeAdapter:
 
     # -- quota ----------------------------------------------------------------------------
 
-    def quota(self, location: str, sku_name: str) -> Quota:
+    def quota(self, location: str, sku_name: str, *, spot: bool = False) -> Quota:
         """vCPU usage and limit of the size's family in `location` (usages, cached for
-        `usage_cache_ttl`) and the size's vCPUs (resource SKUs, cached for `sku_cache_ttl`)."""
+        `usage_cache_ttl`) and the size's vCPUs (resource SKUs, cached for `sku_cache_ttl`).
+
+        `spot`: Spot VMs of every size draw on one regional family, `lowPriorityCores`, and
+        not on the size's family nor the regional total."""
         location_key = location.replace(" ", "").lower()
         catalog = self._cache.get(
             ("skus", location_key), self.config.sku_cache_ttl, lambda: self._sku_catalog(location)
@@ -1091,6 +1098,8 @@ class ComputeAdapter:
                 code="SkuNotAvailable",
             )
         family, vcpus = entry
+        if spot:
+            family = SPOT_QUOTA_FAMILY
         usages = self._cache.get(
             ("usages", location_key), self.config.usage_cache_ttl, lambda: self._usages(location)
         )
@@ -1101,7 +1110,7 @@ class ComputeAdapter:
                 f"no vCPU quota is reported for family {family} in {location}",
                 code="QuotaNotFound",
             )
-        regional = usages.get("cores")
+        regional = None if spot else usages.get("cores")
         return Quota(
             family=family,
             used_vcpus=family_usage[0],
