@@ -8,7 +8,11 @@ import logging
 
 import azure.functions as func
 
-from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME, TIMER_FUNCTION_NAME
+from rebalancer.azure_operations import (
+    EVENT_GRID_FUNCTION_NAME,
+    FOLLOW_UP_FUNCTION_NAME,
+    TIMER_FUNCTION_NAME,
+)
 
 app = func.FunctionApp()
 
@@ -21,6 +25,17 @@ def on_resource_event(event: func.EventGridEvent) -> None:
     from rebalancer.events import envelope
 
     service.handle_event(*envelope(event))
+
+
+@app.function_name(FOLLOW_UP_FUNCTION_NAME)
+@app.queue_trigger(
+    arg_name="message", queue_name="%REBALANCER_FOLLOW_UP_QUEUE%", connection="AzureWebJobsStorage"
+)
+def on_follow_up(message: func.QueueMessage) -> None:
+    """An in-flight operation's follow-up is due (a message sent with a visibility delay)."""
+    from rebalancer import service
+
+    service.handle_follow_up(message.get_body().decode("utf-8", errors="replace"))
 
 
 @app.function_name(TIMER_FUNCTION_NAME)

@@ -9,6 +9,7 @@ from armsim.clock import VirtualClock, WallClock
 from armsim.faults import FaultRule
 from armsim.resources import CapacityChange, VmChange
 from armsim.scenario import (
+    EvictionSpec,
     QuotaSpec,
     ScaleSetSpec,
     Scenario,
@@ -24,6 +25,7 @@ from armsim.simulator import ArmSim, OperationView, ScaleSetView, VmView
 __all__ = [
     "ArmSim",
     "CapacityChange",
+    "EvictionSpec",
     "FaultRule",
     "OperationView",
     "QuotaSpec",

@@ -104,6 +104,10 @@ def scale_set(ss: ScaleSetState) -> dict[str, Any]:
                 }
             ]
         }
+    if ss.priority == "Spot":
+        profile["priority"] = "Spot"
+        profile["evictionPolicy"] = ss.eviction_policy
+        profile["billingProfile"] = {"maxPrice": -1}
     if ss.terminate_notification_seconds is not None:
         profile["scheduledEventsProfile"] = {
             "terminateNotificationProfile": {
@@ -132,18 +136,32 @@ def scale_set(ss: ScaleSetState) -> dict[str, Any]:
     }
     if ss.mode == "Uniform" or ss.upgrade_policy != {"mode": "Manual"}:
         properties["upgradePolicy"] = dict(ss.upgrade_policy)
+    if ss.repairs_policy is not None:
+        properties["automaticRepairsPolicy"] = dict(ss.repairs_policy)
     if ss.mode == "Uniform":
         properties["overprovision"] = ss.overprovision
         properties["doNotRunExtensionsOnOverprovisionedVMs"] = False
     if ss.zones:
         properties["zoneBalance"] = ss.zone_balance
+    if ss.priority_mix is not None:
+        properties["priorityMixPolicy"] = {
+            "baseRegularPriorityCount": ss.priority_mix[0],
+            "regularPriorityPercentageAboveBase": ss.priority_mix[1],
+        }
+    sku: dict[str, Any] = {"name": ss.sku, "tier": "Standard", "capacity": ss.capacity}
+    if ss.vm_sizes:
+        sku = {"name": "Mix", "capacity": ss.capacity}
+        properties["skuProfile"] = {
+            "vmSizes": [{"name": size} for size in ss.vm_sizes],
+            "allocationStrategy": "LowestPrice",
+        }
     body: dict[str, Any] = {
         "name": ss.name,
         "id": ss.resource_id,
         "type": VMSS_TYPE,
         "location": ss.location,
         "tags": dict(ss.tags),
-        "sku": {"name": ss.sku, "tier": "Standard", "capacity": ss.capacity},
+        "sku": sku,
         "etag": ss.etag,
         "properties": properties,
     }
@@ -217,6 +235,8 @@ def instance_view(
                 }
             ],
         }
+    if vm.in_standby_pool:
+        view["isVMInStandbyPool"] = True
     reported = reported_health(vm)
     if reported is not None and health:
         view["vmHealth"] = {
@@ -295,6 +315,21 @@ def scale_set_vm(
     return body
 
 
+def _priority(vm: Vm) -> dict[str, Any]:
+    """A Flexible VM's own `priority` (and a Spot VM's `evictionPolicy`); a regular VM of a
+    set without Spot shows none."""
+    ss = vm.scale_set
+    if not vm.spot and ss.priority != "Spot":
+        return {}
+    if not vm.spot:
+        return {"priority": "Regular"}
+    return {
+        "priority": "Spot",
+        "evictionPolicy": ss.eviction_policy,
+        "billingProfile": {"maxPrice": -1},
+    }
+
+
 def bare_scale_set_vm(vm: Vm) -> dict[str, Any]:
     """A Flexible VM in the scale-set-VM *list*: Azure answers it with items that carry no
     properties (no instance view, no protection); the VM's own APIs have those."""
@@ -319,6 +354,7 @@ def virtual_machine(
         **_os_and_network(vm),
         "virtualMachineScaleSet": {"id": ss.resource_id},
         "provisioningState": vm.provisioning_state,
+        **_priority(vm),
         "timeCreated": iso(vm.created),
     }
     if expand:

@@ -97,6 +97,10 @@ class Vm:
     failure: OperationFailure | None = None
     allocated: bool = False
     """Holds a zone capacity slot and counts in quota usage."""
+    spot: bool = False
+    """Spot priority: its vCPUs count in `lowPriorityCores`, and Azure may evict it."""
+    in_standby_pool: bool = False
+    """Waits in the scale set's standby pool: no place in `sku.capacity`, not counted."""
     gone: bool = False
     waiters: set[Operation] = field(default_factory=set)
 
@@ -113,7 +117,12 @@ class Vm:
     def counts(self) -> bool:
         """Counts toward zone balance as Azure counts it: a VM whose extensions failed does,
         one that never got capacity does not (Azure's "Zone balancing" page)."""
-        return self.provisioning_state != "Deleting" and not self.never_allocated and not self.gone
+        return (
+            self.provisioning_state != "Deleting"
+            and not self.never_allocated
+            and not self.gone
+            and not self.in_standby_pool
+        )
 
     @property
     def resource_id(self) -> str:
@@ -165,6 +174,14 @@ class ScaleSetState:
     """Overprovisioned VMs still among the members until their scale-out picks which go."""
     upgrade_policy: dict[str, Any] = field(default_factory=lambda: {"mode": "Manual"})
     """`properties.upgradePolicy` as last written (Azure's default mode is Manual)."""
+    repairs_policy: dict[str, Any] | None = None
+    """`properties.automaticRepairsPolicy` with defaults filled in (armsim/repairs.py)."""
+    priority: str = "Regular"
+    eviction_policy: str = "Deallocate"
+    priority_mix: tuple[int, int] | None = None
+    """`priorityMixPolicy`: (baseRegularPriorityCount, regularPriorityPercentageAboveBase)."""
+    vm_sizes: tuple[str, ...] = ()
+    """Instance mix (`skuProfile.vmSizes`); `sku` is then the size its VMs get."""
 
     @property
     def resource_id(self) -> str:
@@ -183,7 +200,23 @@ class ScaleSetState:
 
     def members(self) -> list[Vm]:
         """VMs that hold a place in `sku.capacity` (everything not being deleted)."""
-        return [vm for vm in self.vms.values() if vm.provisioning_state != "Deleting"]
+        return [
+            vm
+            for vm in self.vms.values()
+            if vm.provisioning_state != "Deleting" and not vm.in_standby_pool
+        ]
+
+    def next_spot(self) -> bool:
+        """Whether the next VM a scale-out creates is Spot: all of a Spot set's, or as the
+        priority mix keeps the split (the regular share above the base rounded up)."""
+        if self.priority_mix is None:
+            return self.priority == "Spot"
+        base, percent = self.priority_mix
+        members = [vm for vm in self.members() if not vm.never_allocated]
+        regular = sum(1 for vm in members if not vm.spot)
+        count = len(members) + 1
+        target = min(count, base) + -(-max(0, count - base) * percent // 100)
+        return regular >= target
 
     def held(self) -> int:
         """Places of `sku.capacity` taken: members, less overprovisioned extras to go."""

@@ -35,6 +35,8 @@ MONITORING_VALUES = ("extension", "probe", "none")
 HEALTH_STATES_VALUES = ("rich", "binary")
 LRO_HEADER_VALUES = ("compute", "location")
 MODES = ("Uniform", "Flexible")
+PRIORITY_VALUES = ("Regular", "Spot")
+EVICTION_VALUES = ("Deallocate", "Delete")
 
 
 class ScenarioError(ValueError):
@@ -89,6 +91,8 @@ class VmOverride:
     name: str | None = None
     """Flexible only: the VM was created with this name instead of `<scale set>_<8 hex>`
     (a VM attached to the scale set by its `virtualMachineScaleSet` reference)."""
+    priority: str | None = None
+    """`Regular` or `Spot`: the VM's priority (in a priority mix, instead of the split's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +126,43 @@ class ScaleSetSpec:
     Flexible scale sets never overprovision."""
     provisioning_state: str = "Succeeded"
     overrides: tuple[VmOverride, ...] = ()
+    priority: str = "Regular"
+    """`virtualMachineProfile.priority`: `Regular` or `Spot` (Azure's default is Regular)."""
+    eviction_policy: str = "Deallocate"
+    """Spot only (`evictionPolicy`): evicted VMs are `Deallocate`d (Azure's default) or
+    `Delete`d (and `sku.capacity` drops by one)."""
+    base_regular_priority_count: int | None = None
+    regular_priority_percentage_above_base: int | None = None
+    """Flexible Spot only (`priorityMixPolicy`): give either to mix regular and Spot VMs."""
+    vm_sizes: tuple[str, ...] = ()
+    """Flexible only: instance mix (`sku.name` "Mix", `skuProfile.vmSizes`); VMs get the
+    first size."""
+    standby: Mapping[str, int] = field(default_factory=dict)
+    """Flexible only: VMs per zone waiting in an attached standby pool (running, listed with
+    `isVMInStandbyPool`); a scale-out takes them before it creates VMs."""
 
     @property
     def key(self) -> str:
         return f"{self.resource_group}/{self.name}".lower()
+
+    @property
+    def priority_mix(self) -> bool:
+        return (
+            self.base_regular_priority_count is not None
+            or self.regular_priority_percentage_above_base is not None
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionSpec:
+    """Azure evicts `count` running Spot VMs of a scale set (of `zone`, if given) at
+    `after_seconds` on the virtual clock, as its `evictionPolicy` says; no event."""
+
+    resource_group: str
+    scale_set: str
+    after_seconds: float
+    count: int = 1
+    zone: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +199,7 @@ class Scenario:
     capacity: tuple[ZoneCapacity, ...] = ()
     quotas: tuple[QuotaSpec, ...] = ()
     scale_sets: tuple[ScaleSetSpec, ...] = ()
+    evictions: tuple[EvictionSpec, ...] = ()
     faults: tuple[FaultRule, ...] = ()
     timings: Timings = field(default_factory=Timings)
     throttling: bool = False
@@ -376,6 +414,7 @@ def _validate(scenario: Scenario) -> None:
             raise ScenarioError(f"{where}: capacity is below the sum of counts")
         if sku_names and spec.sku.lower() not in sku_names:
             raise ScenarioError(f"{where}: sku {spec.sku!r} is not among the scenario's skus")
+        _validate_spot_and_mix(spec, where)
         for o_index, override in enumerate(spec.overrides):
             _validate_override(override, f"{where}.overrides[{o_index}]")
             if override.name is not None and (spec.mode != "Flexible" or override.count != 1):
@@ -385,9 +424,36 @@ def _validate(scenario: Scenario) -> None:
                 )
 
 
+def _validate_spot_and_mix(spec: ScaleSetSpec, where: str) -> None:
+    if spec.priority not in PRIORITY_VALUES:
+        raise ScenarioError(f"{where}: priority must be one of {PRIORITY_VALUES}")
+    if spec.eviction_policy not in EVICTION_VALUES:
+        raise ScenarioError(f"{where}: eviction_policy must be one of {EVICTION_VALUES}")
+    flexible_only = {
+        "a priority mix (base_regular_priority_count, regular_priority_percentage_above_base)": (
+            spec.priority_mix
+        ),
+        "instance mix (vm_sizes)": bool(spec.vm_sizes),
+        "a standby pool (standby)": bool(spec.standby),
+    }
+    for what, used in flexible_only.items():
+        if used and spec.mode != "Flexible":
+            raise ScenarioError(f'{where}: {what} needs mode = "Flexible"')
+    if spec.priority_mix and spec.priority != "Spot":
+        raise ScenarioError(f'{where}: a priority mix needs priority = "Spot"')
+    percent = spec.regular_priority_percentage_above_base
+    if percent is not None and not 0 <= percent <= 100:
+        raise ScenarioError(f"{where}: regular_priority_percentage_above_base is 0..100")
+    for zone, count in spec.standby.items():
+        if zone not in spec.zones or count < 0:
+            raise ScenarioError(f"{where}: standby[{zone!r}] needs a zone of the set, count >= 0")
+
+
 def _validate_override(override: VmOverride, where: str) -> None:
     if (override.zone is None) == (override.instance is None):
         raise ScenarioError(f"{where}: give exactly one of 'zone' (with count) or 'instance'")
+    if override.priority is not None and override.priority not in PRIORITY_VALUES:
+        raise ScenarioError(f"{where}: priority must be one of {PRIORITY_VALUES}")
     if override.health is not None and override.health not in HEALTH_VALUES:
         raise ScenarioError(f"{where}: health must be one of {HEALTH_VALUES}")
     if override.power_state is not None and override.power_state not in POWER_VALUES:

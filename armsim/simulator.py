@@ -29,6 +29,7 @@ from armsim.clock import Clock, VirtualClock
 from armsim.errors import OperationFailure
 from armsim.events import EventFacts, EventSink, HttpEventDelivery, build_event
 from armsim.faults import Faults
+from armsim.repairs import AutomaticRepairs
 from armsim.resources import (
     ALLOCATION_FAILURES,
     VMSS_TYPE,
@@ -67,11 +68,14 @@ class VmView:
     created: datetime
     resource_id: str
     failure_code: str | None
+    spot: bool = False
+    in_standby_pool: bool = False
 
     @property
     def counts(self) -> bool:
-        """As Azure's zone balance counts: not being deleted, not failed for lack of capacity."""
-        if self.provisioning_state == "Deleting":
+        """As Azure's zone balance counts: not being deleted, not failed for lack of capacity,
+        not waiting in a standby pool."""
+        if self.provisioning_state == "Deleting" or self.in_standby_pool:
             return False
         failed = self.provisioning_state == "Failed"
         return not (failed and (self.failure_code or "").lower() in ALLOCATION_FAILURES)
@@ -142,6 +146,8 @@ def _vm_view(vm: Vm) -> VmView:
         created=vm.created,
         resource_id=vm.resource_id,
         failure_code=vm.failure.code if vm.failure else None,
+        spot=vm.spot,
+        in_standby_pool=vm.in_standby_pool,
     )
 
 
@@ -213,6 +219,9 @@ class ArmSim:
         self.actor = Actor(self)
         self.autoscale = Autoscale(self)
         self.upgrades = RollingUpgrades(self)
+        self.repairs = AutomaticRepairs(self)
+        """Automatic instance repairs (armsim/repairs.py)."""
+        self.world.model_hooks.append(self.repairs.policy_written)
         """Rolling upgrades and their batches (armsim/upgrades.py)."""
         """Autoscale settings and their engine (armsim/autoscale.py)."""
         self._host, self._port, self._tls = host, port, tls
@@ -669,6 +678,17 @@ class Actor:
         self._run(lambda world: world.start_vm(self._vm(world, resource_group, name, instance_id)))
 
     # platform and environment (no ARM request, no event)
+
+    def evict_spot(
+        self, resource_group: str, name: str, *, count: int = 1, zone: str | None = None
+    ) -> list[str]:
+        """Azure evicts up to `count` running Spot VMs (of `zone`) per the set's
+        evictionPolicy; returns their instance ids."""
+
+        def act(world: World) -> list[str]:
+            return world.evict_spot(self._ss(world, resource_group, name), count, zone, world.now)
+
+        return self._run(act)
 
     def set_health(self, resource_group: str, name: str, instance_id: str, health: str) -> None:
         """The application on a VM turns healthy/unhealthy/unknown (health extension report)."""

@@ -76,6 +76,8 @@ class World:
         self.vms_by_group: dict[str, dict[str, Vm]] = {}
         self.operations: dict[str, Operation] = {}
         self.journal: list[VmChange] = []
+        self.model_hooks: list[Callable[[World, ScaleSetState], None]] = []
+        """Called after each write of a scale set's model (armsim/repairs.py listens)."""
         self.capacity_journal: list[CapacityChange] = []
         self.skus: dict[str, SkuSpec] = {sku.name.lower(): sku for sku in scenario.skus}
         self.free: dict[tuple[str, str, str], int] = {}
@@ -89,6 +91,14 @@ class World:
             self.quota[(quota.location.lower(), quota.family.lower())] = quota.limit
         for spec in scenario.scale_sets:
             self.seed_scale_set(spec)
+        for eviction in scenario.evictions:
+            self.after(
+                now,
+                eviction.after_seconds,
+                lambda at, e=eviction: self.evict_spot(
+                    self.find_scale_set(e.resource_group, e.scale_set), e.count, e.zone, at
+                ),
+            )
 
     # --- time -------------------------------------------------------------------------
 
@@ -179,6 +189,17 @@ class World:
             health_states=spec.health_states,
             overprovision=spec.overprovision and spec.mode == "Uniform",
             created=self.now - timedelta(days=30),
+            priority=spec.priority,
+            eviction_policy=spec.eviction_policy,
+            priority_mix=(
+                (
+                    spec.base_regular_priority_count or 0,
+                    spec.regular_priority_percentage_above_base or 0,
+                )
+                if spec.priority_mix
+                else None
+            ),
+            vm_sizes=tuple(spec.vm_sizes),
         )
         ss.provisioning_state = spec.provisioning_state
         created = self.now - timedelta(days=7)
@@ -217,6 +238,12 @@ class World:
                 self._apply_override(vm, override)
                 if override.name is not None:
                     self._rename_flexible_vm(vm, override.name)
+        for zone, count in spec.standby.items():
+            for _ in range(count):
+                vm = self._add_vm(ss, zone, created)
+                self._allocate(vm, force=True)
+                vm.provisioning_state, vm.power_state = "Succeeded", "running"
+                vm.in_standby_pool = True
         for vm in ordered:
             if vm.provisioning_state == "Creating":
                 self.after(
@@ -259,6 +286,8 @@ class World:
             vm.protect_from_scale_set_actions = override.protect_from_scale_set_actions
         if override.latest_model is not None:
             vm.latest_model = override.latest_model
+        if override.priority is not None:
+            vm.spot = override.priority == "Spot"
 
     def _new_scale_set(self, **kwargs: Any) -> ScaleSetState:
         group = kwargs["resource_group"]
@@ -289,6 +318,7 @@ class World:
             zone=zone,
             vm_id=self.new_resource_id(),
             created=created,
+            spot=ss.next_spot(),
         )
         ss.vms[instance_id.lower()] = vm
         if ss.mode == "Flexible":
@@ -311,7 +341,7 @@ class World:
             # Seeded VMs (force) are already there: `available` counts room beyond them.
             self.free[key] -= 1
         sku = self.sku(ss.sku)
-        for family in (sku.family.lower(), "cores"):
+        for family in _families(sku, vm.spot):
             usage_key = (ss.location.lower(), family)
             self.usage[usage_key] = self.usage.get(usage_key, 0) + sku.vcpus
         vm.allocated = True
@@ -324,7 +354,7 @@ class World:
         if key in self.free:
             self.free[key] += 1
         sku = self.sku(ss.sku)
-        for family in (sku.family.lower(), "cores"):
+        for family in _families(sku, vm.spot):
             usage_key = (ss.location.lower(), family)
             self.usage[usage_key] = self.usage.get(usage_key, 0) - sku.vcpus
         vm.allocated = False
@@ -337,11 +367,24 @@ class World:
             self.free[key] = available
 
     def check_quota(self, ss: ScaleSetState, new_vms: int) -> None:
+        """Spot VMs need room in `lowPriorityCores`, regular ones in the size's family and
+        the regional total (a priority mix: as many of each as its split gives)."""
         sku = self.sku(ss.sku)
         if new_vms <= 0:
             return
-        required = new_vms * sku.vcpus
-        for family, label in ((sku.family, sku.family), ("cores", "Total Regional")):
+        pooled = sum(1 for vm in ss.vms.values() if vm.in_standby_pool and not vm.gone)
+        created = self._upcoming_spot(ss, new_vms)[pooled:]  # pool VMs hold their vCPUs
+        new_vms, spot = len(created), sum(created)
+        needs = []
+        if new_vms - spot:
+            needs += [
+                (sku.family, sku.family, new_vms - spot),
+                ("cores", "Total Regional", new_vms - spot),
+            ]
+        if spot:
+            needs.append((LOW_PRIORITY_FAMILY, "Low Priority", spot))
+        for family, label, vms in needs:
+            required = vms * sku.vcpus
             key = (ss.location.lower(), family.lower())
             limit = self.quota.get(key, DEFAULT_LIMIT)
             usage = self.usage.get(key, 0)
@@ -358,6 +401,25 @@ class World:
                     "UsageAndQuota.ReactView by specifying parameters listed in the "
                     "'Details' section for deployment to succeed.",
                 )
+
+    @staticmethod
+    def _upcoming_spot(ss: ScaleSetState, count: int) -> list[bool]:
+        """Whether each of the next `count` new VMs is Spot (pool VMs taken first keep theirs)."""
+        pooled = [vm for vm in ss.vms.values() if vm.in_standby_pool]
+        upcoming = [vm.spot for vm in pooled[:count]]
+        if len(upcoming) == count or ss.priority_mix is None:
+            return upcoming + [ss.priority == "Spot"] * (count - len(upcoming))
+        base, percent = ss.priority_mix
+        members = [vm for vm in ss.members() if not vm.never_allocated]
+        regular = sum(1 for vm in members if not vm.spot) + upcoming.count(False)
+        total = len(members) + len(upcoming)
+        while len(upcoming) < count:
+            total += 1
+            target = min(total, base) + -(-max(0, total - base) * percent // 100)
+            is_spot = regular >= target
+            regular += int(not is_spot)
+            upcoming.append(is_spot)
+        return upcoming
 
     def check_sku(self, ss: ScaleSetState) -> None:
         sku = self.sku(ss.sku)
@@ -400,7 +462,11 @@ class World:
         ]
         families = {sku.family for sku in self.skus.values()}
         families |= {self.sku(ss.sku).family for ss in self.scale_sets.values()}
-        families |= {family for (q_loc, family) in self.quota if q_loc == loc and family != "cores"}
+        families |= {
+            family
+            for (q_loc, family) in self.quota
+            if q_loc == loc and family not in ("cores", LOW_PRIORITY_FAMILY.lower())
+        }
         for family in sorted(families, key=str.lower):
             key = (loc, family.lower())
             rows.append(
@@ -411,6 +477,14 @@ class World:
                     self.quota.get(key, DEFAULT_LIMIT),
                 )
             )
+        rows.append(
+            (
+                LOW_PRIORITY_FAMILY,
+                "Total Regional Low-priority vCPUs",
+                self.usage.get((loc, LOW_PRIORITY_FAMILY.lower()), 0),
+                self.quota.get((loc, LOW_PRIORITY_FAMILY.lower()), DEFAULT_LIMIT),
+            )
+        )
         count = sum(
             1 for ss in self.scale_sets.values() if ss.location.lower() == loc and not ss.deleted
         )
@@ -672,6 +746,8 @@ class World:
         wanted: dict[str | None, int] = {}
         for index in range(count + extras):
             ranked = placement_order(zones, counts, strict=ss.zone_balance)
+            if index < count and self._take_from_pool(ss, ranked, op):
+                continue
             chosen = None
             for zone in ranked:
                 if not self.has_room(ss, zone):
@@ -705,6 +781,51 @@ class World:
                 self.timings.create,
                 lambda at: self._trim_overprovisioned(op, key, group, count, wanted, at),
             )
+
+    def _take_from_pool(self, ss: ScaleSetState, ranked: list[str | None], op: Operation) -> bool:
+        """A scale-out moves a standby pool VM into the set (in the best-ranked zone that has
+        one, else any) instead of creating a VM; it is already running."""
+        pooled = [vm for vm in ss.vms.values() if vm.in_standby_pool and not vm.gone]
+        if not pooled:
+            return False
+        rank = {zone: position for position, zone in enumerate(ranked)}
+        vm = min(pooled, key=lambda v: (rank.get(v.zone, len(rank)), v.serial))
+        vm.in_standby_pool = False
+        self.note(vm, "created", principal_id=op.caller.principal_id)
+        self.note(vm, "provisioned")
+        return True
+
+    # --- Spot evictions -----------------------------------------------------------------
+
+    def evict_spot(
+        self, ss: ScaleSetState, count: int, zone: str | None, at: datetime
+    ) -> list[str]:
+        """Azure takes back `count` running Spot VMs (of `zone`, if given): per the set's
+        `evictionPolicy` they are deallocated (keeping their place and quota) or deleted
+        (`sku.capacity` drops by one each). No ARM request, so no event."""
+        if ss.deleted:
+            return []
+        running = [
+            vm
+            for vm in ss.members()
+            if vm.spot
+            and vm.power_state == "running"
+            and vm.provisioning_state == "Succeeded"
+            and (zone is None or vm.zone == zone)
+        ]
+        evicted = sorted(running, key=lambda vm: vm.serial, reverse=True)[:count]
+        for vm in evicted:
+            if ss.eviction_policy == "Delete":
+                vm.provisioning_state = "Deleting"
+                self.note(vm, "deleting", "evicted", at=at)
+                ss.capacity = max(0, ss.capacity - 1)
+                ss.version += 1
+                self.note_capacity(ss, "delete", None, vm.instance_id)
+                self.after(at, self.timings.delete, lambda t, vm=vm: self._gone(vm, t))
+            else:
+                vm.power_state, vm.health = "deallocated", None
+                self.note(vm, "power", "deallocated", at=at)
+        return [vm.instance_id for vm in evicted]
 
     def _trim_overprovisioned(
         self,
@@ -821,6 +942,12 @@ class World:
             ss.overprovision = bool(props["overprovision"])
         if isinstance(props.get("upgradePolicy"), Mapping):
             ss.upgrade_policy = {**ss.upgrade_policy, **props["upgradePolicy"]}
+        if isinstance(props.get("automaticRepairsPolicy"), Mapping):
+            from armsim.repairs import normalize_policy
+
+            ss.repairs_policy = normalize_policy(props["automaticRepairsPolicy"], ss.repairs_policy)
+            for hook in self.model_hooks:
+                hook(self, ss)
         policy = (props.get("resiliencyPolicy") or {}).get("automaticZoneRebalancingPolicy")
         if isinstance(policy, Mapping) and "enabled" in policy:
             ss.platform_rebalancing = bool(policy["enabled"])
@@ -1053,6 +1180,15 @@ class World:
             if outcome != "initializing":
                 self.after(self.now, self.timings.health, lambda t: self._health(vm, outcome, t))
         self.note(vm, "power", "running")
+
+
+LOW_PRIORITY_FAMILY = "lowPriorityCores"
+"""The regional Spot vCPU quota's usage name (Total Regional Low-priority vCPUs)."""
+
+
+def _families(sku: SkuSpec, spot: bool) -> tuple[str, ...]:
+    """The usage rows a VM's vCPUs count in: Spot ones only in the low-priority quota."""
+    return (LOW_PRIORITY_FAMILY.lower(),) if spot else (sku.family.lower(), "cores")
 
 
 def check_if_match(ss: ScaleSetState, if_match: str | None) -> None:

@@ -22,6 +22,8 @@ class Sizes:
     audit_vms: int = 50
     naive_sets: int = 200
     latency: float = 0.02
+    page_sets: int = 40
+    page_rounds: int = 3
     steady_sets: int = 1000
     steady_vms: int = 6
     memory_sets: int = 1000
@@ -36,6 +38,8 @@ QUICK = Sizes(
     audit_vms=6,
     naive_sets=2,
     latency=0.001,
+    page_sets=4,
+    page_rounds=1,
     steady_sets=4,
     steady_vms=3,
     memory_sets=4,
@@ -67,14 +71,14 @@ def machine() -> str:
 
 def run_group(name: str, sizes: Sizes) -> list[Figure]:
     if name == "audit":
-        from bench import audit_cost
+        from bench import audit_cost, read_cpu
 
         return audit_cost.run(
             scale_sets=sizes.audit_sets,
             vms=sizes.audit_vms,
             naive_scale_sets=sizes.naive_sets,
             latency=sizes.latency,
-        )
+        ) + read_cpu.run(scale_sets=sizes.page_sets, vms=sizes.audit_vms, rounds=sizes.page_rounds)
     if name == "balance":
         from bench import moves, time_to_balance
 

@@ -203,6 +203,21 @@ def budget_share_used(requests: list[Any], seconds: float) -> tuple[float, str]:
     return worst, which
 
 
+def resource_share_used(requests: list[Any], seconds: float) -> tuple[float, str]:
+    """Largest share of any policy's allowance (burst + refill over `seconds`) the requests
+    used, per scale set for per-resource policies, and the policy (with its scale set)."""
+    from armsim.throttling import DEFAULT_POLICIES
+
+    worst, which = 0.0, "none"
+    for (name, scope), count in charges(requests).items():
+        policy = DEFAULT_POLICIES[name]
+        allowance = policy.burst + policy.per_minute * seconds / 60.0
+        if allowance > 0 and count / allowance > worst:
+            where = f" on {scope.rsplit('/', 1)[-1]}" if scope else ""
+            worst, which = count / allowance, f"{name.rsplit('/', 1)[-1]}{where} ({count} calls)"
+    return worst, which
+
+
 # -- the app on armsim + Azurite ----------------------------------------------------------
 
 
@@ -222,18 +237,47 @@ class App:
         self.compute.close()
 
 
-def install_app(sim: Any, store: Any, *, budget: Any = None, **env: str) -> App:
+def install_app(
+    sim: Any, store: Any, *, budget: Any = None, follow_ups: Any = None, **env: str
+) -> App:
     """Settings as the app reads them (enforce mode, armsim's endpoint), the real Compute
     adapter on armsim's clock (with `budget`, if given), wired by the app's own
-    `build_runtime`, and a host that invokes the functions on that runtime."""
+    `build_runtime` (sending follow-ups to `follow_ups`, if given), and a host that invokes
+    the functions on that runtime."""
     from devkit.host import Host
     from devkit.stack import compute_for, settings_for
     from rebalancer.service import build_runtime
 
     settings = settings_for(sim, **env)
     compute = compute_for(sim, settings, budget=budget, max_wait=None)
-    runtime = build_runtime(settings, store=store, compute=compute, clock=sim.clock.now)
+    runtime = build_runtime(
+        settings, store=store, compute=compute, clock=sim.clock.now, follow_ups=follow_ups
+    )
     return App(sim, store, settings, compute, runtime, Host(runtime))
+
+
+class VirtualFollowUps:
+    """The follow-up queue on the virtual clock: what Azure Storage does with a visibility
+    delay (keep the message, hand it to the queue trigger at its time), for a run whose time
+    is armsim's. The app's `FollowUpQueue` is tested against Azurite; its delays run on real
+    time, which a virtual-time benchmark cannot wait for."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[datetime, int, str]] = []
+        self.sent = 0
+
+    def schedule(self, follow_up: Any, now: datetime) -> None:
+        self.sent += 1
+        self.messages.append((max(follow_up.due, now), self.sent, follow_up.to_json()))
+        self.messages.sort()
+
+    def next_due(self) -> datetime | None:
+        return self.messages[0][0] if self.messages else None
+
+    def take_due(self, now: datetime) -> list[str]:
+        due = [body for at, _, body in self.messages if at <= now]
+        self.messages = [m for m in self.messages if m[0] > now]
+        return due
 
 
 # -- armsim in its own process ------------------------------------------------------------

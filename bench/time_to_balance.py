@@ -18,8 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from armsim import ArmSim, ScaleSetSpec, Scenario, VmOverride, ZoneCapacity
-from bench.common import Figure, install_app
+from bench.common import (
+    Figure,
+    VirtualFollowUps,
+    install_app,
+    resource_share_used,
+)
 
+GOAL_RATIO = 1.2
+"""Time to balance within this factor of the lower bound."""
+SHARE_GOAL = 0.2
+"""At most the app's default share (`REBALANCER_ARM_BUDGET_SHARE`) of any policy."""
 PLATFORM_INTERVAL = 12 * 3600.0
 """The platform's documented pace: at most one rebalance per 12 hours."""
 LOCATION, SKU = "westeurope", "Standard_D2s_v5"
@@ -77,6 +86,20 @@ class BalanceRun:
     step_seconds: float
     tick: float
     final_counts: dict[str, int] = field(default_factory=dict)
+    reads: int = 0
+    """ARM GETs the app sent (lists, instance views, status polls) until balanced."""
+    follow_ups: int = 0
+    """Follow-up messages handled."""
+    share: float = 0.0
+    """Largest share of any Compute or ARM policy's allowance (per scale set or per
+    subscription) the app used over the run."""
+    share_policy: str = ""
+    baseline: BalanceRun | None = None
+    """The same case without follow-ups (timer and events only), run alongside."""
+
+    @property
+    def reads_per_move(self) -> float | None:
+        return self.reads / self.moved if self.moved else None
 
     @property
     def steps(self) -> int:
@@ -88,7 +111,7 @@ class BalanceRun:
 
     @property
     def goal_seconds(self) -> float:
-        return 1.1 * self.lower_bound + self.steps * self.tick
+        return GOAL_RATIO * self.lower_bound
 
     @property
     def platform_seconds(self) -> float:
@@ -135,52 +158,74 @@ def drive(
     tick: float = 300.0,
     step: float = 10.0,
     limit: float = 3 * 24 * 3600.0,
+    follow_ups: bool = True,
 ) -> BalanceRun:
-    """Run the app on one scenario until balanced (or `limit` virtual seconds)."""
+    """Run the app on one scenario until balanced (or `limit` virtual seconds).
+
+    `follow_ups=False` runs the app without its follow-up queue (timer ticks and events
+    only), as it ran before follow-ups: the baseline of the reads per move."""
     scenario = _scenario(case)
     timings = scenario.timings
     with ArmSim.start(scenario) as sim:
         store = store_factory()
-        app = install_app(sim, store, max_surge=str(case.surge), **dict(case.env))
+        queue = VirtualFollowUps() if follow_ups else None
+        app = install_app(sim, store, follow_ups=queue, max_surge=str(case.surge), **dict(case.env))
         try:
-            queue: list[dict[str, Any]] = []
-            sim.on_event = queue.append
+            events: list[dict[str, Any]] = []
+            sim.on_event = events.append
             original = {vm.instance_id for vm in sim.scale_set("rg-web", "web").vms}
             seen = set(original)
             start_count = len(original)
-            elapsed, ticks, delivered, surge = 0.0, 0, 0, 0.0
+            started = sim.clock.now()
+            ticks, delivered, surge, invocations = 0, 0, 0.0, 0
             restored = case.short_zone is None
             app.host.timer()
             ticks += 1
             finished: float | None = None
-            while elapsed <= limit:
-                while queue:
-                    event = queue.pop(0)
-                    delivered += 1
-                    app.host.event(event)
+
+            def elapsed() -> float:
+                return (sim.clock.now() - started).total_seconds()
+
+            while elapsed() <= limit:
+                while True:
+                    due = queue.take_due(sim.clock.now()) if queue is not None else []
+                    if not events and not due:
+                        break
+                    while events:
+                        delivered += 1
+                        app.host.event(events.pop(0))
+                    for body in due:
+                        invocations += 1
+                        app.host.follow_up(body)
                 view = sim.scale_set("rg-web", "web")
                 seen.update(vm.instance_id for vm in view.vms)
                 if _balanced(view.zone_counts()) and not store.active_operations():
-                    finished = elapsed
+                    finished = elapsed()
                     break
                 # Nothing in flight and nothing queued: nothing happens before the next tick
                 # (or the zone's recovery), so jump there instead of stepping.
-                jump = step
+                now = elapsed()
+                next_tick = ticks * tick
+                jump = min(step, next_tick - now)
                 if not store.active_operations():
-                    jump = tick - elapsed % tick
+                    jump = next_tick - now
                     if not restored:
-                        jump = min(jump, max(step, case.short_for - elapsed))
+                        jump = min(jump, max(step, case.short_for - now))
+                upcoming = queue.next_due() if queue is not None else None
+                if upcoming is not None:
+                    jump = min(jump, max(0.0, (upcoming - started).total_seconds() - now))
                 surge += max(0, len(view.vms) - start_count) * jump
                 sim.advance(jump)
-                elapsed += jump
-                if not restored and elapsed >= case.short_for:
+                if not restored and elapsed() >= case.short_for:
                     sim.actor.set_zone_room(LOCATION, SKU, case.short_zone, None)
                     restored = True
-                if elapsed % tick == 0:
+                if elapsed() >= next_tick:
                     app.host.timer()
                     ticks += 1
             final = sim.scale_set("rg-web", "web")
             present = {vm.instance_id for vm in final.vms}
+            seconds = finished if finished is not None else elapsed()
+            share, policy = resource_share_used(sim.requests, seconds)
             return BalanceRun(
                 case=case,
                 seconds=finished,
@@ -193,6 +238,10 @@ def drive(
                 step_seconds=timings.create + timings.health + timings.delete,
                 tick=tick,
                 final_counts=final.zone_counts(),
+                reads=sum(1 for r in sim.requests if r.method == "GET"),
+                follow_ups=invocations,
+                share=share,
+                share_policy=policy,
             )
         finally:
             app.close()
@@ -215,14 +264,62 @@ def figures(runs: list[BalanceRun]) -> list[Figure]:
                     f"lower bound {run.lower_bound:.0f} s ({run.steps} step(s) of "
                     f"{run.step_seconds:.0f} s, maxSurge {run.case.surge}"
                     + (f", zone short for {run.case.short_for:.0f} s" if run.case.short_for else "")
-                    + f"); {run.ticks} timer ticks of {run.tick:.0f} s, {run.events} events; "
-                    f"ends {run.final_counts}"
+                    + f"); {run.ticks} timer ticks of {run.tick:.0f} s, {run.events} events, "
+                    f"{run.follow_ups} follow-ups; ends {run.final_counts}" + _without(run)
                 ),
                 baseline_label="platform pace (1 VM / 12 h)",
+            )
+        )
+        base = run.baseline
+        result.append(
+            Figure(
+                f"time_to_balance.reads_per_move.{run.case.name}",
+                _round(run.reads_per_move),
+                "GETs",
+                _round(base.reads_per_move) if base is not None else None,
+                "report",
+                None,
+                detail=(
+                    f"{run.reads} ARM GETs for {run.moved} move(s) (lists, instance views, "
+                    "status polls); baseline: the same case on timer ticks and events only"
+                ),
+                baseline_label="timer and events only",
+            )
+        )
+        result.append(
+            Figure(
+                f"time_to_balance.budget_share.{run.case.name}",
+                round(run.share, 3),
+                "share",
+                round(base.share, 3) if base is not None else None,
+                f"<={SHARE_GOAL}",
+                run.share <= SHARE_GOAL,
+                detail=(
+                    f"largest share of a policy's allowance (burst + refill over the run), per "
+                    f"scale set or per subscription: {run.share_policy}"
+                ),
+                baseline_label="timer and events only",
             )
         )
     return result
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _without(run: BalanceRun) -> str:
+    base = run.baseline
+    if base is None:
+        return ""
+    seconds = f"{base.seconds:.0f} s" if base.seconds is not None else "not balanced"
+    return f"; without follow-ups {seconds}"
+
+
 def run(store_factory: Callable[[], Any], cases: tuple[Case, ...] = CASES) -> list[BalanceRun]:
-    return [drive(case, store_factory) for case in cases]
+    runs = []
+    for case in cases:
+        result = drive(case, store_factory)
+        result.baseline = drive(case, store_factory, follow_ups=False)
+        runs.append(result)
+    return runs

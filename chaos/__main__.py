@@ -92,6 +92,11 @@ def details(summary: Summary, seconds: float) -> list[str]:
         f"{t('transient')} transient failures handed back to the host",
         f"chaos: operations ended: {ops or 'none'}; the journal replay of devkit/invariants.py "
         f"objected {sum(len(r.journal_notes) for r in summary.results)} time(s)",
+        f"chaos: platform actors: {outcomes['actor autoscale_engine']} autoscale settings, "
+        f"{outcomes['actor rolling_upgrade']} rolling upgrades, {outcomes['actor repairs']} "
+        f"repair policies ({outcomes['repairs made']} repairs made); "
+        f"{outcomes['held at the autoscale maximum']} scale set(s) left alone at the autoscale "
+        "maximum (autoscale_at_maximum)",
     ]
 
 

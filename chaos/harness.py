@@ -16,6 +16,7 @@ terminal and every scale set that can be balanced is balanced, or a bound is rea
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import multiprocessing.queues
 import queue
@@ -43,6 +44,7 @@ from devkit.host import Host, decode_event
 from devkit.invariants import Invariants
 from devkit.tables import table_names
 from rebalancer import service
+from rebalancer.autoscale import REASON as AT_MAXIMUM
 from rebalancer.compute import AdapterError, ArmConfig, ComputeAdapter, ErrorKind
 from rebalancer.compute.clock import VirtualTime
 from rebalancer.evaluator import Decision, assess
@@ -53,6 +55,7 @@ from rebalancer.model import (
     Inventory,
     OrchestrationMode,
     PowerState,
+    PriorityMix,
     ScaleSet,
     ScaleSetRef,
     frozen_mapping,
@@ -68,6 +71,8 @@ END_TICKS = 60
 TERMINAL_TICKS = 40
 TICK_SECONDS = 600.0
 STEP_SECONDS = (30.0, 60.0, 60.0, 120.0, 300.0)
+ROLLING = {"mode": "Rolling"}
+PLATFORM_ACTORS = ("autoscale_engine", "rolling_upgrade", "repairs")
 INVOCATION_TIMEOUT = 120.0
 
 KNOWN_ISSUES: dict[str, str] = {}
@@ -283,6 +288,11 @@ class ScenarioRun:
     def _scale_sets(self) -> list[ScaleSetSpec]:
         rng = self.rng
         specs: list[ScaleSetSpec] = []
+        # One more set, of a kind other actors act on (Spot, evicted by `_evict`; a priority
+        # mix; instance mix; a standby pool), from a stream of its own: the seeded sets and
+        # every seeded choice stay as they were.
+        kinds = self.kinds = random.Random(f"{self.name}/{self.result.seed}/kinds")
+        extra = _extra_set(kinds, self.rg_in, self.location, self.sku)
         for j in range(rng.choice((1, 1, 2, 3))):
             mode = rng.choice(("Uniform", "Uniform", "Flexible"))
             zones = rng.choice((("1", "2", "3"), ("1", "2", "3"), ("1", "2")))
@@ -319,6 +329,8 @@ class ScenarioRun:
                     overrides=tuple(overrides),
                 )
             )
+        if extra is not None:
+            specs.append(extra)
         specs.append(
             ScaleSetSpec(
                 "outside",
@@ -436,6 +448,8 @@ class ScenarioRun:
             self._arm_fault()
         if rng.random() < p["actor"]:
             self._act()
+        if self.kinds.random() < p["actor"] / 2:
+            self._evict()
         invocations: list[tuple[str, Any]] = []
         if rng.random() < 0.5:
             invocations.append(("timer", None))
@@ -528,7 +542,7 @@ class ScenarioRun:
         self.checker.violate(9, f"{kind} invocation raised {error!r} at {' | '.join(where)}")
 
     def _hostile(self) -> list[dict[str, Any]]:
-        in_scope = [s for s in self.specs if s.resource_group == self.rg_in]
+        in_scope = [s for s in self.specs if s.resource_group == self.rg_in and s.name != EXTRA_SET]
         spec = self.rng.choice(in_scope)
         ref = ScaleSetRef(self.sim.subscription_id, spec.resource_group, spec.name)
         outside = ScaleSetRef(self.sim.subscription_id, self.rg_out, "outside")
@@ -608,7 +622,11 @@ class ScenarioRun:
 
     def _act(self) -> None:
         rng, actor = self.rng, self.sim.actor
-        targets = [s for s in self.checker.snapshot().values() if s.resource_group == self.rg_in]
+        targets = [
+            s
+            for s in self.checker.snapshot().values()
+            if s.resource_group == self.rg_in and s.name != EXTRA_SET
+        ]
         if not targets:
             return
         ss = rng.choice(targets)
@@ -640,6 +658,9 @@ class ScenarioRun:
                 "add_zone",
                 "platform_policy",
                 "delete_scale_set",
+                "autoscale_engine",
+                "rolling_upgrade",
+                "repairs",
             )
         )
         before = self.checker.snapshot()
@@ -682,8 +703,41 @@ class ScenarioRun:
                 actor.update_scale_set(rg, name, {"properties": {"resiliencyPolicy": policy}})
             elif kind == "delete_scale_set" and rng.random() < 0.3:
                 actor.delete_scale_set(rg, name)
+            elif kind == "autoscale_engine":  # often at its maximum: moves must skip
+                top = ss.capacity + rng.choice((0, 0, 1, 3))
+                setting = f"{name}-autoscale"
+                self.sim.autoscale.put(rg, setting, target=ss.id, minimum=1, maximum=top)
+            elif kind == "rolling_upgrade":
+                actor.update_scale_set(rg, name, {"properties": {"upgradePolicy": ROLLING}})
+                self.sim.upgrades.start(rg, name)
+            elif kind == "repairs":
+                policy = {
+                    "enabled": True,
+                    "gracePeriod": rng.choice(("PT10M", "PT30M")),
+                    "repairAction": rng.choice(("Replace", "Replace", "Reimage", "Restart")),
+                }
+                actor.update_scale_set(rg, name, {"properties": {"automaticRepairsPolicy": policy}})
+            if kind in PLATFORM_ACTORS:
+                self.result.outcomes[f"actor {kind}"] += 1
         except Exception:  # armsim refused it (409 while held, 400...): so would Azure
             self.result.outcomes["actor refused"] += 1
+        self.checker.note_outside(before, self.checker.snapshot())
+
+    def _evict(self) -> None:
+        """Azure takes Spot VMs back (no event); its own stream, so the seeded one is kept."""
+        kinds = self.kinds
+        targets = [
+            s
+            for s in self.checker.snapshot().values()
+            if s.resource_group == self.rg_in and any(vm.spot for vm in s.vms)
+        ]
+        if not targets:
+            return
+        ss = kinds.choice(sorted(targets, key=lambda s: s.name))
+        before = self.checker.snapshot()
+        self.result.actor_actions += 1
+        zone = kinds.choice(ss.zones) if ss.zones else None
+        self.sim.actor.evict_spot(ss.resource_group, ss.name, count=kinds.randint(1, 2), zone=zone)
         self.checker.note_outside(before, self.checker.snapshot())
 
     def _in_flight_vms(self, ss: ScaleSetView, *, planned_sources: bool = False) -> list[str]:
@@ -764,6 +818,10 @@ class ScenarioRun:
                     8, f"operation {row.operation_id} on {row.scale_set_key} still {row.state}"
                 )
         self.result.unbalanced = self._unbalanced()
+        self.result.outcomes["held at the autoscale maximum"] += len(self._held)
+        here = f"/resourcegroups/{self.rg_in.lower()}/"
+        made = [r for r in self.sim.repairs.repairs if here in r.scale_set_id.lower()]
+        self.result.outcomes["repairs made"] += len(made)
         self._count_outcomes()
 
     def _replay_journal(self, *, settled: bool) -> None:
@@ -789,17 +847,39 @@ class ScenarioRun:
     def _unbalanced(self) -> list[str]:
         """Scale sets the app may balance that still have a move the evaluator would make,
         judged on armsim's own state (the truth, protection included)."""
-        monitoring = {spec.name: spec.health_monitoring for spec in self.specs}
+        specs = {spec.name: spec for spec in self.specs}
         out = []
+        self._held: list[str] = []
         for view in self.checker.snapshot().values():
             if view.resource_group != self.rg_in:
                 continue
             if self.settings.opt_in(_tag(view.tags, OPT_IN_TAG)) is not OptIn.ENABLED:
                 continue
-            assessment = assess(_inventory(view, monitoring[view.name], self.sim.clock.now()))
-            if assessment.decision is Decision.MOVE:
+            assessment = assess(_inventory(view, specs[view.name], self.sim.clock.now()))
+            if assessment.decision is not Decision.MOVE:
+                continue
+            if self._held_by_autoscale(view):
+                self._held.append(view.name)
+            else:
                 out.append(f"{view.name} {assessment.detail}")
         return out
+
+    def _held_by_autoscale(self, view: ScaleSetView) -> bool:
+        """Left alone correctly: armsim's autoscale setting has no room for one more VM, and
+        the app's last verdict on the set says so (`autoscale_at_maximum`)."""
+        maxima = [
+            int(doc["properties"]["profiles"][-1]["capacity"]["maximum"])
+            for doc in self.sim.autoscale.documents()
+            if doc["properties"]["enabled"]
+            and doc["properties"]["targetResourceUri"].lower() == view.id.lower()
+        ]
+        if not maxima or view.capacity + 1 <= min(maxima):
+            return False
+        try:
+            stored = self.observer.last_assessment(ScaleSetRef.parse(view.id).key)
+        except StoreError:
+            return False
+        return stored is not None and json.loads(stored.body).get("reason") == AT_MAXIMUM
 
     def _count_outcomes(self) -> None:
         from rebalancer import operation as op
@@ -839,6 +919,10 @@ class ScenarioRun:
         for view in self.checker.snapshot().values():
             with contextlib.suppress(Exception):
                 self.sim.actor.delete_scale_set(view.resource_group, view.name)
+        for doc in self.sim.autoscale.documents():
+            group = doc["id"].split("/")[4]
+            if group.lower() == self.rg_in.lower():
+                self.sim.autoscale.set_enabled(group, doc["name"], False)
         self.sim.advance(600)
         self.sim.clear_requests()
         self.sim.events.clear()
@@ -851,19 +935,69 @@ _MONITORING = {
 }
 
 
-def _inventory(view: ScaleSetView, monitoring: str, now: datetime) -> Inventory:
+EXTRA_SET = "vmss-x"
+"""The set of another kind (`_extra_set`): the seeded actors and hostile events leave it to
+its own (Spot evictions), so that their choices among the seeded sets stay as they were."""
+
+
+def _extra_set(
+    kinds: random.Random, resource_group: str, location: str, sku: str
+) -> ScaleSetSpec | None:
+    """None, or a set of a kind other actors act on: Spot (Uniform or Flexible; `_evict`
+    evicts its VMs), a Spot priority mix, instance mix or a standby pool (Flexible)."""
+    kind = kinds.choice((None, None, "spot", "spot", "mix", "instance_mix", "standby"))
+    if kind is None:
+        return None
+    mode = "Uniform" if kind == "spot" and kinds.random() < 0.5 else "Flexible"
+    zones = ("1", "2", "3")
+    counts = {zone: kinds.randint(0, 4) for zone in zones}
+    counts["3"] = max(counts["3"], 1)
+    spec = ScaleSetSpec(
+        EXTRA_SET,
+        resource_group,
+        location=location,
+        mode=mode,
+        sku=sku,
+        zones=zones,
+        counts=counts,
+        tags={OPT_IN_TAG: "enabled"},
+        priority="Spot" if kind in ("spot", "mix") else "Regular",
+        eviction_policy=kinds.choice(("Deallocate", "Delete")),
+    )
+    if kind == "mix":
+        return replace(
+            spec,
+            base_regular_priority_count=kinds.randint(0, 3),
+            regular_priority_percentage_above_base=kinds.choice((0, 25, 50, 100)),
+        )
+    if kind == "instance_mix":
+        return replace(spec, vm_sizes=(sku, "Standard_D2as_v5"))
+    if kind == "standby":
+        return replace(spec, standby={"1": kinds.randint(1, 2)})
+    return spec
+
+
+def _inventory(view: ScaleSetView, spec: ScaleSetSpec, now: datetime) -> Inventory:
     """armsim's view of a scale set as the rebalancer's model values."""
+    mix = None
+    if spec.priority_mix:
+        mix = PriorityMix(
+            spec.base_regular_priority_count or 0, spec.regular_priority_percentage_above_base or 0
+        )
     scale_set = ScaleSet(
         ref=ScaleSetRef.parse(view.id),
         location=view.location,
         zones=view.zones,
-        sku_name=view.sku,
+        sku_name="Mix" if spec.vm_sizes else view.sku,
         capacity=view.capacity,
         mode=OrchestrationMode(view.mode),
         provisioning_state=view.provisioning_state,
-        health_monitoring=_MONITORING[monitoring],
+        health_monitoring=_MONITORING[spec.health_monitoring],
         platform_rebalancing=view.platform_rebalancing,
         tags=frozen_mapping(view.tags),
+        spot=spec.priority == "Spot",
+        priority_mix=mix,
+        vm_sizes=tuple(spec.vm_sizes),
     )
     powers = {p.value for p in PowerState}
     instances = tuple(
@@ -880,6 +1014,8 @@ def _inventory(view: ScaleSetView, monitoring: str, now: datetime) -> Inventory:
             protect_from_scale_set_actions=vm.protect_from_scale_set_actions,
             latest_model=vm.latest_model,
             created=vm.created,
+            spot=vm.spot,
+            in_standby_pool=vm.in_standby_pool,
         )
         for vm in view.vms
     )

@@ -36,24 +36,25 @@ class AzuriteError(RuntimeError):
     """Azurite could not be found, started or stopped."""
 
 
-def find_executable() -> Path:
-    """`azurite-table` from $AZURITE_TABLE, the project's node_modules, or PATH."""
-    configured = os.environ.get("AZURITE_TABLE")
+def find_executable(service: str = "table") -> Path:
+    """`azurite-<service>` from $AZURITE_<SERVICE>, the project's node_modules, or PATH."""
+    name, variable = f"azurite-{service}", f"AZURITE_{service.upper()}"
+    configured = os.environ.get(variable)
     if configured:
         path = Path(configured)
         if path.is_file():
             return path
-        raise AzuriteError(f"AZURITE_TABLE={configured!r} is not a file")
+        raise AzuriteError(f"{variable}={configured!r} is not a file")
     for parent in Path(__file__).resolve().parents:
-        candidate = parent / "node_modules" / ".bin" / "azurite-table"
+        candidate = parent / "node_modules" / ".bin" / name
         if candidate.is_file():
             return candidate
-    found = shutil.which("azurite-table")
+    found = shutil.which(name)
     if found:
         return Path(found)
     raise AzuriteError(
-        "azurite-table not found: run `make setup` (npm ci installs Azurite into node_modules), "
-        "or set AZURITE_TABLE to its path"
+        f"{name} not found: run `make setup` (npm ci installs Azurite into node_modules), "
+        f"or set {variable} to its path"
     )
 
 
@@ -78,6 +79,10 @@ class Azurite:
     >>> with Azurite() as azurite:
     ...     env = {"AzureWebJobsStorage": azurite.connection_string}
     """
+
+    service = "table"
+    ready = _READY
+    """What Azurite prints once the service listens."""
 
     def __init__(
         self,
@@ -178,14 +183,14 @@ class Azurite:
         return self.port
 
     def _command(self, port: int) -> list[str]:
-        executable = self.executable or find_executable()
+        executable = self.executable or find_executable(self.service)
         if not Path(executable).is_file():
             raise AzuriteError(f"{executable} does not exist: run `make setup` to install Azurite")
         command = [
             str(executable),
-            "--tableHost",
+            f"--{self.service}Host",
             HOST,
-            "--tablePort",
+            f"--{self.service}Port",
             str(port),
             "--silent",
             "--disableTelemetry",
@@ -230,7 +235,7 @@ class Azurite:
                 )
             # Azurite prints this line once it listens (also with --silent). A bare TCP
             # connect is not enough: it would also succeed if someone else held the port.
-            if _READY in self._log_text() and _accepts_connections(port):
+            if self.ready in self._log_text() and _accepts_connections(port):
                 return
             time.sleep(0.05)
         output = self._log_tail()
@@ -249,6 +254,21 @@ class Azurite:
 
     def _log_tail(self) -> str:
         return self._log_text().strip()[-2000:] or "(no output)"
+
+
+class AzuriteQueue(Azurite):
+    """Azurite's Queue service (the follow-up queue), started and stopped like the tables."""
+
+    service = "queue"
+    ready = "successfully listens"
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT_NAME};"
+            f"AccountKey={DEV_ACCOUNT_KEY};"
+            f"QueueEndpoint=http://{HOST}:{self._port()}/{DEV_ACCOUNT_NAME};"
+        )
 
 
 def _accepts_connections(port: int) -> bool:

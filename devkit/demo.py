@@ -55,6 +55,7 @@ SETTLE_TICKS = 2
 """Ticks shown after everything settled, so the last picture stays on screen a moment."""
 
 TABLE_PREFIX = "demo"
+AUTOSCALE_AT_MAXIMUM = "autoscale_at_maximum"
 OPT_IN_TAG = "zone-rebalance"
 
 
@@ -74,7 +75,10 @@ INTROS = (
     Intro("api", "out of balance from the start; two VMs are protected from scale-in"),
     Intro("batch", "out of balance, but untagged: the app only reports it"),
     Intro("cache", "already balanced: nothing to do"),
+    Intro("jobs", "out of balance, but autoscale holds it at its maximum: a move would be undone"),
 )
+JOBS_AUTOSCALE = "jobs-autoscale"
+"""jobs' autoscale setting: its maximum is jobs' capacity, so a move's extra VM has no room."""
 
 
 def scenario() -> Scenario:
@@ -119,8 +123,21 @@ def scenario() -> Scenario:
                 counts={"1": 2, "2": 2, "3": 2},
                 tags={**enabled, "app": "shop"},
             ),
+            ScaleSetSpec(
+                "jobs",
+                RESOURCE_GROUP,
+                mode="Uniform",
+                sku=SKU,
+                counts={"1": 1, "2": 1, "3": 3},
+                tags={**enabled, "app": "jobs"},
+            ),
         ),
     )
+
+
+def _jobs_autoscale(sim: ArmSim) -> Any:
+    jobs = sim.scale_set(RESOURCE_GROUP, "jobs").id
+    return sim.autoscale.put(RESOURCE_GROUP, JOBS_AUTOSCALE, target=jobs, minimum=2, maximum=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +150,12 @@ class Beat:
 
 
 SCRIPT = (
+    Beat(
+        timedelta(0),
+        f"jobs has an autoscale setting, {JOBS_AUTOSCALE}, whose maximum is 5 VMs: its "
+        "capacity now. A move adds a VM first, and autoscale would take it back.",
+        _jobs_autoscale,
+    ),
     Beat(
         timedelta(0),
         f"Autoscale scales web out from 9 to 15 VMs. Zone 1 has no free capacity for "
@@ -231,10 +254,18 @@ class SetView:
     """Oldest first; the last may be in flight."""
     verdict: str
     """The app's latest decision about it, in words."""
+    reason: str = ""
+    """The code of the app's latest decision (docs/operations.md), e.g. `autoscale_at_maximum`."""
 
     @property
     def balanced(self) -> bool:
         return is_balanced(self.counts)
+
+    @property
+    def held(self) -> bool:
+        """Left alone for a named reason that only its owners can change (a setting of theirs),
+        not for lack of trying."""
+        return self.reason == AUTOSCALE_AT_MAXIMUM
 
     @property
     def in_flight(self) -> OperationView | None:
@@ -286,6 +317,8 @@ class SetSummary:
     operations: tuple[OperationView, ...]
     protected_before: tuple[str, ...]
     protected_after: tuple[str, ...]
+    reason: str = ""
+    verdict: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -294,6 +327,8 @@ class SetSummary:
             "after": dict(self.after),
             "balanced": self.balanced,
             "mode": self.mode,
+            "reason": self.reason,
+            "verdict": self.verdict,
             "operations": [{"state": o.state, "moves": o.moves} for o in self.operations],
             "protected": {
                 "before": list(self.protected_before),
@@ -338,6 +373,8 @@ def summarize(
             operations=s.operations,
             protected_before=first[s.id].protected if s.id in first else (),
             protected_after=s.protected,
+            reason=s.reason,
+            verdict=s.verdict,
         )
         for s in after
     )
@@ -345,7 +382,7 @@ def summarize(
 
 
 def converged(sets: tuple[SetView, ...]) -> bool:
-    return all(s.settled and (s.balanced or s.mode != "enforce") for s in sets)
+    return all(s.settled and (s.balanced or s.mode != "enforce" or s.held) for s in sets)
 
 
 def describe_operation(record: Any) -> str:
@@ -398,6 +435,8 @@ def describe_verdict(body: str | None) -> str:
         return f"out of balance; {detail or 'not opted in'}"
     if reason == "cooldown":
         return "out of balance; waiting out the cooldown after someone else's change"
+    if reason == AUTOSCALE_AT_MAXIMUM:
+        return f"out of balance; left alone ({reason}): {detail}"
     text = f"{decision} ({str(reason).replace('_', ' ')})"
     return f"{text}: {detail}" if detail else text
 
@@ -732,7 +771,15 @@ def _set_view(
         protected=protected,
         operations=tuple(operations),
         verdict=_status(operations, assessment),
+        reason=_reason(assessment),
     )
+
+
+def _reason(assessment: Any) -> str:
+    try:
+        return str(json.loads(assessment.body).get("reason", "")) if assessment else ""
+    except ValueError:
+        return ""
 
 
 def _operations(store: Any, key: str) -> tuple[OperationView, ...]:

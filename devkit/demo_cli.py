@@ -313,6 +313,11 @@ def story(item: SetSummary) -> str:
         return "not opted in: reported, never changed"
     if item.mode == "disabled":
         return "opted out: left alone"
+    if not item.operations and item.reason == "autoscale_at_maximum":
+        return (
+            "left alone (autoscale_at_maximum): its autoscale setting's maximum leaves no room "
+            "for a move's extra VM; raise that maximum to let the app move VMs"
+        )
     if not item.operations:
         return "already balanced: left alone" if item.balanced else "no move could start"
     moved = sum(o.moves for o in item.operations)

@@ -20,7 +20,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from rebalancer.azure_operations import EVENT_GRID_FUNCTION_NAME, TIMER_FUNCTION_NAME
+from rebalancer.azure_operations import (
+    EVENT_GRID_FUNCTION_NAME,
+    FOLLOW_UP_FUNCTION_NAME,
+    TIMER_FUNCTION_NAME,
+)
 
 if TYPE_CHECKING:
     from rebalancer.service import Runtime
@@ -80,8 +84,21 @@ def decode_timer(
     return TimerRequestConverter.decode(Datum(json.dumps(body), "json"), trigger_metadata={})
 
 
+def decode_queue_message(body: str, message_id: str = "") -> Any:
+    """The `func.QueueMessage` the host hands the queue function (Base64 already decoded)."""
+    import uuid
+
+    from azure.functions.meta import Datum
+    from azure.functions.queue import QueueMessageInConverter
+
+    return QueueMessageInConverter.decode(
+        Datum(body, "string"),
+        trigger_metadata={"Id": Datum(message_id or uuid.uuid4().hex, "string")},
+    )
+
+
 class Host:
-    """Invokes the app's two functions as the Functions host does, on `runtime` (the
+    """Invokes the app's functions as the Functions host does, on `runtime` (the
     caller's parts, for this thread's invocations only) or, without one, on the runtime the
     app builds from its settings."""
 
@@ -89,6 +106,7 @@ class Host:
         self.runtime = runtime
         self.on_event = user_function(EVENT_GRID_FUNCTION_NAME)
         self.on_timer = user_function(TIMER_FUNCTION_NAME)
+        self.on_follow_up = user_function(FOLLOW_UP_FUNCTION_NAME)
 
     def _serving(self) -> Any:
         from rebalancer import service
@@ -115,3 +133,9 @@ class Host:
         timer = decode_timer(past_due, now=now, period=period)
         with self._serving():
             self.on_timer(timer)
+
+    def follow_up(self, body: str, message_id: str = "") -> None:
+        """One delivery of a follow-up queue message."""
+        message = decode_queue_message(body, message_id)
+        with self._serving():
+            self.on_follow_up(message)

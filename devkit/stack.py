@@ -50,7 +50,9 @@ class Stack:
             **overrides,
         )
 
-    def runtime(self, *, store: Store | None = None, notifier: Any = None) -> Runtime:
+    def runtime(
+        self, *, store: Store | None = None, notifier: Any = None, follow_ups: Any = None
+    ) -> Runtime:
         """The app's runtime on this stack (`service.build_runtime`), on armsim's clock."""
         return build_runtime(
             self.settings,
@@ -58,6 +60,7 @@ class Stack:
             compute=self.compute,
             clock=self.sim.clock.now,
             notifier=notifier,
+            follow_ups=follow_ups,
         )
 
     def counts(self, resource_group: str, name: str) -> dict[str, int]:

@@ -210,6 +210,8 @@ resource scaleSetRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
           'Microsoft.Compute/virtualMachines/read'
           'Microsoft.Compute/virtualMachineScaleSets/write'
           'Microsoft.Compute/virtualMachineScaleSets/delete/action'
+          'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/instanceView/read'
+          'Microsoft.Compute/virtualMachines/instanceView/read'
           'Microsoft.Compute/locations/operations/read'
         ]
         notActions: []

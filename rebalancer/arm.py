@@ -21,11 +21,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rebalancer.model import (
+    AutomaticRepairs,
     Health,
     HealthMonitoring,
     Instance,
     OrchestrationMode,
     PowerState,
+    PriorityMix,
+    RepairAction,
     RollingUpgrade,
     ScaleSet,
     ScaleSetRef,
@@ -186,6 +189,19 @@ def _terminate_notification(doc: Mapping[str, Any]) -> timedelta | None:
     return parse_duration(_get(notification, "notBeforeTimeout")) or timedelta(minutes=5)
 
 
+def _automatic_repairs(doc: Mapping[str, Any]) -> AutomaticRepairs | None:
+    """The enabled repairs policy, with Azure's defaults (PT30M, Replace) for absent fields.
+    An action this version does not know reads as Replace: the one that replaces VMs, which
+    the operation must expect."""
+    policy = _prop(doc, "automaticRepairsPolicy")
+    if not isinstance(policy, Mapping) or not _flag(_get(policy, "enabled")):
+        return None
+    grace = parse_duration(_get(policy, "gracePeriod")) or timedelta(minutes=30)
+    named = (_text(_get(policy, "repairAction")) or "").lower()
+    action = next((a for a in RepairAction if a.value.lower() == named), RepairAction.REPLACE)
+    return AutomaticRepairs(grace_period=grace, action=action)
+
+
 def _orchestration_mode(doc: Mapping[str, Any]) -> OrchestrationMode:
     value = _text(_prop(doc, "orchestrationMode"))
     if value is None:
@@ -196,6 +212,32 @@ def _orchestration_mode(doc: Mapping[str, Any]) -> OrchestrationMode:
     raise ArmParseError(
         f"scale set has an unknown orchestrationMode {value!r}; expected Uniform or Flexible"
     )
+
+
+def _is_spot(priority: Any) -> bool:
+    """`priority` Spot, or Low (its older name); Regular or absent is not Spot."""
+    return (_text(priority) or "").lower() in {"spot", "low"}
+
+
+def _priority_mix(doc: Mapping[str, Any]) -> PriorityMix | None:
+    policy = _prop(doc, "priorityMixPolicy")
+    if not isinstance(policy, Mapping):
+        return None
+    base = _get(policy, "baseRegularPriorityCount")
+    percent = _get(policy, "regularPriorityPercentageAboveBase")
+    return PriorityMix(
+        base_regular=base if isinstance(base, int) and not isinstance(base, bool) else 0,
+        regular_percent_above_base=(
+            percent if isinstance(percent, int) and not isinstance(percent, bool) else 0
+        ),
+    )
+
+
+def _vm_sizes(doc: Mapping[str, Any]) -> tuple[str, ...]:
+    """Instance mix: the names in `skuProfile.vmSizes` (REST: under `properties`)."""
+    sizes = _prop(doc, "skuProfile", "vmSizes")
+    names = (_text(_get(size, "name")) for size in sizes) if isinstance(sizes, list) else ()
+    return tuple(name for name in names if name)
 
 
 def parse_scale_set(doc: Mapping[str, Any]) -> ScaleSet:
@@ -250,6 +292,11 @@ def parse_scale_set(doc: Mapping[str, Any]) -> ScaleSet:
         automatic_os_upgrade=_flag(
             _prop(doc, "upgradePolicy", "automaticOSUpgradePolicy", "enableAutomaticOSUpgrade")
         ),
+        automatic_repairs=_automatic_repairs(doc),
+        spot=_is_spot(_prop(doc, "virtualMachineProfile", "priority")),
+        eviction_policy=_text(_prop(doc, "virtualMachineProfile", "evictionPolicy")) or None,
+        priority_mix=_priority_mix(doc),
+        vm_sizes=_vm_sizes(doc),
     )
 
 
@@ -321,6 +368,11 @@ def _health(instance_view: Any) -> Health:
         if health.value.lower() == value.lower():
             return health
     return Health.UNKNOWN
+
+
+def instance_view_health(instance_view: Mapping[str, Any]) -> Health:
+    """A VM's health from its instance view (`GET .../instanceView`)."""
+    return _health(instance_view)
 
 
 def _instance_provisioning_state(doc: Mapping[str, Any], codes: Mapping[str, str]) -> str:
@@ -395,6 +447,8 @@ def parse_instance(doc: Mapping[str, Any], mode: OrchestrationMode) -> Instance:
         latest_model=True if latest is None else _flag(latest),
         created=parse_time(_prop(doc, "timeCreated")),
         failure=_failure_code(instance_view),
+        spot=_is_spot(_prop(doc, "priority")),
+        in_standby_pool=_flag(_get(instance_view, "isVMInStandbyPool")),
     )
 
 

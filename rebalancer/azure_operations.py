@@ -17,6 +17,9 @@ EVENT_GRID_FUNCTION_NAME = "on_resource_event"
 TIMER_FUNCTION_NAME = "on_timer"
 """Name of the timer triggered function."""
 
+FOLLOW_UP_FUNCTION_NAME = "on_follow_up"
+"""Name of the queue triggered function that follows an in-flight operation up."""
+
 HANDLED_EVENT_TYPES: tuple[str, ...] = (
     "Microsoft.Resources.ResourceWriteSuccess",
     "Microsoft.Resources.ResourceDeleteSuccess",
@@ -131,6 +134,11 @@ ADAPTER_CALLS: Mapping[str, tuple[ArmRequest, ...]] = MappingProxyType(
             _GET_INSTANCE,
             ArmRequest("POST", _SCALE_SET + "/delete"),
             *_CURRENT_INSTANCES,
+        ),
+        # A follow-up watches its new VMs get healthy: one instance view per VM.
+        "vm_health": (
+            ArmRequest("GET", _SCALE_SET + "/virtualMachines/{instanceId}/instanceView"),
+            ArmRequest("GET", _GROUP + "/virtualMachines/{vmName}/instanceView"),
         ),
         "operation_status": (
             ArmRequest("GET", _SUBSCRIPTION + "/locations/{location}/operations/{operationId}"),

@@ -80,6 +80,9 @@ class Reason(StrEnum):
     INSTANCES_OUTSIDE_ZONES = "instances_outside_zones"
     NO_ELIGIBLE_SOURCE = "no_eligible_source"
     ACTIVE_SPREAD = "active_spread"
+    INSTANCE_MIX = "instance_mix"
+    STANDBY_POOL = "standby_pool"
+    SPOT_PRIORITY_MIX = "spot_priority_mix"
 
     @property
     def decision(self) -> Decision:
@@ -140,6 +143,25 @@ _DESCRIPTIONS: Mapping[Reason, str] = MappingProxyType(
             "The zones are out of balance, but every VM in the fullest zone is protected, "
             "deallocated, stopped, not yet provisioned or being deleted, so none can be "
             "moved. Lift instance protection or start VMs there to allow a move."
+        ),
+        Reason.INSTANCE_MIX: (
+            "The scale set uses instance mix (sku.name Mix, skuProfile.vmSizes): Azure picks "
+            "the size of each new VM, so the quota to check and the zone capacity to back off "
+            "from are not known before a move; it is reported and left alone. A single VM "
+            "size in sku.name lets the rebalancer manage it."
+        ),
+        Reason.STANDBY_POOL: (
+            "VMs of the scale set wait in a standby pool (instanceView.isVMInStandbyPool): "
+            "they do not count toward zone balance, and a scale-out takes pool VMs, from "
+            "whichever zone they are in, instead of creating VMs where they are needed; it is "
+            "reported and left alone. Without an attached standby pool the rebalancer "
+            "manages it."
+        ),
+        Reason.SPOT_PRIORITY_MIX: (
+            "The scale set mixes Spot and regular VMs (priorityMixPolicy): a move's new VM gets "
+            "the priority the split gives it, and deleting a source of the other priority "
+            "would change the split, so no move is planned. A VM of that priority in the "
+            "fullest zone that may move, or a changed priorityMixPolicy, lets it move."
         ),
         Reason.ACTIVE_SPREAD: (
             "The zones are out of balance by count, but the emptiest zone already has at "
@@ -262,6 +284,7 @@ def _plan(scale_set: ScaleSet, instances: Iterable[Instance]) -> _Plan:
     moves: list[Move] = []
     stopped_by: Reason | None = None
     stop_detail = ""
+    upcoming = upcoming_spot(scale_set, instances, len(instances))
 
     while totals and max(totals.values()) - min(totals.values()) > 1:
         fewest = min(totals.values())
@@ -272,6 +295,14 @@ def _plan(scale_set: ScaleSet, instances: Iterable[Instance]) -> _Plan:
         most = max(totals.values())
         tied = [zone for zone, total in totals.items() if total == most]
         givers = [zone for zone in tied if sources[zone] and actives[zone] > actives[receiver]]
+        wanted = upcoming[len(moves)] if upcoming is not None else None
+        if givers and wanted is not None:
+            matching = [z for z in givers if any(i.spot == wanted for i in sources[z])]
+            if not matching:
+                stopped_by = Reason.SPOT_PRIORITY_MIX
+                stop_detail = _split_detail(scale_set, instances, givers, wanted)
+                break
+            givers = matching
         if not givers:
             # Active rule first: it is the documented reason (7/4/4) even when sources are short.
             if all(actives[zone] <= actives[receiver] for zone in tied):
@@ -292,7 +323,8 @@ def _plan(scale_set: ScaleSet, instances: Iterable[Instance]) -> _Plan:
                 )
             break
         giver = min(givers, key=lambda zone: (-actives[zone], order[zone]))
-        source = sources[giver].pop(0)
+        source = next(i for i in sources[giver] if wanted is None or i.spot == wanted)
+        sources[giver].remove(source)
         moves.append(Move(from_zone=giver, to_zone=receiver, source=source.id))
         totals[giver] -= 1
         actives[giver] -= 1
@@ -301,6 +333,40 @@ def _plan(scale_set: ScaleSet, instances: Iterable[Instance]) -> _Plan:
 
     projected = {zone: ZoneCount(totals[zone], actives[zone]) for zone in counts}
     return _Plan(tuple(moves), projected, stopped_by, stop_detail)
+
+
+def upcoming_spot(
+    scale_set: ScaleSet, instances: Iterable[Instance], k: int
+) -> tuple[bool, ...] | None:
+    """Whether each of the next `k` new VMs would be Spot under the scale set's priority mix;
+    None when the set has no priority mix (every new VM is like the others)."""
+    mix = scale_set.priority_mix
+    if mix is None:
+        return None
+    members = [i for i in instances if i.counts]
+    spot = sum(1 for i in members if i.spot)
+    return mix.next_spot(len(members) - spot, spot, k)
+
+
+def split_text(instances: Iterable[Instance]) -> str:
+    members = [i for i in instances if i.counts]
+    spot = sum(1 for i in members if i.spot)
+    return f"{len(members) - spot} regular and {spot} Spot VM(s)"
+
+
+def _split_detail(
+    scale_set: ScaleSet, instances: tuple[Instance, ...], givers: list[str], wanted: bool
+) -> str:
+    kind, other = ("Spot", "regular") if wanted else ("regular", "Spot")
+    mix = scale_set.priority_mix
+    policy = mix.describe() if mix is not None else "priorityMixPolicy"
+    zones = _zone_list(sorted(givers, key=zone_key))
+    return (
+        f"the next new VM would be {kind} ({policy}; now {split_text(instances)}), and "
+        f"{zones} has no {kind} VM that may move, only {other} ones: deleting one would "
+        f"change the split. A {kind} VM there that may move, or a changed priorityMixPolicy, "
+        "lets the move go ahead"
+    )
 
 
 def _unmovable(zone: str, total: int, instances: tuple[Instance, ...], planned: set[str]) -> str:
@@ -341,6 +407,12 @@ def _ineligibility(scale_set: ScaleSet, instances: tuple[Instance, ...]) -> tupl
         return Reason.PLATFORM_REBALANCING, "automaticZoneRebalancingPolicy.enabled is true"
     if not scale_set.sku_name:
         return Reason.NO_SKU, "sku.name is empty"
+    if scale_set.instance_mix:
+        sizes = ", ".join(scale_set.vm_sizes) or "none listed"
+        return Reason.INSTANCE_MIX, (
+            f"sku.name is {scale_set.sku_name}, skuProfile.vmSizes: {sizes}; set a single "
+            "VM size in sku.name to let the rebalancer move VMs"
+        )
     monitoring = scale_set.health_monitoring
     if monitoring is HealthMonitoring.NONE:
         return Reason.NO_HEALTH_MONITORING, "no Application Health extension or LB health probe"
@@ -358,6 +430,15 @@ def _ineligibility(scale_set: ScaleSet, instances: tuple[Instance, ...]) -> tupl
         return Reason.SCALE_SET_DELETING, "provisioningState is Deleting"
     if state.lower() != "succeeded":
         return Reason.SCALE_SET_NOT_SUCCEEDED, f"provisioningState is {state}"
+    pooled = sorted((i for i in instances if i.in_standby_pool), key=Instance.sort_id)
+    if pooled:
+        listed = ", ".join(f"{i.id} (zone {i.zone or 'none'})" for i in pooled[:5])
+        more = f" and {len(pooled) - 5} more" if len(pooled) > 5 else ""
+        return Reason.STANDBY_POOL, (
+            f"{len(pooled)} VM(s) in a standby pool, not counted: {listed}{more}; detach "
+            "the standby pool (Microsoft.StandbyPool attachedVirtualMachineScaleSetId) to let "
+            "the rebalancer move VMs"
+        )
     configured = set(scale_set.zones)
     outside = [i for i in instances if i.counts and i.zone not in configured]
     if outside:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from math import ceil
 from types import MappingProxyType
 
 _SCALE_SET_ID = re.compile(
@@ -119,6 +120,66 @@ def frozen_mapping(values: Mapping[str, str] | None = None) -> Mapping[str, str]
     return MappingProxyType(dict(values or {}))
 
 
+class RepairAction(StrEnum):
+    """`automaticRepairsPolicy.repairAction` (Azure's default: Replace)."""
+
+    REPLACE = "Replace"
+    REIMAGE = "Reimage"
+    RESTART = "Restart"
+
+
+@dataclass(frozen=True, slots=True)
+class AutomaticRepairs:
+    """`properties.automaticRepairsPolicy` when enabled: the platform repairs VMs reporting
+    unhealthy or unknown once `grace_period` has passed since their last state change."""
+
+    grace_period: timedelta = timedelta(minutes=30)
+    action: RepairAction = RepairAction.REPLACE
+
+    @property
+    def replaces_vms(self) -> bool:
+        """Replace deletes the VM and creates a new one (new name and instance id) silently."""
+        return self.action is RepairAction.REPLACE
+
+    def describe(self) -> str:
+        minutes = int(self.grace_period.total_seconds() // 60)
+        return f"automaticRepairsPolicy {self.action.value} after a {minutes}-minute grace period"
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityMix:
+    """`priorityMixPolicy` of a Flexible scale set: a regular base, then a regular share.
+
+    Azure picks the priority of each new VM so the set keeps this split as it scales out;
+    the app cannot choose it. The documentation does not say how a fraction is rounded:
+    the regular share is rounded up here (and in armsim), and a move never relies on the
+    guess alone: each source deleted has the priority of the new VM that replaces it.
+    """
+
+    base_regular: int = 0
+    regular_percent_above_base: int = 0
+
+    def regular_target(self, count: int) -> int:
+        """Regular VMs the split asks for in a set of `count` VMs."""
+        above = max(0, count - self.base_regular)
+        return min(count, self.base_regular) + ceil(above * self.regular_percent_above_base / 100)
+
+    def next_spot(self, regular: int, spot: int, k: int) -> tuple[bool, ...]:
+        """Whether each of the next `k` new VMs would be Spot, given the VMs there now."""
+        upcoming: list[bool] = []
+        for _ in range(k):
+            is_spot = regular >= self.regular_target(regular + spot + 1)
+            upcoming.append(is_spot)
+            spot, regular = spot + int(is_spot), regular + int(not is_spot)
+        return tuple(upcoming)
+
+    def describe(self) -> str:
+        return (
+            f"priorityMixPolicy: baseRegularPriorityCount {self.base_regular}, "
+            f"regularPriorityPercentageAboveBase {self.regular_percent_above_base}"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ScaleSet:
     """The parts of a scale set's model that the rebalancer reads."""
@@ -143,6 +204,21 @@ class ScaleSet:
     """`upgradePolicy.mode`: Manual, Automatic or Rolling."""
     automatic_os_upgrade: bool = False
     """`upgradePolicy.automaticOSUpgradePolicy.enableAutomaticOSUpgrade`."""
+    automatic_repairs: AutomaticRepairs | None = None
+    """`automaticRepairsPolicy` when enabled, else None."""
+    spot: bool = False
+    """`virtualMachineProfile.priority` is Spot (or Low): new VMs use the lowPriorityCores
+    quota, and Azure may evict them (`eviction_policy`) without an event."""
+    eviction_policy: str | None = None
+    """`virtualMachineProfile.evictionPolicy` of a Spot set: Deallocate or Delete."""
+    priority_mix: PriorityMix | None = None
+    """`priorityMixPolicy` (Flexible with Spot): new VMs are regular or Spot by the split."""
+    vm_sizes: tuple[str, ...] = ()
+    """Instance mix (`sku.name` "Mix"): the sizes of `skuProfile.vmSizes` Azure picks from."""
+
+    @property
+    def instance_mix(self) -> bool:
+        return bool(self.vm_sizes) or (self.sku_name or "").lower() == "mix"
 
     @property
     def can_roll(self) -> bool:
@@ -182,6 +258,10 @@ class Instance:
     """Flexible only: this observation did not read the VM's protection (one GET per VM).
     Such a VM is never chosen as a source, nor taken for a protected one: every VM is read
     again right before it is deleted."""
+    spot: bool = False
+    """`priority` is Spot (or Low). A move deletes a source of its new VM's priority only."""
+    in_standby_pool: bool = False
+    """`instanceView.isVMInStandbyPool`: waiting in a standby pool, not serving in the set."""
 
     @property
     def protected(self) -> bool:
@@ -207,9 +287,9 @@ class Instance:
     @property
     def counts(self) -> bool:
         """Counts as capacity of its zone: active, deallocated, or created with failed
-        extensions (Azure's zone balancing counts those too). VMs being deleted and VMs
-        that never got capacity do not."""
-        return not (self.deleting or self.allocation_failed)
+        extensions (Azure's zone balancing counts those too). VMs being deleted, VMs that
+        never got capacity and VMs waiting in a standby pool do not."""
+        return not (self.deleting or self.allocation_failed or self.in_standby_pool)
 
     @property
     def active(self) -> bool:

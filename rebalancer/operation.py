@@ -157,6 +157,7 @@ class Reason(StrEnum):
     DELETE_NOT_APPLIED = "delete_not_applied"
     DELETE_STUCK = "delete_stuck"
     DELETE_UNSAFE = "delete_unsafe"
+    REPAIR_REPLACED = "repair_replaced"
 
     def describe(self) -> str:
         return _REASONS[self]
@@ -264,6 +265,13 @@ _REASONS: Mapping[Reason, str] = MappingProxyType(
         Reason.DELETE_UNSAFE: (
             "A requested delete did not take effect and the picture changed since (a new VM is "
             "gone or unhealthy, or the capacity changed), so it is not repeated."
+        ),
+        Reason.REPAIR_REPLACED: (
+            "The scale set's automatic repairs (automaticRepairsPolicy, repairAction Replace) "
+            "deleted an unhealthy VM and created a new one in its place, capacity unchanged: "
+            "no outside actor. A new VM of this operation is followed to its replacement, "
+            "which must report healthy itself before any source is deleted; a longer "
+            "automaticRepairsPolicy.gracePeriod gives new VMs more time before a repair."
         ),
     }
 )
@@ -400,6 +408,8 @@ class OperationRecord:
     """Commands issued in the current step, including the first."""
     last_request_at: datetime | None = None
     """When the current step's command was last issued (spaces out repeats)."""
+    repaired: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """VMs automatic repairs replaced during the operation -> their replacements."""
     rejected: str | None = None
     """A permanent error the shell reported for the scale-out (see `scale_out_rejected`)."""
     cause_wait_since: datetime | None = None
@@ -579,7 +589,11 @@ def advance(
             f"{record.operation_id} of {record.scale_set_id}"
         )
     view = _View(record, observation, activity)
-    current = _note_new_vms(record, view)
+    followed = _follow_repairs(record, view, policy, now)
+    if isinstance(followed, Step):
+        return followed
+    view = _View(followed, observation, activity)
+    current = _note_new_vms(followed, view)
     if current.cause_wait_since is not None and _missing(current, view) is None:
         current = replace(current, cause_wait_since=None)
     if observation.scale_set.platform_rebalancing and stand_down is None:
@@ -620,9 +634,10 @@ class _View:
 
     @property
     def new(self) -> tuple[Instance, ...]:
-        """Instances not in the baseline, ordered by id."""
+        """Instances not in the baseline (nor repairs' replacements of baseline VMs), by id."""
         baseline = self.record.baseline.instance_ids
-        fresh = [i for i in self.inventory.instances if i.id not in baseline]
+        stand_ins = {new for old, new in self.record.repaired.items() if old in baseline}
+        fresh = [i for i in self.inventory.instances if i.id not in baseline | stand_ins]
         return tuple(sorted(fresh, key=Instance.sort_id))
 
     @property
@@ -637,6 +652,69 @@ class _View:
         return self.scale_set.provisioning_state.lower() not in ("succeeded", "failed")
 
 
+def _follow_repairs(
+    record: OperationRecord, view: _View, policy: OperationPolicy, now: datetime
+) -> OperationRecord | Step:
+    """Read VMs that automatic repairs replaced as replaced, not as someone else's acts.
+
+    Replace deletes a VM and creates a new one (new name and instance id) with the capacity
+    unchanged, and no event says so. While the capacity is the one this operation set, a VM
+    lost without our delete next to a VM that appeared unasked is taken for such a repair:
+    a kept or discarded new VM of ours hands its place to the replacement (which must report
+    healthy itself: nothing carries over), a VM of the baseline hands it to a VM that is not
+    ours. A loss whose replacement has not shown yet is waited for, up to the scale-out
+    timeout past the health deadline; then the usual rules (someone deleted it) apply.
+    """
+    repairs = view.scale_set.automatic_repairs
+    if (
+        repairs is None
+        or not repairs.replaces_vms
+        or record.state not in (State.AWAITING_HEALTH, State.SCALING_IN)
+        or record.delete_requested
+        or view.scale_set.capacity != record.target_capacity
+    ):
+        return record
+    by_id = view.by_id
+    ours = (*record.kept, *record.discarded)
+    known = record.baseline.deleting | set(record.repaired)
+    lost = [
+        vm
+        for vm in (*_sorted_ids(record.baseline.instance_ids), *ours)
+        if vm not in known and (vm not in by_id or by_id[vm].deleting)
+    ]
+    if not lost:
+        return record
+    taken = set(ours) | set(record.repaired.values())
+    arrivals = [i for i in view.new if i.id not in taken and not i.deleting]
+    pairs: dict[str, str] = {}
+    for vm in lost:
+        zone = by_id[vm].zone if vm in by_id else record.created.get(vm)
+        match = next((i for i in arrivals if i.zone == zone), None) or next(iter(arrivals), None)
+        if match is None:
+            break
+        arrivals.remove(match)
+        pairs[vm] = match.id
+    if len(pairs) < len(lost):
+        deadline = (record.health_deadline or now) + policy.scale_out_timeout
+        return Step(record) if now < deadline else record
+    record = replace(
+        record,
+        kept=tuple(pairs.get(vm, vm) for vm in record.kept),
+        discarded=tuple(pairs.get(vm, vm) for vm in record.discarded),
+        repaired=MappingProxyType({**record.repaired, **pairs}),
+    )
+    mine = [vm for vm in pairs if vm in ours]
+    detail = "; ".join(
+        f"{old} ({'ours' if old in ours else 'not ours'}) replaced by {new}"
+        for old, new in pairs.items()
+    )
+    detail += f" ({repairs.describe()})"
+    state = State.AWAITING_HEALTH if mine else record.state
+    if mine:
+        detail += f"; waiting for {', '.join(pairs[vm] for vm in mine)} to report healthy"
+    return replace(_enter(record, state, now, Reason.REPAIR_REPLACED, detail), updated_at=now)
+
+
 def _note_new_vms(record: OperationRecord, view: _View) -> OperationRecord:
     """Remember every VM that appeared since the baseline, so none is ever left untracked."""
     unseen = {i.id: i.zone for i in view.new if i.id not in record.created}
@@ -649,7 +727,7 @@ def _deleted_by_others(record: OperationRecord, view: _View) -> tuple[str, ...]:
     """VMs gone or being deleted since the start that this operation did not ask to delete:
     someone else deleted them, and each such delete lowered the capacity by one."""
     by_id = view.by_id
-    known = record.baseline.deleting | set(record.delete_requested)
+    known = record.baseline.deleting | set(record.delete_requested) | set(record.repaired)
     candidates = [*record.baseline.instance_ids, *record.created]
     return _sorted_ids(
         vm for vm in candidates if vm not in known and (vm not in by_id or by_id[vm].deleting)
@@ -661,10 +739,10 @@ def _overprovisioned(
 ) -> tuple[str, ...]:
     """The VMs among `gone` that Azure removed itself: extras of an overprovisioned Uniform
     scale-out. A delete by anyone else lowers the capacity by one; the platform's removal of
-    its extras does not. So new VMs gone beyond the capacity's drop are extras."""
+    its extras does not. So new VMs gone beyond the capacity's drop are extras. A kept VM is
+    never one: it was chosen once the scale-out had ended, its extras already on their way."""
     if view.scale_set.mode is not OrchestrationMode.UNIFORM or capacity is None:
         return ()
-    # A VM the operation kept outlived Azure's update: it is no extra.
     ours = [vm for vm in gone if vm in record.created and vm not in record.kept]
     theirs = len(gone) - len(ours)
     dropped = max(expected - capacity, 0)
@@ -1137,7 +1215,12 @@ def _choose_sources(record: OperationRecord, view: _View) -> _Choice:
     for vm in order:
         candidate = _best_source(pool, taken, totals, actives, vm)
         if candidate is None:
-            drop(vm, "no eligible source in a fuller zone")
+            mixed = [i for i in pool if i.spot != vm.spot]
+            if mixed and _best_source(mixed, taken, totals, actives, vm, same_priority=False):
+                kind = "Spot" if vm.spot else "regular"
+                drop(vm, f"no {kind} source in a fuller zone: another would change the split")
+            else:
+                drop(vm, "no eligible source in a fuller zone")
             continue
         if not vm.healthy and not candidate.observed_unhealthy:
             drop(
@@ -1175,13 +1258,16 @@ def _best_source(
     totals: Mapping[str, int],
     actives: Mapping[str, int],
     vm: Instance,
+    *,
+    same_priority: bool = True,
 ) -> Instance | None:
     """The next source for new VM `vm`, or None when no move from a fuller zone is possible.
 
     Givers are the zones tied at the highest count that are fuller than `vm`'s zone and have
     more active VMs than it would have without `vm` (a move never worsens the active spread).
     Among their best candidates: unhealthy first, then the zone with most active VMs, then
-    the zone name.
+    the zone name. A source has the new VM's priority (Spot or regular), so that a move
+    keeps a priority mix's split as it was.
     """
     if not totals or vm.zone not in totals:
         return None
@@ -1192,7 +1278,11 @@ def _best_source(
     for zone, total in totals.items():
         if total != highest or total <= receiver_total or actives[zone] <= receiver_active:
             continue
-        candidates = [i for i in eligible_sources(pool, zone) if i.id not in taken]
+        candidates = [
+            i
+            for i in eligible_sources(pool, zone)
+            if i.id not in taken and (i.spot == vm.spot or not same_priority)
+        ]
         if not candidates:
             continue
         key = (candidates[0].healthy, -actives[zone], zone_key(zone))
@@ -1472,6 +1562,7 @@ def _encode(record: OperationRecord) -> dict[str, Any]:
         "last_request_at": _time(record.last_request_at),
         "rejected": record.rejected,
         "cause_wait_since": _time(record.cause_wait_since),
+        "repaired": dict(record.repaired),
         "outcome": record.outcome.value if record.outcome else None,
         "outcome_detail": record.outcome_detail,
         "history": [[t.state.value, _time(t.at), t.reason.value, t.detail] for t in record.history],
@@ -1516,6 +1607,7 @@ def _decode(doc: Mapping[str, Any]) -> OperationRecord:
         last_request_at=_parse_time(doc.get("last_request_at")),
         rejected=doc["rejected"],
         cause_wait_since=_parse_time(doc.get("cause_wait_since")),
+        repaired=MappingProxyType(dict(doc.get("repaired", {}))),
         outcome=Reason(doc["outcome"]) if doc["outcome"] else None,
         outcome_detail=doc["outcome_detail"],
         history=tuple(

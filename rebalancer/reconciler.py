@@ -15,13 +15,13 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from rebalancer import autoscale, lro
+from rebalancer import autoscale, followup, lro
 from rebalancer import operation as op
 from rebalancer.compute.adapter import ArmCall
 from rebalancer.compute.errors import AdapterError, ErrorKind, ScaleSetGone
-from rebalancer.evaluator import Assessment, Decision, assess
+from rebalancer.evaluator import Assessment, Decision, assess, upcoming_spot
 from rebalancer.model import Instance, Inventory, OrchestrationMode, OutsideActivity, ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
 from rebalancer.store import Lock, LockLost, OperationRow, Store, StoreError
@@ -30,6 +30,11 @@ from rebalancer.verdict import Gate, Outcome, Result, Verdict
 
 if TYPE_CHECKING:
     from rebalancer.compute import ComputeAdapter
+
+
+class FollowUpSender(Protocol):
+    def schedule(self, follow_up: followup.FollowUp, now: datetime) -> None: ...
+
 
 log = logging.getLogger("rebalancer")
 
@@ -53,6 +58,8 @@ class Reconciler:
     new_operation_id: Callable[[], str] = field(default_factory=lambda: _operation_id)
     on_notify: Callable[[op.OperationRecord, op.Notify], None] | None = None
     telemetry: Telemetry = field(default_factory=Telemetry)
+    follow_ups: FollowUpSender | None = None
+    """Where an operation's follow-up chain starts (see `follow_up`); None: the timer only."""
 
     @property
     def policy(self) -> op.OperationPolicy:
@@ -127,8 +134,13 @@ class Reconciler:
         self._repair_backoff(record)
         pending = _pending(row)
         activity = self.store.outside_activity(ref.key)
+        seen: Inventory | None = None
         for round_ in range(MAX_STEPS_PER_CALL):
-            observation = self._observe(ref)
+            # A round that acts at once on a state change (no command sent since) decides on
+            # the observation just taken: it is seconds old, and another list of the scale
+            # set would spend its per-scale-set read budget for nothing new.
+            observation = seen if round_ > 0 and seen is not None else self._observe(ref)
+            seen = observation
             if observation is None:
                 self._confirm_gone(ref)
             if round_ == 0:  # after a read that went through: a throttled pass polls nothing
@@ -158,8 +170,9 @@ class Reconciler:
             if not step.observe_again or record.state.terminal:
                 break
         if record.state is op.State.SUCCEEDED:
-            # The next move need not wait for the next audit: assess again under this lock.
-            follow_up = self._evaluate(ref, lock)
+            # The next move need not wait for the next audit: assess again under this lock,
+            # from the observation that showed this one done.
+            follow_up = self._evaluate(ref, lock, observed=seen)
             if follow_up.outcome is Outcome.STARTED:
                 return follow_up
         return Result(ref, Outcome.ADVANCED, state=str(record.state), detail=record.outcome_detail)
@@ -281,9 +294,10 @@ class Reconciler:
 
     # -- idle scale set: assess, maybe start ----------------------------------------------
 
-    def _evaluate(self, ref: ScaleSetRef, lock: Lock) -> Result:
-        """Under the lock, with no operation in flight: read, assess, start if allowed."""
-        inventory = self._observe(ref)
+    def _evaluate(self, ref: ScaleSetRef, lock: Lock, observed: Inventory | None = None) -> Result:
+        """Under the lock, with no operation in flight: read (unless `observed` was, under
+        this lock), assess, start if allowed."""
+        inventory = observed if observed is not None else self._observe(ref)
         if inventory is None:
             return Result(ref, Outcome.GONE, detail="the scale set does not exist")
         verdict = self._verdict(inventory)
@@ -403,7 +417,8 @@ class Reconciler:
             f"a rolling upgrade is {upgrade.status}{since} ({upgrade.in_progress} VM(s) in "
             f"progress, {upgrade.pending} pending; upgradePolicy.mode {scale_set.upgrade_mode}"
             f"{', automatic OS upgrades' if scale_set.automatic_os_upgrade else ''}); the move "
-            "waits until rollingUpgrades/latest is no longer RollingForward"
+            "waits until rollingUpgrades/latest is no longer RollingForward (or cancel it: "
+            "az vmss rolling-upgrade cancel)"
         )
 
     def _silent_change(
@@ -527,20 +542,31 @@ class Reconciler:
         return (Gate.AUTOSCALE_AT_MAXIMUM, found.describe()) if found else None
 
     def _quota_gate(self, inventory: Inventory, k: int) -> tuple[Gate, str] | None:
+        """Room for the `k` new VMs in the quota each draws on: Spot VMs (a Spot set, or the
+        Spot share of a priority mix) in lowPriorityCores, regular ones in the size's family."""
         scale_set = inventory.scale_set
-        try:
-            quota = self.compute.quota(scale_set.location, scale_set.sku_name or "")
-        except AdapterError as error:
-            # Unknown quota does not block: a scale-out over quota is rejected by Azure
-            # before anything is created, and the operation ends `failed` with that reason.
-            log.info("quota of %s unknown: %s", scale_set.ref, error, extra=_dims(scale_set.ref))
-            return None
-        if quota.headroom_vms < k:
-            return Gate.QUOTA, (
-                f"{quota.family} quota in {scale_set.location}: {quota.used_vcpus}/"
-                f"{quota.limit_vcpus} vCPUs used, {k} more VM(s) of {quota.vcpus_per_vm} vCPUs "
-                "do not fit; raise the quota"
-            )
+        spot = sum(new_vms_spot(inventory, k))
+        for is_spot, count in ((False, k - spot), (True, spot)):
+            if count <= 0:
+                continue
+            try:
+                quota = self.compute.quota(
+                    scale_set.location, scale_set.sku_name or "", spot=is_spot
+                )
+            except AdapterError as error:
+                # Unknown quota does not block: a scale-out over quota is rejected by Azure
+                # before anything is created, and the operation ends `failed` with that reason.
+                log.info(
+                    "quota of %s unknown: %s", scale_set.ref, error, extra=_dims(scale_set.ref)
+                )
+                continue
+            if quota.headroom_vms < count:
+                kind = "Spot " if is_spot else ""
+                return Gate.QUOTA, (
+                    f"{quota.family} quota in {scale_set.location}: {quota.used_vcpus}/"
+                    f"{quota.limit_vcpus} vCPUs used, {count} more {kind}VM(s) of "
+                    f"{quota.vcpus_per_vm} vCPUs do not fit; raise the quota"
+                )
         return None
 
     def _record_verdict(self, verdict: Verdict) -> None:
@@ -598,8 +624,33 @@ class Reconciler:
         self._log_step(None, record)
         sent: list[lro.PendingCall] = []
         record = self._run(ref, record, commands, lock, sent)
-        self._persist(replace(row, call=_call_json(sent[-1] if sent else None)), record, lock)
+        pending = sent[-1] if sent else None
+        self._persist(replace(row, call=_call_json(pending)), record, lock)
+        self._start_follow_ups(record, pending)
         return Result(ref, Outcome.STARTED, state=str(record.state), verdict=verdict)
+
+    def _start_follow_ups(
+        self, record: op.OperationRecord, pending: lro.PendingCall | None
+    ) -> None:
+        """Send the first follow-up of a new operation. If it cannot be sent, the timer tick
+        still advances the operation (only slower), so this never fails the pass."""
+        if self.follow_ups is None:
+            return
+        now = self.clock()
+        due = followup.next_due(record, pending, now, self.settings.follow_up_interval)
+        if due is None:
+            return
+        first = followup.FollowUp(record.scale_set_key, record.operation_id, 0, due)
+        try:
+            self.follow_ups.schedule(first, now)
+        except Exception as error:  # the queue is an accelerator, the timer the fallback
+            log.warning(
+                "operation %s on %s: no follow-up scheduled (%s); the timer advances it",
+                record.operation_id,
+                record.scale_set_id,
+                error,
+                extra=_dims(record.ref, operation=record.operation_id),
+            )
 
     # -- commands -------------------------------------------------------------------------
 
@@ -755,6 +806,77 @@ class Reconciler:
             ),
         )
 
+    # -- follow-ups -----------------------------------------------------------------------
+
+    def follow_up(self, message: followup.FollowUp) -> followup.FollowUp | None:
+        """Look at an in-flight operation when its follow-up is due; return the next one.
+
+        First the cheapest read that says whether the operation can move on (its new VMs'
+        instance views while it waits for health, its own write's status while that runs);
+        only then the scale set is read in full and the operation advanced. Returns None when
+        the operation named has ended (a successor started by this pass has its own chain).
+        """
+        ref = ScaleSetRef.parse(message.scale_set_key)
+        now = self.clock()
+        interval = self.settings.follow_up_interval
+        current = self._followed(message)
+        if current is None:
+            return None
+        record, pending = current
+        try:
+            waiting, pending = self._still_waiting(ref, record, pending, now)
+        except AdapterError as error:
+            log.info("follow-up of %s: %s; looking again later", ref, error, extra=_dims(ref))
+            retry = timedelta(seconds=error.retry_after or 0)
+            due = followup.next_due(record, pending, now, max(interval, retry))
+            return message.next(due) if due is not None else None
+        if waiting:
+            due = followup.next_due(record, pending, now, interval)
+            return message.next(due) if due is not None else None
+        self._guarded(ref)
+        current = self._followed(message)
+        if current is None:
+            return None
+        record, pending = current
+        due = followup.next_due(record, pending, self.clock(), interval)
+        return message.next(due) if due is not None else None
+
+    def _followed(
+        self, message: followup.FollowUp
+    ) -> tuple[op.OperationRecord, lro.PendingCall | None] | None:
+        row = self.store.active_operation(message.scale_set_key)
+        if row is None or row.operation_id != message.operation_id:
+            return None
+        try:
+            return op.OperationRecord.from_json(row.body), _pending(row)
+        except ValueError:
+            return None  # the next pass logs it and stands still (`Outcome.STUCK`)
+
+    def _still_waiting(
+        self,
+        ref: ScaleSetRef,
+        record: op.OperationRecord,
+        pending: lro.PendingCall | None,
+        now: datetime,
+    ) -> tuple[bool, lro.PendingCall | None]:
+        """Whether a cheap read says nothing can change yet (and the pending call with its
+        next poll time); False: read the scale set in full and advance the operation now."""
+        check = followup.check_for(record, pending)
+        if check is followup.Check.HEALTH:
+            if record.health_deadline is not None and now >= record.health_deadline:
+                return False, pending
+            health = self.compute.vm_health(ref, record.mode, record.kept)
+            return not followup.all_healthy(dict(health), record.kept), pending
+        if check is followup.Check.WRITE:
+            assert pending is not None
+            if not pending.due(now):
+                return True, pending
+            status = self.compute.operation_status(ArmCall.from_record(pending.call))
+            if status.done:
+                return False, pending
+            return True, pending.still_running(now, status.retry_after)
+        return False, pending
+
     # -- the subscription -----------------------------------------------------------------
 
     def advance_all(self) -> list[Result]:
@@ -852,6 +974,13 @@ def _capacity_rollback(record: op.OperationRecord) -> op.Transition | None:
     reason = op.Reason.NO_CAPACITY_IN_TARGET_ZONE
     entries = [t for t in record.history if t.reason is reason]
     return entries[-1] if entries else None
+
+
+def new_vms_spot(inventory: Inventory, k: int) -> tuple[bool, ...]:
+    """Whether each of the `k` VMs a move creates is Spot: all of a Spot set's, or as the
+    priority mix splits them."""
+    upcoming = upcoming_spot(inventory.scale_set, inventory.instances, k)
+    return upcoming if upcoming is not None else (inventory.scale_set.spot,) * k
 
 
 def _actionable(verdict: Verdict) -> bool:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from rebalancer.events import Trigger
     from rebalancer.model import ScaleSetRef
     from rebalancer.notify import EventGridNotifier
-    from rebalancer.reconciler import Reconciler
+    from rebalancer.reconciler import FollowUpSender, Reconciler
 
 log = logging.getLogger("rebalancer")
 
@@ -59,6 +59,8 @@ class Runtime:
     store: Store
     reconciler: Reconciler
     clock: Callable[[], datetime]
+    follow_ups: FollowUpSender | None = None
+    """The follow-up queue (None: in-flight operations move on timer ticks and events only)."""
 
 
 def utc_now() -> datetime:
@@ -72,10 +74,12 @@ def build_runtime(
     compute: ComputeAdapter,
     clock: Callable[[], datetime],
     notifier: EventGridNotifier | None = None,
+    follow_ups: FollowUpSender | None = None,
 ) -> Runtime:
     """The app's wiring: the reconciler over the store and the Compute adapter, with
-    telemetry and (with a topic) lifecycle notifications. Azure, the tests, the chaos suite,
-    the benchmarks and the demo all build their runtime here, from their own parts."""
+    telemetry, (with a topic) lifecycle notifications and (with a queue) follow-ups of
+    in-flight operations. Azure, the tests, the chaos suite, the benchmarks and the demo
+    all build their runtime here, from their own parts."""
     from rebalancer.reconciler import Reconciler
     from rebalancer.telemetry import Telemetry
 
@@ -86,8 +90,9 @@ def build_runtime(
         clock=clock,
         on_notify=notifier,
         telemetry=Telemetry(notifier=notifier),
+        follow_ups=follow_ups,
     )
-    return Runtime(settings, store, reconciler, clock)
+    return Runtime(settings, store, reconciler, clock, follow_ups)
 
 
 def runtime_from_settings(env: Mapping[str, str]) -> Runtime:
@@ -95,6 +100,7 @@ def runtime_from_settings(env: Mapping[str, str]) -> Runtime:
     notifier when a topic is set, the system clock."""
     from rebalancer.compute import ArmConfig, ComputeAdapter
     from rebalancer.compute.credentials import DeferredCredential
+    from rebalancer.follow_up_queue import FollowUpQueue
     from rebalancer.telemetry import flatten_dimensions
 
     flatten_dimensions()
@@ -104,12 +110,22 @@ def runtime_from_settings(env: Mapping[str, str]) -> Runtime:
     store = Store(connection, table_prefix=settings.table_prefix, credential=credential)
     shared = credential if _one_identity(connection, env) else DeferredCredential()
     compute = ComputeAdapter(ArmConfig.from_settings(settings), credential=shared)
+    follow_ups = FollowUpQueue.from_connection(
+        settings.follow_up_queue, connection, env, credential=credential
+    )
     notifier = None
     if settings.notify_topic_endpoint:  # without a topic, the notifier is never imported
         from rebalancer.notify import EventGridNotifier
 
         notifier = EventGridNotifier(settings.notify_topic_endpoint, credential=shared)
-    return build_runtime(settings, store=store, compute=compute, clock=utc_now, notifier=notifier)
+    return build_runtime(
+        settings,
+        store=store,
+        compute=compute,
+        clock=utc_now,
+        notifier=notifier,
+        follow_ups=follow_ups,
+    )
 
 
 _SERVICE_PRINCIPAL_SETTINGS = (
@@ -290,6 +306,48 @@ def _transient_guard(rt: Runtime, event_id: str, action: Callable[[], Any]) -> A
     if getattr(result, "outcome", None) is Outcome.DEFERRED:
         raise TransientFailure(f"event {event_id} deferred: {result.detail}")
     return result
+
+
+# -- follow-ups -------------------------------------------------------------------------
+
+
+def handle_follow_up(body: str) -> bool | None:
+    """One follow-up message of an in-flight operation (the queue trigger).
+
+    Handled once per chain position: a message seen before (a redelivery, or a copy sent
+    twice after a crash between sending the next one and finishing this one) is dropped,
+    so a chain never splits. The next follow-up is sent before this one is marked handled;
+    if it cannot be sent, this raises and the host delivers this message again.
+    Returns whether the operation is still followed; None when nothing was done.
+    """
+    from rebalancer.follow_up_queue import FollowUpQueueError
+    from rebalancer.followup import FollowUp
+
+    rt = runtime()
+    if rt is None or rt.settings.mode is Mode.OFF:
+        return None
+    try:
+        message = FollowUp.from_json(body)
+    except ValueError as error:
+        log.error("follow-up dropped: %s; the timer tick still advances operations", error)
+        return None
+    now = rt.clock()
+    try:
+        if rt.store.event_seen(message.dedupe_key, now):
+            log.info("%s ignored: already handled", message.dedupe_key)
+            return None
+        following = rt.reconciler.follow_up(message)
+        if following is not None and rt.follow_ups is not None:
+            rt.follow_ups.schedule(following, rt.clock())
+        rt.store.first_delivery(message.dedupe_key, now)
+    except StoreUnavailable as error:
+        raise TransientFailure(f"Table Storage unavailable: {error}") from error
+    except FollowUpQueueError as error:
+        raise TransientFailure(str(error)) from error
+    except (StoreError, AdapterError) as error:
+        log.error("follow-up %s stopped: %s; the timer tick advances it", message.dedupe_key, error)
+        return None
+    return following is not None
 
 
 # -- timer ------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ SETTING_NAMES: tuple[str, ...] = (
     PREFIX + "AUDIT_INTERVAL_MINUTES",
     PREFIX + "COOLDOWN_MINUTES",
     PREFIX + "DEFAULT_OPT_IN",
+    PREFIX + "FOLLOW_UP_QUEUE",
+    PREFIX + "FOLLOW_UP_SECONDS",
     PREFIX + "HEALTH_TIMEOUT_MINUTES",
     PREFIX + "HISTORY_RETENTION_DAYS",
     PREFIX + "MAX_CONCURRENT_OPERATIONS",
@@ -84,6 +86,10 @@ class Settings:
     notify_topic_endpoint: str | None = None
     arm_endpoint: str = "https://management.azure.com"
     arm_budget_share: float = 0.2
+    follow_up_queue: str = "rebalancer-follow-ups"
+    """Storage queue of the follow-up messages (the durable timer of in-flight operations)."""
+    follow_up_interval: timedelta = timedelta(seconds=10)
+    """How often an operation waiting for its new VMs' health reads their instance views."""
 
     def in_scope(self, subscription_id: str, resource_group: str) -> bool:
         """Whether a resource in this subscription and resource group is ours to touch."""
@@ -161,6 +167,12 @@ def _uuid(raw: str) -> str:
     if not _UUID.match(raw):
         raise ValueError(raw)
     return raw.lower()
+
+
+def _queue_name(raw: str) -> str:
+    if not re.match(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$", raw):
+        raise ValueError(raw)
+    return raw
 
 
 def _table_prefix(raw: str) -> str:
@@ -259,5 +271,20 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         ),
         arm_budget_share=_parse(
             env, p + "ARM_BUDGET_SHARE", 0.2, _share, "a fraction greater than 0, at most 1"
+        ),
+        follow_up_queue=_parse(
+            env,
+            p + "FOLLOW_UP_QUEUE",
+            "rebalancer-follow-ups",
+            _queue_name,
+            "a Storage queue name: 3-63 lower-case letters, digits and single hyphens, "
+            "starting and ending with a letter or digit",
+        ),
+        follow_up_interval=_parse(
+            env,
+            p + "FOLLOW_UP_SECONDS",
+            timedelta(seconds=10),
+            lambda raw: timedelta(seconds=_int_in(5, 300)(raw)),
+            "whole seconds from 5 to 300",
         ),
     )

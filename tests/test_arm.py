@@ -533,3 +533,54 @@ def test_upgrade_policy_says_whether_upgrades_can_roll(policy, can_roll):
     doc = rest_scale_set(**({"upgradePolicy": policy} if policy else {}))
     assert parse_scale_set(doc).can_roll is can_roll
     assert parse_scale_set(flatten(doc)).can_roll is can_roll
+
+
+def test_spot_priority_mix_and_instance_mix_are_read_from_the_model() -> None:
+    scale = parse_scale_set(
+        {
+            "id": VMSS_ID,
+            "sku": {"name": "Mix", "capacity": 4},
+            "properties": {
+                "orchestrationMode": "Flexible",
+                "virtualMachineProfile": {"priority": "Spot", "evictionPolicy": "Delete"},
+                "priorityMixPolicy": {
+                    "baseRegularPriorityCount": 2,
+                    "regularPriorityPercentageAboveBase": 50,
+                },
+                "skuProfile": {
+                    "vmSizes": [{"name": "Standard_D2s_v5"}, {"name": "Standard_D2as_v5"}],
+                    "allocationStrategy": "LowestPrice",
+                },
+            },
+        }
+    )
+    assert scale.spot and scale.eviction_policy == "Delete"
+    assert scale.priority_mix is not None and scale.priority_mix.regular_target(6) == 4
+    assert scale.vm_sizes == ("Standard_D2s_v5", "Standard_D2as_v5") and scale.instance_mix
+    plain = parse_scale_set({"id": VMSS_ID, "sku": {"name": "Standard_D2s_v5"}})
+    assert not plain.spot and plain.priority_mix is None and not plain.instance_mix
+
+
+@pytest.mark.parametrize(
+    ("priority", "spot"), [("Spot", True), ("Low", True), ("Regular", False), (None, False)]
+)
+def test_a_vm_priority_and_its_standby_pool_flag(priority, spot) -> None:
+    doc = rest_vm(virtualMachineScaleSet={"id": VMSS_ID})
+    if priority is not None:
+        doc["properties"]["priority"] = priority
+    doc["properties"]["instanceView"] = {
+        "statuses": [{"code": "ProvisioningState/succeeded"}, {"code": "PowerState/running"}],
+        "isVMInStandbyPool": True,
+    }
+    instance = parse_instance(doc, OrchestrationMode.FLEXIBLE)
+    assert instance.spot is spot
+    assert instance.in_standby_pool and not instance.counts  # a pool VM does not count
+
+
+def test_the_priority_mix_gives_the_base_first_then_the_regular_share_rounded_up() -> None:
+    from rebalancer.model import PriorityMix
+
+    mix = PriorityMix(base_regular=2, regular_percent_above_base=50)
+    assert [mix.regular_target(n) for n in range(7)] == [0, 1, 2, 3, 3, 4, 4]
+    assert mix.next_spot(regular=2, spot=0, k=4) == (False, True, False, True)
+    assert PriorityMix(0, 0).next_spot(regular=0, spot=3, k=2) == (True, True)

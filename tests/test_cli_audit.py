@@ -400,3 +400,72 @@ def test_a_move_over_the_autoscale_maximum_is_reported_as_a_skip_naming_the_sett
         )
         out = capsys.readouterr().out
         assert "autoscale_at_maximum" in out and "tilted-autoscale" in out
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("static_token")
+def test_a_rolling_upgrade_waits_and_automatic_repairs_are_explained(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with ArmSim.start(Scenario(scale_sets=MIXED[:2])) as sim:
+        tilted = sim.scale_set("rg-a", "tilted").id
+        rolling = {"properties": {"upgradePolicy": {"mode": "Rolling"}}}
+        sim.actor.update_scale_set("rg-a", "tilted", rolling)
+        sim.advance(30)
+        sim.upgrades.start("rg-a", "tilted")
+        sim.repairs.enable("rg-a", "tilted", grace_period="PT10M")
+        code, report, err = audit_json(sim, capsys)
+        assert code == 0, err
+        assert report is not None
+        entry = next(e for e in report["scaleSets"] if e["id"] == tilted)
+        assert (entry["decision"], entry["reason"]) == ("wait", "upgrade_in_progress")
+        assert "RollingForward" in entry["detail"] and "rolling-upgrade cancel" in entry["detail"]
+        repairs = entry["automaticRepairs"]
+        assert (repairs["repairAction"], repairs["gracePeriodMinutes"]) == ("Replace", 10)
+        assert "raise automaticRepairsPolicy.gracePeriod" in repairs["note"]
+        assert all("automaticRepairs" not in e for e in report["scaleSets"] if e["id"] != tilted)
+        argv = ["audit", "--subscription", sim.subscription_id, "--arm-endpoint", sim.endpoint]
+        assert main([*argv, "--ca-cert", str(sim.ca_cert_path)]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "tilted: upgrade_in_progress: a rolling upgrade is RollingForward" in out
+        assert "tilted: automatic repairs: automaticRepairsPolicy Replace" in out
+
+
+@pytest.mark.usefixtures("static_token")
+def test_spot_mix_instance_mix_and_standby_pools_are_reported_with_what_changes_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from armsim import VmOverride
+
+    flexible = {"mode": "Flexible", "counts": {"1": 1, "2": 1, "3": 4}}
+    sets = (
+        ScaleSetSpec(
+            "mixed",
+            "rg-a",
+            priority="Spot",
+            base_regular_priority_count=3,
+            overrides=(
+                VmOverride(zone="1", priority="Spot"),
+                VmOverride(zone="2", priority="Spot"),
+                VmOverride(zone="3", count=4, priority="Regular"),
+            ),
+            **flexible,
+        ),
+        ScaleSetSpec("sizes", "rg-a", vm_sizes=("Standard_D2s_v5", "Standard_D4s_v5"), **flexible),
+        ScaleSetSpec("pooled", "rg-a", standby={"1": 2}, **flexible),
+    )
+    with ArmSim.start(Scenario(scale_sets=sets)) as sim:
+        code, report, err = audit_json(sim, capsys)
+        assert code == 0, err
+        assert report is not None
+        found = {e["id"].rsplit("/", 1)[-1]: e for e in report["scaleSets"]}
+        assert (found["mixed"]["decision"], found["mixed"]["reason"]) == (
+            "skip",
+            "spot_priority_mix",
+        )
+        assert "changed priorityMixPolicy" in found["mixed"]["detail"]
+        assert found["sizes"]["reason"] == "instance_mix"
+        assert "single VM size" in found["sizes"]["detail"]
+        assert found["pooled"]["reason"] == "standby_pool"
+        assert found["pooled"]["zones"]["1"]["total"] == 1  # the pool VMs are not counted
+        assert "detach the standby pool" in found["pooled"]["detail"]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -119,15 +120,15 @@ def test_the_demo_balances_what_it_may_and_leaves_the_rest_alone(tmp):
     assert stdout.count("\n") == 1, "stdout holds exactly one JSON document"
     summary = json.loads(stdout)
     sets = {item["id"].rsplit("/", 1)[-1]: item for item in summary["scaleSets"]}
-    assert set(sets) == {"web", "api", "batch", "cache"}
+    assert set(sets) == {"web", "api", "batch", "cache", "jobs"}
     for item in sets.values():
         assert set(item) >= {"id", "before", "after", "balanced", "mode", "operations"}
         assert item["balanced"] == is_balanced(item["after"])
         if item is not sets["web"]:
             assert sum(item["after"].values()) == sum(item["before"].values())
     enforced = [item for item in sets.values() if item["mode"] == "enforce"]
-    assert {s["id"].rsplit("/", 1)[-1] for s in enforced} == {"web", "api", "cache"}
-    assert all(item["balanced"] for item in enforced)
+    assert {s["id"].rsplit("/", 1)[-1] for s in enforced} == {"web", "api", "cache", "jobs"}
+    assert all(item["balanced"] for item in enforced if item is not sets["jobs"])
     # the scale-out into a full zone and the imbalanced Flexible set were fixed by moves
     # web's picture is taken while autoscale's scale-out to 15 runs: with Azure's default
     # overprovisioning it shows 3 extra VMs that Azure deletes once the 6 requested succeeded.
@@ -146,6 +147,12 @@ def test_the_demo_balances_what_it_may_and_leaves_the_rest_alone(tmp):
     assert sets["batch"]["before"] == sets["batch"]["after"] == {"1": 1, "2": 1, "3": 4}
     assert sets["batch"]["operations"] == []
     assert sets["cache"]["operations"] == []
+    # autoscale holds jobs at its maximum: skipped with the reason and the setting to change
+    jobs = sets["jobs"]
+    assert jobs["before"] == jobs["after"] == {"1": 1, "2": 1, "3": 3}
+    assert (jobs["operations"], jobs["balanced"]) == ([], False)
+    assert jobs["reason"] == "autoscale_at_maximum"
+    assert "jobs-autoscale" in jobs["verdict"] and "Raise the profile's maximum" in jobs["verdict"]
     # the protected VMs are still there
     protected = sets["api"]["protected"]
     assert len(protected["before"]) == 2
@@ -237,6 +244,9 @@ def test_each_scale_set_gets_a_one_line_story():
     )
     assert story(summary("audit", ())) == "not opted in: reported, never changed"
     assert story(summary("enforce", ())) == "already balanced: left alone"
+    held = replace(summary("enforce", ()), balanced=False, reason="autoscale_at_maximum")
+    assert story(held).startswith("left alone (autoscale_at_maximum)")
+    assert "raise that maximum" in story(held)
 
 
 def test_the_live_view_draws_each_zone_as_a_bar_with_the_operation_under_it():

@@ -20,6 +20,7 @@ from devkit.stack import Stack, running_stack
 from rebalancer import service
 from rebalancer.azure_operations import (
     EVENT_GRID_FUNCTION_NAME,
+    FOLLOW_UP_FUNCTION_NAME,
     HANDLED_OPERATION_NAMES,
     TIMER_FUNCTION_NAME,
 )
@@ -59,7 +60,11 @@ def install(stack: Stack) -> None:
 
 
 def test_bindings():
-    assert set(FUNCTIONS) == {EVENT_GRID_FUNCTION_NAME, TIMER_FUNCTION_NAME}
+    assert set(FUNCTIONS) == {
+        EVENT_GRID_FUNCTION_NAME,
+        TIMER_FUNCTION_NAME,
+        FOLLOW_UP_FUNCTION_NAME,
+    }
     (event_binding,) = FUNCTIONS[EVENT_GRID_FUNCTION_NAME].get_bindings()
     assert event_binding.type == "eventGridTrigger"
     assert event_binding.name == "event"
@@ -104,6 +109,7 @@ def test_a_cold_start_imports_each_sdk_only_when_it_is_first_used():
     assert loaded("app", ("azure.core", "azure.data", "azure.mgmt", "requests")) == []
     assert loaded("app", ("rebalancer.",)) == ["rebalancer.azure_operations"]
     assert loaded("runtime", ("azure.identity", "azure.mgmt", "azure.eventgrid")) == []
+    assert loaded("runtime", ("azure.storage.queue",)) == []
     assert loaded("runtime", ("rebalancer.notify", "rebalancer.events")) == []
 
 

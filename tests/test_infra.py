@@ -87,6 +87,8 @@ REQUIRED_SETTINGS = {
     "REBALANCER_STATE_TABLE_PREFIX",
     "REBALANCER_NOTIFY_TOPIC_ENDPOINT",
     "REBALANCER_ARM_ENDPOINT",
+    "REBALANCER_FOLLOW_UP_QUEUE",
+    "REBALANCER_FOLLOW_UP_SECONDS",
     "AZURE_CLIENT_ID",
     "AzureWebJobsStorage__blobServiceUri",
     "AzureWebJobsStorage__queueServiceUri",
@@ -837,9 +839,11 @@ def test_the_deployment_targets_and_configures_the_apps_functions(infra):
     bound = {
         name
         for f in functions.values()
-        for name in re.findall(r"%(\w+)%", str(getattr(f.get_trigger(), "schedule", "")))
+        for field in ("schedule", "queue_name")
+        for name in re.findall(r"%(\w+)%", str(getattr(f.get_trigger(), field, "")))
     }
-    assert bound and bound <= set(settings), bound - set(settings)
+    assert {"REBALANCER_TIMER_SCHEDULE", "REBALANCER_FOLLOW_UP_QUEUE"} <= bound, bound
+    assert bound <= set(settings), bound - set(settings)
     # Always-ready instances (zone-redundant plan) go by function: one group per function.
     assert sorted(infra.variable("app", "functionNames")) == sorted(functions)
 

@@ -17,6 +17,7 @@ import pytest
 
 from rebalancer.evaluator import assess, zone_counts
 from rebalancer.model import (
+    AutomaticRepairs,
     Health,
     HealthMonitoring,
     Instance,
@@ -95,6 +96,7 @@ class Fleet:
     capacity_drops_when_gone: bool = False
     """Lower `sku.capacity` when a deleted VM is gone, not when its delete is requested."""
     capacity_pending: set[str] = field(default_factory=set)
+    repairs: AutomaticRepairs | None = None
 
     @classmethod
     def of(cls, layout: dict[str, int], **kw: object) -> Fleet:
@@ -127,6 +129,7 @@ class Fleet:
             platform_rebalancing=self.platform_rebalancing,
             tags=self.tags,
             terminate_notification=self.terminate_notification,
+            automatic_repairs=self.repairs,
         )
 
     def inventory(self, now: datetime) -> Inventory:
@@ -582,6 +585,44 @@ def test_an_event_from_before_the_operation_does_not_explain_a_drop():
     record = _mid_move_drop(run)
     step = run.step(record)
     assert step.record.state is State.AWAITING_HEALTH and step.record.cause_wait_since
+
+
+def test_a_new_vm_gone_to_a_repair_is_waited_for_then_followed_to_its_replacement():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3}, repairs=AutomaticRepairs())
+    fleet.never_healthy.add("100")
+    run = Run(fleet)
+    record = run.start()
+    fleet.tick()
+    run.now += timedelta(minutes=5)
+    record = run.step(record).record
+    assert (record.state, record.kept) == (State.AWAITING_HEALTH, ("100",))
+    del fleet.instances["100"]  # Replace deleted it; its replacement is not listed yet
+    run.now += timedelta(minutes=30)
+    waiting = run.step(record)
+    assert waiting.record == record and waiting.commands == ()
+    fleet.instances["101"] = vm("101", "1", health=Health.INITIALIZING)
+    record = run.step(record).record
+    assert (record.state, record.kept) == (State.AWAITING_HEALTH, ("101",))
+    assert record.history[-1].reason is Reason.REPAIR_REPLACED
+    assert {"100", "101"} <= set(record.created) and record.repaired == {"100": "101"}
+    fleet.instances["101"] = vm("101", "1")
+    record = run.until_done(record)
+    assert record.state is State.SUCCEEDED
+    assert fleet.totals() == (2, 2, 3)
+
+
+def test_without_a_repairs_policy_the_same_change_is_someone_elses():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    fleet.never_healthy.add("100")
+    run = Run(fleet)
+    record = run.start()
+    fleet.tick()
+    run.now += timedelta(minutes=5)
+    record = run.step(record).record
+    del fleet.instances["100"]
+    fleet.instances["101"] = vm("101", "1", health=Health.INITIALIZING)
+    record = run.until_done(record)
+    assert record.state is State.SUPERSEDED and record.repaired == {}
 
 
 def test_scale_set_deleted_mid_operation():
@@ -1128,3 +1169,20 @@ def test_a_delete_the_record_does_not_know_about_is_never_added_to():
     step = advance(step.record, fleet.inventory(later), POLICY, later)
     assert step.record.state is State.SUPERSEDED and step.record.outcome is Reason.OUTSIDE_DELETE
     assert fleet.capacity == 6  # the 7 it started from, less the VM deleted outside it
+
+
+def test_a_new_vm_is_never_paired_with_a_source_of_the_other_priority():
+    """Azure chose the new VM's priority (a priority mix) unlike every source left: the new
+    VM is removed instead, so the split of Spot and regular VMs ends as it began."""
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    for instance in list(fleet.instances.values()):
+        if instance.zone in ("2", "3"):
+            fleet.instances[instance.id] = replace(instance, spot=True)
+    run = Run(fleet)
+    record = run.until_done(run.start())
+    assert fleet.instances.get("100") is None or fleet.instances["100"].deleting
+    assert record.state is State.ROLLED_BACK and record.sources == ()
+    assert "no regular source in a fuller zone" in " ".join(t.detail for t in record.history)
+    assert run.deleted() == {"100"}
+    assert fleet.totals() == (1, 3, 3)
+    assert sum(1 for i in fleet.instances.values() if i.spot and not i.deleting) == 6

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from azure.core.pipeline.transport import RequestsTransport
 from azure.core.rest._requests_basic import RestRequestsTransportResponse
 
 from armsim import SimCredential
+from rebalancer import arm
 from rebalancer.budget import Budget, CallKind, parse_remaining_header, reported_policy
 from rebalancer.compute import ArmConfig, ComputeAdapter
 from rebalancer.compute.pipeline import classify_request
@@ -28,6 +30,7 @@ DATA = Path(__file__).parent / "data" / "real-azure" / "throttling"
 RECORDED = json.loads((DATA / "compute-ratelimit-headers.json").read_text())
 BASE = "https://management.azure.com"
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
+NOW = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 def responses(kind: str | None = None) -> list[dict[str, Any]]:
@@ -167,11 +170,18 @@ def test_a_wave_of_capacity_changes_is_not_held_by_the_recorded_headers(gap: flo
 
 
 def test_reads_after_writes_are_not_held_either() -> None:
+    """The product's inventory read (JSON through the adapter's pipeline) between writes."""
     clock, transport = ManualClock(), ReplayTransport()
+    web = arm.parse_scale_set({"id": ref("web").id, "location": "westus", "zones": ["1", "2"]})
     with ReplayingAdapter(transport, clock) as adapter:
-        adapter.set_capacity(ref("web"), 7)
-        adapter.client.virtual_machine_scale_set_vms.list("rg", "web")
-        list(adapter.client.virtual_machine_scale_set_vms.list("rg", "web"))
-        adapter.set_capacity(ref("web"), 6)
+        adapter.set_capacity(web.ref, 7)
+        adapter.read_inventory(web.ref, NOW, scale_set=web)
+        adapter.read_inventory(web.ref, NOW, scale_set=web)
+        adapter.set_capacity(web.ref, 6)
     assert clock.waits == []
-    assert CallKind.SCALE_SET_UPDATE in {classify_request(m, u)[0] for m, u in transport.sent}
+    assert [classify_request(m, u)[0] for m, u in transport.sent] == [
+        CallKind.SCALE_SET_UPDATE,
+        CallKind.SCALE_SET_VM_LIST,
+        CallKind.SCALE_SET_VM_LIST,
+        CallKind.SCALE_SET_UPDATE,
+    ]

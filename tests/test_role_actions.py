@@ -31,7 +31,7 @@ from rebalancer.azure_operations import (
 )
 from rebalancer.compute import AdapterError, ArmConfig, ComputeAdapter
 from rebalancer.compute.clock import VirtualTime
-from rebalancer.model import ScaleSetRef
+from rebalancer.model import OrchestrationMode, ScaleSetRef
 
 NOW = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 SUB = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Compute"
@@ -147,6 +147,8 @@ def exercise(sim: ArmSim, adapter: ComputeAdapter) -> list[tuple[str, Callable[[
         ("audit", lambda: adapter.audit(["rg-web", "rg-flex"], NOW)),
         ("set_capacity", scale_out),
         ("operation_status", poll),
+        ("vm_health", lambda: adapter.vm_health(web, OrchestrationMode.UNIFORM, ["0"])),
+        ("vm_health", lambda: adapter.vm_health(flex, OrchestrationMode.FLEXIBLE, flex_vms[:1])),
         ("delete_instances", lambda: adapter.delete_instances(web, ["6"])),
         ("delete_instances", lambda: adapter.delete_instances(flex, flex_vms[:1])),
         ("delete_instances", lambda: adapter.delete_instances(web, ["no-such-instance"])),

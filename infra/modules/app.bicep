@@ -27,11 +27,13 @@ param zoneRedundant bool
 var functionAppName = '${namePrefix}-func-${resourceToken}'
 var deploymentContainerName = 'app-package-${take(resourceToken, 12)}'
 var deadLetterContainerName = 'eventgrid-deadletter'
+var followUpQueueName = 'rebalancer-follow-ups'
 // Each function scales on its own instances (Flex Consumption's per-function scaling): a
 // zone-redundant plan needs two always-ready instances of each, in two zones.
 var functionNames = [
   'on_resource_event' // rebalancer.azure_operations.EVENT_GRID_FUNCTION_NAME
   'on_timer'
+  'on_follow_up'
 ]
 var alwaysReady = [for name in functionNames: {
   name: 'function:${name}'
@@ -106,6 +108,18 @@ resource blobServices 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01
       days: 7
     }
   }
+}
+
+resource queueServices 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+}
+
+// In-flight operations' follow-ups: each message is a durable timer (sent with a visibility
+// delay) that the on_follow_up queue trigger receives when the operation's next change is due.
+resource followUpQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queueServices
+  name: followUpQueueName
 }
 
 // Flex Consumption reads the app package from here, with the app's identity.
@@ -301,6 +315,14 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'REBALANCER_ARM_BUDGET_SHARE'
           value: armBudgetShare
+        }
+        {
+          name: 'REBALANCER_FOLLOW_UP_QUEUE'
+          value: followUpQueue.name
+        }
+        {
+          name: 'REBALANCER_FOLLOW_UP_SECONDS'
+          value: '10'
         }
       ]
     }

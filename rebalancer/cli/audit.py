@@ -14,13 +14,16 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from rebalancer.autoscale import REASON as AUTOSCALE_REASON
 from rebalancer.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError
 from rebalancer.cli.tables import Column, print_table
+
+UPGRADE_REASON = "upgrade_in_progress"
+REPAIR_REASON = "repair_replaced"
 
 EXIT_PARTIAL = EXIT_FAILURE
 EXIT_NOT_LOGGED_IN = 3
@@ -212,17 +215,25 @@ def _moves(assessment) -> list[dict[str, str]]:
     ]
 
 
+DETAILED_REASONS = frozenset({"instance_mix", "standby_pool", "spot_priority_mix"})
+"""Skips whose `detail` the report carries: what the set uses and the setting that changes it."""
+
+
 def build_report(
     subscription: str,
     results: Sequence[Any],
     settings: Any,
     autoscale: Sequence[Any] = (),
     now: datetime | None = None,
-) -> tuple[dict[str, Any], list[tuple[Any, Any]]]:
-    """The `--json` document, and (inventory, assessment, mode, autoscale) rows for the table.
+    upgrades: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
+    """The `--json` document, and (inventory, assessment, mode, autoscale, wait) rows.
 
     A planned move that capacity + k would carry past the autoscale maximum is reported as a
-    skip with reason `autoscale_at_maximum` and a `detail` naming the setting, as the app does.
+    skip with reason `autoscale_at_maximum` and a `detail` naming the setting, as the app does;
+    one the app would hold while an upgrade runs (`provisioningState` Updating, or
+    `upgrades[key]` RollingForward) as a wait with reason `upgrade_in_progress`. An enabled
+    `automaticRepairsPolicy` is reported with what it means for a move (`automaticRepairs`).
     """
     from rebalancer.autoscale import at_maximum
     from rebalancer.compute import AdapterError
@@ -246,7 +257,7 @@ def build_report(
             continue
         assessment = assess(result)
         mode = settings.opt_in(result.scale_set.tag(OPT_IN_TAG))
-        held = None
+        held = wait = None
         if assessment.decision is Decision.MOVE:
             scale_set = result.scale_set
             capacity = scale_set.capacity
@@ -254,6 +265,10 @@ def build_report(
                 capacity = sum(1 for instance in result.instances if instance.counts)
             k = min(len(assessment.moves), settings.max_surge)
             held = at_maximum(autoscale, scale_set.ref, capacity, k, now or datetime.now(UTC))
+            if held is None:
+                wait = _upgrade_wait(scale_set, (upgrades or {}).get(scale_set.ref.key))
+        decision = "skip" if held else ("wait" if wait else assessment.decision.value)
+        reason = AUTOSCALE_REASON if held else (UPGRADE_REASON if wait else assessment.reason.value)
         entry: dict[str, Any] = {
             "id": result.scale_set.ref.id,
             "balanced": assessment.balanced,
@@ -261,15 +276,26 @@ def build_report(
                 zone: {"total": count.total, "active": count.active}
                 for zone, count in assessment.zones.items()
             },
-            "decision": "skip" if held else assessment.decision.value,
-            "reason": AUTOSCALE_REASON if held else assessment.reason.value,
+            "decision": decision,
+            "reason": reason,
             "mode": mode.value,
             "moves": _moves(assessment),
         }
         if held:
             entry["detail"] = held.describe()
+        elif wait:
+            entry["detail"] = wait
+        elif assessment.reason.value in DETAILED_REASONS:
+            entry["detail"] = assessment.detail
+        repairs = result.scale_set.automatic_repairs
+        if repairs is not None:
+            entry["automaticRepairs"] = {
+                "repairAction": repairs.action.value,
+                "gracePeriodMinutes": int(repairs.grace_period.total_seconds() // 60),
+                "note": repairs_note(repairs, settings.health_timeout),
+            }
         entries.append(entry)
-        rows.append((result, assessment, mode, held))
+        rows.append((result, assessment, mode, held, wait))
     entries.sort(key=lambda entry: entry["id"].lower())
     errors.sort(key=lambda entry: (entry["id"] or "").lower())
     rows.sort(key=lambda row: row[0].scale_set.ref.key)
@@ -292,6 +318,45 @@ AUDIT_COLUMNS = (
 )
 
 
+def _upgrade_wait(scale_set: Any, upgrade: Any) -> str | None:
+    """Why the app would wait for an upgrade (as its `upgrade_in_progress` gate), or None."""
+    if scale_set.provisioning_state.lower() == "updating":
+        return (
+            "provisioningState is Updating (a model change or upgrade by someone else); the app "
+            "waits until it is Succeeded"
+        )
+    if upgrade is not None and upgrade.running:
+        return (
+            f"a rolling upgrade is {upgrade.status} ({upgrade.in_progress} VM(s) in progress, "
+            f"{upgrade.pending} pending); the app waits until rollingUpgrades/latest is no "
+            "longer RollingForward (or cancel it with `az vmss rolling-upgrade cancel`)"
+        )
+    return None
+
+
+def repairs_note(repairs: Any, health_timeout: timedelta) -> str:
+    """What automatic repairs mean for a move, and the setting that changes it."""
+    grace = int(repairs.grace_period.total_seconds() // 60)
+    if not repairs.replaces_vms:
+        return (
+            f"{repairs.describe()}: a VM keeps its name when repaired; the app waits for it "
+            "to report healthy again"
+        )
+    text = (
+        f"{repairs.describe()}: a new VM still unhealthy {grace} minutes after it is created is "
+        "replaced by the platform (new name, no event); the app follows the replacement "
+        f"(operation step `{REPAIR_REASON}`) and waits for it to report healthy itself"
+    )
+    if repairs.grace_period < health_timeout:
+        minutes = int(health_timeout.total_seconds() // 60)
+        text += (
+            f". The grace period is shorter than the app's {minutes}-minute health timeout: "
+            "raise automaticRepairsPolicy.gracePeriod (up to PT90M) to give new VMs their "
+            "full time"
+        )
+    return text
+
+
 def _print_table(
     report: Mapping[str, Any],
     rows: Sequence[Any],
@@ -302,7 +367,7 @@ def _print_table(
 
     console = Console(highlight=False)
     cells = []
-    for inventory, assessment, mode, held in rows:
+    for inventory, assessment, mode, held, wait in rows:
         zones = "\n".join(
             f"{zone}: {count.total}/{count.active}" for zone, count in assessment.zones.items()
         )
@@ -315,8 +380,8 @@ def _print_table(
                 mode.value,
                 zones,
                 "yes" if assessment.balanced else "no",
-                "skip" if held else assessment.decision.value,
-                AUTOSCALE_REASON if held else assessment.reason.value,
+                "skip" if held else ("wait" if wait else assessment.decision.value),
+                AUTOSCALE_REASON if held else (UPGRADE_REASON if wait else assessment.reason.value),
                 moves or "-",
             )
         )
@@ -326,9 +391,18 @@ def _print_table(
     else:
         console.print("No zonal scale sets in scope.")
     console.print(summary_line(len(rows), left_out, resource_groups))
-    for inventory, _assessment, _mode, held in rows:
+    for entry, (inventory, assessment, _mode, held, wait) in zip(
+        report["scaleSets"], rows, strict=True
+    ):
+        name = inventory.scale_set.ref.name
         if held:
-            console.print(f"{inventory.scale_set.ref.name}: {AUTOSCALE_REASON}: {held.describe()}")
+            console.print(f"{name}: {AUTOSCALE_REASON}: {held.describe()}")
+        elif wait:
+            console.print(f"{name}: {UPGRADE_REASON}: {wait}")
+        elif assessment.reason.value in DETAILED_REASONS:
+            console.print(f"{name}: {assessment.reason.value}: {assessment.detail}")
+        if entry.get("automaticRepairs"):
+            console.print(f"{name}: automatic repairs: {entry['automaticRepairs']['note']}")
     for error in report.get("errors", ()):
         console.print(f"[red]not read[/red] {error['id']}: {error['kind']}: {error['message']}")
 
@@ -387,7 +461,18 @@ def run(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
                 "autoscale maximum",
                 file=sys.stderr,
             )
-    report, rows = build_report(subscription, results, settings, autoscale, now)
+        upgrades = {}
+        for result in results:
+            if isinstance(result, AdapterError) or not result.scale_set.can_roll:
+                continue
+            try:  # one GET per scale set whose upgrade policy can roll
+                upgrades[result.scale_set.ref.key] = adapter.latest_rolling_upgrade(
+                    result.scale_set.ref
+                )
+            except AdapterError as error:
+                ref = result.scale_set.ref
+                print(f"rolling upgrade of {ref} not read ({error})", file=sys.stderr)
+    report, rows = build_report(subscription, results, settings, autoscale, now, upgrades)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -184,6 +184,7 @@ def operation_summary(row: OperationRow, now: datetime, *, full: bool = False) -
                     "state": t.state.value,
                     "reason": t.reason.value,
                     "detail": t.detail,
+                    "description": t.reason.describe(),
                 }
                 for t in record.history
             ],
@@ -291,6 +292,8 @@ BACKOFF_COLUMNS = (
     Column("failures", priority=1, code=True),
     Column("until (UTC)", code=True),
 )
+ACTOR_STEPS = frozenset({"repair_replaced"})
+"""Steps where another actor acted: their description names the setting that changes it."""
 STEP_COLUMNS = (
     Column("at (UTC)", priority=1, code=True),
     Column("state", code=True),
@@ -376,6 +379,9 @@ def print_scale_set_status(report: Mapping[str, Any]) -> None:
             for step in op.get("steps", ())
         ]
         print_table(console, title, STEP_COLUMNS, steps)
+        for step in op.get("steps", ()):
+            if step["reason"] in ACTOR_STEPS and step.get("description"):
+                console.print(f"{step['reason']}: {step['description']}")
         if op.get("nextStep"):
             console.print(f"Next: {op['nextStep']}")
         if op.get("description"):

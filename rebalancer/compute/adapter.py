@@ -1,9 +1,10 @@
-"""`ComputeAdapter`: the only code that talks to Azure Compute (azure-mgmt-compute).
+"""`ComputeAdapter`: the only code that talks to Azure Compute.
 
-Reads come back as the typed values of `rebalancer.model` (parsed by `rebalancer.arm` from the
-SDK models' REST-shaped `as_dict()`); writes start a long-running operation and return an
-`ArmCall` without waiting, which `operation_status` reads later, from any process. Every
-failure is an `AdapterError`; every request spends the subscription's throttling `Budget`.
+Reads are ARM JSON through azure-core's pipeline (`rebalancer.compute.rest`), parsed by
+`rebalancer.arm` straight into the typed values of `rebalancer.model`; writes go through
+azure-mgmt-compute's client, built on the first write, start a long-running operation and
+return an `ArmCall` without waiting, which `operation_status` reads later, from any process.
+Every failure is an `AdapterError`; every request spends the subscription's throttling `Budget`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from rebalancer.compute.errors import (
     parse_retry_after,
 )
 from rebalancer.compute.pipeline import BudgetExhausted, GovernedRetryPolicy
+from rebalancer.compute.rest import COMPUTE_API_VERSION, SKU_API_VERSION, ArmReader, segment
 from rebalancer.model import (
+    Health,
     Instance,
     Inventory,
     OrchestrationMode,
@@ -217,6 +220,10 @@ class ArmCall:
         )
 
 
+SPOT_QUOTA_FAMILY = "lowPriorityCores"
+"""The usage name of the regional Spot vCPU quota (Total Regional Low-priority vCPUs)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Quota:
     """vCPU quota for a VM size's family in one location, and the size's vCPU count."""
@@ -297,6 +304,8 @@ class ComputeAdapter:
         self.budget = budget or Budget(share=config.budget_share)
         self._credential = credential
         self._client: ComputeManagementClient | None = None
+        self._reader: ArmReader | None = None
+        self._http: Any = None
         self._lock = threading.Lock()
         self._cache = _TtlCache(self.clock)
         self._protection: dict[tuple[str, str], tuple[tuple[bool, bool], float]] = {}
@@ -306,33 +315,61 @@ class ComputeAdapter:
 
     @property
     def client(self) -> ComputeManagementClient:
+        """azure-mgmt-compute's client, for writes: built (and imported) on first use."""
         with self._lock:
             if self._client is None:
                 self._client = self._build_client()
             return self._client
 
-    def _build_client(self) -> ComputeManagementClient:
-        from azure.mgmt.compute import ComputeManagementClient
+    @property
+    def reader(self) -> ArmReader:
+        """The JSON reads' pipeline: the same policies, budget, credential and transport."""
+        with self._lock:
+            if self._reader is None:
+                self._reader = ArmReader(
+                    self.config.endpoint,
+                    self._credential_or_default(),
+                    self.config.scopes,
+                    self._retry_policy(),
+                    self._shared_transport(),
+                )
+            return self._reader
 
-        credential = self._credential
-        if credential is None:
+    def _credential_or_default(self) -> TokenCredential:
+        if self._credential is None:
             from azure.identity import DefaultAzureCredential
 
             kwargs = {"authority": self.config.authority} if self.config.authority else {}
-            credential = self._credential = DefaultAzureCredential(**kwargs)
+            self._credential = DefaultAzureCredential(**kwargs)
+        return self._credential
+
+    def _retry_policy(self) -> GovernedRetryPolicy:
+        """One per pipeline (a policy holds its pipeline's next one), all on one budget."""
+        return GovernedRetryPolicy(
+            self.budget,
+            self.clock,
+            max_wait=self.config.max_wait,
+            attempts=self.config.retry_attempts,
+        )
+
+    def _shared_transport(self) -> Any:
+        """The reads and the writes share one transport: one connection pool, one TLS
+        handshake per connection."""
+        if self._http is None:
+            self._http = self._transport()
+        return self._http
+
+    def _build_client(self) -> ComputeManagementClient:
+        from azure.mgmt.compute import ComputeManagementClient
+
         options: dict[str, Any] = {
             "credential_scopes": list(self.config.scopes),
-            "retry_policy": GovernedRetryPolicy(
-                self.budget,
-                self.clock,
-                max_wait=self.config.max_wait,
-                attempts=self.config.retry_attempts,
-            ),
-            "transport": self._transport(),
+            "retry_policy": self._retry_policy(),
+            "transport": self._shared_transport(),
             "polling_interval": 0,
         }
         return ComputeManagementClient(
-            credential,
+            self._credential_or_default(),
             self.config.subscription_id,
             base_url=self.config.endpoint.rstrip("/"),
             **options,
@@ -365,9 +402,13 @@ class ComputeAdapter:
 
     def close(self) -> None:
         with self._lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
             if self._client is not None:
                 self._client.close()
                 self._client = None
+            self._http = None
 
     def __enter__(self) -> ComputeAdapter:
         return self
@@ -445,15 +486,20 @@ class ComputeAdapter:
         group instead: its role is assigned on those groups only, and a subscription-wide list
         needs read access on the subscription."""
         wanted = {group.lower() for group in resource_groups or ()}
-        scale_sets_api = self.client.virtual_machine_scale_sets
         documents: list[Any] = []
         if not wanted:
             with self._translate():
-                documents = [model.as_dict() for model in scale_sets_api.list_all()]
+                documents = self._listed(
+                    self._path("/providers/Microsoft.Compute/virtualMachineScaleSets"),
+                    "the subscription's scale set list",
+                )
         for group in sorted(wanted):
             try:
                 with self._translate():
-                    documents += [model.as_dict() for model in scale_sets_api.list(group)]
+                    documents += self._listed(
+                        self._group_path(group, "virtualMachineScaleSets"),
+                        f"the scale set list of resource group {group}",
+                    )
             except AdapterError as error:
                 if error.kind is not ErrorKind.NOT_FOUND:
                     raise
@@ -487,8 +533,10 @@ class ComputeAdapter:
         gone = self._not_found_means_gone(ref)
         try:
             with self._translate(ref):
-                model = self.client.virtual_machine_scale_sets.get(ref.resource_group, ref.name)
-                return arm.parse_scale_set(model.as_dict())
+                document = self.reader.document(
+                    self._scale_set_path(ref), self._version(), what=f"GET of {ref}"
+                )
+                return arm.parse_scale_set(document)
         except AdapterError as error:
             raise gone(error) from None
 
@@ -497,10 +545,12 @@ class ComputeAdapter:
         self._own(ref)
         try:
             with self._translate(ref):
-                model = self.client.virtual_machine_scale_set_rolling_upgrades.get_latest(
-                    ref.resource_group, ref.name
+                document = self.reader.document(
+                    self._scale_set_path(ref, "/rollingUpgrades/latest"),
+                    self._version(),
+                    what=f"the latest rolling upgrade of {ref}",
                 )
-                return arm.parse_rolling_upgrade(model.as_dict())
+                return arm.parse_rolling_upgrade(document)
         except AdapterError as error:
             if error.kind is ErrorKind.NOT_FOUND:
                 return None
@@ -511,12 +561,18 @@ class ComputeAdapter:
         when the VM is gone or belongs to no scale set."""
         try:
             with self._translate():
-                model = self.client.virtual_machines.get(resource_group, vm_name)
+                document = self.reader.document(
+                    self._group_path(resource_group, f"virtualMachines/{segment(vm_name)}"),
+                    self._version(),
+                    what=f"GET of VM {vm_name}",
+                )
         except AdapterError as error:
             if error.kind is ErrorKind.NOT_FOUND:
                 return None
             raise
-        return arm.instance_scale_set(model.as_dict())
+        if not isinstance(document, Mapping):
+            return None
+        return arm.instance_scale_set(document)
 
     def read_inventory(
         self,
@@ -553,22 +609,69 @@ class ComputeAdapter:
         return inventory
 
     def _uniform_instances(self, ref: ScaleSetRef) -> tuple[Instance, ...]:
-        pages = self.client.virtual_machine_scale_set_vms.list(
-            ref.resource_group, ref.name, expand="instanceView"
-        )
-        return arm.parse_instances([vm.as_dict() for vm in pages], OrchestrationMode.UNIFORM)
+        instances: tuple[Instance, ...] = ()
+        for page in self.reader.pages(
+            self._scale_set_path(ref, "/virtualMachines"),
+            self._version(**{"$expand": "instanceView"}),
+            what=f"the VM list of {ref}",
+        ):
+            instances += arm.parse_instances(page, OrchestrationMode.UNIFORM)
+        return instances
 
     def _flexible_instances(self, ref: ScaleSetRef) -> tuple[Instance, ...]:
         """The read path for Flexible VMs: the virtualMachines list filtered on the scale set,
         with instance views (the scale-set VM list answers bare items for Flexible sets)."""
-        pages = self.client.virtual_machines.list(
-            ref.resource_group,
-            filter=f"'virtualMachineScaleSet/id' eq '{ref.id}'",
-            expand="instanceView",
+        instances: tuple[Instance, ...] = ()
+        for page in self.reader.pages(
+            self._group_path(ref.resource_group, "virtualMachines"),
+            self._version(
+                **{
+                    "$filter": f"'virtualMachineScaleSet/id' eq '{ref.id}'",
+                    "$expand": "instanceView",
+                }
+            ),
+            what=f"the VM list of {ref}",
+        ):
+            documents = [doc for doc in page if arm.instance_belongs_to(doc, ref)]
+            instances += arm.parse_instances(documents, OrchestrationMode.FLEXIBLE)
+        return instances
+
+    def _listed(self, path: str, what: str) -> list[Any]:
+        """Every item of a paged list (Compute's api-version)."""
+        pages = self.reader.pages(path, self._version(), what=what)
+        return [item for page in pages for item in page]
+
+    def _instance_document(self, ref: ScaleSetRef, vm: str) -> Mapping[str, Any] | None:
+        """The scale set's VM GET (Uniform instance id or Flexible VM name); None on 404:
+        the VM is gone (or the scale set is)."""
+        answer = self.reader.get(
+            self._scale_set_path(ref, f"/virtualMachines/{segment(vm)}"), self._version()
         )
-        documents = [vm.as_dict() for vm in pages]
-        documents = [doc for doc in documents if arm.instance_belongs_to(doc, ref)]
-        return arm.parse_instances(documents, OrchestrationMode.FLEXIBLE)
+        if answer.status == 404:
+            return None
+        if answer.status >= 400:
+            raise answer.error()
+        document = answer.json(f"GET of VM {vm} of {ref}")
+        if not isinstance(document, Mapping):
+            raise arm.ArmParseError(f"expected a VM object for {vm}, got {document!r:.80}")
+        return document
+
+    def _path(self, rest: str) -> str:
+        return f"/subscriptions/{segment(self.config.subscription_id)}{rest}"
+
+    def _group_path(self, resource_group: str, rest: str) -> str:
+        return self._path(
+            f"/resourceGroups/{segment(resource_group)}/providers/Microsoft.Compute/{rest}"
+        )
+
+    def _scale_set_path(self, ref: ScaleSetRef, rest: str = "") -> str:
+        return self._group_path(
+            ref.resource_group, f"virtualMachineScaleSets/{segment(ref.name)}{rest}"
+        )
+
+    @staticmethod
+    def _version(api_version: str = COMPUTE_API_VERSION, **params: str) -> dict[str, str]:
+        return {"api-version": api_version, **params}
 
     def _verify_flexible_protection(self, inventory: Inventory, to_act: bool) -> Inventory:
         """Read instance protection of the Flexible VMs a move could delete, and re-plan.
@@ -633,21 +736,44 @@ class ComputeAdapter:
 
     def _flexible_vm_protection(self, ref: ScaleSetRef, name: str) -> tuple[bool, bool]:
         """A fresh read of one Flexible VM's protection (remembered for later inventories)."""
-        from azure.core.exceptions import ResourceNotFoundError
-
         with self._translate(ref):
-            try:
-                model = self.client.virtual_machine_scale_set_vms.get(
-                    ref.resource_group, ref.name, name
-                )
-            except ResourceNotFoundError:
+            document = self._instance_document(ref, name)
+            if document is None:
                 return (True, True)  # gone since the list: never a source
-            instance = arm.parse_instance(model.as_dict(), OrchestrationMode.FLEXIBLE)
+            instance = arm.parse_instance(document, OrchestrationMode.FLEXIBLE)
         flags = (instance.protect_from_scale_in, instance.protect_from_scale_set_actions)
         expires = self.clock.monotonic() + self.config.flexible_protection_ttl
         with self._protection_lock:
             self._protection[(ref.key, name.lower())] = (flags, expires)
         return flags
+
+    def vm_health(
+        self, ref: ScaleSetRef, mode: OrchestrationMode, vms: Sequence[str]
+    ) -> dict[str, Health]:
+        """The health each VM's instance view reports: one GET per VM, charged to ARM's reads
+        only (no scale-set list policy), so an operation can watch its new VMs get healthy.
+        A VM that is gone reads `not_reported` (the full read that follows says why)."""
+        self._own(ref)
+        health: dict[str, Health] = {}
+        for vm in vms:
+            if mode is OrchestrationMode.FLEXIBLE:
+                path = self._group_path(
+                    ref.resource_group, f"virtualMachines/{segment(vm)}/instanceView"
+                )
+            else:
+                path = self._scale_set_path(ref, f"/virtualMachines/{segment(vm)}/instanceView")
+            try:
+                with self._translate(ref):
+                    view = self.reader.document(
+                        path, self._version(), what=f"the instance view of VM {vm} of {ref}"
+                    )
+            except AdapterError as error:
+                if error.kind is ErrorKind.NOT_FOUND:
+                    health[vm] = Health.NOT_REPORTED
+                    continue
+                raise
+            health[vm] = arm.instance_view_health(view if isinstance(view, Mapping) else {})
+        return health
 
     def audit(
         self,
@@ -813,22 +939,16 @@ class ComputeAdapter:
 
     def _unprotected(self, ref: ScaleSetRef, ids: tuple[str, ...]) -> tuple[str, ...]:
         """The ids still present and unprotected now, from a fresh GET of each."""
-        from azure.core.exceptions import ResourceNotFoundError
-
         keep: list[str] = []
         protected: list[str] = []
         for vm in ids:
             with self._translate(ref):
-                try:
-                    model = self.client.virtual_machine_scale_set_vms.get(
-                        ref.resource_group, ref.name, vm
-                    )
-                except ResourceNotFoundError:
+                document = self._instance_document(ref, vm)
+                if document is None:
                     continue  # gone already (or the scale set is): nothing to delete
-            policy = model.protection_policy
-            if policy is not None and (
-                policy.protect_from_scale_in or policy.protect_from_scale_set_actions
-            ):
+                # A VM's name is its id here: Uniform instance ids need not be in the answer.
+                instance = arm.parse_instance({"name": vm, **document}, OrchestrationMode.FLEXIBLE)
+            if instance.protect_from_scale_in or instance.protect_from_scale_set_actions:
                 protected.append(vm)
             else:
                 keep.append(vm)
@@ -921,25 +1041,24 @@ class ComputeAdapter:
                 f"{self.config.endpoint!r}; refusing to send a token there",
                 ref=ref,
             )
-        from azure.core.rest import HttpRequest
-
         with self._translate(ref):
-            response = self.client.send_request(HttpRequest("GET", url))
-            status = response.status_code
-            body = response.read()
-            headers = response.headers
-        if status >= 400:
-            error = from_response(status, headers, body).about(ref)
-            if status == 404:
-                error.message = f"the operation's status is no longer available: {error.message}"
-                return OperationStatus(OperationState.FAILED, error)
-            raise error
+            answer = self.reader.get(url)
+            status, headers = answer.status, answer.headers
+            if status >= 400:
+                error = from_response(status, headers, answer.body).about(ref)
+                if status == 404:
+                    error.message = (
+                        f"the operation's status is no longer available: {error.message}"
+                    )
+                    return OperationStatus(OperationState.FAILED, error)
+                raise error
+            document = answer.json(f"the status of {call.action} on {ref}") or {}
         wait = parse_retry_after(_header(headers, "Retry-After"))
         if not call.async_operation_url:  # Location polling: 202 running, 200/204 done
             if status == 202:
                 return OperationStatus(OperationState.IN_PROGRESS, retry_after=wait)
             return OperationStatus(OperationState.SUCCEEDED)
-        result = _status_from_document(response.json() if body else {}, ref)
+        result = _status_from_document(document, ref)
         return replace(result, retry_after=wait) if not result.done else result
 
     # -- autoscale ------------------------------------------------------------------------
@@ -955,17 +1074,18 @@ class ComputeAdapter:
 
         def load() -> tuple[AutoscaleSetting, ...]:
             with self._translate():
-                return list_autoscale_settings(
-                    self.client, self.config.endpoint, self.config.subscription_id
-                )
+                return list_autoscale_settings(self.reader, self.config.subscription_id)
 
         return self._cache.get(key, self.config.autoscale_cache_ttl, load)
 
     # -- quota ----------------------------------------------------------------------------
 
-    def quota(self, location: str, sku_name: str) -> Quota:
+    def quota(self, location: str, sku_name: str, *, spot: bool = False) -> Quota:
         """vCPU usage and limit of the size's family in `location` (usages, cached for
-        `usage_cache_ttl`) and the size's vCPUs (resource SKUs, cached for `sku_cache_ttl`)."""
+        `usage_cache_ttl`) and the size's vCPUs (resource SKUs, cached for `sku_cache_ttl`).
+
+        `spot`: Spot VMs of every size draw on one regional family, `lowPriorityCores`, and
+        not on the size's family nor the regional total."""
         location_key = location.replace(" ", "").lower()
         catalog = self._cache.get(
             ("skus", location_key), self.config.sku_cache_ttl, lambda: self._sku_catalog(location)
@@ -978,6 +1098,8 @@ class ComputeAdapter:
                 code="SkuNotAvailable",
             )
         family, vcpus = entry
+        if spot:
+            family = SPOT_QUOTA_FAMILY
         usages = self._cache.get(
             ("usages", location_key), self.config.usage_cache_ttl, lambda: self._usages(location)
         )
@@ -988,7 +1110,7 @@ class ComputeAdapter:
                 f"no vCPU quota is reported for family {family} in {location}",
                 code="QuotaNotFound",
             )
-        regional = usages.get("cores")
+        regional = None if spot else usages.get("cores")
         return Quota(
             family=family,
             used_vcpus=family_usage[0],
@@ -1000,12 +1122,21 @@ class ComputeAdapter:
 
     def _sku_catalog(self, location: str) -> dict[str, tuple[str, int]]:
         with self._translate():
-            skus = self.client.resource_skus.list(filter=f"location eq '{location}'")
-            return sku_catalog(sku.as_dict() for sku in skus)
+            pages = self.reader.pages(
+                self._path("/providers/Microsoft.Compute/skus"),
+                self._version(SKU_API_VERSION, **{"$filter": f"location eq '{location}'"}),
+                what=f"the resource SKU list of {location}",
+            )
+            return sku_catalog(sku for page in pages for sku in page if isinstance(sku, Mapping))
 
     def _usages(self, location: str) -> dict[str, tuple[int, int]]:
         with self._translate():
-            return usage_table(usage.as_dict() for usage in self.client.usage.list(location))
+            pages = self.reader.pages(
+                self._path(f"/providers/Microsoft.Compute/locations/{segment(location)}/usages"),
+                self._version(),
+                what=f"the usages of {location}",
+            )
+            return usage_table(u for page in pages for u in page if isinstance(u, Mapping))
 
 
 def sku_catalog(documents: Iterable[Mapping[str, Any]]) -> dict[str, tuple[str, int]]:
