@@ -13,6 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -156,6 +157,8 @@ class Reconciler:
     telemetry: Telemetry = field(default_factory=Telemetry)
     audit_page: int = 100
     """Scale sets per audit page: read together, then checkpointed."""
+    audit_workers: int = 8
+    """Scale sets of a page assessed at once (each pass mostly waits for Table Storage)."""
 
     @property
     def policy(self) -> op.OperationPolicy:
@@ -903,89 +906,115 @@ class Reconciler:
 
         now = self.clock()
         owner = f"{self.owner}/{uuid.uuid4().hex[:8]}"
-        held = self.store.take_audit(owner, now, self.lease, empty=self._legacy_sweep().to_json())
+        held = self.store.take_audit(
+            owner, now, self.lease, empty=lambda: self._legacy_sweep().to_json()
+        )
         if held is None:
             log.info("audit: another invocation is running it; this one leaves it alone")
             return AuditSlice([], done=False, busy=True)
-        sweep = self._stored_sweep(held.body)
-        if sweep.done:
-            sweep = sweep.begin(now)
-        sweep = sweep.sliced()
         try:
-            self.compute.autoscale_settings(fresh=True)  # once per slice; the passes reuse it
-        except AdapterError as error:
-            log.warning("autoscale settings not read: %s; moves are not held to them", error)
-        listed = {
-            s.ref.key: s
-            for s in self.compute.list_scale_sets(self.settings.resource_groups or None)
-        }
-        todo = sweep.remaining(listed)
-        results: list[Result] = []
-        longest = timedelta(0)
-        stopped = ""
-        batches = pages(todo, self.audit_page) or [[]]
-        for index, page in enumerate(batches):
-            began = self.clock()
-            if deadline is not None and index > 0 and began + longest >= deadline:
-                stopped = f"the invocation's time is up at {deadline.isoformat()}"
-                break
-            page_results, throttled = self._audit_page([listed[key] for key in page], began)
-            done_keys = [r.ref.key for r in page_results]
-            if done_keys:
-                sweep = sweep.after_page(done_keys[-1], *_page_counts(page_results))
-            if index == len(batches) - 1 and not throttled:
-                sweep = sweep.finish(self.clock())
+            sweep = self._stored_sweep(held.body)
+            if sweep.done:
+                sweep = sweep.begin(now)
+            sweep = sweep.sliced()
             try:
-                held = self.store.save_audit(
-                    held, sweep.to_json(), self.clock(), None if sweep.done else self.lease
+                self.compute.autoscale_settings(fresh=True)  # once per slice; the passes reuse it
+            except AdapterError as error:
+                log.warning("autoscale settings not read: %s; moves are not held to them", error)
+            listed = {
+                s.ref.key: s
+                for s in self.compute.list_scale_sets(self.settings.resource_groups or None)
+            }
+            todo = sweep.remaining(listed)
+            results: list[Result] = []
+            longest = timedelta(0)
+            stopped = ""
+            batches = pages(todo, self.audit_page) or [[]]
+            for index, page in enumerate(batches):
+                began = self.clock()
+                if deadline is not None and (
+                    began >= deadline or (index > 0 and began + longest >= deadline)
+                ):
+                    stopped = f"the invocation's time is up at {deadline.isoformat()}"
+                    break
+                page_results, throttled = self._audit_page([listed[key] for key in page], began)
+                done_keys = [r.ref.key for r in page_results]
+                if done_keys:
+                    sweep = sweep.after_page(done_keys[-1], *_page_counts(page_results))
+                if index == len(batches) - 1 and not throttled:
+                    sweep = sweep.finish(self.clock())
+                try:
+                    held = self.store.save_audit(
+                        held, sweep.to_json(), self.clock(), None if sweep.done else self.lease
+                    )
+                except LockLost as error:
+                    log.warning("audit stopped: %s", error)
+                    return AuditSlice(results, done=False)
+                results += page_results
+                longest = max(longest, self.clock() - began)
+                if throttled:
+                    stopped = f"Compute throttled the audit: {throttled}"
+                    break
+            if not sweep.done:
+                self.store.save_audit(held, sweep.to_json(), self.clock(), None)
+                log.info(
+                    "audit paused after %s (%d of this pass's scale sets assessed so far): %s; "
+                    "the next timer tick continues from this checkpoint",
+                    sweep.cursor,
+                    sweep.assessed,
+                    stopped or "nothing left to read now",
                 )
-            except LockLost as error:
-                log.warning("audit stopped: %s", error)
-                return AuditSlice(results, done=False)
-            results += page_results
-            longest = max(longest, self.clock() - began)
-            if throttled:
-                stopped = f"Compute throttled the audit: {throttled}"
-                break
-        if not sweep.done:
-            self.store.save_audit(held, sweep.to_json(), self.clock(), None)
-            log.info(
-                "audit paused after %s (%d of this pass's scale sets assessed so far): %s; "
-                "the next timer tick continues from this checkpoint",
-                sweep.cursor,
-                sweep.assessed,
-                stopped or "nothing left to read now",
+            else:
+                self._pass_done(sweep)
+            now = self.clock()
+            self.telemetry.audited(
+                results,
+                self._imbalanced_since(results),
+                now,
+                totals=(sweep.assessed, sweep.imbalanced),
+                gauges=sweep.done,
             )
-        else:
-            self._pass_done(sweep)
-        now = self.clock()
-        self.telemetry.audited(
-            results,
-            self._imbalanced_since(results),
-            now,
-            totals=(sweep.assessed, sweep.imbalanced),
-            gauges=sweep.done,
-        )
-        return AuditSlice(results, done=sweep.done)
+            return AuditSlice(results, done=sweep.done)
+        except Exception:
+            self._give_up_audit(held)
+            raise
 
     def _audit_page(self, scale_sets: list[Any], now: datetime) -> tuple[list[Result], str]:
         """Read and assess one page. Stops at the first scale set Compute throttled (it and
         the rest are the next slice's), so throttling never makes the pass skip a set."""
         from rebalancer.compute.errors import AdapterError, ErrorKind
 
-        results: list[Result] = []
-        for scale_set, item in zip(
-            scale_sets, self.compute.read_inventories(scale_sets, now), strict=True
-        ):
+        items = self.compute.read_inventories(scale_sets, now)
+        throttled = ""
+        for scale_set, item in zip(scale_sets, items, strict=True):
+            if isinstance(item, AdapterError) and item.kind is ErrorKind.THROTTLED:
+                self.telemetry.throttled(scale_set.ref.id, item.retry_after, "audit")
+                throttled = str(item)
+                cut = items.index(item)
+                scale_sets, items = scale_sets[:cut], items[:cut]
+                break
+
+        def assess(scale_set: Any, item: Inventory | AdapterError) -> Result:
             if isinstance(item, AdapterError):
-                if item.kind is ErrorKind.THROTTLED:
-                    self.telemetry.throttled(scale_set.ref.id, item.retry_after, "audit")
-                    return results, str(item)
-                results.append(Result(scale_set.ref, Outcome.DEFERRED, detail=str(item)))
-                continue
-            result = self._guarded(scale_set.ref, observed=item)
-            results.append(_slim(result))
-        return results, ""
+                return Result(scale_set.ref, Outcome.DEFERRED, detail=str(item))
+            return _slim(self._guarded(scale_set.ref, observed=item))
+
+        if not scale_sets:
+            return [], throttled
+        # Concurrently: what each pass waits for is Table Storage, one scale set at a time.
+        workers = min(self.audit_workers, len(scale_sets))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="assess") as pool:
+            return list(pool.map(assess, scale_sets, items)), throttled
+
+    def _give_up_audit(self, held: Any) -> None:
+        """A slice that failed (Azure or Table Storage unavailable) frees the audit at once,
+        keeping the last checkpoint, so the next tick need not wait for the lease to run out."""
+        from rebalancer.store import StoreError
+
+        try:
+            self.store.save_audit(held, held.body, self.clock(), None)
+        except StoreError as error:
+            log.warning("could not free the audit after a failure: %s", error)
 
     def _pass_done(self, sweep: Any) -> None:
         took = sweep.duration()

@@ -1180,11 +1180,11 @@ class Store:
         return None if entity is None else self._audit_lease(entity)
 
     def take_audit(
-        self, owner: str, now: datetime, lease: timedelta, *, empty: str
+        self, owner: str, now: datetime, lease: timedelta, *, empty: Callable[[], str]
     ) -> AuditLease | None:
         """Take the audit for `owner` until `now + lease`, or None while another owner's lease
         runs. Of several concurrent callers exactly one wins (create-if-absent, then updates
-        under the row's ETag). `empty` is the body of a row created here."""
+        under the row's ETag). `empty()` gives the body of a row created here."""
         from azure.core.exceptions import (
             ResourceExistsError,
             ResourceModifiedError,
@@ -1194,7 +1194,7 @@ class Store:
         now = _utc(now, "now")
         with _translated("take the audit"):
             current = self._get("live", LIVE_PARTITION, _AUDIT)
-            body = empty if current is None else _body(current)
+            body = empty() if current is None else _body(current)
             entity = self._audit_entity(owner, now + lease, body)
             try:
                 if current is None:

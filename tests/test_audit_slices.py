@@ -224,9 +224,12 @@ def test_two_invocations_never_run_the_same_audit_slice(store_factory):
         a, b = App(sim, store), App(sim, store)
         try:
             now = sim.clock.now()
-            held = store.take_audit("instance-a", now, timedelta(minutes=5), empty="{}")
+            held = store.take_audit("instance-a", now, timedelta(minutes=5), empty=lambda: "{}")
             assert held is not None
-            assert store.take_audit("instance-b", now, timedelta(minutes=5), empty="{}") is None
+            assert (
+                store.take_audit("instance-b", now, timedelta(minutes=5), empty=lambda: "{}")
+                is None
+            )
             busy = b.reconciler.audit_slice(now + LIMIT)
             assert busy.busy and busy.results == []
             assert _reads(sim) == Counter(), "the second invocation read nothing"
