@@ -152,6 +152,8 @@ def child(info: dict[str, Any], max_ticks: int) -> dict[str, Any]:
         store.close()
     limit = settings.function_timeout
     return {
+        "latency": info["latency"],
+        "concurrency": config.audit_concurrency,
         "limit": limit.total_seconds() if limit is not None else None,
         "slices": slices,
         "invocations": invocations,
@@ -208,6 +210,7 @@ def run(
             "storage": azurite.connection_string,
             "table_prefix": f"slices{int(time.time())}",
             "limit": limit,
+            "latency": latency,
         }
         started = time.perf_counter()
         command = [sys.executable, *CHILD, "child", json.dumps(info)]
@@ -217,6 +220,8 @@ def run(
         if done.returncode != 0:
             raise RuntimeError(f"audit child failed ({done.returncode}): {done.stderr[-3000:]}")
         report = json.loads(done.stdout.strip().splitlines()[-1])
+        for number, piece in enumerate(report["slices"], 1):
+            print(f"# slice {number}: {json.dumps(piece)}", file=sys.stderr, flush=True)
         requests = _requests(info)
         real = time.perf_counter() - started
     return figures(report, requests, scale_sets=scale_sets, vms=vms, real=real)
@@ -231,7 +236,14 @@ def figures(
     began = datetime.fromisoformat(slices[0]["began"])
     ended = datetime.fromisoformat(slices[-1]["ended"])
     seconds = (ended - began).total_seconds()
-    floor, policy = budget_floor(requests, SHARE)
+    budget, policy = budget_floor(requests, SHARE)
+    latency_floor = len(requests) * report["latency"] / report["concurrency"]
+    floor = max(budget, latency_floor)
+    policy = (
+        f"budget {policy} at {SHARE:g}"
+        if budget >= latency_floor
+        else "requests x latency / concurrency"
+    )
     limit = report["limit"]
     longest = max(report["invocations"])
     fleet = f"{scale_sets} sets x {vms} VMs ({scale_sets * vms} VMs, Uniform and Flexible)"
@@ -248,9 +260,11 @@ def figures(
             "<=1.1x_floor",
             floor > 0 and seconds <= 1.1 * floor,
             detail=(
-                f"{fleet}: {len(slices)} invocations of at most "
+                f"{fleet}: {len(slices)} invocations (elapsed "
+                + ", ".join(f"{s:.0f}" for s in report["invocations"])
+                + " s), at most "
                 f"{longest:.0f} s (limit {limit:.0f} s), {len(requests)} "
-                f"requests, {throttled} 429s; floor: budget {policy} at {SHARE:g}; "
+                f"requests, {throttled} 429s; floor: {policy}; "
                 f"{real:.0f} s real here, {report['cpu_seconds']:.0f} s CPU in the app"
             ),
             baseline_label="budget floor",
@@ -289,6 +303,7 @@ def main(argv: list[str]) -> int:
     vms = int(argv[1]) if len(argv) > 1 else 100
     for figure in run(scale_sets=sets, vms=vms):
         print(figure.line())
+        print(f"    {figure.detail}")
     return 0
 
 
