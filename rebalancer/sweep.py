@@ -133,8 +133,10 @@ class Sweep:
                     {str(k): int(v) for k, v in dict(data.get("notAssessed") or {}).items()}
                 ),
             )
-        except (TypeError, AttributeError, json.JSONDecodeError) as error:
-            raise ValueError(f"unreadable audit checkpoint: {error}") from None
+        except (TypeError, AttributeError, ValueError) as error:
+            raise ValueError(
+                f"unreadable audit checkpoint: {error}; the next pass starts from the beginning"
+            ) from None
 
 
 def _iso(moment: datetime | None) -> str | None:
