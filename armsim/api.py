@@ -237,13 +237,26 @@ class Api:
             return Reply(200, {"scaleSets": [_view_json(view) for view in self.sim.state]})
         if path == "/armsim/events" and request.method == "GET":
             return Reply(200, list(self.sim.events))
+        if path == "/armsim/requests" and request.method == "GET":
+            return Reply(
+                200,
+                [
+                    {
+                        "operation": r.operation,
+                        "path": r.path,
+                        "status": r.status,
+                        "policies": list(r.policies),
+                    }
+                    for r in self.sim.requests
+                ],
+            )
         return Reply(
             404,
             ArmError(
                 404,
                 "NotFound",
                 "armsim serves GET /armsim/clock, POST /armsim/clock/advance?seconds=N, "
-                "GET /armsim/state and GET /armsim/events.",
+                "GET /armsim/state, GET /armsim/events and GET /armsim/requests.",
             ).to_json(),
         )
 

@@ -13,7 +13,15 @@ from dataclasses import dataclass, replace
 
 from bench.common import Figure, azurite_store
 
-GROUPS = ("audit", "balance", "cold_start", "steady_state", "memory", "throttling")
+GROUPS = (
+    "audit",
+    "balance",
+    "cold_start",
+    "steady_state",
+    "memory",
+    "throttling",
+    "audit_slices",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +38,8 @@ class Sizes:
     memory_vms: int = 50
     cold_runs: int = 7
     wave_sets: int = 20
+    slices_sets: int = 5000
+    slices_vms: int = 100
     quick: bool = False
 
 
@@ -46,6 +56,8 @@ QUICK = Sizes(
     memory_vms=6,
     cold_runs=1,
     wave_sets=3,
+    slices_sets=4,
+    slices_vms=6,
     quick=True,
 )
 
@@ -110,6 +122,12 @@ def run_group(name: str, sizes: Sizes) -> list[Figure]:
                 audit_vms=sizes.audit_vms,
                 latency=sizes.latency,
             )
+    if name == "audit_slices":
+        from bench import audit_slices
+
+        return audit_slices.run(
+            scale_sets=sizes.slices_sets, vms=sizes.slices_vms, latency=sizes.latency
+        )
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(GROUPS)}")
 
 

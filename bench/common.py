@@ -300,7 +300,9 @@ def fleet_document(specs: tuple[ScaleSetSpec, ...]) -> dict[str, Any]:
 
 
 @contextmanager
-def armsim_process(document: dict[str, Any], *, startup: float = 60.0) -> Iterator[dict[str, Any]]:
+def armsim_process(
+    document: dict[str, Any], *, startup: float = 60.0, options: tuple[str, ...] = ()
+) -> Iterator[dict[str, Any]]:
     """`python -m armsim serve` on a scenario, in its own process (so that what is measured
     here is the app's CPU and memory, not the simulator's). Yields its start line: endpoint,
     ca_cert, subscription_id, app_principal_id."""
@@ -315,7 +317,7 @@ def armsim_process(document: dict[str, Any], *, startup: float = 60.0) -> Iterat
         path = Path(tmp) / "scenario.json"
         path.write_text(json.dumps(document))
         process = subprocess.Popen(
-            [sys.executable, "-m", "armsim", "serve", "--scenario", str(path)],
+            [sys.executable, "-m", "armsim", "serve", "--scenario", str(path), *options],
             cwd=root,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

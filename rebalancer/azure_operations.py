@@ -125,6 +125,8 @@ ADAPTER_CALLS: Mapping[str, tuple[ArmRequest, ...]] = MappingProxyType(
             _LIST_FLEXIBLE_VMS,
             _GET_INSTANCE,
         ),
+        # One page of an audit that continues across invocations: the sets were listed.
+        "read_inventories": (_LIST_INSTANCES, _LIST_FLEXIBLE_VMS, _GET_INSTANCE),
         # A custom-named Flexible VM's event: the VM names its scale set.
         "vm_scale_set": (_GET_VM,),
         "set_capacity": (ArmRequest("PATCH", _SCALE_SET),),

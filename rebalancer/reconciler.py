@@ -13,6 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,6 +26,7 @@ from rebalancer.evaluator import Assessment, Decision, assess, upcoming_spot
 from rebalancer.model import Instance, Inventory, OrchestrationMode, OutsideActivity, ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
 from rebalancer.store import Lock, LockLost, OperationRow, Store, StoreError
+from rebalancer.sweep import pages
 from rebalancer.telemetry import Telemetry
 from rebalancer.verdict import Gate, Outcome, Result, Verdict
 
@@ -45,6 +47,17 @@ MAX_STEPS_PER_CALL = 6
 """Bound on `advance` rounds in one invocation (a round that needs no command may act at once)."""
 
 
+@dataclass(frozen=True, slots=True)
+class AuditSlice:
+    """What one invocation did of the audit pass."""
+
+    results: list[Result]
+    done: bool
+    """The pass is complete (False: the next timer tick continues it)."""
+    busy: bool = False
+    """Another invocation holds the audit; this one did none of it."""
+
+
 @dataclass
 class Reconciler:
     """Drives every scale set of one subscription. One per process; thread-safe."""
@@ -60,6 +73,10 @@ class Reconciler:
     telemetry: Telemetry = field(default_factory=Telemetry)
     follow_ups: FollowUpSender | None = None
     """Where an operation's follow-up chain starts (see `follow_up`); None: the timer only."""
+    audit_page: int = 100
+    """Scale sets per audit page: read together, then checkpointed."""
+    audit_workers: int = 8
+    """Scale sets of a page assessed at once (each pass mostly waits for Table Storage)."""
 
     @property
     def policy(self) -> op.OperationPolicy:
@@ -886,26 +903,164 @@ class Reconciler:
             results.append(self._guarded(ScaleSetRef.parse(row.scale_set_key)))
         return results
 
-    def audit(self) -> list[Result]:
-        """Assess every zonal scale set in scope; start moves where the rules allow."""
-        results = []
+    def audit(self, deadline: datetime | None = None) -> list[Result]:
+        """Assess every zonal scale set in scope; start moves where the rules allow.
+
+        With a `deadline`, only as much of the pass as fits before it (see `audit_slice`)."""
+        return self.audit_slice(deadline).results
+
+    def audit_slice(self, deadline: datetime | None = None) -> AuditSlice:
+        """Continue the audit pass (or start the next one) from its checkpoint, a page of
+        scale sets at a time, until the pass is done or the next page would not end before
+        `deadline`. The checkpoint is written after every page, under the audit's lease: one
+        invocation at a time works on the audit, and a crash loses at most the page in hand.
+        """
         now = self.clock()
+        owner = f"{self.owner}/{uuid.uuid4().hex[:8]}"
+        held = self.store.take_audit(
+            owner, now, self.lease, empty=lambda: self._legacy_sweep().to_json()
+        )
+        if held is None:
+            log.info("audit: another invocation is running it; this one leaves it alone")
+            return AuditSlice([], done=False, busy=True)
         try:
-            self.compute.autoscale_settings(fresh=True)  # once per audit; the passes reuse it
-        except AdapterError as error:
-            log.warning("autoscale settings not read: %s; moves are not held to them", error)
-        for item in self.compute.audit(self.settings.resource_groups or None, now):
+            sweep = self._stored_sweep(held.body)
+            if sweep.done:
+                sweep = sweep.begin(now)
+            sweep = sweep.sliced()
+            try:
+                self.compute.autoscale_settings(fresh=True)  # once per slice; the passes reuse it
+            except AdapterError as error:
+                log.warning("autoscale settings not read: %s; moves are not held to them", error)
+            listed = {
+                s.ref.key: s
+                for s in self.compute.list_scale_sets(self.settings.resource_groups or None)
+            }
+            todo = sweep.remaining(listed)
+            results: list[Result] = []
+            longest = timedelta(0)
+            stopped = ""
+            batches = pages(todo, self.audit_page) or [[]]
+            for index, page in enumerate(batches):
+                began = self.clock()
+                if deadline is not None and (
+                    began >= deadline or (index > 0 and began + longest >= deadline)
+                ):
+                    stopped = f"the invocation's time is up at {deadline.isoformat()}"
+                    break
+                page_results, throttled = self._audit_page([listed[key] for key in page], began)
+                done_keys = [r.ref.key for r in page_results]
+                if done_keys:
+                    sweep = sweep.after_page(done_keys[-1], *_page_counts(page_results))
+                if index == len(batches) - 1 and not throttled:
+                    sweep = sweep.finish(self.clock())
+                try:
+                    held = self.store.save_audit(
+                        held, sweep.to_json(), self.clock(), None if sweep.done else self.lease
+                    )
+                except LockLost as error:
+                    log.warning("audit stopped: %s", error)
+                    return AuditSlice(results, done=False)
+                results += page_results
+                longest = max(longest, self.clock() - began)
+                if throttled:
+                    stopped = f"Compute throttled the audit: {throttled}"
+                    break
+            if not sweep.done:
+                self.store.save_audit(held, sweep.to_json(), self.clock(), None)
+                log.info(
+                    "audit paused after %s (%d of this pass's scale sets assessed so far): %s; "
+                    "the next timer tick continues from this checkpoint",
+                    sweep.cursor,
+                    sweep.assessed,
+                    stopped or "nothing left to read now",
+                )
+            else:
+                self._pass_done(sweep)
+            now = self.clock()
+            self.telemetry.audited(
+                results,
+                self._imbalanced_since(results),
+                now,
+                totals=(sweep.assessed, sweep.imbalanced),
+                gauges=sweep.done,
+            )
+            return AuditSlice(results, done=sweep.done)
+        except Exception:
+            self._give_up_audit(held)
+            raise
+
+    def _audit_page(self, scale_sets: list[Any], now: datetime) -> tuple[list[Result], str]:
+        """Read and assess one page. Stops at the first scale set Compute throttled (it and
+        the rest are the next slice's), so throttling never makes the pass skip a set."""
+        items = self.compute.read_inventories(scale_sets, now)
+        throttled = ""
+        for scale_set, item in zip(scale_sets, items, strict=True):
+            if isinstance(item, AdapterError) and item.kind is ErrorKind.THROTTLED:
+                self.telemetry.throttled(scale_set.ref.id, item.retry_after, "audit")
+                throttled = str(item)
+                cut = items.index(item)
+                scale_sets, items = scale_sets[:cut], items[:cut]
+                break
+
+        def assess(scale_set: Any, item: Inventory | AdapterError) -> Result:
             if isinstance(item, AdapterError):
-                ref = item.ref
-                if ref is not None:
-                    results.append(Result(ref, Outcome.DEFERRED, detail=str(item)))
-                    if item.kind is ErrorKind.THROTTLED:
-                        self.telemetry.throttled(ref.id, item.retry_after, "audit")
-                continue
-            results.append(self._guarded(item.scale_set.ref, observed=item))
-        self.store.save_assessment(AUDIT_MARKER, json.dumps({"at": now.isoformat()}), now)
-        self.telemetry.audited(results, self._imbalanced_since(results), now)
-        return results
+                return Result(scale_set.ref, Outcome.DEFERRED, detail=str(item))
+            return _slim(self._guarded(scale_set.ref, observed=item))
+
+        if not scale_sets:
+            return [], throttled
+        # Concurrently: what each pass waits for is Table Storage, one scale set at a time.
+        workers = min(self.audit_workers, len(scale_sets))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="assess") as pool:
+            return list(pool.map(assess, scale_sets, items)), throttled
+
+    def _give_up_audit(self, held: Any) -> None:
+        """A slice that failed (Azure or Table Storage unavailable) frees the audit at once,
+        keeping the last checkpoint, so the next tick need not wait for the lease to run out."""
+        try:
+            self.store.save_audit(held, held.body, self.clock(), None)
+        except StoreError as error:
+            log.warning("could not free the audit after a failure: %s", error)
+
+    def _pass_done(self, sweep: Any) -> None:
+        took = sweep.duration()
+        not_assessed = ", ".join(
+            f"{n} {reason}" for reason, n in sorted(sweep.not_assessed.items())
+        )
+        log.info(
+            "audit pass done: %d scale set(s) assessed in %d invocation(s) over %s%s",
+            sweep.assessed,
+            sweep.slices,
+            took,
+            f"; not assessed: {not_assessed}" if not_assessed else "",
+        )
+        if took is not None and took > self.settings.audit_interval:
+            log.warning(
+                "audit pass took %s, longer than REBALANCER_AUDIT_INTERVAL_MINUTES (%s) "
+                "(reason audit_slower_than_interval): every scale set is still assessed once "
+                "per pass, the next pass starts at once; Compute's throttling budget "
+                "(REBALANCER_ARM_BUDGET_SHARE) bounds how fast the subscription can be read",
+                took,
+                self.settings.audit_interval,
+            )
+
+    def _stored_sweep(self, body: str) -> Any:
+        from rebalancer.sweep import Sweep
+
+        try:
+            return Sweep.from_json(body)
+        except ValueError as error:
+            log.warning("audit checkpoint unreadable (%s): a new pass starts", error)
+            return Sweep()
+
+    def _legacy_sweep(self) -> Any:
+        """The sweep a store without a checkpoint starts from: the last audit's time from the
+        marker row earlier versions wrote, so an upgrade keeps the audit's spacing."""
+        from rebalancer.sweep import Sweep
+
+        marker = self.store.last_assessment(AUDIT_MARKER)
+        return Sweep(started_at=marker.at if marker is not None else None)
 
     def _imbalanced_since(self, results: list[Result]) -> dict[str, datetime]:
         """When each scale set found out of balance turned so (one read per such set)."""
@@ -923,8 +1078,11 @@ class Reconciler:
         return since
 
     def audit_due(self) -> bool:
-        last = self.store.last_assessment(AUDIT_MARKER)
-        return last is None or last.at + self.settings.audit_interval <= self.clock()
+        """A pass in progress continues on every tick; a new one starts once the last one
+        started an audit interval ago."""
+        held = self.store.audit_checkpoint()
+        sweep = self._stored_sweep(held.body) if held is not None else self._legacy_sweep()
+        return sweep.due(self.clock(), self.settings.audit_interval)
 
     def _guarded(self, ref: ScaleSetRef, observed: Inventory | None = None) -> Result:
         """One scale set's failure (throttling, a transient error) never stops the pass."""
@@ -981,6 +1139,27 @@ def new_vms_spot(inventory: Inventory, k: int) -> tuple[bool, ...]:
     priority mix splits them."""
     upcoming = upcoming_spot(inventory.scale_set, inventory.instances, k)
     return upcoming if upcoming is not None else (inventory.scale_set.spot,) * k
+
+
+def _slim(result: Result) -> Result:
+    """The result without the VMs its verdict assessed (kept only to store the assessment),
+    so a slice over thousands of scale sets holds no inventory."""
+    if result.verdict is None or not result.verdict.instances:
+        return result
+    return replace(result, verdict=replace(result.verdict, instances=()))
+
+
+def _page_counts(results: list[Result]) -> tuple[int, int, dict[str, int]]:
+    """(assessed, out of balance, not assessed by reason) of one page."""
+    assessed = imbalanced = 0
+    missed: dict[str, int] = {}
+    for result in results:
+        if result.verdict is not None or result.outcome is Outcome.ADVANCED:
+            assessed += 1
+            imbalanced += result.verdict is not None and not result.verdict.assessment.balanced
+        else:
+            missed[str(result.outcome)] = missed.get(str(result.outcome), 0) + 1
+    return assessed, imbalanced, missed
 
 
 def _actionable(verdict: Verdict) -> bool:

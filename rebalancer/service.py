@@ -23,8 +23,8 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from rebalancer.compute.errors import AdapterError
@@ -104,7 +104,7 @@ def runtime_from_settings(env: Mapping[str, str]) -> Runtime:
     from rebalancer.telemetry import flatten_dimensions
 
     flatten_dimensions()
-    settings = load_settings(env)
+    settings = replace(load_settings(env), function_timeout=_host_function_timeout())
     connection = parse_connection(env)
     credential = storage_credential(connection)
     store = Store(connection, table_prefix=settings.table_prefix, credential=credential)
@@ -126,6 +126,25 @@ def runtime_from_settings(env: Mapping[str, str]) -> Runtime:
         notifier=notifier,
         follow_ups=follow_ups,
     )
+
+
+def _host_function_timeout() -> timedelta | None:
+    """The invocation time limit of the deployed app: host.json beside function_app.py."""
+    from pathlib import Path
+
+    from rebalancer.settings import function_timeout
+
+    path = Path(__file__).resolve().parent.parent / "host.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return function_timeout("{}", str(path))  # the plan's default
+    return function_timeout(text, str(path))
+
+
+AUDIT_MARGIN = 0.1
+"""The audit stops this share of the invocation's time limit before the limit, so the
+checkpoint, the rest of the tick and the host's own work fit in."""
 
 
 _SERVICE_PRINCIPAL_SETTINGS = (
@@ -366,12 +385,15 @@ def handle_timer(past_due: bool = False) -> TickReport | None:
     rt = runtime()
     if rt is None or rt.settings.mode is Mode.OFF:
         return None
+    limit = rt.settings.function_timeout
+    deadline = rt.clock() + limit * (1 - AUDIT_MARGIN) if limit is not None else None
     if past_due:
         log.info("timer tick is past due; catching up with one pass")
     try:
         advanced = rt.reconciler.advance_all()
-        audited = rt.reconciler.audit() if rt.reconciler.audit_due() else []
-        if audited:
+        audit = rt.reconciler.audit_slice(deadline) if rt.reconciler.audit_due() else None
+        audited = audit.results if audit is not None else []
+        if audit is not None and audit.done:
             rt.store.purge(rt.clock(), rt.settings.history_retention)
     except StoreError as error:
         log.error("timer tick stopped: Table Storage: %s; the next tick tries again", error)

@@ -90,6 +90,9 @@ class Settings:
     """Storage queue of the follow-up messages (the durable timer of in-flight operations)."""
     follow_up_interval: timedelta = timedelta(seconds=10)
     """How often an operation waiting for its new VMs' health reads their instance views."""
+    function_timeout: timedelta | None = timedelta(minutes=10)
+    """An invocation's time limit (`host.json` `functionTimeout`; None: unbounded). Not an
+    app setting: `function_timeout` reads it from the deployed host.json."""
 
     def in_scope(self, subscription_id: str, resource_group: str) -> bool:
         """Whether a resource in this subscription and resource group is ours to touch."""
@@ -288,3 +291,39 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             "whole seconds from 5 to 300",
         ),
     )
+
+
+_TIMESPAN = re.compile(r"^(?:(?P<days>\d+)\.)?(?P<h>\d{1,2}):(?P<m>\d{2}):(?P<s>\d{2})$")
+
+
+def function_timeout(host_json: str, where: str = "host.json") -> timedelta | None:
+    """`functionTimeout` of a host.json text: a `[d.]hh:mm:ss` timespan, or None for `-1`
+    (no limit). Without the property, the Flex Consumption plan's default (30 minutes).
+    ValueError naming the file and the value otherwise."""
+    import json
+
+    try:
+        document = json.loads(host_json)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not JSON: {error}") from None
+    raw = document.get("functionTimeout") if isinstance(document, dict) else None
+    if raw is None:
+        return timedelta(minutes=30)
+    text = str(raw).strip()
+    if text == "-1":
+        return None
+    match = _TIMESPAN.match(text)
+    if match is None or int(match["m"]) > 59 or int(match["s"]) > 59:
+        raise ValueError(
+            f"{where}: functionTimeout {raw!r} is not a timespan like 00:10:00 (or -1 for no "
+            "limit); fix host.json"
+        )
+    limit = timedelta(
+        days=int(match["days"] or 0),
+        hours=int(match["h"]),
+        minutes=int(match["m"]),
+        seconds=int(match["s"]),
+    )
+    if limit <= timedelta(0):
+        raise ValueError(f"{where}: functionTimeout {raw!r} must be positive, or -1 for no limit")
+    return limit

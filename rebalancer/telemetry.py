@@ -198,15 +198,25 @@ def measure_audit(
     results: Iterable[Result],
     imbalanced_since: Mapping[str, datetime] | None = None,
     now: datetime | None = None,
+    *,
+    totals: tuple[int, int] | None = None,
+    gauges: bool = True,
 ) -> list[Measurement]:
     """Gauges for one audit pass over the subscription, and how long each scale set out of
-    balance (`imbalanced_since` by scale set key) has been so."""
+    balance (`imbalanced_since` by scale set key) has been so.
+
+    An audit pass may span several invocations: `results` are then one slice's, `totals`
+    the whole pass's (assessed, out of balance) once it ended; a slice that did not end it
+    reports no gauges (`gauges=False`)."""
     verdicts = [r.verdict for r in results if r.verdict is not None]
     imbalanced = [v for v in verdicts if not v.assessment.balanced]
-    measurements = [
-        Measurement(Metric.SCALE_SETS_ASSESSED, len(verdicts)),
-        Measurement(Metric.SCALE_SETS_IMBALANCED, len(imbalanced)),
-    ]
+    assessed, out = totals if totals is not None else (len(verdicts), len(imbalanced))
+    measurements = []
+    if gauges:
+        measurements += [
+            Measurement(Metric.SCALE_SETS_ASSESSED, assessed),
+            Measurement(Metric.SCALE_SETS_IMBALANCED, out),
+        ]
     for verdict in imbalanced:
         since = (imbalanced_since or {}).get(verdict.assessment.ref.key)
         if since is None or now is None:
@@ -282,8 +292,14 @@ class Telemetry:
         results: Iterable[Result],
         imbalanced_since: Mapping[str, datetime] | None = None,
         now: datetime | None = None,
+        *,
+        totals: tuple[int, int] | None = None,
+        gauges: bool = True,
     ) -> None:
-        self.emit(measure_audit(results, imbalanced_since, now))
+        """`totals`: (assessed, out of balance) of a pass that spanned several invocations;
+        `gauges=False` for a slice that leaves the pass unfinished (its scale sets'
+        imbalance ages only)."""
+        self.emit(measure_audit(results, imbalanced_since, now, totals=totals, gauges=gauges))
 
     def zone_backed_off(
         self, record: OperationRecord | None, backoff: BackoffLike, at: datetime

@@ -39,6 +39,9 @@ EXPECTED = {
     "memory.audit_peak_rss",
     "throttling.wave_write_waits",
     "throttling.audit_real_headers",
+    "audit_slices.total_time",
+    "audit_slices.peak_rss",
+    "audit_slices.assessed_once",
 }
 
 

@@ -134,6 +134,7 @@ def exercise(sim: ArmSim, adapter: ComputeAdapter) -> list[tuple[str, Callable[[
             adapter.delete_instances(ref, [instance])
 
     flex_vms = [vm.name for vm in sim.scale_set("rg-flex", "flex").vms if vm.zone == "2"]
+    listed = adapter.list_scale_sets(["rg-web", "rg-flex"])  # before the calls are counted
     return [
         ("list_scale_sets", lambda: adapter.list_scale_sets(None)),
         ("list_scale_sets", lambda: adapter.list_scale_sets(["rg-web", "rg-flex"])),
@@ -145,6 +146,7 @@ def exercise(sim: ArmSim, adapter: ComputeAdapter) -> list[tuple[str, Callable[[
         ("read_inventory", lambda: adapter.read_inventory(flex, NOW)),
         ("audit", lambda: adapter.audit(None, NOW)),
         ("audit", lambda: adapter.audit(["rg-web", "rg-flex"], NOW)),
+        ("read_inventories", lambda: adapter.read_inventories(listed, NOW)),
         ("set_capacity", scale_out),
         ("operation_status", poll),
         ("vm_health", lambda: adapter.vm_health(web, OrchestrationMode.UNIFORM, ["0"])),

@@ -125,3 +125,27 @@ def test_history_retention():
     assert settings.history_retention == timedelta(days=7)
     with pytest.raises(SettingsError, match="REBALANCER_HISTORY_RETENTION_DAYS"):
         load_settings({"REBALANCER_SUBSCRIPTION_ID": SUB, "REBALANCER_HISTORY_RETENTION_DAYS": "0"})
+
+
+def test_the_invocation_limit_comes_from_host_json():
+    from pathlib import Path
+
+    from rebalancer import service
+    from rebalancer.settings import function_timeout
+
+    shipped = (Path(__file__).resolve().parent.parent / "host.json").read_text()
+    assert function_timeout(shipped) == timedelta(minutes=10)
+    assert service._host_function_timeout() == timedelta(minutes=10)
+    assert function_timeout('{"functionTimeout": "1.02:03:04"}') == timedelta(
+        days=1, hours=2, minutes=3, seconds=4
+    )
+    assert function_timeout('{"functionTimeout": "-1"}') is None
+    assert function_timeout('{"version": "2.0"}') == timedelta(minutes=30)  # Flex default
+
+
+@pytest.mark.parametrize("value", ["10 minutes", "00:61:00", "00:00:00", "600"])
+def test_a_bad_function_timeout_names_host_json_and_the_value(value):
+    from rebalancer.settings import function_timeout
+
+    with pytest.raises(ValueError, match=r"host\.json.*functionTimeout"):
+        function_timeout(f'{{"functionTimeout": "{value}"}}')

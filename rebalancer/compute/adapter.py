@@ -788,7 +788,14 @@ class ComputeAdapter:
         set). Once one read is throttled, the rest are not attempted: they report the same
         throttling, so the next pass comes back when Azure (or the budget) allows.
         """
-        scale_sets = self.list_scale_sets(resource_groups, left_out=left_out)
+        return self.read_inventories(self.list_scale_sets(resource_groups, left_out=left_out), now)
+
+    def read_inventories(
+        self, scale_sets: Sequence[ScaleSet], now: datetime
+    ) -> list[Inventory | AdapterError]:
+        """The inventory of each scale set (as listed), in their order: one page of the
+        audit. Read `audit_concurrency` at a time; once one read is throttled, the rest
+        report the same throttling without being sent."""
         throttled: list[AdapterError] = []
 
         def read(scale_set: ScaleSet) -> Inventory | AdapterError:

@@ -3,9 +3,10 @@
 One module per table and concept, put together by `Store`, the facade the app uses:
 
 - ``<prefix>live`` (one partition ``live``): the per-scale-set locks (`locks.py`), the
-  in-flight operation of each scale set (`operations.py`) and the subscription's
-  concurrency slots (`slots.py`). One partition makes "all in-flight operations" a single
-  cheap range query, and lets a lock row and an operation row change in one transaction.
+  in-flight operation of each scale set (`operations.py`), the subscription's
+  concurrency slots (`slots.py`) and the audit's checkpoint (`audit.py`). One partition
+  makes "all in-flight operations" a single cheap range query, and lets a lock row and an
+  operation row change in one transaction.
 - ``<prefix>history``: finished operations, partitioned by scale set, newest first
   (`operations.py`).
 - ``<prefix>scalesets``: the last assessment and the last outside activity of each scale set
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from rebalancer.store.audit import AuditCheckpoints, AuditLease
 from rebalancer.store.backoff import BackoffPolicy, Backoffs, ZoneBackoff
 from rebalancer.store.connection import (
     StorageConnection,
@@ -58,6 +60,7 @@ from rebalancer.store.tables import (
 
 __all__ = [
     "MAX_ENTITY_BYTES",
+    "AuditLease",
     "BackoffPolicy",
     "ConcurrencyError",
     "EntityTooLarge",
@@ -89,7 +92,7 @@ class PurgeResult:
     events: int
 
 
-class Store(Operations, Backoffs, ScaleSetRecords, EventIds):
+class Store(Operations, AuditCheckpoints, Backoffs, ScaleSetRecords, EventIds):
     """All rebalancer state in Azure Table Storage. Thread-safe; one per process is enough.
 
     `options` go to the azure-data-tables client (e.g. `retry_total`, `connection_timeout`).
