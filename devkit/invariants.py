@@ -500,9 +500,9 @@ def owners_capacity(
     Outside a write of the app, `sku.capacity` changes because someone wrote an absolute
     capacity (it becomes the owners' capacity, the app's VMs present then included) or
     deleted a VM (one less, unless it was a VM the app created and had not handed over yet:
-    an operation hands its kept new VMs over when it succeeds). The app's writes never
-    change it: a move is capacity-neutral. An app VM the owners protected and that is still
-    there counts as theirs.
+    a successful operation hands its kept new VMs over when it asks for their sources'
+    delete). The app's writes never change it: a move is capacity-neutral. An app VM the
+    owners protected and that is still there counts as theirs.
     """
     app = sim.scenario.app_principal_id
     created: dict[tuple[str, str], datetime] = {}
@@ -512,8 +512,12 @@ def owners_capacity(
     handed: dict[tuple[str, str], datetime] = {}
     for record in records:
         if record.state is State.SUCCEEDED:
+            # A kept VM stands in for its source from the moment the source's delete is
+            # requested: from then on it is the owners', whatever happens to it.
+            requested = [at for vm, at in record.delete_requested.items() if vm in record.sources]
+            at = min(requested, default=record.updated_at)
             for vm in record.kept:
-                handed[_key(record.scale_set_id, vm)] = record.updated_at
+                handed[_key(record.scale_set_id, vm)] = at
     views = {view.id.lower(): view for view in sim.state}
     journal = sim.capacity_history()[capacity_offset:]
     accounts = []

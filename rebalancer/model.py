@@ -217,6 +217,13 @@ class ScaleSet:
     """Instance mix (`sku.name` "Mix"): the sizes of `skuProfile.vmSizes` Azure picks from."""
 
     @property
+    def evicts_by_delete(self) -> bool:
+        """Spot VMs of this set are deleted when evicted, which lowers the capacity as a
+        delete does, and no event says so."""
+        spot = self.spot or self.priority_mix is not None
+        return spot and (self.eviction_policy or "").lower() == "delete"
+
+    @property
     def instance_mix(self) -> bool:
         return bool(self.vm_sizes) or (self.sku_name or "").lower() == "mix"
 

@@ -833,8 +833,9 @@ def _unexplained_drop(
 
     An event reporting VMs deleted: the owners keep fewer VMs, the operation's are surplus
     (rolled back). An event reporting the scale set written: the capacity is absolute and
-    counts the operation's VMs in (nothing deleted). With neither yet, wait for the event up
-    to `outside_cause_wait`; then keep the VMs: removing them on a guess could leave the scale
+    counts the operation's VMs in (nothing deleted). No event in a Spot set that deletes on
+    eviction: evicted, as deletes. With neither yet, wait for the event up to
+    `outside_cause_wait`; then keep the VMs: removing them on a guess could leave the scale
     set below a capacity its owners set, which costs availability, where keeping them costs
     only the VMs.
     """
@@ -843,6 +844,15 @@ def _unexplained_drop(
     if cause is OutsideChange.VM_DELETE:
         return _roll_back_for(record, view, policy, now, gone)
     listed = ", ".join(gone)
+    if cause is None and view.scale_set.evicts_by_delete:
+        # Spot evictions send no event: in a set that deletes on eviction, that is the cause.
+        ours = [vm for vm in gone if vm in record.created]
+        reason = Reason.NEW_VM_REMOVED if ours else Reason.OUTSIDE_DELETE
+        detail = (
+            f"VM(s) {listed} gone with no event and capacity {capacity}: evicted (Spot, "
+            "evictionPolicy Delete), which lowers the capacity as a delete does"
+        )
+        return _roll_back(record, view, policy, now, reason, detail)
     if cause is OutsideChange.CAPACITY_WRITE:
         detail = (
             f"capacity {capacity} written by someone else (Azure removed VM(s) {listed} to "

@@ -97,6 +97,8 @@ class Fleet:
     """Lower `sku.capacity` when a deleted VM is gone, not when its delete is requested."""
     capacity_pending: set[str] = field(default_factory=set)
     repairs: AutomaticRepairs | None = None
+    eviction_policy: str | None = None
+    """A Spot set's `evictionPolicy`; None: regular VMs."""
 
     @classmethod
     def of(cls, layout: dict[str, int], **kw: object) -> Fleet:
@@ -130,6 +132,8 @@ class Fleet:
             tags=self.tags,
             terminate_notification=self.terminate_notification,
             automatic_repairs=self.repairs,
+            spot=self.eviction_policy is not None,
+            eviction_policy=self.eviction_policy,
         )
 
     def inventory(self, now: datetime) -> Inventory:
@@ -577,6 +581,22 @@ def test_vms_missing_with_no_event_wait_for_it_then_the_new_vm_is_kept():
     assert (kept.record.state, kept.record.outcome) == (State.SUPERSEDED, Reason.CAPACITY_CHANGED)
     assert not [c for c in kept.commands if isinstance(c, DeleteInstances)]
     assert "no event in 30 min" in kept.record.outcome_detail
+
+
+@pytest.mark.parametrize(("eviction", "evicted"), [("Delete", True), ("Deallocate", False)])
+def test_spot_vms_gone_without_an_event_were_evicted_where_eviction_deletes(eviction, evicted):
+    """Spot evictions send no event; in a set whose evictionPolicy is Delete they lower the
+    capacity as deletes do, so the new VM goes at once instead of after the wait."""
+    run = Run(Fleet.of({"1": 1, "2": 3, "3": 3}, eviction_policy=eviction))
+    record = _mid_move_drop(run)
+    step = run.step(record)
+    if evicted:
+        last = step.record.history[-1]
+        assert (last.state, last.reason) == (State.ROLLING_BACK, Reason.OUTSIDE_DELETE)
+        assert "evicted (Spot, evictionPolicy Delete)" in last.detail
+        assert step.commands
+    else:
+        assert step.record.state is State.AWAITING_HEALTH and step.record.cause_wait_since
 
 
 def test_an_event_from_before_the_operation_does_not_explain_a_drop():
