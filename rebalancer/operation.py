@@ -897,6 +897,8 @@ def _extras_pending(
         return False
     if len(view.live_new) <= record.k:
         return False
+    if any(vm not in record.created for vm in _deleted_by_others(record, view)):
+        return False  # a VM of the owners went too: a repair or a person, not overprovisioning
     deadline = record.scale_out_deadline or record.created_at + policy.scale_out_timeout
     return view.busy or now < deadline
 
