@@ -25,7 +25,7 @@ from devkit.stack import Stack, compute_for, running_stack
 from rebalancer.compute.errors import AdapterError
 from rebalancer.model import ScaleSetRef
 from rebalancer.reconciler import Reconciler
-from rebalancer.store import Store
+from rebalancer.store import Store, StoreUnavailable
 from rebalancer.verdict import Outcome, Result
 
 ENABLED = {"zone-rebalance": "enabled"}
@@ -55,7 +55,11 @@ class Instances:
         self.stack = stack
         self.refs = [ScaleSetRef.parse(v.id) for v in stack.sim.state]
         self.reconcilers = [
-            stack.reconciler(store=store_factory(), compute=compute_for(stack.sim, stack.settings))
+            # The client retries of a deployed instance: eight clients on one Azurite meet
+            # connections it has closed, as a deployed app meets Table Storage's.
+            stack.reconciler(
+                store=store_factory(retry_total=3), compute=compute_for(stack.sim, stack.settings)
+            )
             for _ in range(INSTANCES)
         ]
         self.random = random.Random(seed)
@@ -96,8 +100,7 @@ class Instances:
             results: list[Result] = []
             for item in plan:
                 if item == "timer":
-                    results += reconciler.advance_all()
-                    results += reconciler.audit()
+                    results += _tick(reconciler)
                 else:
                     results.append(_reconcile(reconciler, item))
             with self._lock:
@@ -110,10 +113,20 @@ class Instances:
 def _reconcile(reconciler: Reconciler, ref: ScaleSetRef) -> Result:
     try:
         return reconciler.reconcile(ref)
+    except StoreUnavailable as error:  # the event would be delivered again
+        return Result(ref, Outcome.DEFERRED, detail=str(error))
     except AdapterError as error:  # the event would be delivered again
         if not error.retryable:
             raise
         return Result(ref, Outcome.DEFERRED, detail=str(error))
+
+
+def _tick(reconciler: Reconciler) -> list[Result]:
+    """The timer path; a tick Table Storage did not answer is over, the next one runs."""
+    try:
+        return reconciler.advance_all() + reconciler.audit()
+    except StoreUnavailable:
+        return []
 
 
 def balanced(stack: Stack) -> bool:

@@ -172,7 +172,7 @@ def test_an_interrupted_demo_stops_what_it_started(tmp, signum):
         wait_for(lines, FIRST_MOVE, seen)  # well inside the run: servers up, calls in flight
         process.send_signal(signum)
         stdout = process.stdout.read()
-        process.wait(timeout=30)
+        process.wait(timeout=60)  # it stops Azurite and armsim gracefully
         while (line := lines.get(timeout=10)) is not None:
             seen.append(line)
     finally:
