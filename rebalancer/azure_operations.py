@@ -118,6 +118,8 @@ ADAPTER_CALLS: Mapping[str, tuple[ArmRequest, ...]] = MappingProxyType(
         # Instance views come with the lists ($expand=instanceView), never one by one; the
         # protection of Flexible VMs only from the scale set's VM GET.
         "read_inventory": (*_CURRENT_INSTANCES, _GET_INSTANCE),
+        # A Flexible VM's protection before its delete is written (one GET per VM).
+        "read_protection": (_GET_INSTANCE,),
         "audit": (
             _LIST_ALL_SCALE_SETS,
             _LIST_SCALE_SETS,

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rebalancer import autoscale, followup, lro
+from rebalancer import autoscale, followup, lro, protection
 from rebalancer import operation as op
 from rebalancer.compute.adapter import ArmCall
 from rebalancer.compute.errors import AdapterError, ErrorKind, ScaleSetGone
 from rebalancer.evaluator import Assessment, Decision, assess, upcoming_spot
-from rebalancer.model import Instance, Inventory, OrchestrationMode, OutsideActivity, ScaleSetRef
+from rebalancer.model import Inventory, OrchestrationMode, OutsideActivity, ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
 from rebalancer.store import Lock, LockLost, OperationRow, Store, StoreError
 from rebalancer.sweep import pages
@@ -267,19 +267,16 @@ class Reconciler:
         """
         if observation is None or observation.scale_set.mode is not OrchestrationMode.FLEXIBLE:
             return step
-        known: dict[str, tuple[bool, bool]] = {}
+        known: dict[str, protection.Flags | None] = {}
         for _ in range(len(observation.instances) + 1):
-            unread = [vm for vm in _deleted_by(step) if vm not in known]
+            unread = protection.unread(_deleted_by(step), known)
             if not unread:
                 return step
             for vm in unread:
-                known[vm] = self.compute._flexible_vm_protection(ref, vm)
-            if not any(any(known[vm]) for vm in unread):
+                known[protection.key(vm)] = self.compute.read_protection(ref, vm)
+            if not any(any(known[protection.key(vm)] or ()) for vm in unread):
                 return step
-            observation = replace(
-                observation,
-                instances=tuple(_with_flags(i, known) for i in observation.instances),
-            )
+            observation = protection.with_protection(observation, known)
             step = op.advance(
                 record, observation, self.policy, now, stand_down=stand_down, activity=activity
             )
@@ -1113,18 +1110,6 @@ def _call_json(pending: lro.PendingCall | None) -> str | None:
 
 def _deleted_by(step: op.Step) -> list[str]:
     return [vm for c in step.commands if isinstance(c, op.DeleteInstances) for vm in c.ids]
-
-
-def _with_flags(instance: Instance, known: dict[str, tuple[bool, bool]]) -> Instance:
-    if instance.id not in known:
-        return instance
-    scale_in, scale_set_actions = known[instance.id]
-    return replace(
-        instance,
-        protect_from_scale_in=scale_in,
-        protect_from_scale_set_actions=scale_set_actions,
-        protection_unknown=False,
-    )
 
 
 def _capacity_rollback(record: op.OperationRecord) -> op.Transition | None:

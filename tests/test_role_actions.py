@@ -147,6 +147,7 @@ def exercise(sim: ArmSim, adapter: ComputeAdapter) -> list[tuple[str, Callable[[
         ("audit", lambda: adapter.audit(None, NOW)),
         ("audit", lambda: adapter.audit(["rg-web", "rg-flex"], NOW)),
         ("read_inventories", lambda: adapter.read_inventories(listed, NOW)),
+        ("read_protection", lambda: adapter.read_protection(flex, flex_vms[0])),
         ("set_capacity", scale_out),
         ("operation_status", poll),
         ("vm_health", lambda: adapter.vm_health(web, OrchestrationMode.UNIFORM, ["0"])),

@@ -284,7 +284,7 @@ def test_a_delete_is_not_sent_once_the_caller_lost_the_scale_set_while_reading(s
 def test_possible_sources_cover_the_first_baseline_vm_behind_new_ones():
     """A new VM the operation discards may sort first in the fullest zone (Flexible names are
     random); the operation skips its own VMs, so the next one must have been read too."""
-    from rebalancer.compute.adapter import _source_candidates
+    from rebalancer.protection import source_candidates
 
     vms = (
         instance("a", "1"),
@@ -293,7 +293,7 @@ def test_possible_sources_cover_the_first_baseline_vm_behind_new_ones():
         instance("d", "2"),
         instance("zz-new", "2"),  # created by the operation, first in scale-in order
     )
-    candidates = _source_candidates(observed(5, vms, NOW), depth=1)
+    candidates = source_candidates(observed(5, vms, NOW), depth=1)
     assert {"zz-new", "d"} <= set(candidates) and "c" not in candidates
 
 

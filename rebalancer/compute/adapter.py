@@ -692,31 +692,26 @@ class ComputeAdapter:
         taken for protected either (an operation's own new VMs stay deletable; every delete
         reads its VMs again first).
         """
-        from rebalancer.evaluator import assess
+        from rebalancer import protection
 
         ref = inventory.scale_set.ref
-        flags: dict[str, tuple[bool, bool] | None] = {}
+        known: dict[str, protection.Flags | None] = {}
         reads_left = self.config.flexible_protection_reads
         depth = self.config.source_candidates
         unread = 0
         while True:
-            possible = [m.source for m in assess(inventory).moves[:depth]]
-            if to_act:
-                possible += _source_candidates(inventory, depth)
-            pending = [name for name in dict.fromkeys(possible) if name.lower() not in flags]
+            possible = protection.possible_sources(inventory, depth, in_flight=to_act)
+            pending = protection.unread(possible, known)
             if not pending:
                 break
             for name in pending:
-                known = self._remembered_protection(ref, name)
-                if known is None and reads_left > 0:
-                    known = self._flexible_vm_protection(ref, name)
+                flags = self._remembered_protection(ref, name)
+                if flags is None and reads_left > 0:
+                    flags = self.read_protection(ref, name)
                     reads_left -= 1
-                unread += known is None
-                flags[name.lower()] = known
-            inventory = replace(
-                inventory,
-                instances=tuple(_with_protection(i, flags) for i in inventory.instances),
-            )
+                unread += flags is None
+                known[protection.key(name)] = flags
+            inventory = protection.with_protection(inventory, known)
         if unread:
             log.warning(
                 "%s: protection of %d possible source(s) not read (limit %d GETs); they are "
@@ -734,8 +729,10 @@ class ComputeAdapter:
             return None
         return known[0]
 
-    def _flexible_vm_protection(self, ref: ScaleSetRef, name: str) -> tuple[bool, bool]:
-        """A fresh read of one Flexible VM's protection (remembered for later inventories)."""
+    def read_protection(self, ref: ScaleSetRef, name: str) -> tuple[bool, bool]:
+        """A fresh read of one Flexible VM's protection (remembered for later inventories):
+        (protectFromScaleIn, protectFromScaleSetActions); a VM gone reads as protected, so
+        it is never chosen."""
         with self._translate(ref):
             document = self._instance_document(ref, name)
             if document is None:
@@ -1197,50 +1194,6 @@ def _names_missing_instances(error: AdapterError) -> bool:
 def _restricted(sku: Mapping[str, Any]) -> bool:
     """A SKU restricted for the whole location (`NotAvailableForSubscription`) is unusable."""
     return any(str(r.get("type", "")).lower() == "location" for r in sku.get("restrictions") or ())
-
-
-def _source_candidates(inventory: Inventory, depth: int) -> list[str]:
-    """VMs an operation could choose as sources from this observation, best first.
-
-    The operation takes up to `depth` sources, each from a zone tied at the highest count
-    after the VMs it discards (at most `depth`) are left out; so a zone within `2 * depth - 1`
-    of the fullest can give. Within a zone it takes the first `depth` eligible VMs that it did
-    not create, and up to `depth` new VMs may sort before them: the first `2 * depth` count.
-    """
-    from rebalancer.evaluator import eligible_sources, zone_counts
-
-    counts = zone_counts(inventory.scale_set, inventory.instances)
-    if not counts:
-        return []
-    floor = max(count.total for count in counts.values()) - 2 * depth + 1
-    return [
-        instance.id
-        for zone, count in counts.items()
-        if count.total >= floor
-        for instance in eligible_sources(inventory.instances, zone)[: 2 * depth]
-    ]
-
-
-def _with_protection(
-    instance: Instance, protection: Mapping[str, tuple[bool, bool] | None]
-) -> Instance:
-    """`protection` is keyed by lowercased VM name: ARM names are case-insensitive; None
-    marks a VM whose protection was not read."""
-    for key in (instance.name.lower(), instance.id.lower()):
-        if key in protection:
-            flags = protection[key]
-            break
-    else:
-        return instance
-    if flags is None:
-        return replace(instance, protection_unknown=True)
-    scale_in, scale_set_actions = flags
-    return replace(
-        instance,
-        protect_from_scale_in=scale_in,
-        protect_from_scale_set_actions=scale_set_actions,
-        protection_unknown=False,
-    )
 
 
 def _status_from_document(document: Any, ref: ScaleSetRef) -> OperationStatus:
