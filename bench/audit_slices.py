@@ -74,8 +74,8 @@ def child(info: dict[str, Any], max_ticks: int) -> dict[str, Any]:
     from devkit.host import Host
     from devkit.tables import create_tables
     from rebalancer import service
+    from rebalancer.clock import VirtualTime
     from rebalancer.compute import ArmConfig, ComputeAdapter
-    from rebalancer.compute.clock import VirtualTime
     from rebalancer.settings import load_settings
     from rebalancer.store import StorageConnection, Store
 
@@ -104,7 +104,7 @@ def child(info: dict[str, Any], max_ticks: int) -> dict[str, Any]:
     )
     create_tables(store)
     compute = ComputeAdapter(config, credential=credential, clock=VirtualTime(clock))
-    runtime = service.build_runtime(settings, store=store, compute=compute, clock=clock.now)
+    runtime = service.build_runtime(settings, store=store, compute=compute, clock=compute.clock)
     reconciler = runtime.reconciler
     slices: list[dict[str, Any]] = []
     assessed: Counter[str] = Counter()

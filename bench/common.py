@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from armsim import ScaleSetSpec
-from rebalancer.compute.clock import VirtualTime
+from rebalancer.clock import VirtualTime
 
 LINE = re.compile(
     r"^bench: (?P<name>[a-z0-9_.-]+) (?P<value>\S+) (?P<unit>\S+) "
@@ -251,7 +251,7 @@ def install_app(
     settings = settings_for(sim, **env)
     compute = compute_for(sim, settings, budget=budget, max_wait=None)
     runtime = build_runtime(
-        settings, store=store, compute=compute, clock=sim.clock.now, follow_ups=follow_ups
+        settings, store=store, compute=compute, clock=VirtualTime(sim.clock), follow_ups=follow_ups
     )
     return App(sim, store, settings, compute, runtime, Host(runtime))
 

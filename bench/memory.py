@@ -45,8 +45,8 @@ def child(info: dict[str, Any], audit: bool) -> dict[str, Any]:
     from armsim import SimCredential
     from armsim.clock import VirtualClock
     from armsim.scenario import DEFAULT_TENANT
+    from rebalancer.clock import VirtualTime
     from rebalancer.compute import ArmConfig, ComputeAdapter
-    from rebalancer.compute.clock import VirtualTime
     from rebalancer.compute.errors import AdapterError
 
     config = ArmConfig(

@@ -49,8 +49,8 @@ def measure(*, scale_sets: int = 40, vms: int = 50, rounds: int = 3) -> dict[str
     from armsim import SimCredential
     from armsim.clock import VirtualClock
     from armsim.scenario import DEFAULT_TENANT
+    from rebalancer.clock import VirtualTime
     from rebalancer.compute import ArmConfig, ComputeAdapter
-    from rebalancer.compute.clock import VirtualTime
 
     with armsim_process(fleet_document(mixed_fleet(scale_sets, vms))) as info:
         config = ArmConfig(

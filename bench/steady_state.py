@@ -38,8 +38,8 @@ def _wire(info: dict[str, Any], store: Any, clock: Any) -> tuple[Any, Any]:
     """The app's runtime on armsim in its own process: (Compute adapter, runtime)."""
     from armsim import SimCredential
     from armsim.scenario import DEFAULT_TENANT
+    from rebalancer.clock import VirtualTime
     from rebalancer.compute import ArmConfig, ComputeAdapter
-    from rebalancer.compute.clock import VirtualTime
     from rebalancer.service import build_runtime
     from rebalancer.settings import load_settings
 
@@ -58,7 +58,7 @@ def _wire(info: dict[str, Any], store: Any, clock: Any) -> tuple[Any, Any]:
     )
     credential = SimCredential(info["app_principal_id"], info.get("tenant_id") or DEFAULT_TENANT)
     compute = ComputeAdapter(config, credential=credential, clock=VirtualTime(clock))
-    return compute, build_runtime(settings, store=store, compute=compute, clock=clock.now)
+    return compute, build_runtime(settings, store=store, compute=compute, clock=compute.clock)
 
 
 def _tick(host: Any, store: Any, counter: RequestCounter) -> Tick:

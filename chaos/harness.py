@@ -45,8 +45,8 @@ from devkit.invariants import Invariants
 from devkit.tables import table_names
 from rebalancer import service
 from rebalancer.autoscale import REASON as AT_MAXIMUM
+from rebalancer.clock import VirtualTime
 from rebalancer.compute import AdapterError, ArmConfig, ComputeAdapter, ErrorKind
-from rebalancer.compute.clock import VirtualTime
 from rebalancer.evaluator import Decision, assess
 from rebalancer.model import (
     Health,
@@ -185,13 +185,16 @@ class Worker:
             run.settings,
             store=store,  # type: ignore[arg-type]
             compute=compute,  # type: ignore[arg-type]
-            clock=run.sim.clock.now,
+            clock=VirtualTime(run.sim.clock),
         )
         if run.reconciler_factory is not Reconciler:  # a reconciler made to break a rule
             self.runtime = replace(
                 self.runtime,
                 reconciler=run.reconciler_factory(
-                    settings=run.settings, store=store, compute=compute, clock=run.sim.clock.now
+                    settings=run.settings,
+                    store=store,
+                    compute=compute,
+                    clock=VirtualTime(run.sim.clock),
                 ),
             )
         self.reconciler = self.runtime.reconciler

@@ -30,6 +30,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from rebalancer.clock import VirtualTime
 from rebalancer.settings import Mode, OptIn, Settings, load_settings
 
 if TYPE_CHECKING:
@@ -592,7 +593,9 @@ def _drive(
     resources.append(store.close)
     compute = compute_for(sim, settings)
     resources.append(compute.close)
-    app.runtime = service.build_runtime(settings, store=store, compute=compute, clock=sim.clock.now)
+    app.runtime = service.build_runtime(
+        settings, store=store, compute=compute, clock=VirtualTime(sim.clock)
+    )
 
     judge = Invariants.watch(sim, store, settings)
     inbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()

@@ -21,8 +21,8 @@ from armsim import ArmSim, Scenario
 from armsim.simulator import ARM_SCOPE
 from devkit.invariants import Invariants
 from rebalancer.budget import Budget
+from rebalancer.clock import VirtualTime
 from rebalancer.compute import ArmConfig, ComputeAdapter
-from rebalancer.compute.clock import VirtualTime
 from rebalancer.compute.errors import AdapterError
 from rebalancer.model import ScaleSetRef
 from rebalancer.operation import OperationRecord, State
@@ -46,7 +46,7 @@ class Stack:
             settings=overrides.pop("settings", self.settings),
             store=overrides.pop("store", self.store),
             compute=overrides.pop("compute", self.compute),
-            clock=self.sim.clock.now,
+            clock=VirtualTime(self.sim.clock),
             **overrides,
         )
 
@@ -58,7 +58,7 @@ class Stack:
             self.settings,
             store=store or self.store,
             compute=self.compute,
-            clock=self.sim.clock.now,
+            clock=VirtualTime(self.sim.clock),
             notifier=notifier,
             follow_ups=follow_ups,
         )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from rebalancer import autoscale, followup, lro, protection
 from rebalancer import operation as op
+from rebalancer.clock import Clock
 from rebalancer.compute.adapter import ArmCall
 from rebalancer.compute.errors import AdapterError, ErrorKind, ScaleSetGone
 from rebalancer.evaluator import Assessment, Decision, assess, upcoming_spot
@@ -40,7 +41,6 @@ class FollowUpSender(Protocol):
 
 log = logging.getLogger("rebalancer")
 
-Clock = Callable[[], datetime]
 AUDIT_MARKER = "subscription-audit"
 """Key of the row that remembers when the last full audit ran."""
 MAX_STEPS_PER_CALL = 6
@@ -105,7 +105,7 @@ class Reconciler:
         # One owner per pass, not per process: two invocations in one worker must exclude
         # each other too (the store renews a lock for the same owner).
         owner = f"{self.owner}/{uuid.uuid4().hex[:8]}"
-        lock = self.store.try_acquire(ref.key, owner, self.clock(), self.lease)
+        lock = self.store.try_acquire(ref.key, owner, self.clock.now(), self.lease)
         if lock is None:
             return Result(ref, Outcome.BUSY, detail="another invocation holds the lock")
         try:
@@ -128,7 +128,7 @@ class Reconciler:
     def _observe(self, ref: ScaleSetRef) -> Inventory | None:
         """A fresh inventory, or None when the scale set no longer exists."""
         try:
-            return self.compute.read_inventory(ref, self.clock())
+            return self.compute.read_inventory(ref, self.clock.now())
         except ScaleSetGone:
             return None
 
@@ -163,7 +163,7 @@ class Reconciler:
             if round_ == 0:  # after a read that went through: a throttled pass polls nothing
                 pending = self._poll(ref, record, pending)
             stand_down = self._stand_down(ref, observation)
-            now = self.clock()
+            now = self.clock.now()
             observation = lro.with_outcome(observation, record, pending)
             step = op.advance(
                 record, observation, self.policy, now, stand_down=stand_down, activity=activity
@@ -199,7 +199,7 @@ class Reconciler:
     ) -> lro.PendingCall | None:
         """Read the status of the operation's last write once, when it is due: never before
         the `Retry-After` the last answer gave, and never by waiting for it."""
-        now = self.clock()
+        now = self.clock.now()
         if pending is None or not pending.due(now):
             return pending
         try:
@@ -304,7 +304,7 @@ class Reconciler:
             updated_at=record.updated_at,
             body=record.to_json(),
         )
-        return self.store.commit(updated, lock, self.clock())
+        return self.store.commit(updated, lock, self.clock.now())
 
     # -- idle scale set: assess, maybe start ----------------------------------------------
 
@@ -351,7 +351,7 @@ class Reconciler:
         self, inventory: Inventory, assessment: Assessment, opt_in: OptIn
     ) -> tuple[Gate, str] | None:
         """The first reason not to start now, cheapest checks first."""
-        settings, ref, now = self.settings, inventory.scale_set.ref, self.clock()
+        settings, ref, now = self.settings, inventory.scale_set.ref, self.clock.now()
         if opt_in is OptIn.DISABLED:
             return Gate.OPTED_OUT, "tag zone-rebalance=disabled: not even reported as actionable"
         held = self._autoscale_gate(inventory, assessment, now)
@@ -589,7 +589,7 @@ class Reconciler:
         changed = self.store.save_assessment(
             verdict.assessment.ref.key,
             body,
-            self.clock(),
+            self.clock.now(),
             imbalanced=not verdict.assessment.balanced,
         )
         if changed:
@@ -610,12 +610,12 @@ class Reconciler:
                     balanced=a.balanced,
                 ),
             )
-            self.telemetry.assessment_changed(verdict, self.clock())
+            self.telemetry.assessment_changed(verdict, self.clock.now())
 
     def _start(
         self, ref: ScaleSetRef, inventory: Inventory, verdict: Verdict, lock: Lock
     ) -> Result | None:
-        now = self.clock()
+        now = self.clock.now()
         record, commands = op.start(
             inventory, verdict.assessment, self.policy, now, self.new_operation_id()
         )
@@ -650,7 +650,7 @@ class Reconciler:
         still advances the operation (only slower), so this never fails the pass."""
         if self.follow_ups is None:
             return
-        now = self.clock()
+        now = self.clock.now()
         due = followup.next_due(record, pending, now, self.settings.follow_up_interval)
         if due is None:
             return
@@ -682,10 +682,10 @@ class Reconciler:
         it (another instance may have taken over and decided differently since) stops with
         LockLost instead of acting on what it saw before.
         """
-        now = self.clock()
+        now = self.clock.now()
         for command in commands:
             writes = isinstance(command, op.SetCapacity | op.DeleteInstances)
-            if writes and self.clock() >= lock.lease_until:
+            if writes and self.clock.now() >= lock.lease_until:
                 raise LockLost(
                     f"the lease on {ref} ran out at {lock.lease_until.isoformat()} before "
                     f"{type(command).__name__} was sent: the lock is no longer held; the "
@@ -699,7 +699,7 @@ class Reconciler:
                         sent.append(lro.PendingCall(lro.SET_CAPACITY, call.to_record(), now))
                 elif isinstance(command, op.DeleteInstances):
                     call = self.compute.delete_instances(
-                        ref, command.ids, still_ours=lambda: self.clock() < lock.lease_until
+                        ref, command.ids, still_ours=lambda: self.clock.now() < lock.lease_until
                     )
                     record = record.with_arm_call(_call_id("delete_instances", call))
                     if sent is not None:
@@ -754,7 +754,7 @@ class Reconciler:
             for b in self.store.backoffs(entered.at)
         ):
             return
-        now = self.clock()
+        now = self.clock.now()
         for zone in record.target_zones:
             reason = op.Reason.NO_CAPACITY_IN_TARGET_ZONE.value
             self._back_off(record, op.BackOffZone(record.location, record.sku, zone, reason), now)
@@ -778,10 +778,10 @@ class Reconciler:
             if error.kind is ErrorKind.NO_CAPACITY:
                 for zone in [error.zone] if error.zone else record.target_zones:
                     backoff = self.store.record_capacity_failure(
-                        record.location, record.sku, zone, self.clock()
+                        record.location, record.sku, zone, self.clock.now()
                     )
-                    self.telemetry.zone_backed_off(record, backoff, self.clock())
-            return op.scale_out_rejected(record, str(error), self.clock())
+                    self.telemetry.zone_backed_off(record, backoff, self.clock.now())
+            return op.scale_out_rejected(record, str(error), self.clock.now())
         return record
 
     def _notify(self, record: op.OperationRecord, command: op.Notify) -> None:
@@ -831,7 +831,7 @@ class Reconciler:
         the operation named has ended (a successor started by this pass has its own chain).
         """
         ref = ScaleSetRef.parse(message.scale_set_key)
-        now = self.clock()
+        now = self.clock.now()
         interval = self.settings.follow_up_interval
         current = self._followed(message)
         if current is None:
@@ -852,7 +852,7 @@ class Reconciler:
         if current is None:
             return None
         record, pending = current
-        due = followup.next_due(record, pending, self.clock(), interval)
+        due = followup.next_due(record, pending, self.clock.now(), interval)
         return message.next(due) if due is not None else None
 
     def _followed(
@@ -912,7 +912,7 @@ class Reconciler:
         `deadline`. The checkpoint is written after every page, under the audit's lease: one
         invocation at a time works on the audit, and a crash loses at most the page in hand.
         """
-        now = self.clock()
+        now = self.clock.now()
         owner = f"{self.owner}/{uuid.uuid4().hex[:8]}"
         held = self.store.take_audit(
             owner, now, self.lease, empty=lambda: self._legacy_sweep().to_json()
@@ -939,7 +939,7 @@ class Reconciler:
             stopped = ""
             batches = pages(todo, self.audit_page) or [[]]
             for index, page in enumerate(batches):
-                began = self.clock()
+                began = self.clock.now()
                 if deadline is not None and (
                     began >= deadline or (index > 0 and began + longest >= deadline)
                 ):
@@ -950,21 +950,21 @@ class Reconciler:
                 if done_keys:
                     sweep = sweep.after_page(done_keys[-1], *_page_counts(page_results))
                 if index == len(batches) - 1 and not throttled:
-                    sweep = sweep.finish(self.clock())
+                    sweep = sweep.finish(self.clock.now())
                 try:
                     held = self.store.save_audit(
-                        held, sweep.to_json(), self.clock(), None if sweep.done else self.lease
+                        held, sweep.to_json(), self.clock.now(), None if sweep.done else self.lease
                     )
                 except LockLost as error:
                     log.warning("audit stopped: %s", error)
                     return AuditSlice(results, done=False)
                 results += page_results
-                longest = max(longest, self.clock() - began)
+                longest = max(longest, self.clock.now() - began)
                 if throttled:
                     stopped = f"Compute throttled the audit: {throttled}"
                     break
             if not sweep.done:
-                self.store.save_audit(held, sweep.to_json(), self.clock(), None)
+                self.store.save_audit(held, sweep.to_json(), self.clock.now(), None)
                 log.info(
                     "audit paused after %s (%d of this pass's scale sets assessed so far): %s; "
                     "the next timer tick continues from this checkpoint",
@@ -974,7 +974,7 @@ class Reconciler:
                 )
             else:
                 self._pass_done(sweep)
-            now = self.clock()
+            now = self.clock.now()
             self.telemetry.audited(
                 results,
                 self._imbalanced_since(results),
@@ -1016,7 +1016,7 @@ class Reconciler:
         """A slice that failed (Azure or Table Storage unavailable) frees the audit at once,
         keeping the last checkpoint, so the next tick need not wait for the lease to run out."""
         try:
-            self.store.save_audit(held, held.body, self.clock(), None)
+            self.store.save_audit(held, held.body, self.clock.now(), None)
         except StoreError as error:
             log.warning("could not free the audit after a failure: %s", error)
 
@@ -1079,7 +1079,7 @@ class Reconciler:
         started an audit interval ago."""
         held = self.store.audit_checkpoint()
         sweep = self._stored_sweep(held.body) if held is not None else self._legacy_sweep()
-        return sweep.due(self.clock(), self.settings.audit_interval)
+        return sweep.due(self.clock.now(), self.settings.audit_interval)
 
     def _guarded(self, ref: ScaleSetRef, observed: Inventory | None = None) -> Result:
         """One scale set's failure (throttling, a transient error) never stops the pass."""

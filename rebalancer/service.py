@@ -24,9 +24,10 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from rebalancer.clock import Clock, SystemClock
 from rebalancer.compute.errors import AdapterError
 from rebalancer.settings import Mode, Settings, SettingsError, load_settings
 from rebalancer.store import (
@@ -58,13 +59,9 @@ class Runtime:
     settings: Settings
     store: Store
     reconciler: Reconciler
-    clock: Callable[[], datetime]
+    clock: Clock
     follow_ups: FollowUpSender | None = None
     """The follow-up queue (None: in-flight operations move on timer ticks and events only)."""
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def build_runtime(
@@ -72,7 +69,7 @@ def build_runtime(
     *,
     store: Store,
     compute: ComputeAdapter,
-    clock: Callable[[], datetime],
+    clock: Clock,
     notifier: EventGridNotifier | None = None,
     follow_ups: FollowUpSender | None = None,
 ) -> Runtime:
@@ -122,7 +119,7 @@ def runtime_from_settings(env: Mapping[str, str]) -> Runtime:
         settings,
         store=store,
         compute=compute,
-        clock=utc_now,
+        clock=SystemClock(),
         notifier=notifier,
         follow_ups=follow_ups,
     )
@@ -246,7 +243,7 @@ def _handle_trigger(rt: Runtime, trigger: Trigger) -> Result | None:
     delivery that fails half-way is not taken for a duplicate when Event Grid retries it;
     two deliveries racing each other are harmless (the reconcile pass is locked and
     idempotent)."""
-    now = rt.clock()
+    now = rt.clock.now()
     if rt.store.event_seen(trigger.dedupe_key, now):
         log.info("event %s ignored: already handled (duplicate delivery)", trigger.event_id)
         return None
@@ -350,14 +347,14 @@ def handle_follow_up(body: str) -> bool | None:
     except ValueError as error:
         log.error("follow-up dropped: %s; the timer tick still advances operations", error)
         return None
-    now = rt.clock()
+    now = rt.clock.now()
     try:
         if rt.store.event_seen(message.dedupe_key, now):
             log.info("%s ignored: already handled", message.dedupe_key)
             return None
         following = rt.reconciler.follow_up(message)
         if following is not None and rt.follow_ups is not None:
-            rt.follow_ups.schedule(following, rt.clock())
+            rt.follow_ups.schedule(following, rt.clock.now())
         rt.store.first_delivery(message.dedupe_key, now)
     except StoreUnavailable as error:
         raise TransientFailure(f"Table Storage unavailable: {error}") from error
@@ -386,7 +383,7 @@ def handle_timer(past_due: bool = False) -> TickReport | None:
     if rt is None or rt.settings.mode is Mode.OFF:
         return None
     limit = rt.settings.function_timeout
-    deadline = rt.clock() + limit * (1 - AUDIT_MARGIN) if limit is not None else None
+    deadline = rt.clock.now() + limit * (1 - AUDIT_MARGIN) if limit is not None else None
     if past_due:
         log.info("timer tick is past due; catching up with one pass")
     try:
@@ -394,7 +391,7 @@ def handle_timer(past_due: bool = False) -> TickReport | None:
         audit = rt.reconciler.audit_slice(deadline) if rt.reconciler.audit_due() else None
         audited = audit.results if audit is not None else []
         if audit is not None and audit.done:
-            rt.store.purge(rt.clock(), rt.settings.history_retention)
+            rt.store.purge(rt.clock.now(), rt.settings.history_retention)
     except StoreError as error:
         log.error("timer tick stopped: Table Storage: %s; the next tick tries again", error)
         return None

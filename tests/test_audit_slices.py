@@ -20,6 +20,7 @@ import pytest
 from armsim import ArmSim, ScaleSetSpec, Scenario
 from devkit.host import Host
 from devkit.stack import compute_for, settings_for
+from rebalancer.clock import VirtualTime
 from rebalancer.model import ScaleSetRef
 from rebalancer.service import build_runtime
 from rebalancer.store import Store
@@ -58,7 +59,7 @@ class App:
         self.settings = replace(settings_for(sim, **env), function_timeout=LIMIT)
         self.compute = compute_for(sim, self.settings, max_wait=None)
         self.runtime = build_runtime(
-            self.settings, store=store, compute=self.compute, clock=sim.clock.now
+            self.settings, store=store, compute=self.compute, clock=VirtualTime(sim.clock)
         )
         self.reconciler = self.runtime.reconciler
         self.reconciler.audit_page = PAGE

@@ -17,6 +17,7 @@ import pytest
 from armsim import ArmSim, FaultRule, QuotaSpec, ScaleSetSpec, Scenario, SkuSpec, VmOverride
 from armsim.errors import ArmError
 from rebalancer.budget import Budget, parse_remaining_header
+from rebalancer.clock import VirtualTime
 from rebalancer.compute import (
     AdapterError,
     ArmCall,
@@ -27,7 +28,6 @@ from rebalancer.compute import (
     Quota,
     ScaleSetGone,
 )
-from rebalancer.compute.clock import VirtualTime
 from rebalancer.evaluator import Decision, assess
 from rebalancer.model import OrchestrationMode, ScaleSetRef
 

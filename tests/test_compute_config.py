@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from armsim import VirtualClock
+from rebalancer.clock import VirtualTime
 from rebalancer.compute import ArmConfig
-from rebalancer.compute.clock import VirtualTime
 from rebalancer.compute.credentials import StaticTokenCredential
 from rebalancer.settings import load_settings
 

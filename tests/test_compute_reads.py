@@ -22,8 +22,8 @@ import urllib3
 from azure.core.credentials import AccessToken
 
 from armsim import ArmSim, ScaleSetSpec, Scenario
+from rebalancer.clock import VirtualTime
 from rebalancer.compute import AdapterError, ArmConfig, ComputeAdapter, ErrorKind
-from rebalancer.compute.clock import VirtualTime
 from rebalancer.compute.rest import COMPUTE_API_VERSION, SKU_API_VERSION
 from rebalancer.model import ScaleSetRef
 
@@ -42,6 +42,7 @@ import function_app
 from armsim import ArmSim, ScaleSetSpec, Scenario
 from devkit.host import Host
 from devkit.stack import compute_for, settings_for
+from rebalancer.clock import VirtualTime
 from rebalancer.service import build_runtime
 from rebalancer.store import StorageConnection, Store
 
@@ -59,7 +60,7 @@ with ArmSim.start(scenario) as sim:
                   table_prefix=prefix, retry_total=0)
     settings = settings_for(sim)
     compute = compute_for(sim, settings)
-    runtime = build_runtime(settings, store=store, compute=compute, clock=sim.clock.now)
+    runtime = build_runtime(settings, store=store, compute=compute, clock=VirtualTime(sim.clock))
     host = Host(runtime)
     before = set(sys.modules)
     host.timer()

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from armsim import ArmSim, ScaleSetSpec, Scenario
+from rebalancer.clock import VirtualTime
 from rebalancer.compute import ArmConfig, ComputeAdapter
-from rebalancer.compute.clock import VirtualTime
 from rebalancer.evaluator import Decision, Reason, assess
 from rebalancer.model import Health, ScaleSetRef
 

@@ -29,8 +29,8 @@ from rebalancer.azure_operations import (
     ArmRequest,
     required_action,
 )
+from rebalancer.clock import VirtualTime
 from rebalancer.compute import AdapterError, ArmConfig, ComputeAdapter
-from rebalancer.compute.clock import VirtualTime
 from rebalancer.model import OrchestrationMode, ScaleSetRef
 
 NOW = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)

@@ -15,8 +15,8 @@ from armsim import ScaleSetSpec, Scenario, VmOverride
 from armsim.simulator import ARM_SCOPE
 from devkit.stack import Drive, running_stack
 from devkit.tables import lock_holder, save_operation
+from rebalancer.clock import VirtualTime
 from rebalancer.compute import ArmConfig, ComputeAdapter
-from rebalancer.compute.clock import VirtualTime
 from rebalancer.compute.errors import AdapterError, ErrorKind
 from rebalancer.evaluator import assess
 from rebalancer.model import (

@@ -14,13 +14,14 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from rebalancer.autoscale import REASON as AUTOSCALE_REASON
 from rebalancer.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError
 from rebalancer.cli.tables import Column, print_table
+from rebalancer.clock import SystemClock
 
 UPGRADE_REASON = "upgrade_in_progress"
 REPAIR_REASON = "repair_replaced"
@@ -264,7 +265,7 @@ def build_report(
             if capacity is None:
                 capacity = sum(1 for instance in result.instances if instance.counts)
             k = min(len(assessment.moves), settings.max_surge)
-            held = at_maximum(autoscale, scale_set.ref, capacity, k, now or datetime.now(UTC))
+            held = at_maximum(autoscale, scale_set.ref, capacity, k, now or SystemClock().now())
             if held is None:
                 wait = _upgrade_wait(scale_set, (upgrades or {}).get(scale_set.ref.key))
         decision = "skip" if held else ("wait" if wait else assessment.decision.value)
@@ -446,7 +447,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
     adapter = _adapter(args, subscription, env)
     left_out: Counter[str] = Counter()
     with adapter:
-        now = datetime.now(UTC)
+        now = SystemClock().now()
         try:
             results = adapter.audit(args.resource_group or None, now=now, left_out=left_out)
         except AdapterError as error:

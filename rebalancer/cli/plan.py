@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rebalancer.cli import EXIT_OK, CliError
 from rebalancer.cli.tables import Column, print_table
+from rebalancer.clock import SystemClock
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -104,7 +104,7 @@ def _read_inputs(args: argparse.Namespace):
         instances = parse_instances(documents, scale_set.mode)
     except ArmParseError as error:
         raise CliError(f"{vms_path}: not a VM list: {error}") from error
-    return Inventory(scale_set, instances, observed_at=datetime.now(UTC))
+    return Inventory(scale_set, instances, observed_at=SystemClock().now())
 
 
 def to_json(assessment) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from rebalancer.cli import EXIT_FAILURE, EXIT_OK, CliError
 from rebalancer.cli.tables import Column, print_table
+from rebalancer.clock import SystemClock
 
 if TYPE_CHECKING:
     from rebalancer.operation import OperationRecord
@@ -402,7 +403,7 @@ def run(
     from rebalancer.store import StoreError
 
     env = os.environ if env is None else env
-    now = now or datetime.now(UTC)
+    now = now or SystemClock().now()
     if args.limit is not None and args.limit < 1:
         raise CliError(f"--limit must be at least 1, got {args.limit}")
     if args.days <= 0:

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
         OperationStatus,
         Quota,
     )
-    from rebalancer.compute.clock import Clock, SystemClock
     from rebalancer.compute.errors import AdapterError, ErrorKind, ScaleSetGone
 
 _WHERE = {
@@ -31,8 +30,6 @@ _WHERE = {
     "OperationState": "adapter",
     "OperationStatus": "adapter",
     "Quota": "adapter",
-    "Clock": "clock",
-    "SystemClock": "clock",
     "AdapterError": "errors",
     "ErrorKind": "errors",
     "ScaleSetGone": "errors",
@@ -43,14 +40,12 @@ __all__ = [
     "AdapterError",
     "ArmCall",
     "ArmConfig",
-    "Clock",
     "ComputeAdapter",
     "ErrorKind",
     "OperationState",
     "OperationStatus",
     "Quota",
     "ScaleSetGone",
-    "SystemClock",
 ]
 
 

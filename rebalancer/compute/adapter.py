@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from rebalancer import arm
 from rebalancer.budget import DEFAULT_SHARE, Budget
-from rebalancer.compute.clock import Clock, SystemClock
+from rebalancer.clock import Clock, SystemClock
 from rebalancer.compute.credentials import LOOPBACK_HOSTS
 from rebalancer.compute.errors import (
     AdapterError,

@@ -26,7 +26,7 @@ from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import HTTPPolicy
 
 from rebalancer.budget import Budget, CallKind
-from rebalancer.compute.clock import Clock
+from rebalancer.clock import Clock
 from rebalancer.compute.errors import parse_retry_after
 
 log = logging.getLogger(__name__)

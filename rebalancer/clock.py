@@ -1,17 +1,23 @@
-"""The adapter's notion of time: monotonic seconds for budgets and TTLs, and a way to wait.
+"""The app's one notion of time, injected everywhere: the current time (decisions, records),
+monotonic seconds (budgets, TTLs) and a way to wait.
 
-Injected so that tests (and armsim's virtual time) decide how long a wait really takes.
+Injected so that tests (and armsim's virtual time) decide what time it is and how long a wait
+really takes; the app reads the system clock only through `SystemClock`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 
 class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, timezone-aware (UTC)."""
+        ...
+
     def monotonic(self) -> float:
         """Seconds on a clock that never goes back."""
         ...
@@ -24,6 +30,9 @@ class Clock(Protocol):
 
 
 class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
     def monotonic(self) -> float:
         return time.monotonic()
 
@@ -53,6 +62,9 @@ class VirtualTime:
         self._clock = clock
         self._origin = clock.now()
         self._lock = threading.Lock()
+
+    def now(self) -> datetime:
+        return self._clock.now()
 
     def monotonic(self) -> float:
         return (self._clock.now() - self._origin).total_seconds()
