@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rebalancer import autoscale, followup, lro, protection
+from rebalancer import autoscale, followup, gates, lro, protection
 from rebalancer import operation as op
 from rebalancer.clock import Clock
 from rebalancer.compute.adapter import ArmCall
@@ -349,66 +349,40 @@ class Reconciler:
 
     def _gate(
         self, inventory: Inventory, assessment: Assessment, opt_in: OptIn
-    ) -> tuple[Gate, str] | None:
-        """The first reason not to start now, cheapest checks first."""
-        settings, ref, now = self.settings, inventory.scale_set.ref, self.clock.now()
-        if opt_in is OptIn.DISABLED:
-            return Gate.OPTED_OUT, "tag zone-rebalance=disabled: not even reported as actionable"
-        held = self._autoscale_gate(inventory, assessment, now)
+    ) -> gates.Held | None:
+        """The first gate that holds the move (rebalancer/gates.py), cheapest checks first:
+        each reads what it needs from the store or Azure only when the ones before let the
+        move through."""
+        settings, scale_set, now = self.settings, inventory.scale_set, self.clock.now()
+        ref = scale_set.ref
+        held = gates.opted_out(opt_in) or self._autoscale_gate(inventory, assessment, now)
+        held = held or gates.not_allowed(opt_in, settings.mode, scale_set)
         if held is not None:
             return held
-        if opt_in is not OptIn.ENABLED:
-            return Gate.NOT_OPTED_IN, (
-                "audited only: tag the scale set zone-rebalance=enabled to let the app move VMs"
-            )
-        if settings.mode is Mode.OFF:
-            return Gate.MODE_OFF, "REBALANCER_MODE=off"
-        if settings.mode is Mode.AUDIT:
-            return Gate.MODE_AUDIT, "REBALANCER_MODE=audit: set it to enforce to move VMs"
-        if inventory.scale_set.provisioning_state.lower() == "updating":
-            return Gate.UPGRADE_IN_PROGRESS, (
-                "the scale set's provisioningState is Updating (a model change or upgrade by "
-                "someone else); the move waits until it is Succeeded"
-            )
         last = self.store.last_activity(ref.key)
-        silent = self._silent_change(inventory, last, now)
-        if silent is not None:
-            return Gate.COOLDOWN, silent
-        if last is not None and last + settings.cooldown > now:
-            return Gate.COOLDOWN, (
-                f"outside change at {last.isoformat()}; moves wait until "
-                f"{(last + settings.cooldown).isoformat()} (REBALANCER_COOLDOWN_MINUTES)"
-            )
-        if settings.min_move_interval > timedelta(0):
+        held = self._silent_change(inventory, last, now) or gates.cooldown(
+            last, settings.cooldown, now
+        )
+        if held is None and settings.min_move_interval > timedelta(0):
             previous = self.store.history(ref.key, limit=1)
-            if previous and previous[0].updated_at + settings.min_move_interval > now:
-                until = previous[0].updated_at + settings.min_move_interval
-                return Gate.MIN_INTERVAL, (
-                    f"the last operation ended at {previous[0].updated_at.isoformat()}; next move "
-                    f"after {until.isoformat()} (REBALANCER_MIN_MOVE_INTERVAL_MINUTES)"
-                )
-        scale_set = inventory.scale_set
+            ended = previous[0].updated_at if previous else None
+            held = gates.min_interval(ended, settings.min_move_interval, now)
+        held = held or self._repeat_gate(inventory, assessment, now)
+        if held is not None:
+            return held
         k = min(len(assessment.moves), settings.max_surge)
-        repeat = self._repeat_gate(inventory, assessment, now)
-        if repeat is not None:
-            return repeat
         for zone in sorted({move.to_zone for move in assessment.moves[:k]}):
             until = self.store.backoff_until(
                 scale_set.location, scale_set.sku_name or "", zone, now
             )
-            if until is not None:
-                return Gate.ZONE_BACKOFF, (
-                    f"zone {zone} of {scale_set.location} had no capacity for "
-                    f"{scale_set.sku_name}; next try after {until.isoformat()}"
-                )
+            held = gates.zone_backoff(scale_set, zone, until)
+            if held is not None:
+                return held
         return self._quota_gate(inventory, k) or self._rolling_upgrade_gate(inventory)
 
-    def _rolling_upgrade_gate(self, inventory: Inventory) -> tuple[Gate, str] | None:
-        """A rolling upgrade (or automatic OS image upgrade) reimaging the set's VMs.
-
-        Read last, and only when the upgrade policy can roll: one GET per scale set that
-        would otherwise move.
-        """
+    def _rolling_upgrade_gate(self, inventory: Inventory) -> gates.Held | None:
+        """Read last, and only when the upgrade policy can roll: one GET per scale set that
+        would otherwise move."""
         scale_set = inventory.scale_set
         if not scale_set.can_roll:
             return None
@@ -424,25 +398,13 @@ class Reconciler:
                 extra=_dims(scale_set.ref),
             )
             return None
-        if upgrade is None or not upgrade.running:
-            return None
-        since = f" since {upgrade.started.isoformat()}" if upgrade.started else ""
-        return Gate.UPGRADE_IN_PROGRESS, (
-            f"a rolling upgrade is {upgrade.status}{since} ({upgrade.in_progress} VM(s) in "
-            f"progress, {upgrade.pending} pending; upgradePolicy.mode {scale_set.upgrade_mode}"
-            f"{', automatic OS upgrades' if scale_set.automatic_os_upgrade else ''}); the move "
-            "waits until rollingUpgrades/latest is no longer RollingForward (or cancel it: "
-            "az vmss rolling-upgrade cancel)"
-        )
+        return gates.rolling_upgrade(scale_set, upgrade)
 
     def _silent_change(
         self, inventory: Inventory, last_activity: datetime | None, now: datetime
-    ) -> str | None:
-        """VMs gone or new since the last assessment, not by the app nor by an event it saw.
-
-        Repairs, upgrades, evictions and overprovisioning emit no Event Grid event: such a
-        change starts the cooldown as an event would (recorded as outside activity now).
-        """
+    ) -> gates.Held | None:
+        """VMs changed since the last assessment, not by the app nor by an event it saw:
+        recorded as outside activity now, so the cooldown runs as after an event."""
         ref = inventory.scale_set.ref
         stored = self.store.last_assessment(ref.key)
         if stored is None or (last_activity is not None and last_activity >= stored.at):
@@ -454,90 +416,41 @@ class Reconciler:
         if not isinstance(before, list):
             return None  # stored by an earlier version
         current = {instance.id for instance in inventory.instances}
-        ours = self._apps_vms(ref, stored.at)
-        gone = sorted(set(before) - current - ours)
-        new = sorted(current - set(before) - ours)
-        if not gone and not new:
+        if set(before) == current:
             return None
-        self.store.record_activity(ref.key, now)
-        seen = "; ".join(
-            part
-            for part in (
-                f"gone: {', '.join(gone)}" if gone else "",
-                f"new: {', '.join(new)}" if new else "",
-            )
-            if part
-        )
-        return (
-            f"VMs changed since the assessment at {stored.at.isoformat()} ({seen}), not by the "
-            "app nor by an event it saw (repairs, upgrades, evictions emit none); moves wait "
-            f"until {(now + self.settings.cooldown).isoformat()} (REBALANCER_COOLDOWN_MINUTES)"
-        )
+        ours = gates.apps_vms(self._records_since(ref, stored.at))
+        held = gates.silent_change(before, current, ours, stored.at, self.settings.cooldown, now)
+        if held is not None:
+            self.store.record_activity(ref.key, now)
+        return held
 
-    def _apps_vms(self, ref: ScaleSetRef, since: datetime) -> set[str]:
-        """VMs the app's own operations created or deleted since `since`."""
-        ours: set[str] = set()
+    def _records_since(self, ref: ScaleSetRef, since: datetime) -> Iterator[op.OperationRecord]:
+        """The app's operations on the scale set that ended at or after `since`."""
         for row in self.store.history(ref.key):
             if row.updated_at < since:
                 break
             try:
-                record = op.OperationRecord.from_json(row.body)
+                yield op.OperationRecord.from_json(row.body)
             except ValueError:
                 continue
-            ours |= set(record.created) | set(record.discarded) | set(record.sources)
-            ours |= set(record.delete_requested)
-        return ours
 
     def _repeat_gate(
         self, inventory: Inventory, assessment: Assessment, now: datetime
-    ) -> tuple[Gate, str] | None:
-        """Why the planned move would only repeat how the last one ended, or None.
-
-        Both apply while the scale set still holds exactly the VMs the last operation started
-        from and the plan names the same zones:
-        - `placement_tie`: Azure placed its VM in a zone tied with the planned one on VM
-          count and would do so again; the move waits until the scale set's VMs change.
-        - `new_vm_failed`: its new VMs failed to provision in the wanted zone (an extension,
-          not capacity); the move waits one cooldown, so that a broken extension does not
-          create and delete a VM on every pass.
-        """
-        ref = inventory.scale_set.ref
-        rows = self.store.history(ref.key, limit=1)
+    ) -> gates.Held | None:
+        rows = self.store.history(inventory.scale_set.ref.key, limit=1)
         if not rows or rows[0].active:
             return None
         try:
             last = op.OperationRecord.from_json(rows[0].body)
         except ValueError:
             return None
-        reasons = {t.reason for t in last.history}
-        if not reasons & {op.Reason.PLACEMENT_TIE, op.Reason.NEW_VM_FAILED}:
-            return None
-        targets = {move.to_zone for move in assessment.moves}  # as `op.start` counts them
-        current = {instance.id for instance in inventory.instances}
-        if current != last.baseline.instance_ids or targets != set(last.zone_needs):
-            return None
-        if op.Reason.PLACEMENT_TIE in reasons:
-            placed = sorted(set(last.created.values()) - {None})
-            where = ", ".join(f"zone {zone}" for zone in placed) or "another zone"
-            return Gate.PLACEMENT_TIE, (
-                f"operation {last.operation_id} asked for zone(s) "
-                f"{', '.join(last.target_zones)} and Azure placed its VM in {where}, which "
-                "holds as many VMs; it would do so again. The move waits until the scale "
-                "set's VMs change"
-            )
-        until = rows[0].updated_at + self.settings.cooldown
-        if until <= now:
-            return None
-        return Gate.FAILED_REPLACEMENT, (
-            f"the new VMs of operation {last.operation_id} failed to provision in zone(s) "
-            f"{', '.join(last.target_zones)} (see its history: an extension, not capacity); "
-            f"next try after {until.isoformat()} (REBALANCER_COOLDOWN_MINUTES), or fix the "
-            "scale set's extensions first"
+        return gates.repeat(
+            last, rows[0].updated_at, inventory, assessment, self.settings.cooldown, now
         )
 
     def _autoscale_gate(
         self, inventory: Inventory, assessment: Assessment, now: datetime
-    ) -> tuple[Gate, str] | None:
+    ) -> gates.Held | None:
         scale_set = inventory.scale_set
         try:
             settings = self.compute.autoscale_settings()
@@ -555,7 +468,7 @@ class Reconciler:
         found = autoscale.at_maximum(settings, scale_set.ref, capacity, k, now)
         return (Gate.AUTOSCALE_AT_MAXIMUM, found.describe()) if found else None
 
-    def _quota_gate(self, inventory: Inventory, k: int) -> tuple[Gate, str] | None:
+    def _quota_gate(self, inventory: Inventory, k: int) -> gates.Held | None:
         """Room for the `k` new VMs in the quota each draws on: Spot VMs (a Spot set, or the
         Spot share of a priority mix) in lowPriorityCores, regular ones in the size's family."""
         scale_set = inventory.scale_set
@@ -574,13 +487,9 @@ class Reconciler:
                     "quota of %s unknown: %s", scale_set.ref, error, extra=_dims(scale_set.ref)
                 )
                 continue
-            if quota.headroom_vms < count:
-                kind = "Spot " if is_spot else ""
-                return Gate.QUOTA, (
-                    f"{quota.family} quota in {scale_set.location}: {quota.used_vcpus}/"
-                    f"{quota.limit_vcpus} vCPUs used, {count} more {kind}VM(s) of "
-                    f"{quota.vcpus_per_vm} vCPUs do not fit; raise the quota"
-                )
+            held = gates.quota(scale_set, quota, count, spot=is_spot)
+            if held is not None:
+                return held
         return None
 
     def _record_verdict(self, verdict: Verdict) -> None:
