@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -58,6 +58,17 @@ class AuditSlice:
     """Another invocation holds the audit; this one did none of it."""
 
 
+@dataclass(frozen=True, slots=True)
+class PageReads:
+    """What the audit reads from Table Storage for a whole page, after its inventories: two
+    queries a page instead of two point reads per scale set."""
+
+    operations: frozenset[str]
+    """Scale sets with an operation row (each is read again on its own, as before)."""
+    fingerprints: Mapping[str, str]
+    """The stored assessment's fingerprint, by scale set."""
+
+
 @dataclass
 class Reconciler:
     """Drives every scale set of one subscription. One per process; thread-safe."""
@@ -86,21 +97,30 @@ class Reconciler:
 
     # -- one scale set --------------------------------------------------------------------
 
-    def reconcile(self, ref: ScaleSetRef, *, observed: Inventory | None = None) -> Result:
+    def reconcile(
+        self,
+        ref: ScaleSetRef,
+        *,
+        observed: Inventory | None = None,
+        page: PageReads | None = None,
+    ) -> Result:
         """Bring one scale set one step closer to balance.
 
         An idle scale set is assessed without the lock, so a pass over a balanced fleet only
         reads. The lock is taken to act: to advance an in-flight operation, or to start one,
         and then the scale set is read again under it. `observed` (an inventory the audit read
-        moments ago) is used to assess, never to act.
+        moments ago) is used to assess, never to act; so is `page` (what the audit read from
+        the store for the page).
         """
-        if self.store.active_operation(ref.key) is None:
+        idle = page is not None and ref.key not in page.operations
+        if idle or self.store.active_operation(ref.key) is None:
             inventory = observed if observed is not None else self._observe(ref)
             if inventory is None:
                 return Result(ref, Outcome.GONE, detail="the scale set does not exist")
             verdict = self._verdict(inventory)
             if not _actionable(verdict):
-                self._record_verdict(verdict)
+                stored = page.fingerprints.get(ref.key) if page is not None else None
+                self._record_verdict(verdict, stored=stored)
                 return Result(ref, Outcome.ASSESSED, verdict=verdict, detail=verdict.detail)
         # One owner per pass, not per process: two invocations in one worker must exclude
         # each other too (the store renews a lock for the same owner).
@@ -492,14 +512,16 @@ class Reconciler:
                 return held
         return None
 
-    def _record_verdict(self, verdict: Verdict) -> None:
-        """Persist the verdict when it changed, and log it only then: no noise every tick."""
+    def _record_verdict(self, verdict: Verdict, *, stored: str | None = None) -> None:
+        """Persist the verdict when it changed, and log it only then: no noise every tick.
+        `stored`: the stored assessment's fingerprint, when the audit read it for the page."""
         body = verdict.to_json()
         changed = self.store.save_assessment(
             verdict.assessment.ref.key,
             body,
             self.clock.now(),
             imbalanced=not verdict.assessment.balanced,
+            stored=stored,
         )
         if changed:
             a = verdict.assessment
@@ -909,13 +931,19 @@ class Reconciler:
                 scale_sets, items = scale_sets[:cut], items[:cut]
                 break
 
+        if not scale_sets:
+            return [], throttled
+        # Read after the inventories, as each scale set's point reads were.
+        page = PageReads(
+            operations=self.store.operation_keys(),
+            fingerprints=self.store.assessment_fingerprints([s.ref.key for s in scale_sets]),
+        )
+
         def assess(scale_set: Any, item: Inventory | AdapterError) -> Result:
             if isinstance(item, AdapterError):
                 return Result(scale_set.ref, Outcome.DEFERRED, detail=str(item))
-            return _slim(self._guarded(scale_set.ref, observed=item))
+            return _slim(self._guarded(scale_set.ref, observed=item, page=page))
 
-        if not scale_sets:
-            return [], throttled
         # Concurrently: what each pass waits for is Table Storage, one scale set at a time.
         workers = min(self.audit_workers, len(scale_sets))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="assess") as pool:
@@ -990,10 +1018,12 @@ class Reconciler:
         sweep = self._stored_sweep(held.body) if held is not None else self._legacy_sweep()
         return sweep.due(self.clock.now(), self.settings.audit_interval)
 
-    def _guarded(self, ref: ScaleSetRef, observed: Inventory | None = None) -> Result:
+    def _guarded(
+        self, ref: ScaleSetRef, observed: Inventory | None = None, page: PageReads | None = None
+    ) -> Result:
         """One scale set's failure (throttling, a transient error) never stops the pass."""
         try:
-            return self.reconcile(ref, observed=observed)
+            return self.reconcile(ref, observed=observed, page=page)
         except AdapterError as error:
             log.warning("%s deferred: %s", ref, error, extra=_dims(ref, error=str(error.kind)))
             if error.kind is ErrorKind.THROTTLED:

@@ -7,7 +7,10 @@ long-running operations cost no real time.
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -37,12 +40,8 @@ NOW = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 
 
 def adapter_for(sim: ArmSim, budget: Budget | None = None, **config: Any) -> ComputeAdapter:
-    settings = ArmConfig(
-        subscription_id=sim.subscription_id,
-        endpoint=sim.endpoint,
-        ca_cert=sim.ca_cert_path,
-        **config,
-    )
+    config.setdefault("ca_cert", sim.ca_cert_path)
+    settings = ArmConfig(subscription_id=sim.subscription_id, endpoint=sim.endpoint, **config)
     return ComputeAdapter(settings, sim.credential, clock=VirtualTime(sim.clock), budget=budget)
 
 
@@ -595,3 +594,79 @@ def test_quota_of_a_size_in_a_location_is_read_once_and_cached() -> None:
         assert operations(sim) == {"sku.list": 1, "usage.list": 2}
         sku_list = next(r for r in sim.requests if r.operation == "sku.list")
         assert sku_list.query["$filter"] == "location eq 'westeurope'"
+
+
+# --- the transport and the environment ----------------------------------------------------
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
+PROXY_VARIABLES += ("all_proxy", "NO_PROXY", "no_proxy")
+
+
+@pytest.fixture
+def refusing_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """An HTTPS proxy on loopback that refuses every tunnel, with the request lines it got;
+    no other proxy setting in the environment."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    asked: list[str] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                asked.append(connection.recv(4096).decode("latin-1").split("\r\n")[0])
+                connection.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        yield asked
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def test_the_environments_proxy_is_used(refusing_proxy: list[str]) -> None:
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,))) as sim, adapter_for(sim) as adapter:
+        with pytest.raises(AdapterError) as caught:
+            adapter.read_inventory(ref(sim, "rg-web", "web"), NOW)
+        assert caught.value.kind is ErrorKind.TRANSIENT
+        host = sim.endpoint.split("://", 1)[1].rstrip("/")
+        assert refusing_proxy
+        assert all(line.startswith(f"CONNECT {host} HTTP/") for line in refusing_proxy)
+        assert sim.requests == []
+
+
+def test_no_proxy_is_honoured_and_the_environment_is_read_once(
+    refusing_proxy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transport reads the proxy settings for the endpoint once, when it is built:
+    requests would scan the whole environment again on every request."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,))) as sim, adapter_for(sim) as adapter:
+        adapter.read_inventory(ref(sim, "rg-web", "web"), NOW)
+        monkeypatch.delenv("NO_PROXY")  # a worker's environment does not change under it
+        adapter.read_inventory(ref(sim, "rg-web", "web"), NOW)
+        assert refusing_proxy == []
+        assert operations(sim) == {"vmss.get": 2, "vmss_vm.list": 2}
+
+
+def test_the_environments_ca_bundle_verifies_without_a_configured_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,))) as sim:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", sim.ca_cert_path)
+        with adapter_for(sim, ca_cert=None) as adapter:
+            adapter.read_inventory(ref(sim, "rg-web", "web"), NOW)
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+        monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+        with adapter_for(sim, ca_cert=None) as adapter, pytest.raises(AdapterError):
+            adapter.read_inventory(ref(sim, "rg-web", "web"), NOW)

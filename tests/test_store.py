@@ -58,6 +58,7 @@ from rebalancer.store import (
     Store,
     StoreConfigError,
     StoreError,
+    StoreStats,
     StoreUnavailable,
     encode_key,
     entity_size,
@@ -563,6 +564,50 @@ def test_assessment_is_written_only_when_it_changed(store: Store):
     assert stored is not None
     assert stored.body == '{"balanced": true}' and stored.at == T0 + timedelta(hours=1)
     assert not store.save_assessment(WEB, '{"balanced": true}', T0 + timedelta(hours=2))
+
+
+def test_an_assessment_read_moments_ago_saves_the_read(store: Store):
+    assert store.save_assessment(WEB, '{"balanced": true}', T0)
+    (stored,) = store.assessment_fingerprints([WEB]).values()
+    before = store.stats
+    assert not store.save_assessment(WEB, '{"balanced": true}', T0, stored=stored)
+    assert store.stats - before == StoreStats(0, 0)
+    # Stale or different: read and written exactly as without it.
+    assert store.save_assessment(WEB, '{"balanced": false}', T0, stored=stored, imbalanced=True)
+    assert (store.stats - before) == StoreStats(1, 1)
+    saved = store.last_assessment(WEB)
+    assert saved is not None and saved.body == '{"balanced": false}'
+    assert saved.imbalanced_since == T0
+
+
+def test_assessment_fingerprints_are_one_query_per_ascending_run_of_keys(store: Store):
+    keys = [f"{SETS}/web{i:02d}" for i in range(12)]
+    for key in keys:
+        store.save_assessment(key, f'{{"id": "{key}"}}', T0, fingerprint=f"fp-{key[-2:]}")
+    store.record_activity(keys[4], T0)  # another row of a scale set's partition
+    before = store.stats
+    page = keys[3:8]
+    assert store.assessment_fingerprints(page) == {key: f"fp-{key[-2:]}" for key in page}
+    assert (store.stats - before).reads == 1  # rows of the range not asked for are dropped
+    # A page where the audit's ring wraps around: two runs, two queries.
+    before = store.stats
+    wrapped = [*keys[10:], *keys[:2], f"{SETS}/x-never-assessed"]
+    found = store.assessment_fingerprints(wrapped)
+    assert found == {key: f"fp-{key[-2:]}" for key in [*keys[10:], *keys[:2]]}
+    assert (store.stats - before).reads == 2
+    assert store.assessment_fingerprints([]) == {}
+
+
+def test_operation_keys_name_every_scale_set_with_an_operation_row(store: Store):
+    assert store.operation_keys() == frozenset()
+    save_operation(store, operation("op-1", WEB))
+    row = save_operation(store, operation("op-2", API))
+    # Finished, its archiving interrupted: still a row, which only `active_operation` completes.
+    store._tables["live"].update_entity(store._operation_entity(replace(row, active=False)))
+    assert store.try_acquire(f"{SETS}/locked", "a", T0, LEASE) is not None
+    before = store.stats
+    assert store.operation_keys() == {WEB, API}
+    assert (store.stats - before).reads == 1
 
 
 def test_outside_activity_keeps_the_latest(store: Store):

@@ -129,6 +129,19 @@ class Operations(Locks, Slots):
             )
         return [self._operation(entity) for entity in entities]
 
+    def operation_keys(self) -> frozenset[str]:
+        """The scale sets with an operation row: in flight, or finished with its archiving
+        interrupted (`active_operation` completes that). One range query, keys only: the
+        audit asks once per page instead of reading each scale set's row."""
+        with _translated("list the scale sets with an operation"):
+            entities = self._query(
+                "live",
+                "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                {"pk": LIVE_PARTITION, "lo": _OP, "hi": _OP[:-1] + "."},
+                select=["ScaleSetKey"],
+            )
+        return frozenset(entity["ScaleSetKey"] for entity in entities)
+
     def history(self, scale_set_key: str, limit: int = 20) -> list[OperationRow]:
         """The scale set's operations, newest first: the in-flight one, then finished ones."""
         rows: list[OperationRow] = []

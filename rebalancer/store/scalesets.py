@@ -4,6 +4,7 @@ last outside activity on it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -49,17 +50,22 @@ class ScaleSetRecords(TableAccess):
         *,
         fingerprint: str | None = None,
         imbalanced: bool = False,
+        stored: str | None = None,
     ) -> bool:
         """Store the scale set's latest assessment only if it changed. True when written.
 
         `fingerprint` identifies the content that matters (default: a hash of `body`); pass
         one that leaves out timestamps, or every tick would count as a change. `imbalanced`
         keeps `ImbalancedSince`: the time of the first of consecutive out-of-balance
-        assessments, however often their details change.
+        assessments, however often their details change. `stored` is the fingerprint the
+        caller read moments ago (`assessment_fingerprints`): when it is this one, nothing is
+        sent; otherwise the row is read and written as without it.
         """
         from azure.data.tables import UpdateMode
 
         fingerprint = fingerprint or _fingerprint(body)
+        if stored is not None and stored == fingerprint:
+            return False
         pk = encode_key(scale_set_key)
         with _translated(f"save the assessment of {scale_set_key}"):
             current = self._get(
@@ -81,6 +87,27 @@ class ScaleSetRecords(TableAccess):
             _check_size(entity, f"assessment of {scale_set_key}")
             self._write("scalesets", lambda t: t.upsert_entity(entity, mode=UpdateMode.REPLACE))
         return True
+
+    def assessment_fingerprints(self, scale_set_keys: Sequence[str]) -> dict[str, str]:
+        """The fingerprint of each of these scale sets' stored assessments (those that have
+        one), in one range query per ascending run of the keys (the audit's page: one run, two
+        where the pass wraps around its ring) instead of a point read each. Rows in a range
+        that were not asked for are read and dropped."""
+        wanted = set(scale_set_keys)
+        fingerprints: dict[str, str] = {}
+        with _translated("read the stored assessments' fingerprints"):
+            for run in _ascending_runs(scale_set_keys):
+                encoded = [encode_key(key) for key in run]
+                entities = self._query(
+                    "scalesets",
+                    "PartitionKey ge @lo and PartitionKey le @hi and RowKey eq @rk",
+                    {"lo": min(encoded), "hi": max(encoded), "rk": "assessment"},
+                    select=["ScaleSetKey", "Fingerprint"],
+                )
+                for entity in entities:
+                    if entity.get("ScaleSetKey") in wanted and entity.get("Fingerprint"):
+                        fingerprints[entity["ScaleSetKey"]] = entity["Fingerprint"]
+        return fingerprints
 
     def last_assessment(self, scale_set_key: str) -> StoredAssessment | None:
         with _translated(f"read the assessment of {scale_set_key}"):
@@ -158,3 +185,13 @@ class ScaleSetRecords(TableAccess):
             capacity_written_at=at(OutsideChange.CAPACITY_WRITE),
             vms_deleted_at=at(OutsideChange.VM_DELETE),
         )
+
+
+def _ascending_runs(keys: Sequence[str]) -> list[list[str]]:
+    runs: list[list[str]] = []
+    for key in keys:
+        if runs and key > runs[-1][-1]:
+            runs[-1].append(key)
+        else:
+            runs.append([key])
+    return runs
