@@ -377,16 +377,21 @@ class ComputeAdapter:
 
     def _transport(self) -> Any:
         """requests' default pool keeps 10 connections per host; the audit's threads need one
-        each, or connections are dropped and opened again (a TLS handshake per request)."""
+        each, or connections are dropped and opened again (a TLS handshake per request). The
+        connections share one TLS context, so the CA bundle is loaded once, not per
+        connection (`rebalancer.compute.tls`)."""
         import requests
         from azure.core.pipeline.transport import RequestsTransport
         from urllib3.util.retry import Retry
+
+        from rebalancer.compute.tls import SharedTlsAdapter
 
         pool = max(10, self.config.audit_concurrency + 2)
         session = requests.Session()
         session.mount(
             "https://",
-            requests.adapters.HTTPAdapter(
+            SharedTlsAdapter(
+                self.config.ca_cert,
                 pool_connections=pool,
                 pool_maxsize=pool,
                 max_retries=Retry(total=False, redirect=False, raise_on_status=False),
