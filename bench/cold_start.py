@@ -8,9 +8,11 @@ Import time of `function_app` against a bare `import azure.functions`, each the 
 fresh Python processes (the Functions host imports the app in a fresh worker). Then the first
 timer invocation of a fresh process (building the runtime: settings, Table Storage, the
 Compute adapter and their SDKs, then one audit tick against armsim and Azurite) against the
-same tick warm, an hour later in the same process. The deployment has run before: an earlier
-process created the tables and stored the audit an hour before, so both ticks do the same
-work (the same Table reads and writes, the same ARM reads). A new deployment's very first
+same tick warm, an hour later in the same process. The app verifies armsim's certificate
+against certifi's bundle plus armsim's CA, so that TLS costs what verifying Azure's costs.
+The deployment has run before: an earlier process created the tables and stored the audit
+an hour before, so both ticks do the same work (the same Table reads and writes, the same
+ARM reads). A new deployment's very first
 tick (tables created, every scale set new to the store) is measured too, in one more process.
 Last, in one more fresh process, the modules the first tick imported, in the order it
 imported them: how much of the first tick is importing (the rest is first use: connections,
@@ -23,6 +25,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from datetime import timedelta
@@ -116,6 +119,17 @@ def child(info: dict[str, Any], *, ticks: int = 2) -> dict[str, Any]:
     }
 
 
+def azure_sized_bundle(armsim_ca: str, directory: Path) -> Path:
+    """A CA bundle that verifies armsim as certifi's verifies management.azure.com, at the
+    same cost: certifi's certificates (requests' default bundle, what the app trusts in
+    Azure) and armsim's own CA."""
+    import certifi
+
+    bundle = directory / "ca-bundle.pem"
+    bundle.write_text(Path(certifi.where()).read_text() + "\n" + Path(armsim_ca).read_text())
+    return bundle
+
+
 def _in_child(info: dict[str, Any], *, ticks: int, timeout: float) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", "bench.cold_start", "child", json.dumps(info), str(ticks)],
@@ -174,8 +188,13 @@ def run(
     app = import_seconds("function_app", runs)
     bare = import_seconds("azure.functions", runs)
     fleet = mixed_fleet(scale_sets, vms, tags={"zone-rebalance": "enabled"})
-    with Azurite() as azurite, armsim_process(fleet_document(fleet)) as info:
-        info = {**info, "storage": azurite.connection_string}
+    with (
+        Azurite() as azurite,
+        armsim_process(fleet_document(fleet)) as info,
+        tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp,
+    ):
+        bundle = azure_sized_bundle(info["ca_cert"], Path(tmp))
+        info = {**info, "ca_cert": str(bundle), "storage": azurite.connection_string}
         deployed = {**info, "prefix": f"c{uuid.uuid4().hex[:12]}"}
         _in_child(deployed, ticks=1, timeout=timeout)  # the deployment's earlier process
         invocation = _in_child({**deployed, "hours": 1}, ticks=2, timeout=timeout)
