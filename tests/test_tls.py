@@ -1,4 +1,4 @@
-"""The Compute transport's connections share one TLS context (rebalancer.compute.tls): the CA
+"""The Compute transport's connections share one TLS context (rebalancer.tls): the CA
 bundle is loaded once, not once per connection, which a worker's first audit paid once per
 thread (docs/performance.md, figure 4); and the server is still verified against it."""
 

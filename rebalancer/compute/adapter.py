@@ -379,30 +379,19 @@ class ComputeAdapter:
         """requests' default pool keeps 10 connections per host; the audit's threads need one
         each, or connections are dropped and opened again (a TLS handshake per request). The
         connections share one TLS context, so the CA bundle is loaded once, not per
-        connection (`rebalancer.compute.tls`)."""
-        import requests
+        connection (`rebalancer.tls`)."""
         from azure.core.pipeline.transport import RequestsTransport
-        from urllib3.util.retry import Retry
 
-        from rebalancer.compute.tls import SharedTlsAdapter
+        from rebalancer.tls import shared_tls_session
 
         pool = max(10, self.config.audit_concurrency + 2)
-        session = requests.Session()
-        session.mount(
-            "https://",
-            SharedTlsAdapter(
-                self.config.ca_cert,
-                pool_connections=pool,
-                pool_maxsize=pool,
-                max_retries=Retry(total=False, redirect=False, raise_on_status=False),
-            ),
-        )
         options: dict[str, Any] = {
             "connection_timeout": self.config.connection_timeout,
             "read_timeout": self.config.read_timeout,
         }
         if self.config.ca_cert:
             options["connection_verify"] = self.config.ca_cert
+        session = shared_tls_session(self.config.ca_cert, pool)
         return RequestsTransport(session=session, session_owner=True, **options)
 
     def close(self) -> None:
