@@ -12,6 +12,7 @@ pools.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import requests
@@ -24,19 +25,22 @@ NO_RETRIES = Retry(total=False, redirect=False, raise_on_status=False)
 
 class SharedTlsAdapter(requests.adapters.HTTPAdapter):
     """requests' HTTPAdapter whose pools share one TLS context holding `ca_bundle` (None:
-    requests' default bundle). A request that verifies against anything else (another bundle
-    from REQUESTS_CA_BUNDLE, or no verification) gets urllib3's own context per connection,
-    as without this adapter: the shared context is never changed by a request."""
+    requests' default bundle), loaded with the first HTTPS request (a client that only speaks
+    HTTP, to Azurite, never loads it). A request that verifies against anything else (another
+    bundle from REQUESTS_CA_BUNDLE, or no verification) gets urllib3's own context per
+    connection, as without this adapter: the shared context is never changed by a request."""
 
     def __init__(self, ca_bundle: str | None = None, **kwargs: Any) -> None:
         self.ca_bundle = ca_bundle
+        self._loading = threading.Lock()
+        self._loaded = False
         super().__init__(**kwargs)
 
     def init_poolmanager(
         self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
     ) -> None:
         self.context = create_urllib3_context()  # certificate required, host name checked
-        self.context.load_verify_locations(self.ca_bundle or requests.certs.where())
+        self._loaded = False
         super().init_poolmanager(
             connections, maxsize, block, ssl_context=self.context, **pool_kwargs
         )
@@ -48,6 +52,12 @@ class SharedTlsAdapter(requests.adapters.HTTPAdapter):
             return  # a plain-HTTP or proxy pool
         same = verify is True if self.ca_bundle is None else verify == self.ca_bundle
         if same and not cert:
+            if not self._loaded:
+                with self._loading:  # before this pool's first connection uses the context
+                    if not self._loaded:
+                        bundle = self.ca_bundle or requests.certs.where()
+                        self.context.load_verify_locations(bundle)
+                        self._loaded = True
             conn.ca_certs = None  # already in the shared context: not loaded per connection
         else:
             del conn_kw["ssl_context"]  # this pool verifies otherwise: its own contexts
