@@ -12,8 +12,8 @@ same tick warm, an hour later in the same process. The app verifies armsim's cer
 against certifi's bundle plus armsim's CA, so that TLS costs what verifying Azure's costs.
 The deployment has run before: an earlier process created the tables and stored the audit
 an hour before, so both ticks do the same work (the same Table reads and writes, the same
-ARM reads). A new deployment's very first
-tick (tables created, every scale set new to the store) is measured too, in one more process.
+ARM reads). A new deployment's very first tick (tables created, every scale set new to the
+store) is measured too, in one more process.
 Last, in one more fresh process, the modules the first tick imported, in the order it
 imported them: how much of the first tick is importing (the rest is first use: connections,
 TLS, caches).
