@@ -12,13 +12,13 @@ from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from rebalancer import operation as op
 from rebalancer.evaluator import Assessment
 from rebalancer.model import Inventory, RollingUpgrade, ScaleSet
 from rebalancer.settings import Mode, OptIn
 from rebalancer.verdict import Gate
 
 if TYPE_CHECKING:
+    from rebalancer import operation as op
     from rebalancer.compute.adapter import Quota
 
 Held = tuple[Gate, str]
@@ -124,14 +124,16 @@ def repeat(
       not capacity); the move waits one cooldown, so that a broken extension does not
       create and delete a VM on every pass.
     """
+    from rebalancer.operation import Reason  # with the first operation, not with every audit
+
     reasons = {t.reason for t in last.history}
-    if not reasons & {op.Reason.PLACEMENT_TIE, op.Reason.NEW_VM_FAILED}:
+    if not reasons & {Reason.PLACEMENT_TIE, Reason.NEW_VM_FAILED}:
         return None
     targets = {move.to_zone for move in assessment.moves}  # as `op.start` counts them
     current = {instance.id for instance in inventory.instances}
     if current != last.baseline.instance_ids or targets != set(last.zone_needs):
         return None
-    if op.Reason.PLACEMENT_TIE in reasons:
+    if Reason.PLACEMENT_TIE in reasons:
         placed = sorted(set(last.created.values()) - {None})
         where = ", ".join(f"zone {zone}" for zone in placed) or "another zone"
         return Gate.PLACEMENT_TIE, (

@@ -19,10 +19,10 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rebalancer import autoscale, followup, gates, lro, protection
-from rebalancer import operation as op
 from rebalancer.clock import Clock
 from rebalancer.compute.adapter import ArmCall
 from rebalancer.compute.errors import AdapterError, ErrorKind, ScaleSetGone
+from rebalancer.deferred import Deferred
 from rebalancer.evaluator import Assessment, Decision, assess, upcoming_spot
 from rebalancer.model import Inventory, OrchestrationMode, OutsideActivity, ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
@@ -32,7 +32,10 @@ from rebalancer.telemetry import Telemetry
 from rebalancer.verdict import Gate, Outcome, Result, Verdict
 
 if TYPE_CHECKING:
+    from rebalancer import operation as op
     from rebalancer.compute import ComputeAdapter
+else:  # the state machine comes with the first operation, not with an audit that plans none
+    op = Deferred("rebalancer.operation")
 
 
 class FollowUpSender(Protocol):

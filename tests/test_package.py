@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import re
 import subprocess
 from pathlib import Path
 
@@ -66,3 +67,64 @@ def test_nothing_shipped_imports_the_tooling():
                 if name.split(".")[0] in TOOLING:
                     problems.append(f"{path}:{node.lineno} imports {name}")
     assert problems == []
+
+
+def _checked_hash_pyc(source: Path) -> bool:
+    """Whether `source` has a checked-hash .pyc of this Python, made from its current text."""
+    import importlib.util
+
+    cached = Path(importlib.util.cache_from_source(str(source)))
+    if not cached.is_file():
+        return False
+    header = cached.read_bytes()[:16]
+    flags = int.from_bytes(header[4:8], "little")
+    return (
+        header[:4] == importlib.util.MAGIC_NUMBER
+        and flags == 0b11  # hash-based, checked against the source on import
+        and header[8:16] == importlib.util.source_hash(source.read_bytes())
+    )
+
+
+def test_the_package_carries_the_app_compiled(tmp_path):
+    """The package runs from a read-only mount, where Python cannot keep what it compiles:
+    the prepackage hook byte-compiles every shipped module, and .funcignore lets the .pyc in.
+    The cold-start benchmark compiles the app with the same arguments."""
+    import shutil
+    import sys
+
+    from bench.cold_start import PACKAGE_BYTECODE
+
+    hook = ROOT / "infra" / "hooks" / "prepackage.sh"
+    assert "python3 " + " ".join(PACKAGE_BYTECODE) in hook.read_text()
+    runtime = re.search(r"name: 'python'\s+version: '([0-9.]+)'", _text("infra/modules/app.bicep"))
+    assert runtime is not None
+    assert f"want={runtime.group(1)}\n" in hook.read_text()
+    modules = [path for path in shipped() if path.endswith(".py")]
+    for path in [*modules, "infra/hooks/prepackage.sh"]:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / path, tmp_path / path)
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}  # python3: this Python
+    done = subprocess.run(
+        ["sh", str(tmp_path / "infra/hooks/prepackage.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    compiled = [
+        path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("__pycache__/*.pyc")
+    ]
+    if f"{sys.version_info.major}.{sys.version_info.minor}" != runtime.group(1):
+        assert "not byte-compiling" in done.stderr
+        assert compiled == []
+        return
+    missing = [path for path in modules if not _checked_hash_pyc(tmp_path / path)]
+    assert missing == []
+    assert len(compiled) == len(modules)
+    patterns = _patterns()
+    assert [path for path in compiled if _ignored(path, patterns)] == []
+
+
+def _text(path: str) -> str:
+    return (ROOT / path).read_text(encoding="utf-8")

@@ -136,6 +136,7 @@ def _service_client(
         **options,
         "raw_response_hook": counter,
     }
+    settings.setdefault("transport", _transport(settings))
     if connection.connection_string is not None:
         try:
             return TableServiceClient.from_connection_string(
@@ -148,3 +149,23 @@ def _service_client(
     if credential is None:
         credential = storage_credential(connection)
     return TableServiceClient(connection.table_service_uri or "", credential=credential, **settings)
+
+
+def _transport(settings: Mapping[str, Any]) -> Any:
+    """azure-core's transport as the client would build it, but with HTTPS connections that
+    share one TLS context (`rebalancer.tls`): the audit reads the tables from several
+    threads, each on its own connection, and the CA bundle is loaded once, not per
+    connection."""
+    import requests
+    from azure.core.pipeline.transport import RequestsTransport
+
+    from rebalancer.tls import NO_RETRIES, shared_tls_session
+
+    session = shared_tls_session()
+    session.mount("http://", requests.adapters.HTTPAdapter(max_retries=NO_RETRIES))
+    return RequestsTransport(
+        session=session,
+        session_owner=True,
+        connection_timeout=settings["connection_timeout"],
+        read_timeout=settings["read_timeout"],
+    )
