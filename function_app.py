@@ -32,7 +32,8 @@ def on_resource_event(event: func.EventGridEvent) -> None:
     arg_name="message", queue_name="%REBALANCER_FOLLOW_UP_QUEUE%", connection="AzureWebJobsStorage"
 )
 def on_follow_up(message: func.QueueMessage) -> None:
-    """An in-flight operation's follow-up is due (a message sent with a visibility delay)."""
+    """An in-flight operation's follow-up is due (a message sent with a visibility delay), or
+    an audit that ran out of time continues."""
     from rebalancer import service
 
     service.handle_follow_up(message.get_body().decode("utf-8", errors="replace"))

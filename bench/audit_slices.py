@@ -2,10 +2,14 @@
 
 armsim runs in its own process (`python -m armsim serve --throttling`), Azurite in its own,
 and the app in a fresh child process (`python -m bench.audit_slices child`): the real timer
-function of `function_app.py`, the Reconciler, the Compute adapter at the default 20% share of
-Compute's budget, the Store, with the invocation limit of the project's host.json. The timer
-fires every 5 minutes (the default schedule); an invocation still running at an occurrence
-delays the next one to the first occurrence after it ends, as the Functions timer does.
+and follow-up functions of `function_app.py`, the Reconciler, the Compute adapter at the
+default 20% share of Compute's budget, the Store, the follow-up queue (Azurite's queue service),
+with the invocation limit of the project's host.json. A slice that runs out of time sends a
+continuation on the queue; it is delivered to the queue function after the host's longest
+queue polling interval (host.json `extensions.queues.maxPollingInterval`: the worst case).
+Without one, the timer fires every 5 minutes (the default schedule); an invocation still
+running at an occurrence delays the next one to the first occurrence after it ends, as the
+Functions timer does.
 
 Time is armsim's wall clock, skipped ahead over every wait for the budget (the app's clock
 moves armsim's with `POST /armsim/clock/advance`) and over the idle time between invocations:
@@ -66,8 +70,22 @@ class RemoteClock:
         return self.now()
 
 
+def queue_polling_interval(path: Path = ROOT / "host.json") -> timedelta:
+    """The queue trigger's longest wait between polls of an empty queue (the Functions
+    host's default: one minute)."""
+    document = json.loads(path.read_text())
+    raw = document.get("extensions", {}).get("queues", {}).get("maxPollingInterval")
+    if raw is None:
+        return timedelta(minutes=1)
+    hours, minutes, seconds = (float(part) for part in str(raw).split(":"))
+    return timedelta(hours=hours, minutes=minutes, seconds=seconds)
+
+
 def child(info: dict[str, Any], max_ticks: int) -> dict[str, Any]:
-    """Run timer invocations until the audit pass is done; report each slice and peak RSS."""
+    """Run timer invocations, and the continuations they send, until the audit pass is done;
+    report each slice and peak RSS."""
+    from azure.storage.queue import QueueClient, TextBase64DecodePolicy
+
     from armsim import SimCredential
     from armsim.scenario import DEFAULT_TENANT
     from bench.memory import _peak_rss_mb
@@ -76,6 +94,7 @@ def child(info: dict[str, Any], max_ticks: int) -> dict[str, Any]:
     from rebalancer import service
     from rebalancer.clock import VirtualTime
     from rebalancer.compute import ArmConfig, ComputeAdapter
+    from rebalancer.follow_up_queue import FollowUpQueue
     from rebalancer.settings import load_settings
     from rebalancer.store import StorageConnection, Store
 
@@ -104,16 +123,23 @@ def child(info: dict[str, Any], max_ticks: int) -> dict[str, Any]:
     )
     create_tables(store)
     compute = ComputeAdapter(config, credential=credential, clock=VirtualTime(clock))
-    runtime = service.build_runtime(settings, store=store, compute=compute, clock=compute.clock)
+    follow_ups = FollowUpQueue(settings.follow_up_queue, connection_string=info["queue"])
+    inbox = QueueClient.from_connection_string(
+        info["queue"], settings.follow_up_queue, message_decode_policy=TextBase64DecodePolicy()
+    )
+    polling = queue_polling_interval()
+    runtime = service.build_runtime(
+        settings, store=store, compute=compute, clock=compute.clock, follow_ups=follow_ups
+    )
     reconciler = runtime.reconciler
     slices: list[dict[str, Any]] = []
     assessed: Counter[str] = Counter()
     missed: Counter[str] = Counter()
     audit_slice = reconciler.audit_slice
 
-    def recorded(deadline: datetime | None = None) -> Any:
+    def recorded(deadline: datetime | None = None, continuing: Any = None) -> Any:
         began = clock.now()
-        done = audit_slice(deadline)
+        done = audit_slice(deadline, continuing)
         for result in done.results:
             if result.verdict is not None or str(result.outcome) == "advanced":
                 assessed[result.ref.key] += 1
@@ -135,20 +161,36 @@ def child(info: dict[str, Any], max_ticks: int) -> dict[str, Any]:
     idle_rss = _peak_rss_mb()
     first = clock.now()
     invocations = []
+    triggers: list[str] = []
+    gaps: list[float] = []
+    message = None
     cpu = time.process_time()
     try:
         for _ in range(max_ticks):
             began = clock.now()
-            host.timer()
-            invocations.append((clock.now() - began).total_seconds())
+            if message is not None:
+                triggers.append("queue")
+                host.follow_up(message.content, message.id)
+                inbox.delete_message(message)
+            else:
+                triggers.append("timer")
+                host.timer()
+            ended = clock.now()
+            invocations.append((ended - began).total_seconds())
             if slices and slices[-1]["done"]:
                 break
-            # The next occurrence after this invocation ended.
-            periods = (clock.now() - first) // TIMER + 1
-            clock.advance((first + periods * TIMER - clock.now()).total_seconds())
+            message = inbox.receive_message()
+            if message is not None:
+                clock.advance(polling.total_seconds())
+            else:  # the next timer occurrence after this invocation ended
+                periods = (clock.now() - first) // TIMER + 1
+                clock.advance((first + periods * TIMER - clock.now()).total_seconds())
+            gaps.append((clock.now() - ended).total_seconds())
     finally:
         compute.close()
         store.close()
+        follow_ups.close()
+        inbox.close()
     limit = settings.function_timeout
     return {
         "latency": info["latency"],
@@ -156,6 +198,8 @@ def child(info: dict[str, Any], max_ticks: int) -> dict[str, Any]:
         "limit": limit.total_seconds() if limit is not None else None,
         "slices": slices,
         "invocations": invocations,
+        "triggers": triggers,
+        "gaps": gaps,
         "assessed_once": sum(1 for n in assessed.values() if n == 1),
         "assessed_twice": sum(1 for n in assessed.values() if n > 1),
         "not_assessed": dict(missed),
@@ -196,17 +240,19 @@ def run(
     limit: float | None = None,
     timeout: float = 7200.0,
 ) -> list[Figure]:
-    from devkit.azurite import Azurite
+    from devkit.azurite import Azurite, AzuriteQueue
 
     fleet = mixed_fleet(scale_sets, vms)
     options = ("--throttling", "--latency", str(latency))
     with (
         Azurite() as azurite,
+        AzuriteQueue() as queue,
         armsim_process(fleet_document(fleet), options=options, startup=1800) as info,
     ):
         info = {
             **info,
             "storage": azurite.connection_string,
+            "queue": queue.connection_string,
             "table_prefix": f"slices{int(time.time())}",
             "limit": limit,
             "latency": latency,
@@ -245,6 +291,7 @@ def figures(
     )
     limit = report["limit"]
     longest = max(report["invocations"])
+    triggers = Counter(report["triggers"])
     fleet = f"{scale_sets} sets x {vms} VMs ({scale_sets * vms} VMs, Uniform and Flexible)"
     throttled = sum(1 for r in requests if r.status == 429)
     not_assessed = report["not_assessed"]
@@ -259,8 +306,11 @@ def figures(
             "<=1.1x_floor",
             floor > 0 and seconds <= 1.1 * floor,
             detail=(
-                f"{fleet}: {len(slices)} invocations (elapsed "
+                f"{fleet}: {len(slices)} invocations ({triggers['timer']} by the timer, "
+                f"{triggers['queue']} by a continuation; elapsed "
                 + ", ".join(f"{s:.0f}" for s in report["invocations"])
+                + " s; gaps "
+                + (", ".join(f"{s:.0f}" for s in report["gaps"]) or "none")
                 + " s), at most "
                 f"{longest:.0f} s (limit {limit:.0f} s), {len(requests)} "
                 f"requests, {throttled} 429s; floor: {policy}; "
@@ -295,12 +345,23 @@ def figures(
 
 
 def main(argv: list[str]) -> int:
+    """`python -m bench.audit_slices [SETS [VMS]] [--limit SECONDS]`: with a smaller fleet, a
+    smaller invocation limit keeps the number of invocations of the full figure."""
+    import argparse
+
     if len(argv) >= 2 and argv[0] == "child":
         print(json.dumps(child(json.loads(argv[1]), max_ticks=200)))
         return 0
-    sets = int(argv[0]) if argv else 5000
-    vms = int(argv[1]) if len(argv) > 1 else 100
-    for figure in run(scale_sets=sets, vms=vms):
+    parser = argparse.ArgumentParser(prog="python -m bench.audit_slices")
+    parser.add_argument("sets", type=int, nargs="?", default=5000)
+    parser.add_argument("vms", type=int, nargs="?", default=100)
+    parser.add_argument(
+        "--limit", type=float, default=None, help="invocation limit in seconds (default: host.json)"
+    )
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit <= 0:
+        parser.error(f"--limit must be a positive number of seconds, got {args.limit}")
+    for figure in run(scale_sets=args.sets, vms=args.vms, limit=args.limit):
         print(figure.line())
         print(f"    {figure.detail}")
     return 0

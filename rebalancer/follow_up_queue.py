@@ -4,8 +4,8 @@ A message sent with a visibility delay is a durable timer: Azure Storage keeps i
 until its time, and the Functions host's queue trigger (`on_follow_up` in function_app.py)
 hands it to `service.handle_follow_up` then. It survives a crash of the app like the
 operation's row does; a message whose handling fails becomes visible again and is retried by
-the host. Nothing is sent while no operation is in flight, so an idle app is invoked only by
-its timer and by events.
+the host. Nothing is sent while no operation is in flight and no audit pass is left half
+done (`Continuation`), so an idle app is invoked only by its timer and by events.
 
 Messages are Base64 text, as the Functions host's queue trigger reads them by default.
 """
@@ -24,6 +24,7 @@ from rebalancer.followup import FollowUp
 
 if TYPE_CHECKING:
     from rebalancer.store import StorageConnection
+    from rebalancer.sweep import Continuation
 
 log = logging.getLogger("rebalancer")
 
@@ -106,12 +107,12 @@ class FollowUpQueue:
                     )
             return self._client
 
-    def delay_seconds(self, follow_up: FollowUp, now: datetime) -> int:
+    def delay_seconds(self, follow_up: FollowUp | Continuation, now: datetime) -> int:
         """Whole seconds to keep the message invisible (rounded up: never early)."""
         seconds = (follow_up.due - now).total_seconds()
         return max(0, min(MAX_DELAY_SECONDS, math.ceil(seconds)))
 
-    def schedule(self, follow_up: FollowUp, now: datetime) -> None:
+    def schedule(self, follow_up: FollowUp | Continuation, now: datetime) -> None:
         """Send the message, visible at `follow_up.due`. Raises FollowUpQueueError."""
         from azure.core.exceptions import AzureError, ResourceNotFoundError
 
@@ -125,8 +126,7 @@ class FollowUpQueue:
                 queue.send_message(follow_up.to_json(), visibility_timeout=delay)
         except AzureError as error:
             raise FollowUpQueueError(
-                f"follow-up of operation {follow_up.operation_id} not sent to queue "
-                f"{self.queue_name}: {error}"
+                f"{follow_up.label} not sent to queue {self.queue_name}: {error}"
             ) from error
 
     def _create(self) -> None:

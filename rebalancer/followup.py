@@ -52,6 +52,10 @@ class FollowUp:
     due: datetime
 
     @property
+    def label(self) -> str:
+        return f"follow-up of operation {self.operation_id}"
+
+    @property
     def dedupe_key(self) -> str:
         return f"follow-up:{self.operation_id}:{self.seq}"
 

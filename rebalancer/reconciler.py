@@ -27,7 +27,7 @@ from rebalancer.evaluator import Assessment, Decision, assess, upcoming_spot
 from rebalancer.model import Inventory, OrchestrationMode, OutsideActivity, ScaleSetRef
 from rebalancer.settings import OPT_IN_TAG, Mode, OptIn, Settings
 from rebalancer.store import Lock, LockLost, OperationRow, Store, StoreError
-from rebalancer.sweep import pages
+from rebalancer.sweep import Continuation, pages
 from rebalancer.telemetry import Telemetry
 from rebalancer.verdict import Gate, Outcome, Result, Verdict
 
@@ -39,13 +39,17 @@ else:  # the state machine comes with the first operation, not with an audit tha
 
 
 class FollowUpSender(Protocol):
-    def schedule(self, follow_up: followup.FollowUp, now: datetime) -> None: ...
+    def schedule(self, follow_up: followup.FollowUp | Continuation, now: datetime) -> None: ...
 
 
 log = logging.getLogger("rebalancer")
 
 AUDIT_MARKER = "subscription-audit"
 """Key of the row that remembers when the last full audit ran."""
+NEXT_PAGE_ALLOWANCE = 2
+"""An audit slice starts a page only if twice its longest page so far still ends before its
+deadline: pages differ (a page's Flexible sets wait for the VM list's tighter budget), and
+stopping early costs little, as a continuation starts the next slice at once."""
 MAX_STEPS_PER_CALL = 6
 """Bound on `advance` rounds in one invocation (a round that needs no command may act at once)."""
 
@@ -58,7 +62,11 @@ class AuditSlice:
     done: bool
     """The pass is complete (False: the next timer tick continues it)."""
     busy: bool = False
-    """Another invocation holds the audit; this one did none of it."""
+    """Another invocation holds the audit, or a newer slice overtook the continuation this
+    one was asked for; this one did none of it."""
+    continuation: Continuation | None = None
+    """The slice stopped because its invocation's time was up, with the pass not done: the
+    message that continues it at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -840,11 +848,16 @@ class Reconciler:
         With a `deadline`, only as much of the pass as fits before it (see `audit_slice`)."""
         return self.audit_slice(deadline).results
 
-    def audit_slice(self, deadline: datetime | None = None) -> AuditSlice:
+    def audit_slice(
+        self, deadline: datetime | None = None, continuing: Continuation | None = None
+    ) -> AuditSlice:
         """Continue the audit pass (or start the next one) from its checkpoint, a page of
         scale sets at a time, until the pass is done or the next page would not end before
         `deadline`. The checkpoint is written after every page, under the audit's lease: one
         invocation at a time works on the audit, and a crash loses at most the page in hand.
+
+        With `continuing`, only the pass that message continues, and only if no other slice
+        ran since it was sent (else this does nothing: never a new pass, never a second chain).
         """
         now = self.clock.now()
         owner = f"{self.owner}/{uuid.uuid4().hex[:8]}"
@@ -856,6 +869,10 @@ class Reconciler:
             return AuditSlice([], done=False, busy=True)
         try:
             sweep = self._stored_sweep(held.body)
+            if continuing is not None and not sweep.continued_by(continuing):
+                log.info("audit: %s is stale (the pass went on, or ended)", continuing.label)
+                self._give_up_audit(held)
+                return AuditSlice([], done=sweep.done, busy=True)
             if sweep.done:
                 sweep = sweep.begin(now)
             sweep = sweep.sliced()
@@ -871,13 +888,16 @@ class Reconciler:
             results: list[Result] = []
             longest = timedelta(0)
             stopped = ""
+            out_of_time = False
             batches = pages(todo, self.audit_page) or [[]]
             for index, page in enumerate(batches):
                 began = self.clock.now()
                 if deadline is not None and (
-                    began >= deadline or (index > 0 and began + longest >= deadline)
+                    began >= deadline
+                    or (index > 0 and began + NEXT_PAGE_ALLOWANCE * longest >= deadline)
                 ):
                     stopped = f"the invocation's time is up at {deadline.isoformat()}"
+                    out_of_time = True
                     break
                 page_results, throttled = self._audit_page([listed[key] for key in page], began)
                 done_keys = [r.ref.key for r in page_results]
@@ -897,14 +917,20 @@ class Reconciler:
                 if throttled:
                     stopped = f"Compute throttled the audit: {throttled}"
                     break
+            continuation = None
             if not sweep.done:
                 self.store.save_audit(held, sweep.to_json(), self.clock.now(), None)
+                if out_of_time:
+                    continuation = sweep.continuation(self.clock.now())
                 log.info(
                     "audit paused after %s (%d of this pass's scale sets assessed so far): %s; "
-                    "the next timer tick continues from this checkpoint",
+                    "%s continues from this checkpoint",
                     sweep.cursor,
                     sweep.assessed,
                     stopped or "nothing left to read now",
+                    "a continuation at once, else the next timer tick,"
+                    if out_of_time
+                    else "the next timer tick",
                 )
             else:
                 self._pass_done(sweep)
@@ -916,7 +942,7 @@ class Reconciler:
                 totals=(sweep.assessed, sweep.imbalanced),
                 gauges=sweep.done,
             )
-            return AuditSlice(results, done=sweep.done)
+            return AuditSlice(results, done=sweep.done, continuation=continuation)
         except Exception:
             self._give_up_audit(held)
             raise

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from rebalancer.events import Trigger
     from rebalancer.model import ScaleSetRef
     from rebalancer.notify import EventGridNotifier
-    from rebalancer.reconciler import FollowUpSender, Reconciler
+    from rebalancer.reconciler import AuditSlice, FollowUpSender, Reconciler
 
 log = logging.getLogger("rebalancer")
 
@@ -338,10 +338,13 @@ def handle_follow_up(body: str) -> bool | None:
     """
     from rebalancer.follow_up_queue import FollowUpQueueError
     from rebalancer.followup import FollowUp
+    from rebalancer.sweep import Continuation
 
     rt = runtime()
     if rt is None or rt.settings.mode is Mode.OFF:
         return None
+    if Continuation.names(body):
+        return _continue_audit(rt, body)
     try:
         message = FollowUp.from_json(body)
     except ValueError as error:
@@ -366,6 +369,51 @@ def handle_follow_up(body: str) -> bool | None:
     return following is not None
 
 
+def _continue_audit(rt: Runtime, body: str) -> bool | None:
+    """The next slice of an audit pass whose last slice ran out of time. Any failure is
+    logged, not retried by the host: the next timer tick continues from the checkpoint.
+    Returns whether the pass goes on in another continuation; None when nothing was done."""
+    from rebalancer.sweep import Continuation
+
+    try:
+        message = Continuation.from_json(body)
+    except ValueError as error:
+        log.error("%s; dropped, the next timer tick continues the audit", error)
+        return None
+    try:
+        audit = rt.reconciler.audit_slice(_deadline(rt), continuing=message)
+        if audit.busy:
+            return None
+        if audit.done:
+            rt.store.purge(rt.clock.now(), rt.settings.history_retention)
+    except (StoreError, AdapterError) as error:
+        log.error("audit continuation stopped: %s; the next timer tick continues it", error)
+        return None
+    log.info("audit continued: %d scale set(s) audited", len(audit.results))
+    return _send_continuation(rt, audit)
+
+
+def _send_continuation(rt: Runtime, audit: AuditSlice | None) -> bool:
+    """Continue a slice that ran out of time at once, on the follow-up queue, rather than
+    at the next timer tick (which still does, should the message be lost)."""
+    if audit is None or audit.continuation is None or rt.follow_ups is None:
+        return False
+    from rebalancer.follow_up_queue import FollowUpQueueError
+
+    try:
+        rt.follow_ups.schedule(audit.continuation, rt.clock.now())
+    except FollowUpQueueError as error:
+        log.warning("%s; the next timer tick continues the audit", error)
+        return False
+    return True
+
+
+def _deadline(rt: Runtime) -> datetime | None:
+    """When an audit slice started now stops: short of the invocation limit by the margin."""
+    limit = rt.settings.function_timeout
+    return rt.clock.now() + limit * (1 - AUDIT_MARGIN) if limit is not None else None
+
+
 # -- timer ------------------------------------------------------------------------------
 
 
@@ -382,8 +430,7 @@ def handle_timer(past_due: bool = False) -> TickReport | None:
     rt = runtime()
     if rt is None or rt.settings.mode is Mode.OFF:
         return None
-    limit = rt.settings.function_timeout
-    deadline = rt.clock.now() + limit * (1 - AUDIT_MARGIN) if limit is not None else None
+    deadline = _deadline(rt)
     if past_due:
         log.info("timer tick is past due; catching up with one pass")
     try:
@@ -392,6 +439,7 @@ def handle_timer(past_due: bool = False) -> TickReport | None:
         audited = audit.results if audit is not None else []
         if audit is not None and audit.done:
             rt.store.purge(rt.clock.now(), rt.settings.history_retention)
+        _send_continuation(rt, audit)
     except StoreError as error:
         log.error("timer tick stopped: Table Storage: %s; the next tick tries again", error)
         return None

@@ -4,8 +4,10 @@ An invocation has a time limit (`host.json` `functionTimeout`), and auditing a l
 subscription within the app's share of Compute's throttling budget can take longer than one.
 So the audit is a *pass* over the scale sets in a fixed ring order (their keys, sorted), done
 a page at a time, with a checkpoint after every page: the key of the last scale set done. A
-slice that runs out of time stops between pages; the next timer tick continues after the
-checkpoint, so a crash loses at most the page in hand.
+slice that runs out of time stops between pages and sends a `Continuation` on the follow-up
+queue, so the next slice starts at once rather than at the next timer tick; should that
+message be lost or the invocation crash, the next timer tick continues after the checkpoint,
+so a crash loses at most the page in hand.
 
 The ring turns: each pass starts where the previous one ended (`origin`), so a pass that
 never completes (a subscription too large for the interval, or ticks spent on in-flight
@@ -89,6 +91,17 @@ class Sweep:
     def sliced(self) -> Sweep:
         return replace(self, slices=self.slices + 1)
 
+    def continued_by(self, message: Continuation) -> bool:
+        """Whether `message` is the one continuation of this pass: sent after its last slice.
+        A copy delivered twice, or one overtaken by a timer tick's slice, is not."""
+        same_pass = self.started_at == message.started_at
+        return not self.done and same_pass and self.slices == message.slices
+
+    def continuation(self, now: datetime) -> Continuation:
+        """The message that continues this pass at `now`."""
+        assert self.started_at is not None, "a pass in progress has a start"
+        return Continuation(self.started_at, self.slices, now)
+
     def duration(self) -> timedelta | None:
         if self.started_at is None or self.finished_at is None:
             return None
@@ -137,6 +150,58 @@ class Sweep:
             raise ValueError(
                 f"unreadable audit checkpoint: {error}; the next pass starts from the beginning"
             ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    """A follow-up queue message: continue the pass begun at `started_at` after its slice
+    number `slices`, at `due`. Only the latest one of a pass does anything (`continued_by`),
+    so a redelivered copy never splits the chain and an idle audit sends none."""
+
+    started_at: datetime
+    slices: int
+    due: datetime
+
+    @property
+    def label(self) -> str:
+        return f"continuation of the audit pass begun {self.started_at.isoformat()}"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "auditPass": self.started_at.isoformat(),
+                "slices": self.slices,
+                "due": self.due.isoformat(),
+            },
+            separators=(",", ":"),
+            sort_keys=True,
+        )
+
+    @staticmethod
+    def names(text: str) -> bool:
+        """Whether a follow-up queue message is an audit continuation (not an operation's)."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(doc, dict) and "auditPass" in doc
+
+    @classmethod
+    def from_json(cls, text: str) -> Continuation:
+        """Raises ValueError naming what is wrong."""
+        try:
+            doc: Any = json.loads(text)
+            if not isinstance(doc, dict):
+                raise ValueError(f"a {type(doc).__name__}, not an object")
+            missing = [name for name in ("auditPass", "slices", "due") if name not in doc]
+            if missing:
+                raise ValueError(f"lacks {', '.join(missing)}")
+            started_at, due = _time(doc["auditPass"]), _time(doc["due"])
+            if started_at is None or due is None:
+                raise ValueError("auditPass and due must be timestamps")
+            return cls(started_at, int(doc["slices"]), due)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"unreadable audit continuation: {error}: {text[:200]!r}") from None
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import itertools
 import logging
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from armsim import ArmSim, ScaleSetSpec, Scenario
+from devkit.azurite import AzuriteQueue
 from devkit.host import Host
 from devkit.stack import compute_for, settings_for
 from rebalancer.clock import VirtualTime
+from rebalancer.follow_up_queue import FollowUpQueue
 from rebalancer.model import ScaleSetRef
 from rebalancer.service import build_runtime
 from rebalancer.store import Store
+from rebalancer.sweep import Continuation
 
 LIMIT = timedelta(minutes=2)
 TIMER = timedelta(minutes=5)
@@ -53,13 +58,19 @@ def _fleet(count: int = SETS) -> Scenario:
 class App:
     """One app instance (its own reconciler and adapter) on the shared armsim and store."""
 
-    def __init__(self, sim: ArmSim, store: Store, **env: str) -> None:
+    def __init__(
+        self, sim: ArmSim, store: Store, follow_ups: FollowUpQueue | None = None, **env: str
+    ) -> None:
         env.setdefault("arm_budget_share", "0.01")
         self.sim = sim
         self.settings = replace(settings_for(sim, **env), function_timeout=LIMIT)
         self.compute = compute_for(sim, self.settings, max_wait=None)
         self.runtime = build_runtime(
-            self.settings, store=store, compute=self.compute, clock=VirtualTime(sim.clock)
+            self.settings,
+            store=store,
+            compute=self.compute,
+            clock=VirtualTime(sim.clock),
+            follow_ups=follow_ups,
         )
         self.reconciler = self.runtime.reconciler
         self.reconciler.audit_page = PAGE
@@ -71,8 +82,56 @@ class App:
         self.host.timer(now=started, period=TIMER)
         return self.sim.clock.now() - started
 
+    def deliver(self, message: Any) -> timedelta:
+        """One delivery of a queue message to the queue function, as the host makes it."""
+        started = self.sim.clock.now()
+        self.host.follow_up(message.content, message.id)
+        return self.sim.clock.now() - started
+
     def close(self) -> None:
         self.compute.close()
+
+
+class Queue:
+    """The follow-up queue on Azurite: the app's sender, and the host's side that reads it."""
+
+    def __init__(self, server: AzuriteQueue) -> None:
+        from azure.storage.queue import QueueClient, TextBase64DecodePolicy
+
+        self.name = f"a{uuid.uuid4().hex[:12]}"
+        self.sender = FollowUpQueue(self.name, connection_string=server.connection_string)
+        self.inbox = QueueClient.from_connection_string(
+            server.connection_string, self.name, message_decode_policy=TextBase64DecodePolicy()
+        )
+
+    def visible(self) -> list[Any]:
+        """Every message visible now, taken off the queue (the host deletes what it ran)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            taken = list(self.inbox.receive_messages(max_messages=32))
+        except ResourceNotFoundError:  # nothing was ever sent
+            return []
+        for message in taken:
+            self.inbox.delete_message(message)
+        return taken
+
+    def close(self) -> None:
+        self.sender.close()
+        self.inbox.close()
+
+
+@pytest.fixture(scope="module")
+def azurite_queue() -> Iterator[AzuriteQueue]:
+    with AzuriteQueue() as server:
+        yield server
+
+
+@pytest.fixture
+def queue(azurite_queue: AzuriteQueue) -> Iterator[Queue]:
+    opened = Queue(azurite_queue)
+    yield opened
+    opened.close()
 
 
 def _next_tick(sim: ArmSim, first: datetime) -> None:
@@ -225,3 +284,84 @@ def test_two_invocations_never_run_the_same_audit_slice(store_factory):
         finally:
             a.close()
             b.close()
+
+
+def test_a_slice_out_of_time_is_continued_at_once_through_the_queue(store_factory, queue):
+    """One timer tick starts the pass; each slice that runs out of time sends a continuation
+    the queue function runs at once, until the pass is done; then nothing more is sent."""
+    store = store_factory()
+    with ArmSim.start(_fleet()) as sim:
+        app = App(sim, store, queue.sender)
+        try:
+            durations = [app.tick()]
+            continuations = 0
+            for _ in range(12):
+                waiting = queue.visible()
+                if all(store.last_assessment(key) is not None for key in _keys(sim)):
+                    break
+                assert len(waiting) == 1, (
+                    f"the pass is not done after {len(durations)} invocation(s): one "
+                    f"continuation must be on the queue, found {len(waiting)}"
+                )
+                assert Continuation.names(waiting[0].content), waiting[0].content
+                continuations += 1
+                durations.append(app.deliver(waiting[0]))
+        finally:
+            app.close()
+        assert all(store.last_assessment(key) is not None for key in _keys(sim))
+        assert continuations >= 1, "the fleet is meant to need more than one invocation"
+        assert all(d <= LIMIT for d in durations), durations
+        assert waiting == [], "a pass that is done sends no continuation"
+        reads = _reads(sim)
+        assert set(reads.values()) == {1}, f"each scale set read once in the pass: {reads}"
+
+
+def test_a_continuation_runs_once_and_never_starts_a_pass(store_factory, queue):
+    """A copy delivered again, or one a timer tick's slice overtook, reads nothing and sends
+    nothing: one chain per pass. Nor does a late one start the next pass."""
+    store = store_factory()
+    with ArmSim.start(_fleet(2 * SETS)) as sim:
+        app = App(sim, store, queue.sender)
+        first = sim.clock.now()
+        try:
+            app.tick()
+            (sent,) = queue.visible()
+            app.deliver(sent)
+            (following,) = queue.visible()
+            seen = len(sim.requests)
+            app.deliver(sent)  # the same message again (a redelivery)
+            assert len(sim.requests) == seen, "a copy of a continuation read Azure again"
+            assert queue.visible() == []
+            _next_tick(sim, first)
+            app.tick()  # the timer's slice overtakes the continuation still waiting
+            (after_tick,) = queue.visible()
+            seen = len(sim.requests)
+            app.deliver(following)
+            assert len(sim.requests) == seen, "an overtaken continuation read Azure again"
+            assert queue.visible() == []
+            last = after_tick
+            for _ in range(12):
+                app.deliver(last)
+                waiting = queue.visible()
+                if not waiting:
+                    break
+                (last,) = waiting
+            assert all(store.last_assessment(key) is not None for key in _keys(sim))
+            seen = len(sim.requests)
+            app.deliver(last)  # late: the pass it continued is done
+            assert len(sim.requests) == seen, "a late continuation started a new pass"
+            assert queue.visible() == []
+        finally:
+            app.close()
+
+
+def test_a_continuation_names_what_is_wrong():
+    moment = datetime(2026, 1, 1, tzinfo=UTC)
+    message = Continuation(moment, 3, moment)
+    assert Continuation.from_json(message.to_json()) == message
+    assert Continuation.names(message.to_json())
+    assert not Continuation.names('{"scaleSet": "s", "operation": "o", "seq": 1, "due": "x"}')
+    with pytest.raises(ValueError, match="lacks slices"):
+        Continuation.from_json('{"auditPass": "2026-01-01T00:00:00+00:00", "due": "2026"}')
+    with pytest.raises(ValueError, match="no time zone"):
+        Continuation.from_json('{"auditPass": "2026-01-01T00:00:00", "slices": 1, "due": "x"}')

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rebalancer.sweep import Sweep, pages
+from rebalancer.sweep import Continuation, Sweep, pages
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 KEYS = [f"/subscriptions/s/resourcegroups/rg/providers/x/vmss{i:02d}" for i in range(10)]
@@ -30,6 +30,19 @@ def test_the_next_pass_starts_where_the_last_one_ended():
     turned = sweep.after_page(KEYS[2], 3, 0, {}).finish(T0).begin(T0 + timedelta(hours=1))
     assert turned.origin == KEYS[2]
     assert turned.remaining(KEYS) == [*KEYS[3:], *KEYS[:3]]
+
+
+def test_only_the_latest_continuation_of_a_pass_continues_it():
+    sweep = Sweep().begin(T0).sliced().after_page(KEYS[4], 5, 0, {})
+    sent = sweep.continuation(T0 + timedelta(minutes=9))
+    assert sent == Continuation(T0, 1, T0 + timedelta(minutes=9))
+    assert sweep.continued_by(sent)
+    overtaken = sweep.sliced()  # a timer tick's slice ran meanwhile
+    assert not overtaken.continued_by(sent)
+    assert overtaken.continued_by(overtaken.continuation(T0))
+    assert not sweep.finish(T0).continued_by(sent), "a pass that is done is not continued"
+    next_pass = sweep.finish(T0).begin(T0 + timedelta(hours=1)).sliced()
+    assert not next_pass.continued_by(sent), "nor is the next pass by an old message"
 
 
 def test_scale_sets_that_come_and_go_take_their_place_in_the_ring():
