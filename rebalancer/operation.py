@@ -792,8 +792,20 @@ def _outside_change(
     extras = _overprovisioned(record, view, gone, capacity, expected)
     gone = tuple(vm for vm in gone if vm not in extras)
     live = view.live_new
-    if gone and capacity == expected and len(live) <= record.k:
-        return _roll_back_for(record, view, policy, now, gone)
+    if gone and capacity == expected:
+        ours_gone = [vm for vm in gone if vm in record.created]
+        if len(live) + len(ours_gone) <= record.k:
+            return _roll_back_for(record, view, policy, now, gone)
+        if ours_gone:
+            # More new VMs than requested, one of ours among those removed, and the capacity
+            # back at ours: someone scaled in (Azure picked ours) and out again. The last
+            # capacity written counts the VMs there now in; removing one would undo it.
+            detail = (
+                f"VM(s) {', '.join(ours_gone)} of this operation removed and VM(s) "
+                f"{', '.join(i.id for i in live)} added by someone else, capacity {capacity}: "
+                "their capacity counts the VMs there now in"
+            )
+            return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
     missing = _missing(record, view)
     if missing is not None:
         return _unexplained_drop(record, view, policy, now, missing)

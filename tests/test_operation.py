@@ -530,6 +530,27 @@ def test_someone_deletes_the_new_vm_mid_operation():
     assert fleet.totals() == (1, 3, 3)
 
 
+def test_a_scale_in_then_out_by_someone_else_mid_move_keeps_their_new_vm():
+    """The owners scale in (Azure picks the operation's new VM) and out again: the capacity is
+    the operation's target once more, with a VM the operation never asked for. Their last
+    capacity counts that VM in; deleting it would leave the scale set one below it."""
+    run = Run(Fleet.of({"1": 1, "2": 3, "3": 3}))
+    record = run.start()
+    run.fleet.tick()
+    run.now += timedelta(minutes=5)
+    record = run.step(record).record
+    assert record.state is State.AWAITING_HEALTH and record.kept == ("100",)
+    run.fleet.set_capacity(7)  # VM 100 goes (the highest id)
+    run.now += timedelta(minutes=1)
+    record = run.step(record).record
+    run.fleet.set_capacity(8)  # VM 101 comes
+    run.activity = OutsideActivity(capacity_written_at=run.now)
+    record = run.until_done(record)
+    assert (record.state, record.outcome) == (State.SUPERSEDED, Reason.CAPACITY_CHANGED)
+    assert run.deleted() == set()
+    assert run.fleet.capacity == 8 and "101" in run.fleet.instances
+
+
 def _mid_move_drop(run: Run) -> OperationRecord:
     """Uniform 1/3/3 with the new VM placed; then VM 0 is gone and capacity is one lower:
     someone deleted it, or wrote capacity 7 and Azure removed it (the same observation)."""
