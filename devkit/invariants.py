@@ -19,7 +19,7 @@ raises AssertionError listing every broken rule:
 4. at most one in-flight operation per scale set, at most `maxConcurrentOperations` at once,
    and (optionally) exactly one capacity PATCH per operation, always to its target capacity;
 5. the app's deletes never take the healthy active count below the operation's baseline
-   (less the healthy VMs someone else deleted since it started);
+   (less the healthy VMs someone else deleted, deallocated or broke since it started);
 6. the app writes only to the scale sets it may change;
 
 and, once settled, the capacity each scale set is handed back equals its owners' capacity:
@@ -198,6 +198,7 @@ class Invariants:
         journal = self.sim.history()[self.journal_offset :]
         deleted_sources: dict[str, tuple[int, int]] = {}
         self._outside_deletes: list[tuple[datetime, str, bool]] = []
+        self._outside_losses: dict[tuple[str, str], datetime] = {}
         index = 0
         while index < len(journal):
             change = journal[index]
@@ -217,11 +218,19 @@ class Invariants:
                 self._judge_deletes(batch, before, vms, records, deleted_sources, problems)
                 index += len(batch)
                 continue
+            key = _key(change.scale_set_id, change.instance_id)
+            was_healthy = key in vms and vms[key].healthy
             if change.change == "deleting" and change.principal_id != app:
-                vm = vms.get(_key(change.scale_set_id, change.instance_id))
-                healthy = vm is not None and vm.healthy
-                self._outside_deletes.append((change.time, change.scale_set_id.lower(), healthy))
+                outside = (change.time, change.scale_set_id.lower(), was_healthy)
+                self._outside_deletes.append(outside)
             self._apply(vms, change)
+            if change.principal_id != app and change.change != "deleting":
+                # A VM someone or something else deallocated, stopped or made unhealthy is
+                # the owners' loss, as a VM they deleted is, until it is healthy again.
+                if was_healthy and not (key in vms and vms[key].healthy):
+                    self._outside_losses[key] = change.time
+                elif key in vms and vms[key].healthy:
+                    self._outside_losses.pop(key, None)
             index += 1
         return vms
 
@@ -322,11 +331,16 @@ class Invariants:
         if owner is not None:
             healthy_before = _healthy(before, scale_set)
             healthy_after = _healthy(after, scale_set)
-            # Healthy VMs someone else deleted since the start lowered what the owners keep.
+            # Healthy VMs someone else deleted, deallocated or broke since the start lowered
+            # what the owners keep.
             taken = sum(
                 1
                 for t, s, healthy in self._outside_deletes
                 if s == scale_set and healthy and owner.created_at <= t <= at
+            ) + sum(
+                1
+                for (s, _), t in self._outside_losses.items()
+                if s == scale_set and owner.created_at <= t <= at
             )
             floor = min(owner.baseline.healthy - taken, healthy_before)
             if healthy_after < floor:

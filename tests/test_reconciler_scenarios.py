@@ -291,6 +291,21 @@ def test_the_invariants_catch_a_source_deleted_before_its_replacement_is_healthy
         assert "[5] " in text and "from 7 to 6, below operation" in text
 
 
+def test_a_vm_turning_unhealthy_mid_move_is_not_the_apps_loss(store):
+    """Rule 5 counts healthy VMs; one that turns unhealthy by itself during a move lowers what
+    the owners keep, as one they delete does. The app still deletes its source once the new VM
+    is healthy (a net zero for the app), and the checker takes that as it is."""
+    with running_stack(web("Uniform", {"1": 1, "2": 3, "3": 3}), store) as st:
+        run = Drive(st)
+        run.tick()  # scaling out
+        st.sim.actor.set_health("rg-web", "web", "0", "unhealthy")  # zone 1: never a source
+        run.until_terminal()
+        run.check("after the move")
+        (record,) = run.records()
+        assert record.state is State.SUCCEEDED and record.sources
+        assert len(run.app_deletes()) == len(record.sources)
+
+
 def test_the_invariants_catch_an_untracked_scale_out_and_a_write_out_of_scope(store):
     scenario = Scenario(
         scale_sets=(
