@@ -7,6 +7,9 @@ never see each other's rows.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +37,21 @@ def azurite_on_disk(tmp_path: Path) -> Iterator[Azurite]:
 @pytest.fixture
 def table_prefix() -> str:
     return f"t{uuid.uuid4().hex[:16]}"
+
+
+def in_fresh_process(script: str, azurite: Azurite, table_prefix: str) -> object:
+    """Run `script` (python -c) in a fresh interpreter with the Azurite connection string and
+    the table prefix as arguments; the JSON of its last output line."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, azurite.connection_string, table_prefix],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def make_store(azurite: Azurite, table_prefix: str, **options: object) -> Store:

@@ -5,12 +5,7 @@ invariant checks.)"""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).parent.parent
+from tests.azurite import in_fresh_process
 
 _TICKS = """\
 import json, sys
@@ -52,15 +47,6 @@ print(json.dumps(seen))
 
 
 def test_an_audit_that_plans_nothing_does_not_import_the_state_machine(azurite, table_prefix):
-    done = subprocess.run(
-        [sys.executable, "-c", _TICKS, azurite.connection_string, table_prefix],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = in_fresh_process(_TICKS, azurite, table_prefix)
     assert seen["balanced"] == {"operation": False, "in_flight": 0}
     assert seen["skewed"] == {"operation": True, "in_flight": 1}

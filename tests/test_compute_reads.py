@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +24,7 @@ from rebalancer.clock import VirtualTime
 from rebalancer.compute import AdapterError, ArmConfig, ComputeAdapter, ErrorKind
 from rebalancer.compute.rest import COMPUTE_API_VERSION, SKU_API_VERSION
 from rebalancer.model import ScaleSetRef
+from tests.azurite import in_fresh_process
 
 ROOT = Path(__file__).parent.parent
 NOW = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
@@ -81,16 +80,7 @@ print(json.dumps({"tick": tick, "assessed": assessed, "written": written}))
 def test_a_first_audit_tick_reads_without_importing_the_compute_sdk(azurite, table_prefix):
     """A fresh worker's first timer tick audits both modes and imports no azure.mgmt module;
     the SDK's client comes with the first write."""
-    done = subprocess.run(
-        [sys.executable, "-c", _FIRST_TICK, azurite.connection_string, table_prefix],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = in_fresh_process(_FIRST_TICK, azurite, table_prefix)
     assert result["assessed"] == ["flex", "web"]
     assert result["tick"] == []
     assert result["written"] is True

@@ -66,8 +66,8 @@ def test_the_shared_context_still_verifies_the_server():
 
 @pytest.mark.integration
 def test_a_bundle_from_the_environment_is_still_honoured(monkeypatch):
-    """requests takes REQUESTS_CA_BUNDLE over its default bundle: such a pool verifies with its
-    own contexts, as before, and the shared one is never loaded."""
+    """REQUESTS_CA_BUNDLE replaces requests' default bundle: the adapter reads it once and the
+    shared context loads that bundle, and nothing else."""
     with ArmSim.start(SCENARIO) as sim:
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", sim.ca_cert_path)
         loads = _counted(monkeypatch, "load_verify_locations")
