@@ -317,6 +317,10 @@ class DeleteInstances:
     """
 
     ids: tuple[str, ...]
+    capacity: int | None = None
+    """The capacity the delete was decided on. Azure's delete takes no precondition, so the
+    adapter reads the capacity once more right before sending and sends nothing when it
+    differs: a capacity someone wrote in between must not have our delete land on top."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +418,10 @@ class OperationRecord:
     """A permanent error the shell reported for the scale-out (see `scale_out_rejected`)."""
     cause_wait_since: datetime | None = None
     """When VMs were first seen missing with no event yet saying who removed them and how."""
+    delete_capacity: int | None = None
+    """The capacity once every delete sent so far has landed, as decided (each delete lowers
+    it by one at once); None while none was sent. A capacity off by more than the deletes not
+    landed yet is someone else's change, made after the decision."""
     outcome: Reason | None = None
     outcome_detail: str = ""
     history: tuple[Transition, ...] = ()
@@ -594,7 +602,8 @@ def advance(
         return followed
     view = _View(followed, observation, activity)
     current = _note_new_vms(followed, view)
-    if current.cause_wait_since is not None and _missing(current, view) is None:
+    waiting = current.cause_wait_since is not None
+    if waiting and _missing(current, view) is None and _capacity_unexplained(current, view) is None:
         current = replace(current, cause_wait_since=None)
     if observation.scale_set.platform_rebalancing and stand_down is None:
         stand_down = "automaticZoneRebalancingPolicy was enabled on the scale set"
@@ -1186,13 +1195,14 @@ def _scaling_in(
         sources=choice.sources,
         delete_requested=MappingProxyType(dict.fromkeys(wait_for, now)),
         delete_deadline=_delete_deadline(view.scale_set, policy, now),
+        delete_capacity=_after_deletes(view, to_delete),
         attempts=1,
         last_request_at=now,
     )
     detail = choice.detail
     if not wait_for:
         return _complete(record, now)
-    commands = (DeleteInstances(_sorted_ids(to_delete)),) if to_delete else ()
+    commands = _delete(view, to_delete)
     return _transition(record, state, now, reason, detail, commands)
 
 
@@ -1324,6 +1334,9 @@ def _await_deletes(
     """Deletes were requested: wait for the VMs to go, repeat a request that did not land."""
     by_id = view.by_id
     present = [by_id[vm] for vm in record.delete_requested if vm in by_id]
+    moved = _capacity_moved(record, view, policy, now, [i for i in present if not i.deleting])
+    if moved is not None:
+        return moved
     newly_protected = [i for i in present if i.protected and not i.deleting]
     if newly_protected:
         # Protected after our request: their owner wants them; never repeat that delete.
@@ -1357,13 +1370,95 @@ def _await_deletes(
     unsafe = _unsafe_to_repeat(record, view, stalled)
     if unsafe:
         return _finish(record, now, State.FAILED, Reason.DELETE_UNSAFE, unsafe)
+    ids = [i.id for i in stalled]
     record = replace(
         record,
         attempts=record.attempts + 1,
         last_request_at=now,
         delete_deadline=_delete_deadline(view.scale_set, policy, now),
+        delete_capacity=_after_deletes(view, ids),
     )
-    return Step(record, (DeleteInstances(_sorted_ids(i.id for i in stalled)),))
+    return Step(record, _delete(view, ids))
+
+
+def _delete(view: _View, ids: Sequence[str]) -> tuple[Command, ...]:
+    """The delete of `ids`, conditional on the capacity it was decided on."""
+    if not ids:
+        return ()
+    return (DeleteInstances(_sorted_ids(ids), view.scale_set.capacity),)
+
+
+def _after_deletes(view: _View, ids: Sequence[str]) -> int:
+    return (view.scale_set.capacity or 0) - len(ids)
+
+
+def _capacity_unexplained(record: OperationRecord, view: _View) -> int | None:
+    """How far the capacity is from what our deletes explain, while some have not landed, or
+    None when it is within it (or none was sent). A delete not landed has not lowered it; one
+    landed has, or will once its VM is gone (Azure may count it either way)."""
+    requested = [view.by_id[vm] for vm in record.delete_requested if vm in view.by_id]
+    unlanded = sum(1 for i in requested if not i.deleting)
+    if record.delete_capacity is None or not unlanded:
+        return None
+    lowest = record.delete_capacity + unlanded
+    highest = lowest + (len(requested) - unlanded)
+    capacity = view.scale_set.capacity or 0
+    if capacity < lowest:
+        return capacity - lowest
+    if capacity > highest:
+        return capacity - highest
+    return None
+
+
+def _capacity_moved(
+    record: OperationRecord,
+    view: _View,
+    policy: OperationPolicy,
+    now: datetime,
+    unlanded: Sequence[Instance],
+) -> Step | None:
+    """Someone changed the capacity while some of our deletes had not landed (refused because
+    the capacity changed right before, lost in a crash, or not applied): repeat them only when
+    the change was VMs deleted, as a move is capacity-neutral beside it.
+
+    A higher capacity, or a lower one an event says was written, is absolute and counts the
+    VMs there now in: nothing more is deleted. A lower one with no event yet waits for it, up
+    to `outside_cause_wait`, then keeps the VMs, as `_unexplained_drop` does.
+    """
+    off = _capacity_unexplained(record, view)
+    if off is None:
+        return None
+    capacity = view.scale_set.capacity
+    waiting = ", ".join(i.id for i in unlanded)
+    if off > 0:
+        detail = (
+            f"capacity {capacity} written by someone else before the delete of {waiting} "
+            "landed; it counts them in, so nothing more is deleted"
+        )
+        return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
+    since = (record.last_request_at or now) - policy.max_observation_age
+    cause = view.activity.latest_since(since)
+    if cause is OutsideChange.VM_DELETE or (cause is None and view.scale_set.evicts_by_delete):
+        return None  # VMs deleted (or evicted): the owners keep fewer; the move goes on
+    if cause is OutsideChange.CAPACITY_WRITE:
+        detail = (
+            f"capacity {capacity} written by someone else before the delete of {waiting} "
+            "landed (Azure removed VMs to meet it); it counts them in, so nothing more is "
+            "deleted"
+        )
+        return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
+    wait_since = record.cause_wait_since or now
+    if now < wait_since + policy.outside_cause_wait:
+        if record.cause_wait_since == wait_since:
+            return Step(record)
+        return Step(replace(record, cause_wait_since=wait_since))
+    detail = (
+        f"capacity {capacity} where the deletes leave {capacity - off}, and no event in "
+        f"{_minutes(policy.outside_cause_wait)} min said whether someone deleted VMs or wrote "
+        f"the capacity; {waiting} not deleted (check the Event Grid subscription's operation "
+        "filter)"
+    )
+    return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
 
 
 def _unsafe_to_repeat(
@@ -1447,6 +1542,7 @@ def _roll_back(
         sources=(),
         delete_requested=MappingProxyType(dict.fromkeys((i.id for i in ours), now)),
         delete_deadline=_delete_deadline(view.scale_set, policy, now),
+        delete_capacity=None if deferred else _after_deletes(view, to_delete),
         attempts=0 if deferred else 1,
         last_request_at=None if deferred else now,
     )
@@ -1456,7 +1552,7 @@ def _roll_back(
     if not ours:
         final = State.SUPERSEDED if reason in _OUTSIDE_DELETES else State.ROLLED_BACK
         return _finish(record, now, final, reason, detail or "nothing to remove", extra)
-    commands = extra + ((DeleteInstances(_sorted_ids(to_delete)),) if to_delete else ())
+    commands = extra + _delete(view, to_delete)
     return _transition(record, State.ROLLING_BACK, now, reason, detail, commands)
 
 
@@ -1523,6 +1619,10 @@ def _finish(
 # JSON (schema 1). Times are ISO 8601 with their offset; everything round-trips exactly.
 
 
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def _time(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -1586,6 +1686,7 @@ def _encode(record: OperationRecord) -> dict[str, Any]:
         "last_request_at": _time(record.last_request_at),
         "rejected": record.rejected,
         "cause_wait_since": _time(record.cause_wait_since),
+        "delete_capacity": record.delete_capacity,
         "repaired": dict(record.repaired),
         "outcome": record.outcome.value if record.outcome else None,
         "outcome_detail": record.outcome_detail,
@@ -1631,6 +1732,7 @@ def _decode(doc: Mapping[str, Any]) -> OperationRecord:
         last_request_at=_parse_time(doc.get("last_request_at")),
         rejected=doc["rejected"],
         cause_wait_since=_parse_time(doc.get("cause_wait_since")),
+        delete_capacity=_optional_int(doc.get("delete_capacity")),
         repaired=MappingProxyType(dict(doc.get("repaired", {}))),
         outcome=Reason(doc["outcome"]) if doc["outcome"] else None,
         outcome_detail=doc["outcome_detail"],

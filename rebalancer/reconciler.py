@@ -641,7 +641,10 @@ class Reconciler:
                         sent.append(lro.PendingCall(lro.SET_CAPACITY, call.to_record(), now))
                 elif isinstance(command, op.DeleteInstances):
                     call = self.compute.delete_instances(
-                        ref, command.ids, still_ours=lambda: self.clock.now() < lock.lease_until
+                        ref,
+                        command.ids,
+                        still_ours=lambda: self.clock.now() < lock.lease_until,
+                        expect_capacity=command.capacity,
                     )
                     record = record.with_arm_call(_call_id("delete_instances", call))
                     if sent is not None:

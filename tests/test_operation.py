@@ -467,7 +467,8 @@ def test_source_protected_before_the_delete_is_re_chosen():
         fleet.add(replace(instance, protect_from_scale_set_actions=True))
     survivor = everyone[-1].id
     step = run.step(record)
-    assert step.commands[0] == DeleteInstances((survivor,))
+    # conditional on the capacity seen: 7 VMs and the new one
+    assert step.commands[0] == DeleteInstances((survivor,), capacity=8)
     record = run.until_done(step.record)
     assert record.state is State.SUCCEEDED and record.sources == (survivor,)
 
@@ -720,7 +721,7 @@ def test_lost_delete_request_is_repeated_then_fails_bounded():
     assert advance(record, fleet.inventory(soon), run.policy, soon).commands == ()
     later = run.now + timedelta(minutes=2)
     step = advance(record, fleet.inventory(later), run.policy, later)
-    assert step.commands == (DeleteInstances(tuple(sorted(first, key=int))),)
+    assert step.commands == (DeleteInstances(tuple(sorted(first, key=int)), capacity=8),)
     # the interval doubles: 4 minutes after the repeat, attempts (2) are used up
     assert advance(step.record, fleet.inventory(later), run.policy, later).commands == ()
     last = later + timedelta(minutes=4)
@@ -780,7 +781,7 @@ def test_scale_out_still_creating_at_timeout_removes_what_it_created():
     assert (
         record.state is State.ROLLING_BACK and record.history[-1].reason is Reason.SCALE_OUT_TIMEOUT
     )
-    assert step.commands[0] == DeleteInstances(("100",))
+    assert step.commands[0] == DeleteInstances(("100",), capacity=fleet.capacity)
 
 
 def test_misplaced_new_vm_is_removed_with_the_source():
@@ -1227,3 +1228,80 @@ def test_a_new_vm_is_never_paired_with_a_source_of_the_other_priority():
     assert run.deleted() == {"100"}
     assert fleet.totals() == (1, 3, 3)
     assert sum(1 for i in fleet.instances.values() if i.spot and not i.deleting) == 6
+
+
+def _source_delete_lost_in_a_crash(fleet: Fleet, run: Run) -> OperationRecord:
+    """Drive to the source's delete and drop it, as a crash between the record's write and
+    the request would: the record says requested, Azure never heard of it."""
+    record = run.start()
+    while not record.delete_requested:
+        fleet.tick()
+        run.now += timedelta(minutes=5)
+        step = advance(record, fleet.inventory(run.now), run.policy, run.now)
+        record = step.record
+        fleet.apply(tuple(c for c in step.commands if not isinstance(c, DeleteInstances)))
+    return record
+
+
+def _bystander(fleet: Fleet, record: OperationRecord) -> str:
+    return next(
+        i.id
+        for i in fleet.instances.values()
+        if i.id in record.baseline.instance_ids and i.id not in record.sources
+    )
+
+
+def test_a_lost_delete_is_not_repeated_on_top_of_a_capacity_someone_wrote():
+    """The source's delete never reached Azure; then someone wrote a capacity one lower and
+    Azure removed another VM to meet it. Repeating the delete would leave the scale set one
+    below what they wrote: the write counts the VMs there in, so the move ends there."""
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    run = Run(fleet)
+    record = _source_delete_lost_in_a_crash(fleet, run)
+    fleet.delete((_bystander(fleet, record),))
+    run.now += timedelta(minutes=5)
+    run.activity = OutsideActivity(capacity_written_at=run.now - timedelta(minutes=1))
+    step = run.step(record)
+    assert (step.record.state, step.record.outcome) == (State.SUPERSEDED, Reason.CAPACITY_CHANGED)
+    assert not run.of(DeleteInstances)
+    assert set(record.sources) <= set(fleet.instances)
+
+
+def test_a_lost_delete_goes_on_when_someone_deleted_a_vm():
+    """The same, but the event says a VM was deleted: the owners keep one VM fewer, and the
+    move, capacity-neutral, still deletes its source."""
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    run = Run(fleet)
+    record = _source_delete_lost_in_a_crash(fleet, run)
+    fleet.delete((_bystander(fleet, record),))
+    run.now += timedelta(minutes=5)
+    run.activity = OutsideActivity(vms_deleted_at=run.now - timedelta(minutes=1))
+    step = run.step(record)
+    assert step.commands == (DeleteInstances(record.sources, capacity=fleet.capacity + 1),)
+    assert run.until_done(step.record).state is State.SUCCEEDED
+
+
+def test_a_lost_delete_waits_for_the_event_then_keeps_the_vms():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    run = Run(fleet)
+    record = _source_delete_lost_in_a_crash(fleet, run)
+    fleet.delete((_bystander(fleet, record),))
+    waited = timedelta(0)
+    while not record.state.terminal:
+        run.now += timedelta(minutes=5)
+        waited += timedelta(minutes=5)
+        record = run.step(record).record
+    assert waited > run.policy.outside_cause_wait
+    assert (record.state, record.outcome) == (State.SUPERSEDED, Reason.CAPACITY_CHANGED)
+    assert not run.of(DeleteInstances)
+
+
+def test_a_lost_delete_is_not_repeated_after_a_higher_capacity_was_written():
+    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
+    run = Run(fleet)
+    record = _source_delete_lost_in_a_crash(fleet, run)
+    fleet.set_capacity(fleet.capacity + 2)
+    run.now += timedelta(minutes=5)
+    step = run.step(record)
+    assert (step.record.state, step.record.outcome) == (State.SUPERSEDED, Reason.CAPACITY_CHANGED)
+    assert not run.of(DeleteInstances)

@@ -145,3 +145,46 @@ def test_a_placement_tie_is_a_named_wait_not_a_zone_backoff(store):
         verdict = json.loads(store.last_assessment(run.ids[("rg-web", "web")].lower()).body)
         assert (verdict["decision"], verdict["reason"]) == ("wait", "placement_tie")
         assert stack.sim.scale_set("rg-web", "web").capacity == 14
+
+
+def test_a_capacity_written_while_the_delete_is_sent_wins(store, monkeypatch):
+    """Uniform 6/2: the move's new VM is healthy, the app has chosen its source and reads it
+    once more before the delete; at that moment someone writes capacity 8 (the owners' 8
+    again), and Azure removes a VM to meet it. The delete must not go on top of that write:
+    the scale set would end at 7 against its owners' 8. The app reads the capacity right
+    before its delete, finds it changed, sends nothing, and the write's event ends the move
+    `superseded`, every VM there now counted in."""
+    spec = ScaleSetSpec(
+        "web",
+        "rg-web",
+        zones=("1", "2"),
+        counts={"1": 6, "2": 2},
+        tags=ENABLED,
+        # The app takes the unhealthy VM 0 as its source; Azure's default scale-in policy
+        # removes the highest instance id of the fuller zone: two different VMs.
+        overrides=(VmOverride(instance="0", health="unhealthy"),),
+    )
+    with (
+        running_stack(Scenario(scale_sets=(spec,)), store) as stack,
+        FunctionsDriver(stack, seed=3) as run,
+    ):
+        api = stack.sim.api
+        handle = api.handle
+        written: list[str] = []
+
+        def outside_write_before_the_delete(request):
+            # A single VM read outside the list and the instance views is the delete's own
+            # protection read: the last request before Azure is asked to delete.
+            single_vm = "/virtualmachinescalesets/web/virtualmachines/" in request.path.lower()
+            last = request.path.rstrip("/").rsplit("/", 1)[-1].lower()
+            if request.method == "GET" and single_vm and last.isdigit() and not written:
+                written.append(last)
+                stack.sim.actor.set_capacity("rg-web", "web", 8)
+            return handle(request)
+
+        monkeypatch.setattr(api, "handle", outside_write_before_the_delete)
+        run_for(run, ticks=60)
+        assert written, "the delete's own read never came"
+        first = run.records()[0]
+        assert (first.state, str(first.outcome)) == (State.SUPERSEDED, "capacity_changed")
+        assert stack.sim.scale_set("rg-web", "web").capacity == 8

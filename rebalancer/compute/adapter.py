@@ -907,6 +907,7 @@ class ComputeAdapter:
         instance_ids: Iterable[str],
         *,
         still_ours: Callable[[], bool] | None = None,
+        expect_capacity: int | None = None,
     ) -> ArmCall:
         """Start deleting instances (Uniform instance ids, Flexible VM names) and return
         without waiting. Lowers the capacity by as many.
@@ -924,6 +925,11 @@ class ComputeAdapter:
         `still_ours` (e.g. "the lock's lease still runs") is asked right before each delete
         request, after the reads, which may have waited out throttling: when it says no,
         nothing is sent and a `conflict` error with code `LeaseExpired` is raised.
+
+        `expect_capacity`: the capacity the delete was decided on. The delete takes no
+        `If-Match`, so the scale set is read once more, last before the request (one GET): when
+        someone changed the capacity since, nothing is sent and a `conflict` error with code
+        `CapacityChanged` is raised. What is left is the time between that GET and the POST.
         """
         self._own(ref)
         requested = tuple(dict.fromkeys(str(i) for i in instance_ids))
@@ -933,6 +939,17 @@ class ComputeAdapter:
         if not ids:
             self.get_scale_set(ref)  # raises ScaleSetGone when the set itself is gone
             return ArmCall("delete_instances", ref.id, 200, instance_ids=requested)
+        if expect_capacity is not None:
+            capacity = self.get_scale_set(ref).capacity
+            if capacity != expect_capacity:
+                raise AdapterError(
+                    ErrorKind.CONFLICT,
+                    f"not deleting {', '.join(ids)}: the capacity is {capacity}, not the "
+                    f"{expect_capacity} the delete was decided on; someone changed it "
+                    "meanwhile, and the next pass decides again",
+                    code="CapacityChanged",
+                    ref=ref,
+                )
         try:
             return self._begin_delete(ref, ids, still_ours)
         except AdapterError as error:
