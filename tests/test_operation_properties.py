@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from rebalancer.evaluator import assess, zone_counts
-from rebalancer.model import Health, Instance, Inventory, PowerState
+from rebalancer.model import AutomaticRepairs, Health, Instance, Inventory, PowerState
 from rebalancer.operation import (
     DeleteInstances,
     OperationPolicy,
@@ -68,6 +68,7 @@ def fleets(draw: st.DrawFn) -> Fleet:
     fleet.terminate_notification = draw(st.sampled_from([None, timedelta(minutes=10)]))
     fleet.delete_ticks = draw(st.integers(1, 4))
     fleet.capacity_drops_when_gone = draw(st.booleans())
+    fleet.repairs = AutomaticRepairs() if draw(st.booleans()) else None
     return fleet
 
 
@@ -106,8 +107,9 @@ def act_outside(fleet: Fleet, action: str, pick: int) -> bool:
         fleet.add(replace(target, health=Health.HEALTHY))
     elif action == "deallocate" and target:
         fleet.add(replace(target, power_state=PowerState.DEALLOCATED))
-    elif action == "repair" and target:
-        # automatic repairs replace a VM: the old one goes, a new id appears, capacity stays
+    elif action == "repair" and target and fleet.repairs and not target.healthy:
+        # Only an automatic repairs policy (Replace) replaces a VM, and only one that reports
+        # unhealthy or unknown: the old one goes, a new id appears, capacity stays
         del fleet.instances[target.id]
         fleet.instances[str(fleet.next_id)] = vm(str(fleet.next_id), target.zone or "1")
         fleet.next_id += 1
@@ -140,7 +142,9 @@ def check_step(
     by_id = observation.by_id()
     for vm_id in by_id:
         if vm_id not in record.baseline.instance_ids and not before.state.terminal:
-            assert vm_id in record.created, f"new VM {vm_id} not tracked"
+            # a repair's replacement of one of the owners' VMs is theirs, tracked as such
+            tracked = vm_id in record.created or vm_id in record.repaired.values()
+            assert tracked, f"new VM {vm_id} not tracked"
     deleted: set[str] = set()
     for command in step.commands:
         if isinstance(command, DeleteInstances):
@@ -216,7 +220,7 @@ def test_invariants_hold_under_crashes_and_outside_actors(fleet, policy, data):
     event(f"ended {record.state.value} ({record.outcome})")
     for vm_id in fleet.instances:
         if vm_id not in record.baseline.instance_ids:
-            assert vm_id in record.created or gone
+            assert vm_id in record.created or vm_id in record.repaired.values() or gone
 
 
 @settings(max_examples=100, deadline=None)
