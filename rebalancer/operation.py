@@ -760,18 +760,25 @@ def _overprovisioned(
     return tuple(ours[: len(gone) - dropped])
 
 
-def _missing(record: OperationRecord, view: _View) -> tuple[str, ...] | None:
+def _removed_by_others(record: OperationRecord, view: _View) -> tuple[str, ...]:
+    """`_deleted_by_others` less the extras Azure removed itself."""
+    gone = _deleted_by_others(record, view)
+    extras = _overprovisioned(record, view, gone, view.scale_set.capacity, record.target_capacity)
+    return tuple(vm for vm in gone if vm not in extras)
+
+
+def _missing(
+    record: OperationRecord, view: _View, gone: tuple[str, ...] | None = None
+) -> tuple[str, ...] | None:
     """VMs someone else removed, when the capacity dropped by as many (None otherwise).
+    `gone`: `_removed_by_others`, when the caller has it already.
 
     Someone deleted them, or wrote a capacity that much lower and Azure picked them: the
     observation cannot tell which, the events can.
     """
+    gone = _removed_by_others(record, view) if gone is None else gone
     capacity = view.scale_set.capacity
-    expected = record.target_capacity
-    gone = _deleted_by_others(record, view)
-    extras = _overprovisioned(record, view, gone, capacity, expected)
-    gone = tuple(vm for vm in gone if vm not in extras)
-    if gone and capacity == expected - len(gone) and len(view.live_new) <= record.k:
+    if gone and capacity == record.target_capacity - len(gone) and len(view.live_new) <= record.k:
         return gone
     return None
 
@@ -781,7 +788,6 @@ def _outside_change(
     view: _View,
     policy: OperationPolicy,
     now: datetime,
-    expected: int,
 ) -> Step | None:
     """End the operation when capacity or instances show someone else acting, else None.
 
@@ -797,9 +803,8 @@ def _outside_change(
     and removes them itself.
     """
     capacity = view.scale_set.capacity
-    gone = _deleted_by_others(record, view)
-    extras = _overprovisioned(record, view, gone, capacity, expected)
-    gone = tuple(vm for vm in gone if vm not in extras)
+    expected = record.target_capacity
+    gone = _removed_by_others(record, view)
     live = view.live_new
     if gone and capacity == expected:
         ours_gone = [vm for vm in gone if vm in record.created]
@@ -815,7 +820,7 @@ def _outside_change(
                 "their capacity counts the VMs there now in"
             )
             return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
-    missing = _missing(record, view)
+    missing = _missing(record, view, gone)
     if missing is not None:
         return _unexplained_drop(record, view, policy, now, missing)
     if capacity != expected:
@@ -937,9 +942,7 @@ def _scaling_out(
     capacity = view.scale_set.capacity
     deadline = record.scale_out_deadline or record.created_at + policy.scale_out_timeout
     if not record.scale_out_confirmed:
-        gone = _deleted_by_others(record, view)
-        extras = _overprovisioned(record, view, gone, capacity, record.target_capacity)
-        gone = tuple(vm for vm in gone if vm not in extras)
+        gone = _removed_by_others(record, view)
         if capacity == record.target_capacity or (
             gone and view.new and capacity == record.target_capacity - len(gone)
         ):
@@ -951,7 +954,7 @@ def _scaling_out(
             detail = f"capacity is {capacity}; this operation set {record.target_capacity}"
             return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
 
-    outside = _outside_change(record, view, policy, now, record.target_capacity)
+    outside = _outside_change(record, view, policy, now)
     if outside is not None:
         return outside
     if stand_down is not None:
@@ -1132,7 +1135,7 @@ def _awaiting_health(
     now: datetime,
     stand_down: str | None,
 ) -> Step:
-    ended = _outside_change(record, view, policy, now, record.target_capacity)
+    ended = _outside_change(record, view, policy, now)
     if ended is not None:
         return ended
     if stand_down is not None:
@@ -1162,7 +1165,7 @@ def _scaling_in(
 ) -> Step:
     if record.delete_requested:
         return _await_deletes(record, view, policy, now)
-    ended = _outside_change(record, view, policy, now, record.target_capacity)
+    ended = _outside_change(record, view, policy, now)
     if ended is not None:
         return ended
     if stand_down is not None:
