@@ -291,6 +291,31 @@ def test_delete_instances_uniform_ids_and_flexible_names_idempotently() -> None:
         assert sim.scale_set("rg-flex", "flex").capacity == 6
 
 
+def test_a_delete_is_not_sent_when_the_capacity_changed_since_the_decision() -> None:
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,))) as sim, adapter_for(sim) as adapter:
+        web = ref(sim, "rg-web", "web")
+        sim.actor.set_capacity("rg-web", "web", 6)  # someone else, after the decision on 7
+        with pytest.raises(AdapterError) as caught:
+            adapter.delete_instances(web, ["0"], expect_capacity=7)
+        assert (caught.value.kind, caught.value.code) == (ErrorKind.CONFLICT, "CapacityChanged")
+        assert "capacity is 6, not the 7" in str(caught.value)
+        assert not [r for r in sim.requests if r.operation == "vmss.delete_instances"]
+        assert sim.scale_set("rg-web", "web").capacity == 6
+        call = adapter.delete_instances(web, ["0"], expect_capacity=6)
+        assert call.instance_ids == ("0",)
+        assert sim.scale_set("rg-web", "web").capacity == 5
+
+
+def test_a_throttled_capacity_read_does_not_hold_the_delete_back() -> None:
+    rule = FaultRule("throttle", operation="vmss.get", retry_after=1200, count=None)
+    with ArmSim.start(Scenario(scale_sets=(UNIFORM,), faults=(rule,))) as sim:
+        with adapter_for(sim, max_wait=60) as adapter:
+            call = adapter.delete_instances(ref(sim, "rg-web", "web"), ["0"], expect_capacity=7)
+        assert call.instance_ids == ("0",)
+        assert [r.status for r in sim.requests if r.operation == "vmss.get"] == [429]
+        assert sim.scale_set("rg-web", "web").capacity == 6
+
+
 def test_allocation_failure_is_read_from_the_failed_operation() -> None:
     # Without overprovisioning: every VM the write created is one the error must name.
     scenario = Scenario(scale_sets=(replace(UNIFORM, overprovision=False),))
