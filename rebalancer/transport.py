@@ -225,10 +225,10 @@ def _is_rest(request: Any) -> bool:
 
 
 def _body(request: Any, headers: Any) -> Any:
-    if getattr(request, "files", None):
-        raise ValueError(
-            "this transport does not send multipart form files; send the body as bytes"
-        )
+    files = getattr(request, "files", None)
+    if files:  # a multipart form, as requests encoded it
+        body, headers["Content-Type"] = urllib3.encode_multipart_formdata(files)
+        return body
     data = request.data
     if isinstance(data, Mapping):  # a form, as requests encoded it
         if "Content-Type" not in headers:
