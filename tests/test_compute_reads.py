@@ -52,6 +52,7 @@ scenario = Scenario(
                      tags=enabled),
     )
 )
+started = set(sys.modules)
 with ArmSim.start(scenario) as sim:
     store = Store(StorageConnection("test", connection_string=connection_string),
                   table_prefix=prefix, retry_total=0)
@@ -62,6 +63,10 @@ with ArmSim.start(scenario) as sim:
     before = set(sys.modules)
     host.timer()
     tick = sorted(name for name in set(sys.modules) - before if name.startswith("azure.mgmt"))
+    http = sorted(
+        name for name in set(sys.modules) - started
+        if name.split(".")[0] in ("requests", "charset_normalizer")
+    )
     assessed = sorted(
         name for name in ("web", "flex")
         if store.last_assessment(sim.scale_set("rg-" + name, name).id.lower()) is not None
@@ -71,16 +76,18 @@ with ArmSim.start(scenario) as sim:
     written = "azure.mgmt.compute" in sys.modules
     compute.close()
     store.close()
-print(json.dumps({"tick": tick, "assessed": assessed, "written": written}))
+print(json.dumps({"tick": tick, "http": http, "assessed": assessed, "written": written}))
 """
 
 
 def test_a_first_audit_tick_reads_without_importing_the_compute_sdk(azurite, table_prefix):
-    """A fresh worker's first timer tick audits both modes and imports no azure.mgmt module;
-    the SDK's client comes with the first write."""
+    """A fresh worker's first timer tick audits both modes and imports no azure.mgmt module
+    (the SDK's client comes with the first write), nor requests: every client sends through
+    urllib3 (rebalancer.transport)."""
     result = in_fresh_process(_FIRST_TICK, azurite, table_prefix)
     assert result["assessed"] == ["flex", "web"]
     assert result["tick"] == []
+    assert result["http"] == []  # nor requests, by building the runtime or sending
     assert result["written"] is True
 
 

@@ -5,6 +5,7 @@ HTTP server, armsim's TLS) - what the pipeline, the SDKs and the error classific
 from __future__ import annotations
 
 import gzip
+import json
 import socket
 import ssl
 import threading
@@ -236,3 +237,60 @@ def test_proxies_come_from_the_environment_once_and_no_proxy_means_direct(monkey
     assert [s["path"] for s in proxy.seen] == [f"{target.url}/via-proxy"]  # absolute form
     assert [s["path"] for s in target.seen] == ["/direct"]
     assert proxied.proxy_for(target.url) == proxy.url and direct.proxy_for(target.url) is None
+
+
+class _AppServiceIdentity(BaseHTTPRequestHandler):
+    """The App Service / Functions identity endpoint (IDENTITY_ENDPOINT, api-version
+    2019-08-01): a token for the resource asked, if the X-IDENTITY-HEADER matches."""
+
+    def do_GET(self) -> None:
+        assert self.headers["X-IDENTITY-HEADER"] == "secret"
+        body = json.dumps(
+            {
+                "access_token": "from-the-identity-endpoint",
+                "expires_on": str(int(time.time()) + 3600),
+                "resource": "https://storage.azure.com",
+                "token_type": "Bearer",
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_the_managed_identity_gets_its_token_through_this_transport(monkeypatch):
+    """The deployed app's credential (a managed identity, App Service style as in Functions)
+    sends through this transport too: one HTTP stack, one reading of the proxy settings."""
+    from rebalancer.store import parse_connection, storage_credential
+
+    sent: list[str] = []
+    original = Urllib3Transport.send
+
+    def send(self: Urllib3Transport, request: Any, **kwargs: Any) -> Any:
+        sent.append(request.url)
+        return original(self, request, **kwargs)
+
+    monkeypatch.setattr(Urllib3Transport, "send", send)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AppServiceIdentity)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}/msi/token"
+    monkeypatch.setenv("IDENTITY_ENDPOINT", endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", "secret")
+    connection = parse_connection(
+        {
+            "AzureWebJobsStorage__accountName": "acct",
+            "AzureWebJobsStorage__credential": "managedidentity",
+        }
+    )
+    try:
+        token = storage_credential(connection).get_token("https://storage.azure.com/.default")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert token.token == "from-the-identity-endpoint"
+    assert [url.split("?")[0] for url in sent] == [endpoint]

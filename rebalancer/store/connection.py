@@ -115,7 +115,12 @@ def storage_credential(connection: StorageConnection) -> Any:
     if connection.managed_identity:
         from azure.identity import ManagedIdentityCredential
 
-        return ManagedIdentityCredential(client_id=connection.client_id)
+        from rebalancer.transport import Urllib3Transport
+
+        # the deployed app's token requests go through the same HTTP stack as its calls
+        return ManagedIdentityCredential(
+            client_id=connection.client_id, transport=Urllib3Transport()
+        )
     from azure.identity import DefaultAzureCredential
 
     return DefaultAzureCredential(managed_identity_client_id=connection.client_id)
