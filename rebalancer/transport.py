@@ -14,8 +14,8 @@ gave us and nothing else:
   given) is loaded once, with the first HTTPS request, not once per connection as urllib3
   does when handed the bundle's path; a client that only speaks HTTP (to Azurite) never loads
   it;
-- the environment's proxy settings (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) read once, at
-  construction;
+- the environment's proxy settings (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) and CA bundle
+  (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE) read once, at construction;
 - azure-core's exceptions, as `RequestsTransport` raises them: `ServiceRequestError` when the
   request could not be sent (connection refused, TLS refused, proxy refused),
   `ServiceResponseError` when the answer could not be read (reset, read timeout), which the
@@ -24,6 +24,7 @@ gave us and nothing else:
 
 from __future__ import annotations
 
+import os
 import threading
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -53,6 +54,12 @@ DEFAULT_HEADERS = {"Accept-Encoding": "gzip, deflate", "Accept": "*/*"}
 """What requests added to every request, which ARM's and Storage's answers were seen with."""
 
 
+def environ_ca_bundle() -> str | None:
+    """The CA bundle the environment names, as requests read it: `REQUESTS_CA_BUNDLE`, else
+    `CURL_CA_BUNDLE` (None: certifi's)."""
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
+
+
 def environ_proxies() -> dict[str, str]:
     """The proxy settings of the environment (HTTPS_PROXY, HTTP_PROXY, NO_PROXY...), keyed by
     scheme as `urllib.request.getproxies_environment` reads them ("no" for NO_PROXY)."""
@@ -62,10 +69,10 @@ def environ_proxies() -> dict[str, str]:
 class Urllib3Transport(HttpTransport):
     """azure-core's `HttpTransport` on one urllib3 pool manager; thread-safe.
 
-    `ca_bundle`: the CA bundle HTTPS servers are verified against (None: certifi's, as
-    requests). `proxies`: as `environ_proxies()` returns them (None: read from the
-    environment now). Timeouts in seconds, per request as azure-core's `connection_timeout`
-    and `read_timeout` options, or for all requests here.
+    `ca_bundle`: the CA bundle HTTPS servers are verified against (None: the environment's,
+    `environ_ca_bundle()`, else certifi's, as requests). `proxies`: as `environ_proxies()`
+    returns them (None: read from the environment now). Timeouts in seconds, per request as
+    azure-core's `connection_timeout` and `read_timeout` options, or for all requests here.
     """
 
     def __init__(
@@ -79,7 +86,7 @@ class Urllib3Transport(HttpTransport):
         data_block_size: int = 4096,
     ) -> None:
         self.pool = pool
-        self.ca_bundle = ca_bundle
+        self.ca_bundle = ca_bundle or environ_ca_bundle()
         self.connection_timeout = connection_timeout
         self.read_timeout = read_timeout
         self.block_size = data_block_size

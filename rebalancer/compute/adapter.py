@@ -10,7 +10,6 @@ Every failure is an `AdapterError`; every request spends the subscription's thro
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
 from collections import Counter
@@ -383,14 +382,9 @@ class ComputeAdapter:
         (`rebalancer.transport`)."""
         from rebalancer.transport import Urllib3Transport
 
-        bundle = (
-            self.config.ca_cert
-            or os.environ.get("REQUESTS_CA_BUNDLE")
-            or os.environ.get("CURL_CA_BUNDLE")
-        )
         return Urllib3Transport(
             pool=max(10, self.config.audit_concurrency + 2),
-            ca_bundle=bundle,
+            ca_bundle=self.config.ca_cert,
             connection_timeout=self.config.connection_timeout,
             read_timeout=self.config.read_timeout,
         )
