@@ -18,7 +18,11 @@ from typing import Any
 
 import pytest
 import urllib3
-from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+from azure.core.exceptions import (
+    IncompleteReadError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
 from azure.core.pipeline.transport import HttpRequest as LegacyRequest
 from azure.core.rest import HttpRequest
 
@@ -164,6 +168,29 @@ def test_a_read_timeout_is_a_service_response_error():
             transport.send(HttpRequest("GET", f"{server.url}/slow"), read_timeout=0.1)
     assert "timed out" in str(raised.value).lower()
     assert time.monotonic() - started < 0.9
+
+
+def test_a_body_cut_short_is_an_incomplete_read_as_requests_raised_it():
+    """A server that closes before the Content-Length it announced: azure-core's
+    IncompleteReadError, as its requests transport raised it, not a short body."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    try:
+        with _transport() as transport, pytest.raises(IncompleteReadError) as raised:
+            transport.send(HttpRequest("GET", url))
+    finally:
+        thread.join(5)
+        listener.close()
+    assert "IncompleteRead" in str(raised.value)
 
 
 def test_the_server_is_verified_against_the_ca_bundle():
