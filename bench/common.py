@@ -347,7 +347,8 @@ def armsim_process(
 
 class RequestCounter:
     """Counts the HTTP requests this process sends to an endpoint (every azure-core client
-    here uses the requests transport): what the app costs ARM, seen from the app's side."""
+    here sends through `rebalancer.transport.Urllib3Transport`): what the app costs ARM, seen
+    from the app's side."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint.rstrip("/")
@@ -356,9 +357,9 @@ class RequestCounter:
         self._original: Any = None
 
     def __enter__(self) -> RequestCounter:
-        from azure.core.pipeline.transport import RequestsTransport
+        from rebalancer.transport import Urllib3Transport
 
-        original = self._original = RequestsTransport.send
+        original = self._original = Urllib3Transport.send
         counter = self
 
         def send(transport: Any, request: Any, **kwargs: Any) -> Any:
@@ -367,10 +368,10 @@ class RequestCounter:
                     counter.count += 1
             return original(transport, request, **kwargs)
 
-        RequestsTransport.send = send  # type: ignore[method-assign]
+        Urllib3Transport.send = send  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from azure.core.pipeline.transport import RequestsTransport
+        from rebalancer.transport import Urllib3Transport
 
-        RequestsTransport.send = self._original  # type: ignore[method-assign]
+        Urllib3Transport.send = self._original  # type: ignore[method-assign]

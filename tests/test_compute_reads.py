@@ -7,7 +7,6 @@ and of a cold start's first tick (docs/performance.md).
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -15,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
-import urllib3
 from azure.core.credentials import AccessToken
 
 from armsim import ArmSim, ScaleSetSpec, Scenario
@@ -24,6 +21,7 @@ from rebalancer.clock import VirtualTime
 from rebalancer.compute import AdapterError, ArmConfig, ComputeAdapter, ErrorKind
 from rebalancer.compute.rest import COMPUTE_API_VERSION, SKU_API_VERSION
 from rebalancer.model import ScaleSetRef
+from tests.answering import Answer, Answering, answer_through
 from tests.azurite import in_fresh_process
 
 ROOT = Path(__file__).parent.parent
@@ -54,6 +52,7 @@ scenario = Scenario(
                      tags=enabled),
     )
 )
+started = set(sys.modules)
 with ArmSim.start(scenario) as sim:
     store = Store(StorageConnection("test", connection_string=connection_string),
                   table_prefix=prefix, retry_total=0)
@@ -64,6 +63,10 @@ with ArmSim.start(scenario) as sim:
     before = set(sys.modules)
     host.timer()
     tick = sorted(name for name in set(sys.modules) - before if name.startswith("azure.mgmt"))
+    http = sorted(
+        name for name in set(sys.modules) - started
+        if name.split(".")[0] in ("requests", "charset_normalizer")
+    )
     assessed = sorted(
         name for name in ("web", "flex")
         if store.last_assessment(sim.scale_set("rg-" + name, name).id.lower()) is not None
@@ -73,16 +76,18 @@ with ArmSim.start(scenario) as sim:
     written = "azure.mgmt.compute" in sys.modules
     compute.close()
     store.close()
-print(json.dumps({"tick": tick, "assessed": assessed, "written": written}))
+print(json.dumps({"tick": tick, "http": http, "assessed": assessed, "written": written}))
 """
 
 
 def test_a_first_audit_tick_reads_without_importing_the_compute_sdk(azurite, table_prefix):
-    """A fresh worker's first timer tick audits both modes and imports no azure.mgmt module;
-    the SDK's client comes with the first write."""
+    """A fresh worker's first timer tick audits both modes and imports no azure.mgmt module
+    (the SDK's client comes with the first write), nor requests: every client sends through
+    urllib3 (rebalancer.transport)."""
     result = in_fresh_process(_FIRST_TICK, azurite, table_prefix)
     assert result["assessed"] == ["flex", "web"]
     assert result["tick"] == []
+    assert result["http"] == []  # nor requests, by building the runtime or sending
     assert result["written"] is True
 
 
@@ -148,34 +153,25 @@ def test_every_page_is_read_and_parsed():
             assert [r.operation for r in sim.requests].count(operation) == 2
 
 
-# -- answers armsim does not give: a requests adapter under the product's transport ---------
+# -- answers armsim does not give: a urllib3 pool under the product's transport -------------
 
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
 WEB = ScaleSetRef(SUBSCRIPTION, "rg", "web")
 VM_LIST = f"https://management.azure.com{WEB.id}/virtualMachines"
 
 
-class Canned(requests.adapters.BaseAdapter):
+class Canned(Answering):
     """Answers every request with the next canned (status, body) and records the URLs."""
 
     def __init__(self, *answers: tuple[int, bytes]) -> None:
-        super().__init__()
+        super().__init__(self._next)
         self.answers = list(answers)
         self.sent: list[str] = []
 
-    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
-        self.sent.append(request.url or "")
-        status, body = self.answers.pop(0)
-        raw = urllib3.HTTPResponse(
-            body=io.BytesIO(body),
-            headers={"content-type": "application/json", "content-length": str(len(body))},
-            status=status,
-            preload_content=False,
-        )
-        return requests.adapters.HTTPAdapter().build_response(request, raw)
-
-    def close(self) -> None:
-        pass
+    def _next(self, method: str, url: str, headers: Any, body: Any) -> Answer:
+        self.sent.append(url)
+        status, content = self.answers.pop(0)
+        return status, {"content-type": "application/json"}, content
 
 
 class _Token:
@@ -189,9 +185,7 @@ class CannedAdapter(ComputeAdapter):
         self.canned = canned
 
     def _transport(self) -> Any:
-        transport = super()._transport()
-        transport.session.mount("https://", self.canned)
-        return transport
+        return answer_through(super()._transport(), self.canned)
 
 
 def scale_set() -> Any:

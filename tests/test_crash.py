@@ -37,7 +37,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from azure.core.pipeline.transport import RequestsTransport
 
 from armsim import ScaleSetSpec, Scenario, VmOverride, ZoneCapacity
 from devkit.stack import Drive, Stack, compute_for, running_stack
@@ -45,6 +44,7 @@ from devkit.tables import lock_holder, slots_in_use, table_names
 from rebalancer.operation import OperationRecord
 from rebalancer.reconciler import Reconciler
 from rebalancer.store import Store
+from rebalancer.transport import Urllib3Transport
 from tests.azurite import make_store
 
 ENABLED = {"zone-rebalance": "enabled"}
@@ -136,7 +136,7 @@ def _outside() -> Iterator[None]:
 @pytest.fixture
 def hooked_transport(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route every azure-core request of this thread through the current Process, if any."""
-    original = RequestsTransport.send
+    original = Urllib3Transport.send
 
     def send(self: Any, request: Any, **kwargs: Any) -> Any:
         process = getattr(_current, "process", None)
@@ -144,7 +144,7 @@ def hooked_transport(monkeypatch: pytest.MonkeyPatch) -> None:
             return original(self, request, **kwargs)
         return process.send(original, self, request, **kwargs)
 
-    monkeypatch.setattr(RequestsTransport, "send", send)
+    monkeypatch.setattr(Urllib3Transport, "send", send)
 
 
 # --------------------------------------------------------------------------------------------

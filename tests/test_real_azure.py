@@ -1,15 +1,15 @@
 """Recorded real Azure traffic (tests/data/real-azure) against the product and armsim.
 
 (a) Each recorded answer is replayed through the Compute adapter's own HTTP stack (its
-    pipeline, retry policy and requests transport; only the socket is replaced by the
-    recording), and what the product parses must equal what the recording says.
+    pipeline, retry policy and transport; only the urllib3 pool under the transport is
+    replaced by the recording, tests/answering.py), and what the product parses must equal
+    what the recording says.
 (b) The same request goes to armsim: the status code, the JSON paths the product reads and the
     header names it reads must be the same as in the recording.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-import urllib3
 from azure.core.credentials import AccessToken
 
 from armsim import ArmSim, ScaleSetSpec, Scenario
@@ -27,6 +26,7 @@ from armsim.auth import make_token
 from rebalancer import arm
 from rebalancer.compute import ArmConfig, ComputeAdapter, OperationState
 from rebalancer.model import Health, HealthMonitoring, OrchestrationMode, ScaleSetRef
+from tests.answering import Answer, Answering, answer_through
 
 RECORDINGS = Path(__file__).parent / "data" / "real-azure"
 NOW = datetime(2024, 8, 26, 8, 35, tzinfo=UTC)
@@ -64,46 +64,33 @@ def interaction(recording: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return next(i for i in recording["interactions"] if i["name"] == name)
 
 
-class Replay(requests.adapters.BaseAdapter):
-    """A requests adapter answering from a recording, in recorded order per method and path.
+class Replay:
+    """Answers from a recording, in recorded order per method and path.
 
     The product's PATCH of the capacity is answered with the recorded capacity write (a PUT by
     `az vmss scale`): both answer the scale set with the same long-running operation headers.
     """
 
     def __init__(self, interactions: list[Mapping[str, Any]]) -> None:
-        super().__init__()
         self.pending = list(interactions)
         self.sent: list[tuple[str, str]] = []
 
-    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
-        path = urlsplit(request.url or "").path.lower()
-        method = "PUT" if request.method == "PATCH" else request.method
-        self.sent.append((request.method or "", path))
+    def answer(self, method: str, url: str, headers: Any, body: Any) -> Answer:
+        path = urlsplit(url).path.lower()
+        recorded_method = "PUT" if method == "PATCH" else method
+        self.sent.append((method, path))
         for index, recorded in enumerate(self.pending):
-            if (recorded["request"]["method"], _path(recorded)) == (method, path):
+            if (recorded["request"]["method"], _path(recorded)) == (recorded_method, path):
                 del self.pending[index]
-                return self._response(request, recorded["response"])
-        raise AssertionError(f"no recorded answer left for {request.method} {path}")
+                return self._response(recorded["response"])
+        raise AssertionError(f"no recorded answer left for {method} {path}")
 
     @staticmethod
-    def _response(request: requests.PreparedRequest, recorded: Mapping[str, Any]) -> Any:
-        """A response built the way requests builds one from the wire (urllib3 underneath)."""
+    def _response(recorded: Mapping[str, Any]) -> Answer:
         body = recorded.get("body")
         content = b"" if body is None else json.dumps(body).encode()
         headers = {"content-type": "application/json; charset=utf-8", **recorded["headers"]}
-        headers["content-length"] = str(len(content))
-        raw = urllib3.HTTPResponse(
-            body=io.BytesIO(content),
-            headers=headers,
-            status=recorded["status"],
-            reason="OK",
-            preload_content=False,
-        )
-        return requests.adapters.HTTPAdapter().build_response(request, raw)
-
-    def close(self) -> None:
-        pass
+        return recorded["status"], headers, content
 
 
 def _path(recorded: Mapping[str, Any]) -> str:
@@ -116,16 +103,14 @@ class _Token:
 
 
 class ReplayedAdapter(ComputeAdapter):
-    """The product's adapter; only the HTTP session under its transport plays a recording."""
+    """The product's adapter; only the urllib3 pool under its transport plays a recording."""
 
     def __init__(self, replay: Replay, subscription_id: str) -> None:
         super().__init__(ArmConfig(subscription_id=subscription_id), _Token())
         self.replay = replay
 
     def _transport(self) -> Any:
-        transport = super()._transport()
-        transport.session.mount("https://", self.replay)
-        return transport
+        return answer_through(super()._transport(), Answering(self.replay.answer))
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ accepted minutes later. The app must not hold a call where Azure accepted the ne
 
 from __future__ import annotations
 
-import io
 import json
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -15,9 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
-from azure.core.pipeline.transport import RequestsTransport
-from azure.core.rest._requests_basic import RestRequestsTransportResponse
 
 from armsim import SimCredential
 from rebalancer import arm
@@ -25,6 +21,7 @@ from rebalancer.budget import Budget, CallKind, parse_remaining_header, reported
 from rebalancer.compute import ArmConfig, ComputeAdapter
 from rebalancer.compute.pipeline import classify_request
 from rebalancer.model import ScaleSetRef
+from tests.answering import Answer, Answering, answer_through
 
 DATA = Path(__file__).parent / "data" / "real-azure" / "throttling"
 RECORDED = json.loads((DATA / "compute-ratelimit-headers.json").read_text())
@@ -106,46 +103,46 @@ class ManualClock:
         self.sleep(deadline - self.now)
 
 
-class ReplayTransport(RequestsTransport):
+class Replay(Answering):
     """Answers the adapter's requests with the recorded headers, in recorded order: writes
     get the recorded writes' headers, VM lists the recorded list's. Bodies are minimal (the
-    recordings' bodies are not kept): an empty VM page, a scale set with its location."""
+    recordings' bodies are not kept): an empty VM page, a scale set with its location. Only
+    the urllib3 pool under the adapter's transport is replaced (tests/answering.py)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(self._answer)
         self.writes = iter(responses("write") * 10)
         self.list = next(r for r in responses("read") if r["path"].endswith("/virtualMachines"))
         self.sent: list[tuple[str, str]] = []
 
-    def send(self, request: Any, **kwargs: Any) -> RestRequestsTransportResponse:
-        self.sent.append((request.method, request.url))
-        if request.method == "GET":
-            recorded, body = self.list, b'{"value": []}'
+    def _answer(self, method: str, url: str, headers: Any, body: Any) -> Answer:
+        self.sent.append((method, url))
+        if method == "GET":
+            recorded, content = self.list, b'{"value": []}'
         else:
             # A capacity PATCH is answered 200 with the scale set (as the PUT recorded here).
-            recorded, body = next(self.writes), b'{"location": "westus"}'
-        raw = requests.Response()
-        raw.status_code = 200
-        raw.headers.update(recorded["headers"])
-        raw.headers["Azure-AsyncOperation"] = (
-            f"{BASE}/subscriptions/{SUBSCRIPTION}/providers/Microsoft.Compute/locations/westus"
-            "/operations/replayed?api-version=2024-11-01"
+            recorded, content = next(self.writes), b'{"location": "westus"}'
+        return (
+            200,
+            {
+                **recorded["headers"],
+                "Azure-AsyncOperation": (
+                    f"{BASE}/subscriptions/{SUBSCRIPTION}/providers/Microsoft.Compute/locations"
+                    "/westus/operations/replayed?api-version=2024-11-01"
+                ),
+            },
+            content,
         )
-        raw.raw, raw._content, raw._content_consumed = io.BytesIO(body), body, True
-        raw.url = request.url
-        response = RestRequestsTransportResponse(request=request, internal_response=raw)
-        response.read()
-        return response
 
 
 class ReplayingAdapter(ComputeAdapter):
-    def __init__(self, transport: ReplayTransport, clock: ManualClock) -> None:
+    def __init__(self, transport: Replay, clock: ManualClock) -> None:
         config = ArmConfig(subscription_id=SUBSCRIPTION, credential_scopes=(f"{BASE}/.default",))
         super().__init__(config, SimCredential(object_id="app", tenant_id="tenant"), clock=clock)
         self.transport = transport
 
     def _transport(self) -> Any:
-        return self.transport
+        return answer_through(super()._transport(), self.transport)
 
 
 def ref(name: str) -> ScaleSetRef:
@@ -159,7 +156,7 @@ def ref(name: str) -> ScaleSetRef:
 def test_a_wave_of_capacity_changes_is_not_held_by_the_recorded_headers(gap: float) -> None:
     """A pass that fixes several scale sets: one capacity change each, `gap` seconds apart
     (0: one invocation; 127 s: the recording's own spacing), then the same sets again."""
-    clock, transport = ManualClock(), ReplayTransport()
+    clock, transport = ManualClock(), Replay()
     with ReplayingAdapter(transport, clock) as adapter:
         for name in ("web", "api", "jobs", "web", "api", "jobs"):
             call = adapter.set_capacity(ref(name), 7)
@@ -171,7 +168,7 @@ def test_a_wave_of_capacity_changes_is_not_held_by_the_recorded_headers(gap: flo
 
 def test_reads_after_writes_are_not_held_either() -> None:
     """The product's inventory read (JSON through the adapter's pipeline) between writes."""
-    clock, transport = ManualClock(), ReplayTransport()
+    clock, transport = ManualClock(), Replay()
     web = arm.parse_scale_set({"id": ref("web").id, "location": "westus", "zones": ["1", "2"]})
     with ReplayingAdapter(transport, clock) as adapter:
         adapter.set_capacity(web.ref, 7)

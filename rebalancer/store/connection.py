@@ -115,7 +115,12 @@ def storage_credential(connection: StorageConnection) -> Any:
     if connection.managed_identity:
         from azure.identity import ManagedIdentityCredential
 
-        return ManagedIdentityCredential(client_id=connection.client_id)
+        from rebalancer.transport import Urllib3Transport
+
+        # the deployed app's token requests go through the same HTTP stack as its calls
+        return ManagedIdentityCredential(
+            client_id=connection.client_id, transport=Urllib3Transport()
+        )
     from azure.identity import DefaultAzureCredential
 
     return DefaultAzureCredential(managed_identity_client_id=connection.client_id)
@@ -152,20 +157,12 @@ def _service_client(
 
 
 def _transport(settings: Mapping[str, Any]) -> Any:
-    """azure-core's transport as the client would build it, but with HTTPS connections that
-    share one TLS context (`rebalancer.tls`): the audit reads the tables from several
-    threads, each on its own connection, and the CA bundle is loaded once, not per
-    connection."""
-    import requests
-    from azure.core.pipeline.transport import RequestsTransport
+    """azure-core's transport on urllib3 (`rebalancer.transport`): the audit reads the tables
+    from several threads, each on its own connection, sharing one TLS context (the CA bundle
+    is loaded once, not per connection)."""
+    from rebalancer.transport import Urllib3Transport
 
-    from rebalancer.tls import NO_RETRIES, shared_tls_session
-
-    session = shared_tls_session()
-    session.mount("http://", requests.adapters.HTTPAdapter(max_retries=NO_RETRIES))
-    return RequestsTransport(
-        session=session,
-        session_owner=True,
+    return Urllib3Transport(
         connection_timeout=settings["connection_timeout"],
         read_timeout=settings["read_timeout"],
     )
