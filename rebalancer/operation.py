@@ -885,17 +885,25 @@ def _unexplained_drop(
             f"meet it); it counts this operation's VMs in"
         )
         return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
-    since = record.cause_wait_since or now
-    if now < since + policy.outside_cause_wait:
-        if record.cause_wait_since == since:
-            return Step(record)
-        return Step(replace(record, cause_wait_since=since))
     detail = (
         f"VM(s) {listed} gone and capacity {capacity}, and no event in "
         f"{_minutes(policy.outside_cause_wait)} min said whether someone deleted them or wrote "
         "the capacity; the VMs this operation created are kept (check the Event Grid "
         "subscription's operation filter)"
     )
+    return _wait_for_cause(record, policy, now, detail)
+
+
+def _wait_for_cause(
+    record: OperationRecord, policy: OperationPolicy, now: datetime, detail: str
+) -> Step:
+    """No event says yet whether someone deleted VMs or wrote a capacity: wait for one, up to
+    `outside_cause_wait`; then end `superseded` with `detail`, deleting nothing more."""
+    since = record.cause_wait_since or now
+    if now < since + policy.outside_cause_wait:
+        if record.cause_wait_since == since:
+            return Step(record)
+        return Step(replace(record, cause_wait_since=since))
     return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
 
 
@@ -1450,18 +1458,13 @@ def _capacity_moved(
             "deleted"
         )
         return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
-    wait_since = record.cause_wait_since or now
-    if now < wait_since + policy.outside_cause_wait:
-        if record.cause_wait_since == wait_since:
-            return Step(record)
-        return Step(replace(record, cause_wait_since=wait_since))
     detail = (
         f"capacity {capacity} where the deletes leave {capacity - off}, and no event in "
         f"{_minutes(policy.outside_cause_wait)} min said whether someone deleted VMs or wrote "
         f"the capacity; {waiting} not deleted (check the Event Grid subscription's operation "
         "filter)"
     )
-    return _finish(record, now, State.SUPERSEDED, Reason.CAPACITY_CHANGED, detail)
+    return _wait_for_cause(record, policy, now, detail)
 
 
 def _unsafe_to_repeat(

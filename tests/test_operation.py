@@ -707,13 +707,7 @@ def test_delete_stuck_past_notification_and_grace_fails():
 def test_lost_delete_request_is_repeated_then_fails_bounded():
     fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
     run = Run(fleet, policy=OperationPolicy(max_attempts=2))
-    record = run.start()
-    while not record.delete_requested:
-        fleet.tick()
-        run.now += timedelta(minutes=5)
-        step = advance(record, fleet.inventory(run.now), run.policy, run.now)
-        record = step.record
-        fleet.apply(tuple(c for c in step.commands if not isinstance(c, DeleteInstances)))
+    record = _source_delete_lost_in_a_crash(fleet, run)
     first = record.delete_requested
     # the shell crashed before the delete: a later step repeats it, for the same ids, once the
     # retry interval (2 minutes by default) has passed
