@@ -1245,14 +1245,21 @@ def _bystander(fleet: Fleet, record: OperationRecord) -> str:
     )
 
 
-def test_a_lost_delete_is_not_repeated_on_top_of_a_capacity_someone_wrote():
-    """The source's delete never reached Azure; then someone wrote a capacity one lower and
-    Azure removed another VM to meet it. Repeating the delete would leave the scale set one
-    below what they wrote: the write counts the VMs there in, so the move ends there."""
+def _lost_delete_then_one_vm_less() -> tuple[Fleet, Run, OperationRecord]:
+    """The source's delete is lost; then another VM of the owners goes and the capacity drops
+    by one: a delete of theirs or a lower capacity written, as the events will say."""
     fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
     run = Run(fleet)
     record = _source_delete_lost_in_a_crash(fleet, run)
     fleet.delete((_bystander(fleet, record),))
+    return fleet, run, record
+
+
+def test_a_lost_delete_is_not_repeated_on_top_of_a_capacity_someone_wrote():
+    """The source's delete never reached Azure; then someone wrote a capacity one lower and
+    Azure removed another VM to meet it. Repeating the delete would leave the scale set one
+    below what they wrote: the write counts the VMs there in, so the move ends there."""
+    fleet, run, record = _lost_delete_then_one_vm_less()
     run.now += timedelta(minutes=5)
     run.activity = OutsideActivity(capacity_written_at=run.now - timedelta(minutes=1))
     step = run.step(record)
@@ -1264,10 +1271,7 @@ def test_a_lost_delete_is_not_repeated_on_top_of_a_capacity_someone_wrote():
 def test_a_lost_delete_goes_on_when_someone_deleted_a_vm():
     """The same, but the event says a VM was deleted: the owners keep one VM fewer, and the
     move, capacity-neutral, still deletes its source."""
-    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
-    run = Run(fleet)
-    record = _source_delete_lost_in_a_crash(fleet, run)
-    fleet.delete((_bystander(fleet, record),))
+    fleet, run, record = _lost_delete_then_one_vm_less()
     run.now += timedelta(minutes=5)
     run.activity = OutsideActivity(vms_deleted_at=run.now - timedelta(minutes=1))
     step = run.step(record)
@@ -1276,10 +1280,7 @@ def test_a_lost_delete_goes_on_when_someone_deleted_a_vm():
 
 
 def test_a_lost_delete_waits_for_the_event_then_keeps_the_vms():
-    fleet = Fleet.of({"1": 1, "2": 3, "3": 3})
-    run = Run(fleet)
-    record = _source_delete_lost_in_a_crash(fleet, run)
-    fleet.delete((_bystander(fleet, record),))
+    _, run, record = _lost_delete_then_one_vm_less()
     waited = timedelta(0)
     while not record.state.terminal:
         run.now += timedelta(minutes=5)
