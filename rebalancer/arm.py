@@ -68,13 +68,28 @@ class ArmParseError(ValueError):
 # --- small readers ----------------------------------------------------------------------
 
 
+_ABSENT = object()
+
+
 def _get(obj: Any, key: str) -> Any:
-    """`obj[key]`, matching the key case-insensitively if the exact spelling is absent."""
-    if not isinstance(obj, Mapping):
+    """`obj[key]`, matching the key case-insensitively if the exact spelling is absent.
+
+    An audit parses a few hundred thousand fields a tick, most of them present, some absent
+    (no `protectionPolicy`): the common cases are kept to C-level lookups."""
+    if obj is None:
         return None
-    if key in obj:
-        return obj[key]
+    if type(obj) is not dict and not isinstance(obj, Mapping):
+        return None
+    value = obj.get(key, _ABSENT)
+    if value is not _ABSENT:
+        return value
     lowered = key.lower()
+    if type(obj) is dict:  # as `json.loads` makes them: every key a string
+        try:
+            if lowered not in map(str.lower, obj):
+                return None
+        except TypeError:  # a key that is not a string: look at each below
+            pass
     for name, value in obj.items():
         if isinstance(name, str) and name.lower() == lowered:
             return value
@@ -91,11 +106,18 @@ def _path(obj: Any, *keys: str) -> Any:
 
 def _prop(doc: Mapping[str, Any], *keys: str) -> Any:
     """A resource field from `properties.<keys>` (REST) or `<keys>` (az, flattened)."""
-    value = _path(_get(doc, "properties"), *keys)
+    return _field(doc, _get(doc, "properties"), *keys)
+
+
+def _field(doc: Any, properties: Any, *keys: str) -> Any:
+    """`_prop` with the document's `properties` already looked up."""
+    value = _path(properties, *keys)
     return value if value is not None else _path(doc, *keys)
 
 
 def _text(value: Any) -> str | None:
+    if type(value) is str:
+        return value
     if value is None or isinstance(value, Mapping | list):
         return None
     return str(value)
@@ -323,39 +345,34 @@ def parse_rolling_upgrade(doc: Mapping[str, Any]) -> RollingUpgrade:
 # --- instances --------------------------------------------------------------------------
 
 
-def _status_codes(instance_view: Any) -> dict[str, str]:
-    """`{"ProvisioningState": "succeeded", "PowerState": "running"}` from `statuses[].code`."""
+def _statuses(instance_view: Any) -> tuple[dict[str, str], str | None]:
+    """From `statuses[].code`: the first state of each group (`{"ProvisioningState":
+    "succeeded", "PowerState": "running"}`), and the code of a `ProvisioningState/failed/<code>`
+    (e.g. `VMExtensionProvisioningError`), if any."""
     codes: dict[str, str] = {}
-    statuses = _get(instance_view, "statuses")
-    for status in statuses if isinstance(statuses, list) else ():
-        code = _text(_get(status, "code")) or ""
-        group, _, rest = code.partition("/")
-        if rest and group not in codes:
-            codes[group] = rest.split("/", 1)[0]
-    return codes
-
-
-def _failure_code(instance_view: Any) -> str | None:
-    """The code of `ProvisioningState/failed/<code>` (e.g. `VMExtensionProvisioningError`)."""
+    failure = None
     statuses = _get(instance_view, "statuses")
     for status in statuses if isinstance(statuses, list) else ():
         group, _, rest = (_text(_get(status, "code")) or "").partition("/")
         state, _, code = rest.partition("/")
-        if group == "ProvisioningState" and state.lower() == "failed":
-            return code or None
-    return None
+        if rest and group not in codes:
+            codes[group] = state
+        if failure is None and group == "ProvisioningState" and state.lower() == "failed":
+            failure = code or ""
+    return codes, failure or None
+
+
+_POWER_STATES = {state.value: state for state in PowerState}
+_HEALTH = {health.value.lower(): health for health in Health}
 
 
 def _power_state(value: str | None) -> PowerState:
-    for state in PowerState:
-        if value and state.value == value.lower():
-            return state
-    return PowerState.UNKNOWN
+    return _POWER_STATES.get(value.lower(), PowerState.UNKNOWN) if value else PowerState.UNKNOWN
 
 
-def _display_power_state(doc: Mapping[str, Any]) -> str | None:
+def _display_power_state(doc: Mapping[str, Any], properties: Any) -> str | None:
     """`az vm list -d` prints no instance view, only `"powerState": "VM running"`."""
-    text = _text(_prop(doc, "powerState"))
+    text = _text(_field(doc, properties, "powerState"))
     return text.split()[-1] if text and text.split() else None
 
 
@@ -364,10 +381,7 @@ def _health(instance_view: Any) -> Health:
     if not code:
         return Health.NOT_REPORTED
     value = code.partition("/")[2] if "/" in code else code
-    for health in Health:
-        if health.value.lower() == value.lower():
-            return health
-    return Health.UNKNOWN
+    return _HEALTH.get(value.lower(), Health.UNKNOWN)
 
 
 def instance_view_health(instance_view: Mapping[str, Any]) -> Health:
@@ -375,20 +389,22 @@ def instance_view_health(instance_view: Mapping[str, Any]) -> Health:
     return _health(instance_view)
 
 
-def _instance_provisioning_state(doc: Mapping[str, Any], codes: Mapping[str, str]) -> str:
+def _instance_provisioning_state(
+    doc: Mapping[str, Any], properties: Any, codes: Mapping[str, str]
+) -> str:
     """The instance view's state, or the model's when there is no instance view.
 
     A model state of `Deleting` wins over an older instance view: a VM on its way out is
     neither capacity nor a source.
     """
-    model_state = _text(_prop(doc, "provisioningState"))
+    model_state = _text(_field(doc, properties, "provisioningState"))
     if model_state and model_state.lower() == "deleting":
         return "Deleting"
     return provisioning_state(codes.get("ProvisioningState") or model_state)
 
 
-def _uniform_instance_id(doc: Mapping[str, Any]) -> str | None:
-    instance_id = _text(_get(doc, "instanceId")) or _text(_prop(doc, "instanceId"))
+def _uniform_instance_id(doc: Mapping[str, Any], properties: Any) -> str | None:
+    instance_id = _text(_get(doc, "instanceId")) or _text(_get(properties, "instanceId"))
     if instance_id:
         return instance_id
     resource_id = _text(_get(doc, "id")) or ""
@@ -419,8 +435,9 @@ def parse_instance(doc: Mapping[str, Any], mode: OrchestrationMode) -> Instance:
     if kind is not None and kind.lower() not in VM_TYPES:
         raise ArmParseError(f"expected a VM, got a {kind} ({_describe(doc)})")
     name = _text(_get(doc, "name")) or ""
+    properties = _get(doc, "properties")
     if mode is OrchestrationMode.UNIFORM:
-        vm_id = _uniform_instance_id(doc)
+        vm_id = _uniform_instance_id(doc, properties)
         if not vm_id:
             raise ArmParseError(
                 f"VM has no 'instanceId' ({_describe(doc)}); export Uniform instances with "
@@ -430,24 +447,24 @@ def parse_instance(doc: Mapping[str, Any], mode: OrchestrationMode) -> Instance:
         vm_id = name
         if not vm_id:
             raise ArmParseError(f"Flexible VM has no 'name' ({_describe(doc)})")
-    instance_view = _prop(doc, "instanceView")
-    codes = _status_codes(instance_view)
-    protection = _prop(doc, "protectionPolicy")
-    latest = _prop(doc, "latestModelApplied")
+    instance_view = _field(doc, properties, "instanceView")
+    codes, failure = _statuses(instance_view)
+    protection = _field(doc, properties, "protectionPolicy")
+    latest = _field(doc, properties, "latestModelApplied")
     zones = _zones(_get(doc, "zones"))
     return Instance(
         id=vm_id,
         name=name or vm_id,
         zone=zones[0] if zones else None,
-        provisioning_state=_instance_provisioning_state(doc, codes),
-        power_state=_power_state(codes.get("PowerState") or _display_power_state(doc)),
+        provisioning_state=_instance_provisioning_state(doc, properties, codes),
+        power_state=_power_state(codes.get("PowerState") or _display_power_state(doc, properties)),
         health=_health(instance_view),
         protect_from_scale_in=_flag(_get(protection, "protectFromScaleIn")),
         protect_from_scale_set_actions=_flag(_get(protection, "protectFromScaleSetActions")),
         latest_model=True if latest is None else _flag(latest),
-        created=parse_time(_prop(doc, "timeCreated")),
-        failure=_failure_code(instance_view),
-        spot=_is_spot(_prop(doc, "priority")),
+        created=parse_time(_field(doc, properties, "timeCreated")),
+        failure=failure,
+        spot=_is_spot(_field(doc, properties, "priority")),
         in_standby_pool=_flag(_get(instance_view, "isVMInStandbyPool")),
     )
 
