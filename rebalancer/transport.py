@@ -95,7 +95,8 @@ class Urllib3Transport(HttpTransport):
         self._context: Any = None
         self._loaded = False
         self._managers: dict[tuple[Any, ...], urllib3.PoolManager] = {}
-        self._routes: dict[tuple[str, str], str | None] = {}
+        self._routes: dict[str, str | None] = {}
+        self._pools: dict[tuple[int, str], Any] = {}
         self._timeouts: dict[tuple[Any, Any], urllib3.Timeout] = {}
 
     def __enter__(self) -> Urllib3Transport:
@@ -112,20 +113,24 @@ class Urllib3Transport(HttpTransport):
         """Close every pooled connection; a later request opens new ones."""
         with self._lock:
             managers, self._managers = self._managers, {}
+            self._pools = {}
         for manager in managers.values():
             manager.clear()
 
     def proxy_for(self, url: str) -> str | None:
-        """The proxy a request to `url` goes through (None: direct), as requests decided it:
+        """The proxy a request to `url` goes through (None: straight to the host): as requests,
         the scheme's proxy (or ALL_PROXY's) unless NO_PROXY names the host."""
-        parts = urlsplit(url)
-        key = (parts.scheme, parts.netloc)
-        if key not in self._routes:
+        split = _split(url)
+        return self._route(split[0] if split else url, url)
+
+    def _route(self, origin: str, url: str) -> str | None:
+        if origin not in self._routes:
+            parts = urlsplit(url)
             proxy = self.proxies.get(parts.scheme) or self.proxies.get("all")
             if proxy and urllib.request.proxy_bypass_environment(parts.netloc, self.proxies):
                 proxy = None
-            self._routes[key] = proxy
-        return self._routes[key]
+            self._routes[origin] = proxy
+        return self._routes[origin]
 
     def send(self, request: Any, **kwargs: Any) -> Any:
         """Send `request` (azure-core's `rest.HttpRequest` or its legacy one) and answer the
@@ -138,28 +143,33 @@ class Urllib3Transport(HttpTransport):
             kwargs.get("read_timeout", self.read_timeout),
         )
         url = request.url
+        split = _split(url)
         proxies = kwargs.get("proxies")
         if proxies:
             scheme = urlsplit(url).scheme
             proxy = proxies.get(scheme) or proxies.get("all")
         else:
-            proxy = self.proxy_for(url)
+            proxy = self._route(split[0] if split else url, url)
         headers = request.headers
         missing = [name for name in DEFAULT_HEADERS if name not in headers]
         if missing:
             headers = {**{name: DEFAULT_HEADERS[name] for name in missing}, **headers}
+        options = {
+            "body": _body(request, headers),
+            "headers": headers,
+            "redirect": False,
+            "retries": NO_RETRIES,
+            "timeout": timeout,
+            "preload_content": not stream,
+        }
         try:
             manager = self._manager(url, proxy, verify, cert)
-            raw = manager.urlopen(
-                request.method,
-                url,
-                body=_body(request, headers),
-                headers=headers,
-                redirect=False,
-                retries=NO_RETRIES,
-                timeout=timeout,
-                preload_content=not stream,
-            )
+            if proxy or split is None:
+                raw = manager.urlopen(request.method, url, **options)
+            else:
+                raw = self._pool(manager, split[0]).urlopen(
+                    request.method, split[1], assert_same_host=False, **options
+                )
         except url_errors.HTTPError as error:
             raise _azure_error(error) from error
         if _is_rest(request):
@@ -171,6 +181,17 @@ class Urllib3Transport(HttpTransport):
                 response._set_read_checks()
             return response
         return LegacyUrllib3Response(request, raw, self.block_size)
+
+    def _pool(self, manager: urllib3.PoolManager, origin: str) -> Any:
+        """The manager's connection pool for `origin`, looked up once: what
+        `PoolManager.urlopen` finds again for every request by parsing the whole URL. Kept
+        here, it stays open when the manager drops it for its eleventh host (urllib3 closes
+        no pool it evicts: it lets it go)."""
+        key = (id(manager), origin)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = manager.connection_from_url(origin)
+        return pool
 
     def _timeout(self, connect: Any, read: Any) -> urllib3.Timeout:
         if isinstance(connect, tuple):
@@ -218,6 +239,19 @@ class Urllib3Transport(HttpTransport):
         if proxy:
             return urllib3.ProxyManager(proxy, **options)
         return urllib3.PoolManager(**options)
+
+
+def _split(url: str) -> tuple[str, str] | None:
+    """(`scheme://host[:port]`, `/path?query`) of an absolute URL with a path; None for any
+    other (urllib3 parses those itself)."""
+    start = url.find("://")
+    slash = url.find("/", start + 3) if start > 0 else -1
+    if slash < 0:
+        return None
+    origin = url[:slash]
+    if "?" in origin or "#" in origin or "@" in origin:
+        return None
+    return origin, url[slash:].partition("#")[0]
 
 
 def _certifi() -> str:

@@ -229,6 +229,35 @@ def test_an_http_only_client_never_loads_a_bundle(monkeypatch):
         assert transport.send(HttpRequest("GET", server.url)).status_code == 201
 
 
+def test_requests_to_more_hosts_than_the_manager_keeps_pools_for_all_arrive():
+    """More hosts than urllib3's manager keeps pools for (10): each is reached again on its
+    own pool. A URL without a path and one with a fragment are sent as urllib3 sends them."""
+    servers = [Loopback() for _ in range(12)]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    try:
+        with _transport() as transport:
+            for _ in range(2):
+                for server in servers:
+                    assert (
+                        transport.send(HttpRequest("GET", f"{server.url}/a?b=c")).status_code == 201
+                    )
+            transport.send(HttpRequest("GET", f"{servers[0].url}?only=query"))
+            transport.send(HttpRequest("GET", f"{servers[0].url}/frag#part"))
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert [[seen["path"] for seen in s.seen] for s in servers[1:]] == [["/a?b=c"] * 2] * 11
+    assert [seen["path"] for seen in servers[0].seen] == [
+        "/a?b=c",
+        "/a?b=c",
+        "/?only=query",
+        "/frag",
+    ]
+
+
 def test_the_pool_keeps_as_many_connections_per_host_as_asked():
     """Twelve requests at once, twice: a pool of 12 answers the second wave on the first
     wave's connections; a pool of 2 keeps 2 and opens the others again."""
