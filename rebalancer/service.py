@@ -102,6 +102,7 @@ def runtime_from_settings(env: Mapping[str, str]) -> Runtime:
 
     flatten_dimensions()
     settings = replace(load_settings(env), function_timeout=_host_function_timeout())
+    library_log_level(settings.sdk_log_level)
     connection = parse_connection(env)
     credential = storage_credential(connection)
     store = Store(connection, table_prefix=settings.table_prefix, credential=credential)
@@ -123,6 +124,18 @@ def runtime_from_settings(env: Mapping[str, str]) -> Runtime:
         notifier=notifier,
         follow_ups=follow_ups,
     )
+
+
+LIBRARY_LOGGERS = ("azure", "msal", "urllib3")
+"""The libraries' loggers `REBALANCER_SDK_LOG_LEVEL` sets: azure-core's HTTP logging (every
+request and answer at INFO), azure-identity, msal, urllib3 (every connection at DEBUG)."""
+
+
+def library_log_level(level: str) -> None:
+    """Set the libraries' loggers to `level` (a name, as `REBALANCER_SDK_LOG_LEVEL`). The
+    Functions worker sets the root logger to INFO and sends every record to the host."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 def _host_function_timeout() -> timedelta | None:

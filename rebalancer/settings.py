@@ -57,6 +57,7 @@ SETTING_NAMES: tuple[str, ...] = (
     PREFIX + "MODE",
     PREFIX + "NOTIFY_TOPIC_ENDPOINT",
     PREFIX + "RESOURCE_GROUPS",
+    PREFIX + "SDK_LOG_LEVEL",
     PREFIX + "STATE_TABLE_PREFIX",
 )
 """Every app setting `load_settings` reads (the deployment sets each of them)."""
@@ -90,6 +91,10 @@ class Settings:
     """Storage queue of the follow-up messages (the durable timer of in-flight operations)."""
     follow_up_interval: timedelta = timedelta(seconds=10)
     """How often an operation waiting for its new VMs' health reads their instance views."""
+    sdk_log_level: str = "WARNING"
+    """The level of the Azure SDKs' and urllib3's own log records. Their HTTP logging writes
+    each request and each answer at INFO, and the Functions worker sends every record at INFO
+    or above to the host: two records per ARM read, a thousand reads an audit."""
     function_timeout: timedelta | None = timedelta(minutes=10)
     """An invocation's time limit (`host.json` `functionTimeout`; None: unbounded). Not an
     app setting: `function_timeout` reads it from the deployed host.json."""
@@ -170,6 +175,15 @@ def _uuid(raw: str) -> str:
     if not _UUID.match(raw):
         raise ValueError(raw)
     return raw.lower()
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(raw: str) -> str:
+    if raw.strip().upper() not in LOG_LEVELS:
+        raise ValueError(raw)
+    return raw.strip().upper()
 
 
 def _queue_name(raw: str) -> str:
@@ -289,6 +303,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             timedelta(seconds=10),
             lambda raw: timedelta(seconds=_int_in(5, 300)(raw)),
             "whole seconds from 5 to 300",
+        ),
+        sdk_log_level=_parse(
+            env,
+            p + "SDK_LOG_LEVEL",
+            "WARNING",
+            _log_level,
+            "one of DEBUG, INFO, WARNING, ERROR, CRITICAL (INFO logs every HTTP request)",
         ),
     )
 

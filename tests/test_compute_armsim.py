@@ -7,6 +7,7 @@ long-running operations cost no real time.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from collections import Counter
@@ -78,6 +79,33 @@ def test_uniform_inventory_is_one_get_and_one_paged_list() -> None:
         assert operations(sim) == {"vmss.get": 1, "vmss_vm.list": 4}
         assert all(r.query.get("$expand") == "instanceView" for r in sim.requests[1:])
         assert assess(inventory).decision is Decision.MOVE
+
+
+def test_the_sdk_log_level_decides_whether_each_read_is_logged(monkeypatch) -> None:
+    """Under the Functions worker's root logger (INFO, every record sent to the host),
+    azure-core's HTTP logging writes two records per read; at the app's default level,
+    `REBALANCER_SDK_LOG_LEVEL=WARNING`, none."""
+    from rebalancer.service import LIBRARY_LOGGERS, library_log_level
+
+    for name in LIBRARY_LOGGERS:  # restored after the test
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.INFO)
+    root.addHandler(handler)
+    try:
+        with ArmSim.start(Scenario(scale_sets=(UNIFORM,))) as sim, adapter_for(sim) as adapter:
+            counted = {}
+            for level in ("INFO", "WARNING"):
+                library_log_level(level)
+                records.clear()
+                adapter.read_inventory(ref(sim, "rg-web", "web"), NOW)
+                counted[level] = sum(r.name.startswith("azure.") for r in records)
+    finally:
+        root.removeHandler(handler)
+    assert counted == {"INFO": 4, "WARNING": 0}  # a GET and a list: request and answer each
 
 
 def test_flexible_inventory_reads_protection_of_planned_sources_only() -> None:

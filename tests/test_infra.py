@@ -89,6 +89,7 @@ REQUIRED_SETTINGS = {
     "REBALANCER_ARM_ENDPOINT",
     "REBALANCER_FOLLOW_UP_QUEUE",
     "REBALANCER_FOLLOW_UP_SECONDS",
+    "REBALANCER_SDK_LOG_LEVEL",
     "AZURE_CLIENT_ID",
     "AzureWebJobsStorage__blobServiceUri",
     "AzureWebJobsStorage__queueServiceUri",

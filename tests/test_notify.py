@@ -227,8 +227,10 @@ def test_default_credential_is_not_built_before_the_first_publish(
     assert notifier._client is None
 
 
-def test_the_runtime_publishes_only_when_a_topic_is_configured() -> None:
+def test_the_runtime_publishes_only_when_a_topic_is_configured(monkeypatch) -> None:
     from rebalancer.service import runtime_from_settings
+
+    monkeypatch.setattr(logging.getLogger("azure"), "level", logging.NOTSET)
     from rebalancer.telemetry import FlatDimensions
 
     env = {
@@ -236,6 +238,7 @@ def test_the_runtime_publishes_only_when_a_topic_is_configured() -> None:
         "AzureWebJobsStorage": "UseDevelopmentStorage=true",
     }
     plain = runtime_from_settings(env)
+    assert logging.getLogger("azure").level == logging.WARNING  # REBALANCER_SDK_LOG_LEVEL
     assert plain.reconciler.on_notify is None
     assert plain.reconciler.telemetry.notifier is None
     endpoint = "https://topic.westeurope-1.eventgrid.azure.net/api/events"

@@ -118,6 +118,16 @@ def test_setting_names_list_exactly_what_is_read():
     assert env.read == set(SETTING_NAMES)
 
 
+def test_sdk_log_level():
+    assert load_settings({"REBALANCER_SUBSCRIPTION_ID": SUB}).sdk_log_level == "WARNING"
+    settings = load_settings(
+        {"REBALANCER_SUBSCRIPTION_ID": SUB, "REBALANCER_SDK_LOG_LEVEL": " info"}
+    )
+    assert settings.sdk_log_level == "INFO"
+    with pytest.raises(SettingsError, match=r"REBALANCER_SDK_LOG_LEVEL='verbose'.*DEBUG, INFO"):
+        load_settings({"REBALANCER_SUBSCRIPTION_ID": SUB, "REBALANCER_SDK_LOG_LEVEL": "verbose"})
+
+
 def test_history_retention():
     settings = load_settings(
         {"REBALANCER_SUBSCRIPTION_ID": SUB, "REBALANCER_HISTORY_RETENTION_DAYS": "7"}

@@ -324,6 +324,10 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           name: 'REBALANCER_FOLLOW_UP_SECONDS'
           value: '10'
         }
+        {
+          name: 'REBALANCER_SDK_LOG_LEVEL'
+          value: 'WARNING'
+        }
       ]
     }
     functionAppConfig: {
