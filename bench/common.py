@@ -7,13 +7,15 @@ a script) can compare runs; the absolute numbers behind it go into `detail` (the
 
 from __future__ import annotations
 
+import collections
+import logging
 import math
 import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -143,6 +145,45 @@ def azurite_store(**options: Any) -> Iterator[Callable[[], Any]]:
         finally:
             for store in opened:
                 store.close()
+
+
+class WorkerLogHandler(logging.Handler):
+    """What the Functions worker attaches to the root logger: every record formatted and
+    queued for the host (its `AsyncLoggingHandler`, which sends each over gRPC)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: collections.deque[tuple[int, str, str]] = collections.deque(maxlen=1000)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sent.append((record.levelno, record.name, self.format(record)))
+        self.count += 1
+
+
+@contextmanager
+def worker_logging() -> Iterator[WorkerLogHandler]:
+    """Logging as in a deployed app: the worker's root logger at INFO with its handler, and
+    the libraries' loggers at the app's `REBALANCER_SDK_LOG_LEVEL` default, as
+    `runtime_from_settings` sets them. Restored afterwards."""
+    from rebalancer.service import LIBRARY_LOGGERS, library_log_level
+    from rebalancer.settings import Settings
+
+    names = ("", "rebalancer", *LIBRARY_LOGGERS)
+    levels = {name: logging.getLogger(name).level for name in names}
+    handler = WorkerLogHandler()
+    root = logging.getLogger()
+    saved_handlers = root.handlers[:]
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("rebalancer").setLevel(logging.NOTSET)
+    library_log_level(next(f.default for f in fields(Settings) if f.name == "sdk_log_level"))
+    try:
+        yield handler
+    finally:
+        root.handlers = saved_handlers
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 # -- throttling arithmetic ----------------------------------------------------------------

@@ -25,11 +25,16 @@ REFERENCE_SDK_MS = 29.0
 
 def sdk_model_read(adapter: Any, scale_set: Any) -> tuple[Any, ...]:
     """The previous read path: the SDK's pages deserialised into models and back."""
+    return sdk_instances(adapter, scale_set.ref, scale_set.mode)
+
+
+def sdk_instances(adapter: Any, ref: Any, mode: Any) -> tuple[Any, ...]:
+    """A scale set's VMs read the previous way: through azure-mgmt-compute's models, turned
+    back into REST JSON with `as_dict()` and parsed as the product parses its JSON."""
     from rebalancer import arm
     from rebalancer.model import OrchestrationMode
 
-    ref = scale_set.ref
-    if scale_set.mode is OrchestrationMode.FLEXIBLE:
+    if mode is OrchestrationMode.FLEXIBLE:
         pages = adapter.client.virtual_machines.list(
             ref.resource_group,
             filter=f"'virtualMachineScaleSet/id' eq '{ref.id}'",
