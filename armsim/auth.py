@@ -11,11 +11,12 @@ import base64
 import json
 import time
 from collections.abc import Mapping
-from typing import Any
-
-from azure.core.credentials import AccessToken, AccessTokenInfo
+from typing import TYPE_CHECKING, Any
 
 from armsim.events import OBJECT_ID_CLAIM, TENANT_ID_CLAIM
+
+if TYPE_CHECKING:  # imported with the first token: a cold start measured on armsim pays for it
+    from azure.core.credentials import AccessToken, AccessTokenInfo
 
 ARM_AUDIENCE = "https://management.core.windows.net/"
 
@@ -72,10 +73,14 @@ class SimCredential:
         self.app_id = app_id
 
     def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        from azure.core.credentials import AccessToken
+
         token = make_token(self.object_id, self.tenant_id, self.app_id)
         return AccessToken(token, int(time.time()) + 3600)
 
     def get_token_info(self, *scopes: str, options: Any = None) -> AccessTokenInfo:
+        from azure.core.credentials import AccessTokenInfo
+
         token = make_token(self.object_id, self.tenant_id, self.app_id)
         return AccessTokenInfo(token, int(time.time()) + 3600)
 

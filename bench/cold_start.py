@@ -8,7 +8,9 @@ Import time of `function_app` against a bare `import azure.functions`, each the 
 fresh Python processes (the Functions host imports the app in a fresh worker). Then the first
 timer invocation of a fresh process (building the runtime: settings, Table Storage, the
 Compute adapter and their SDKs, then one audit tick against armsim and Azurite) against the
-same tick warm, an hour later in the same process. The app verifies armsim's certificate
+same tick warm, an hour later in the same process. That process (`bench.cold_child`) imports
+nothing of the app's runtime before the first tick is timed, so the tick pays every import
+a new worker pays. The app verifies armsim's certificate
 against certifi's bundle plus armsim's CA, so that TLS costs what verifying Azure's costs.
 The deployment has run before: an earlier process created the tables and stored the audit
 an hour before, so both ticks do the same work (the same Table reads and writes, the same
@@ -26,9 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,6 @@ PACKAGE_BYTECODE = (
 )
 """Arguments to Python that byte-compile the app as the package build does (the prepackage
 hook runs `python3` with the same)."""
-AUDIT_INTERVAL = 3600
-"""Seconds from one audit to the next in the measured child (the default interval: 60 min)."""
 _IMPORT = "import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
 
 
@@ -73,52 +71,6 @@ def compile_app() -> None:
     subprocess.run([sys.executable, *PACKAGE_BYTECODE], cwd=ROOT, check=True, timeout=120)
 
 
-def child(info: dict[str, Any], *, ticks: int = 2) -> dict[str, Any]:
-    """In a fresh process: import the app, then time the first timer tick and (with 2 ticks)
-    the same tick warm, an audit interval later. The clock starts `info["hours"]` after
-    armsim's start (1: an hour after an earlier process's audit, which is due again)."""
-    started = time.perf_counter()
-    import function_app  # noqa: F401
-
-    imported = time.perf_counter() - started
-    from armsim.clock import DEFAULT_START, VirtualClock
-    from bench.steady_state import _wire
-    from devkit.host import Host
-    from rebalancer.store import StorageConnection, Store
-
-    host = Host()
-    before = set(sys.modules)
-    begin, cpu = time.perf_counter(), time.process_time()
-    connection = StorageConnection("bench", connection_string=info["storage"])
-    store = Store(connection, table_prefix=info["prefix"], retry_total=0)
-    clock = VirtualClock(DEFAULT_START + timedelta(hours=info.get("hours", 0)))
-    compute, host.runtime = _wire(info, store, clock)
-    host.timer()
-    first, first_cpu = time.perf_counter() - begin, time.process_time() - cpu
-    imported_by_tick = [name for name in sys.modules if name not in before]
-    first_tables = store.stats
-    second = second_cpu = 0.0
-    second_tables = first_tables - first_tables
-    if ticks > 1:
-        clock.advance(AUDIT_INTERVAL)  # the audit is due again: the same work, warm
-        begin, cpu = time.perf_counter(), time.process_time()
-        host.timer()
-        second, second_cpu = time.perf_counter() - begin, time.process_time() - cpu
-        second_tables = store.stats - first_tables
-    compute.close()
-    store.close()
-    return {
-        "import": imported,
-        "first": first,
-        "second": second,
-        "first_cpu": first_cpu,
-        "second_cpu": second_cpu,
-        "first_tables": [first_tables.reads, first_tables.writes],
-        "second_tables": [second_tables.reads, second_tables.writes],
-        "modules": imported_by_tick,
-    }
-
-
 def azure_sized_bundle(armsim_ca: str, directory: Path) -> Path:
     """A CA bundle that verifies armsim as certifi's verifies management.azure.com, at the
     same cost: certifi's certificates (requests' default bundle, what the app trusts in
@@ -132,7 +84,7 @@ def azure_sized_bundle(armsim_ca: str, directory: Path) -> Path:
 
 def _in_child(info: dict[str, Any], *, ticks: int, timeout: float) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "bench.cold_start", "child", json.dumps(info), str(ticks)],
+        [sys.executable, "-m", "bench.cold_child", json.dumps(info), str(ticks)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -147,10 +99,7 @@ def _in_child(info: dict[str, Any], *, ticks: int, timeout: float) -> dict[str, 
 _TICK_IMPORTS = """\
 import json, sys, time
 import function_app
-from armsim.clock import VirtualClock
-from bench.steady_state import _wire
-from devkit.host import Host
-from rebalancer.store import StorageConnection, Store
+import armsim.clock, bench.wiring, devkit.host  # what the child imports before its first tick
 seconds = {}
 begin = time.perf_counter()
 for name in json.loads(sys.argv[1]):
@@ -248,10 +197,6 @@ def run(
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) in (2, 3) and argv[0] == "child":
-        ticks = int(argv[2]) if len(argv) == 3 else 2
-        print(json.dumps(child(json.loads(argv[1]), ticks=ticks)))
-        return 0
     for figure in run():
         print(figure.line())
     return 0

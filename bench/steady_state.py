@@ -26,7 +26,6 @@ from bench.common import (
     mixed_fleet,
     worker_logging,
 )
-from devkit.tables import create_tables
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,33 +36,6 @@ class Tick:
     cpu_seconds: float
     real_seconds: float
     log_records: int
-
-
-def _wire(info: dict[str, Any], store: Any, clock: Any) -> tuple[Any, Any]:
-    """The app's runtime on armsim in its own process: (Compute adapter, runtime)."""
-    from armsim import SimCredential
-    from armsim.scenario import DEFAULT_TENANT
-    from rebalancer.clock import VirtualTime
-    from rebalancer.compute import ArmConfig, ComputeAdapter
-    from rebalancer.service import build_runtime
-    from rebalancer.settings import load_settings
-
-    settings = load_settings(
-        {
-            "REBALANCER_SUBSCRIPTION_ID": info["subscription_id"],
-            "REBALANCER_MODE": "enforce",
-            "REBALANCER_APP_PRINCIPAL_ID": info["app_principal_id"],
-            "REBALANCER_ARM_ENDPOINT": info["endpoint"],
-        }
-    )
-    config = ArmConfig.from_settings(
-        settings,
-        ca_cert=info["ca_cert"],
-        credential_scopes=("https://management.azure.com/.default",),
-    )
-    credential = SimCredential(info["app_principal_id"], info.get("tenant_id") or DEFAULT_TENANT)
-    compute = ComputeAdapter(config, credential=credential, clock=VirtualTime(clock))
-    return compute, build_runtime(settings, store=store, compute=compute, clock=compute.clock)
 
 
 def _tick(host: Any, store: Any, counter: RequestCounter, logs: WorkerLogHandler) -> Tick:
@@ -122,7 +94,9 @@ def measure(
     """The first audit, an ordinary tick, then `rounds` steady audits alternating between the
     product's reads and the SDK models' (each an audit interval after the one before)."""
     from armsim.clock import VirtualClock
+    from bench.wiring import wire
     from devkit.host import Host
+    from devkit.tables import create_tables
 
     fleet = mixed_fleet(scale_sets, vms, tags={"zone-rebalance": "enabled"})
     audit_interval = timedelta(minutes=60).total_seconds()
@@ -130,7 +104,7 @@ def measure(
         store = store_factory()
         create_tables(store)
         clock = VirtualClock()
-        compute, runtime = _wire(info, store, clock)
+        compute, runtime = wire(info, store, clock)
         host = Host(runtime)
         steady, sdk = [], []
         try:
