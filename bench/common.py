@@ -15,7 +15,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -163,13 +163,10 @@ class WorkerLogHandler(logging.Handler):
 
 @contextmanager
 def worker_logging() -> Iterator[WorkerLogHandler]:
-    """Logging as in a deployed app: the worker's root logger at INFO with its handler, and
-    the libraries' loggers at the app's `REBALANCER_SDK_LOG_LEVEL` default, as
-    `runtime_from_settings` sets them. Restored afterwards."""
-    from rebalancer.service import LIBRARY_LOGGERS, library_log_level
-    from rebalancer.settings import Settings
-
-    names = ("", "rebalancer", *LIBRARY_LOGGERS)
+    """Logging as in a deployed app: the worker's root logger at INFO with its handler (the
+    libraries' loggers are set by `bench.wiring.wire`, as `runtime_from_settings` sets them).
+    Restored afterwards."""
+    names = ("", "rebalancer")
     levels = {name: logging.getLogger(name).level for name in names}
     handler = WorkerLogHandler()
     root = logging.getLogger()
@@ -177,7 +174,6 @@ def worker_logging() -> Iterator[WorkerLogHandler]:
     root.handlers = [handler]
     root.setLevel(logging.INFO)
     logging.getLogger("rebalancer").setLevel(logging.NOTSET)
-    library_log_level(next(f.default for f in fields(Settings) if f.name == "sdk_log_level"))
     try:
         yield handler
     finally:

@@ -120,10 +120,10 @@ class Urllib3Transport(HttpTransport):
     def proxy_for(self, url: str) -> str | None:
         """The proxy a request to `url` goes through (None: straight to the host): as requests,
         the scheme's proxy (or ALL_PROXY's) unless NO_PROXY names the host."""
-        split = _split(url)
-        return self._route(split[0] if split else url, url)
+        return self._route(_split(url), url)
 
-    def _route(self, origin: str, url: str) -> str | None:
+    def _route(self, split: tuple[str, str] | None, url: str) -> str | None:
+        origin = split[0] if split else "{}://{}".format(*urlsplit(url))  # scheme, netloc
         if origin not in self._routes:
             parts = urlsplit(url)
             proxy = self.proxies.get(parts.scheme) or self.proxies.get("all")
@@ -149,7 +149,7 @@ class Urllib3Transport(HttpTransport):
             scheme = urlsplit(url).scheme
             proxy = proxies.get(scheme) or proxies.get("all")
         else:
-            proxy = self._route(split[0] if split else url, url)
+            proxy = self._route(split, url)
         headers = request.headers
         missing = [name for name in DEFAULT_HEADERS if name not in headers]
         if missing:
