@@ -14,8 +14,8 @@ gave us and nothing else:
   given) is loaded once, with the first HTTPS request, not once per connection as urllib3
   does when handed the bundle's path; a client that only speaks HTTP (to Azurite) never loads
   it;
-- the environment's proxy settings (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) and CA bundle
-  (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE) read once, at construction;
+- the environment's proxy settings (HTTPS_PROXY, HTTP_PROXY, NO_PROXY, with requests' CIDR
+  ranges) and CA bundle (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE) read once, at construction;
 - azure-core's exceptions, as `RequestsTransport` raises them: `ServiceRequestError` when the
   request could not be sent (connection refused, TLS refused, proxy refused),
   `ServiceResponseError` when the answer could not be read (reset, read timeout), which the
@@ -24,6 +24,7 @@ gave us and nothing else:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import threading
 import urllib.request
@@ -64,6 +65,25 @@ def environ_proxies() -> dict[str, str]:
     """The proxy settings of the environment (HTTPS_PROXY, HTTP_PROXY, NO_PROXY...), keyed by
     scheme as `urllib.request.getproxies_environment` reads them ("no" for NO_PROXY)."""
     return urllib.request.getproxies_environment()
+
+
+def bypasses_proxy(netloc: str, proxies: Mapping[str, str]) -> bool:
+    """Whether NO_PROXY (`proxies["no"]`) sends requests to `netloc` straight to the host:
+    as urllib reads it (host names, domain suffixes, `*`) and, as requests did, an IP address
+    inside a CIDR range it lists (`10.0.0.0/8`, `fd00::/8`), which urllib does not read."""
+    if urllib.request.proxy_bypass_environment(netloc, proxies):
+        return True
+    try:
+        address = ipaddress.ip_address(urlsplit(f"//{netloc}").hostname or "")
+    except ValueError:  # a host name, which urllib has already checked
+        return False
+    for entry in proxies.get("no", "").split(","):
+        try:
+            if "/" in entry and address in ipaddress.ip_network(entry.strip(), strict=False):
+                return True
+        except ValueError:  # not a network: urllib has already checked it as a name
+            continue
+    return False
 
 
 class Urllib3Transport(HttpTransport):
@@ -119,7 +139,8 @@ class Urllib3Transport(HttpTransport):
 
     def proxy_for(self, url: str) -> str | None:
         """The proxy a request to `url` goes through (None: straight to the host): as requests,
-        the scheme's proxy (or ALL_PROXY's) unless NO_PROXY names the host."""
+        the scheme's proxy (or ALL_PROXY's) unless NO_PROXY names the host
+        (`bypasses_proxy`)."""
         return self._route(_split(url), url)
 
     def _route(self, split: tuple[str, str] | None, url: str) -> str | None:
@@ -127,7 +148,7 @@ class Urllib3Transport(HttpTransport):
         if origin not in self._routes:
             parts = urlsplit(url)
             proxy = self.proxies.get(parts.scheme) or self.proxies.get("all")
-            if proxy and urllib.request.proxy_bypass_environment(parts.netloc, self.proxies):
+            if proxy and bypasses_proxy(parts.netloc, self.proxies):
                 proxy = None
             self._routes[origin] = proxy
         return self._routes[origin]

@@ -28,7 +28,7 @@ from azure.core.rest import HttpRequest
 
 from armsim import ArmSim, Scenario
 from rebalancer.compute.rest import COMPUTE_API_VERSION
-from rebalancer.transport import Urllib3Transport
+from rebalancer.transport import Urllib3Transport, bypasses_proxy
 
 
 def _scale_sets(sim: ArmSim) -> str:
@@ -293,6 +293,39 @@ def test_proxies_come_from_the_environment_once_and_no_proxy_means_direct(monkey
     assert [s["path"] for s in proxy.seen] == [f"{target.url}/via-proxy"]  # absolute form
     assert [s["path"] for s in target.seen] == ["/direct"]
     assert proxied.proxy_for(target.url) == proxy.url and direct.proxy_for(target.url) is None
+
+
+@pytest.mark.parametrize(
+    ("netloc", "no_proxy", "direct"),
+    [
+        ("10.1.2.3", "10.0.0.0/8", True),  # requests read CIDR ranges; urllib does not
+        ("10.1.2.3:8443", "example.invalid, 10.0.0.0/8", True),
+        ("11.1.2.3", "10.0.0.0/8", False),
+        ("169.254.169.254", "169.254.0.0/16", True),  # the instance metadata endpoint
+        ("[fd00::5]:443", "fd00::/8", True),
+        ("[fe80::1]", "fd00::/8", False),
+        ("10.1.2.3", "10.1.2.3", True),  # a plain address, as urllib reads it
+        ("management.azure.com", "10.0.0.0/8", False),  # a name is never in a range
+        ("management.azure.com", ".azure.com", True),  # a domain suffix
+        ("account.table.core.windows.net", "core.windows.net", True),
+        ("management.azure.com", "*", True),
+        ("10.1.2.3", "10.0.0.0/33,not/a/range,", False),  # what is not a range is no match
+        ("10.1.2.3", "", False),
+    ],
+)
+def test_no_proxy_reads_names_suffixes_and_cidr_ranges(netloc, no_proxy, direct):
+    assert bypasses_proxy(netloc, {"https": "http://proxy.invalid:3128", "no": no_proxy}) is direct
+
+
+def test_a_cidr_range_in_no_proxy_sends_straight_to_the_host(monkeypatch):
+    with loopback() as target, loopback() as proxy:
+        for name in ("http_proxy", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "10.0.0.0/8, 127.0.0.0/8")
+        with Urllib3Transport() as transport:
+            transport.send(HttpRequest("GET", f"{target.url}/direct"))
+    assert proxy.seen == [] and [s["path"] for s in target.seen] == ["/direct"]
 
 
 class _AppServiceIdentity(BaseHTTPRequestHandler):
