@@ -19,7 +19,7 @@ from rebalancer.verdict import Gate
 
 if TYPE_CHECKING:
     from rebalancer import operation as op
-    from rebalancer.compute.adapter import Quota
+    from rebalancer.compute.quota import Quota
 
 Held = tuple[Gate, str]
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from rebalancer import autoscale, followup, gates, lro, protection
 from rebalancer.clock import Clock
-from rebalancer.compute.adapter import ArmCall
+from rebalancer.compute.calls import ArmCall
 from rebalancer.compute.errors import AdapterError, ErrorKind, ScaleSetGone
 from rebalancer.deferred import Deferred
 from rebalancer.evaluator import Assessment, Decision, assess, upcoming_spot

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rebalancer.compute.adapter import Quota, _TtlCache, sku_catalog, usage_table
+from rebalancer.compute.cache import TtlCache
 from rebalancer.compute.errors import AdapterError, ErrorKind
+from rebalancer.compute.quota import Quota, sku_catalog, usage_table
 
 # The body of the REST spec's Usage_List_MaximumSet_Gen example (2025-04-01).
 USAGE_EXAMPLE = {
@@ -104,7 +105,7 @@ class StepClock:
 
 def test_cache_serves_until_its_ttl_on_the_injected_clock() -> None:
     clock = StepClock()
-    cache = _TtlCache(clock)
+    cache = TtlCache(clock)
     loads: list[int] = []
 
     def load() -> int:
@@ -121,7 +122,7 @@ def test_cache_serves_until_its_ttl_on_the_injected_clock() -> None:
 
 def test_cache_remembers_a_lasting_failure_briefly_and_a_throttle_not_at_all() -> None:
     clock = StepClock()
-    cache = _TtlCache(clock)
+    cache = TtlCache(clock)
     calls: list[ErrorKind] = []
 
     def failing(kind: ErrorKind):

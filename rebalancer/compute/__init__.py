@@ -11,25 +11,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rebalancer.compute.adapter import (
-        PUBLIC_ENDPOINT,
-        ArmCall,
-        ArmConfig,
-        ComputeAdapter,
-        OperationState,
-        OperationStatus,
-        Quota,
-    )
+    from rebalancer.compute.adapter import ComputeAdapter
+    from rebalancer.compute.calls import ArmCall, OperationState, OperationStatus
+    from rebalancer.compute.config import PUBLIC_ENDPOINT, ArmConfig
     from rebalancer.compute.errors import AdapterError, ErrorKind, ScaleSetGone
+    from rebalancer.compute.quota import Quota
 
 _WHERE = {
-    "PUBLIC_ENDPOINT": "adapter",
-    "ArmCall": "adapter",
-    "ArmConfig": "adapter",
+    "PUBLIC_ENDPOINT": "config",
+    "ArmCall": "calls",
+    "ArmConfig": "config",
     "ComputeAdapter": "adapter",
-    "OperationState": "adapter",
-    "OperationStatus": "adapter",
-    "Quota": "adapter",
+    "OperationState": "calls",
+    "OperationStatus": "calls",
+    "Quota": "quota",
     "AdapterError": "errors",
     "ErrorKind": "errors",
     "ScaleSetGone": "errors",

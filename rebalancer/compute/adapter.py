@@ -5,6 +5,8 @@ Reads are ARM JSON through azure-core's pipeline (`rebalancer.compute.rest`), pa
 azure-mgmt-compute's client, built on the first write, start a long-running operation and
 return an `ArmCall` without waiting, which `operation_status` reads later, from any process.
 Every failure is an `AdapterError`; every request spends the subscription's throttling `Budget`.
+Its configuration (`config`), the writes it returns (`calls`), quota (`quota`) and its cache of
+rare reads (`cache`) are modules of their own.
 """
 
 from __future__ import annotations
@@ -16,26 +18,32 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from rebalancer import arm
-from rebalancer.budget import DEFAULT_SHARE, Budget
+from rebalancer.budget import Budget
 from rebalancer.clock import Clock, SystemClock
-from rebalancer.compute.credentials import LOOPBACK_HOSTS
+from rebalancer.compute.cache import TtlCache
+from rebalancer.compute.calls import (
+    ArmCall,
+    OperationState,
+    OperationStatus,
+    status_from_document,
+)
+from rebalancer.compute.config import ArmConfig
 from rebalancer.compute.errors import (
     AdapterError,
     ErrorKind,
     ScaleSetGone,
-    classify,
     from_exception,
     from_response,
     parse_retry_after,
 )
 from rebalancer.compute.pipeline import BudgetExhausted, GovernedRetryPolicy
+from rebalancer.compute.quota import SPOT_QUOTA_FAMILY, Quota, sku_catalog, usage_table
 from rebalancer.compute.rest import COMPUTE_API_VERSION, SKU_API_VERSION, ArmReader, segment
 from rebalancer.model import (
     Health,
@@ -52,235 +60,8 @@ if TYPE_CHECKING:
     from azure.mgmt.compute import ComputeManagementClient
 
     from rebalancer.autoscale import AutoscaleSetting
-    from rebalancer.settings import Settings
 
 log = logging.getLogger(__name__)
-
-PUBLIC_ENDPOINT = "https://management.azure.com"
-
-
-@dataclass(frozen=True, slots=True)
-class ArmConfig:
-    """Where and how to reach Azure Resource Manager for one subscription."""
-
-    subscription_id: str
-    endpoint: str = PUBLIC_ENDPOINT
-    """ARM endpoint: the public cloud by default; a sovereign cloud's, or armsim's."""
-    credential_scopes: tuple[str, ...] = ()
-    """Token scopes; empty means `<endpoint>/.default` (the public cloud's is the usual one)."""
-    authority: str | None = None
-    """Entra ID authority host for DefaultAzureCredential (sovereign clouds)."""
-    ca_cert: str | None = None
-    """PEM file of a CA to trust for the endpoint (armsim's self-signed certificate)."""
-    budget_share: float = DEFAULT_SHARE
-    audit_concurrency: int = 8
-    max_wait: float = 60.0
-    """Longest wait, in seconds, one call may spend on Retry-After or the budget. Longer waits
-    are not slept through: the call fails as `throttled` with the time to come back."""
-    retry_attempts: int = 4
-    connection_timeout: float = 10.0
-    read_timeout: float = 60.0
-    flexible_protection_reads: int = 40
-    """Most instance-protection GETs per Flexible inventory (possible sources only); VMs
-    left unread are marked `protection_unknown`, never chosen as sources."""
-    flexible_protection_ttl: float = 300.0
-    """Seconds a Flexible VM's protection, once read, is reused in later inventories. Safe:
-    it only steers the choice of sources, and every delete reads the VMs again first."""
-    source_candidates: int = 1
-    """Possible sources per zone whose protection a Flexible inventory reads: the most VMs
-    one operation deletes from a zone, i.e. the app's `maxSurge`."""
-    sku_cache_ttl: float = 6 * 3600.0
-    usage_cache_ttl: float = 300.0
-    autoscale_cache_ttl: float = 300.0
-    """How long the autoscale settings an audit read serve the event-driven passes."""
-
-    def __post_init__(self) -> None:
-        parts = urlsplit(self.endpoint)
-        if parts.scheme != "https" or not parts.hostname:
-            raise ValueError(
-                f"ARM endpoint must be an https:// URL, got {self.endpoint!r} (azure-core sends "
-                "bearer tokens only over TLS)"
-            )
-        if not 0 < self.budget_share <= 1:
-            raise ValueError(f"budget share must be in (0, 1], got {self.budget_share}")
-        if self.audit_concurrency < 1:
-            raise ValueError(f"audit concurrency must be >= 1, got {self.audit_concurrency}")
-        if self.max_wait < 0:
-            raise ValueError(f"max wait must be >= 0 seconds, got {self.max_wait}")
-        if self.source_candidates < 1:
-            raise ValueError(f"source candidates must be >= 1, got {self.source_candidates}")
-        if self.flexible_protection_reads < 0 or self.flexible_protection_ttl < 0:
-            raise ValueError(
-                "flexible protection reads and ttl must be >= 0, got "
-                f"{self.flexible_protection_reads} and {self.flexible_protection_ttl}"
-            )
-
-    @property
-    def scopes(self) -> tuple[str, ...]:
-        if self.credential_scopes:
-            return self.credential_scopes
-        return (self.endpoint.rstrip("/") + "/.default",)
-
-    @property
-    def loopback(self) -> bool:
-        return (urlsplit(self.endpoint).hostname or "") in LOOPBACK_HOSTS
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> ArmConfig:
-        values: dict[str, Any] = {
-            "subscription_id": settings.subscription_id,
-            "endpoint": settings.arm_endpoint,
-            "budget_share": settings.arm_budget_share,
-            "source_candidates": settings.max_surge,
-        }
-        values.update(overrides)
-        return cls(**values)
-
-
-class OperationState(StrEnum):
-    IN_PROGRESS = "InProgress"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-
-
-@dataclass(frozen=True, slots=True)
-class OperationStatus:
-    """Where a started write is: in progress, succeeded, or failed with a classified error."""
-
-    state: OperationState
-    error: AdapterError | None = None
-    retry_after: float | None = None
-    """Seconds the status answer asked to wait before the next poll (`Retry-After`)."""
-    failed_instances: tuple[tuple[str, str], ...] = ()
-    """(instance id or VM name, code) of each `error.details` entry that names its `target`:
-    how Compute says which VMs of a scale set write failed, and why."""
-
-    @property
-    def done(self) -> bool:
-        return self.state is not OperationState.IN_PROGRESS
-
-
-@dataclass(frozen=True, slots=True)
-class ArmCall:
-    """A write that was accepted by ARM, and what is needed to follow it up later.
-
-    Plain data: `to_record()` goes into the operation's Table row before anything else
-    happens, and `from_record()` gives it back in the next invocation.
-    """
-
-    action: str
-    """`set_capacity` or `delete_instances`."""
-    scale_set: str
-    status_code: int
-    capacity: int | None = None
-    instance_ids: tuple[str, ...] = ()
-    request_id: str | None = None
-    correlation_id: str | None = None
-    client_request_id: str | None = None
-    """Our `x-ms-client-request-id`: Event Grid's `data.httpRequest.clientRequestId`."""
-    async_operation_url: str | None = None
-    location_url: str | None = None
-
-    @property
-    def ref(self) -> ScaleSetRef:
-        return ScaleSetRef.parse(self.scale_set)
-
-    @property
-    def synchronous(self) -> bool:
-        """ARM finished it in the request itself (no status to poll)."""
-        return not (self.async_operation_url or self.location_url)
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "action": self.action,
-            "scale_set": self.scale_set,
-            "status_code": self.status_code,
-            "capacity": self.capacity,
-            "instance_ids": list(self.instance_ids),
-            "request_id": self.request_id,
-            "correlation_id": self.correlation_id,
-            "client_request_id": self.client_request_id,
-            "async_operation_url": self.async_operation_url,
-            "location_url": self.location_url,
-        }
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> ArmCall:
-        return cls(
-            action=record["action"],
-            scale_set=record["scale_set"],
-            status_code=int(record["status_code"]),
-            capacity=record.get("capacity"),
-            instance_ids=tuple(record.get("instance_ids") or ()),
-            request_id=record.get("request_id"),
-            correlation_id=record.get("correlation_id"),
-            client_request_id=record.get("client_request_id"),
-            async_operation_url=record.get("async_operation_url"),
-            location_url=record.get("location_url"),
-        )
-
-
-SPOT_QUOTA_FAMILY = "lowPriorityCores"
-"""The usage name of the regional Spot vCPU quota (Total Regional Low-priority vCPUs)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Quota:
-    """vCPU quota for a VM size's family in one location, and the size's vCPU count."""
-
-    family: str
-    used_vcpus: int
-    limit_vcpus: int
-    vcpus_per_vm: int
-    regional_used_vcpus: int | None = None
-    regional_limit_vcpus: int | None = None
-
-    @property
-    def headroom_vms(self) -> int:
-        """How many more VMs of the size fit in the family (and regional) quota."""
-        free = self.limit_vcpus - self.used_vcpus
-        if self.regional_limit_vcpus is not None and self.regional_used_vcpus is not None:
-            free = min(free, self.regional_limit_vcpus - self.regional_used_vcpus)
-        return max(0, free // max(1, self.vcpus_per_vm))
-
-
-@dataclass(slots=True)
-class _Cached:
-    value: Any
-    expires: float
-
-
-@dataclass
-class _TtlCache:
-    clock: Clock
-    _entries: dict[tuple[str, str], _Cached] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    error_ttl: float = 60.0
-    """How long a failed load is remembered, so a missing API is not asked on every call."""
-
-    def forget(self, key: tuple[str, str]) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
-
-    def get(self, key: tuple[str, str], ttl: float, load: Callable[[], Any]) -> Any:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry.expires > self.clock.monotonic():
-                if isinstance(entry.value, AdapterError):
-                    raise entry.value
-                return entry.value
-        try:
-            value = load()
-        except AdapterError as error:
-            if error.kind not in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT):
-                with self._lock:
-                    expires = self.clock.monotonic() + min(ttl, self.error_ttl)
-                    self._entries[key] = _Cached(error, expires)
-            raise
-        with self._lock:
-            self._entries[key] = _Cached(value, self.clock.monotonic() + ttl)
-        return value
 
 
 def _header(headers: Any, name: str) -> str | None:
@@ -307,7 +88,7 @@ class ComputeAdapter:
         self._reader: ArmReader | None = None
         self._http: Any = None
         self._lock = threading.Lock()
-        self._cache = _TtlCache(self.clock)
+        self._cache = TtlCache(self.clock)
         self._protection: dict[tuple[str, str], tuple[tuple[bool, bool], float]] = {}
         self._protection_lock = threading.Lock()
 
@@ -1088,7 +869,7 @@ class ComputeAdapter:
             if status == 202:
                 return OperationStatus(OperationState.IN_PROGRESS, retry_after=wait)
             return OperationStatus(OperationState.SUCCEEDED)
-        result = _status_from_document(document, ref)
+        result = status_from_document(document, ref)
         return replace(result, retry_after=wait) if not result.done else result
 
     # -- autoscale ------------------------------------------------------------------------
@@ -1169,39 +950,6 @@ class ComputeAdapter:
             return usage_table(u for page in pages for u in page if isinstance(u, Mapping))
 
 
-def sku_catalog(documents: Iterable[Mapping[str, Any]]) -> dict[str, tuple[str, int]]:
-    """Resource SKU documents -> {lowercased VM size: (family, vCPUs)}; sizes restricted for
-    the whole location (not offered to the subscription) are left out."""
-    catalog: dict[str, tuple[str, int]] = {}
-    for sku in documents:
-        if str(sku.get("resourceType", "")).lower() != "virtualmachines" or _restricted(sku):
-            continue
-        vcpus = next(
-            (
-                str(c.get("value", ""))
-                for c in sku.get("capabilities") or ()
-                if str(c.get("name", "")).lower() == "vcpus"
-            ),
-            "",
-        )
-        if sku.get("name") and sku.get("family") and vcpus.isdigit():
-            catalog[str(sku["name"]).lower()] = (str(sku["family"]), int(vcpus))
-    return catalog
-
-
-def usage_table(documents: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
-    """Usage documents -> {lowercased usage name (a family, or `cores`): (current, limit)}."""
-    table: dict[str, tuple[int, int]] = {}
-    for usage in documents:
-        name = (usage.get("name") or {}).get("value")
-        if name:
-            table[str(name).lower()] = (
-                int(usage.get("currentValue") or 0),
-                int(usage.get("limit") or 0),
-            )
-    return table
-
-
 def _correlation_headers() -> dict[str, str]:
     """A fresh correlation id for a write. ARM keeps a client's `x-ms-correlation-request-id`
     and reports it as the `correlationId` of the write's activity log entry and Event Grid
@@ -1215,32 +963,3 @@ def _names_missing_instances(error: AdapterError) -> bool:
         return True
     text = error.message.lower()
     return error.kind is ErrorKind.INVALID and "instanceid" in text.replace(" ", "")
-
-
-def _restricted(sku: Mapping[str, Any]) -> bool:
-    """A SKU restricted for the whole location (`NotAvailableForSubscription`) is unusable."""
-    return any(str(r.get("type", "")).lower() == "location" for r in sku.get("restrictions") or ())
-
-
-def _status_from_document(document: Any, ref: ScaleSetRef) -> OperationStatus:
-    status = str((document or {}).get("status", "")).lower()
-    if status in ("succeeded",):
-        return OperationStatus(OperationState.SUCCEEDED)
-    if status in ("failed", "canceled", "cancelled"):
-        error = document.get("error") or {}
-        code = error.get("code") or ("OperationPreempted" if status != "failed" else None)
-        message = error.get("message") or f"the operation ended {document.get('status')}"
-        classified = classify(
-            status=None, code=code, message=message, details=error.get("details") or ()
-        )
-        if status != "failed" and classified.kind is ErrorKind.INVALID:
-            classified.kind = ErrorKind.CONFLICT
-        failed = tuple(
-            (str(d["target"]), str(d["code"]))
-            for d in error.get("details") or ()
-            if isinstance(d, Mapping) and d.get("target") and d.get("code")
-        )
-        return OperationStatus(
-            OperationState.FAILED, classified.about(ref), failed_instances=failed
-        )
-    return OperationStatus(OperationState.IN_PROGRESS)
