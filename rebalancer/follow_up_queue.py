@@ -93,17 +93,20 @@ class FollowUpQueue:
             if self._client is None:
                 from azure.storage.queue import QueueClient, TextBase64EncodePolicy
 
-                encode = TextBase64EncodePolicy()
+                from rebalancer.transport import Urllib3Transport
+
+                # the app's one HTTP stack: its proxies, its TLS context, no requests import
+                options = {
+                    "message_encode_policy": TextBase64EncodePolicy(),
+                    "transport": Urllib3Transport(),
+                }
                 if self._connection_string is not None:
                     self._client = QueueClient.from_connection_string(
-                        self._connection_string, self.queue_name, message_encode_policy=encode
+                        self._connection_string, self.queue_name, **options
                     )
                 else:
                     self._client = QueueClient(
-                        self._account_url,
-                        self.queue_name,
-                        credential=self._credential,
-                        message_encode_policy=encode,
+                        self._account_url, self.queue_name, credential=self._credential, **options
                     )
             return self._client
 

@@ -17,8 +17,10 @@ redeliveries by `id`.
 
 Building a `Notification` is pure. `EventGridNotifier` publishes through the real
 `azure.eventgrid.EventGridPublisherClient` with the app's identity (imported on first use), a
-bounded number of attempts, and never raises: a notification that cannot be delivered is logged
-and dropped, it never breaks an operation.
+bounded number of attempts, and never raises: a notification that cannot be delivered is
+logged and dropped, it never breaks an operation. Its HTTP goes through azure-core's default
+transport, not the app's: the basic-tier client does not pass a `transport` given to its
+constructor on to its pipeline (azure-eventgrid 4.22).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """azure-core's HTTP transport on urllib3 directly, for every client of the app (Compute reads
-and writes, Table Storage).
+and writes, Table Storage, the follow-up queue) but the Event Grid notifier's: azure-eventgrid's
+basic-tier `EventGridPublisherClient` (4.2x) does not pass its constructor's options on, a
+transport included, so it sends through azure-core's default.
 
 azure-core's own `RequestsTransport` sends through requests, which sends through urllib3: about
 1.1 ms of CPU a request goes to requests (sessions, hooks, cookies, adapters, its response
@@ -8,12 +10,14 @@ an audit sends a thousand GETs a tick. Importing requests (with charset_normaliz
 http.cookiejar) is also a tenth of a worker's first tick. This transport keeps what requests
 gave us and nothing else:
 
-- one `urllib3.PoolManager` (a `ProxyManager` per proxy), `pool` connections kept per host,
-  urllib3's own retries and redirects off (the pipeline's policies retry and redirect);
-- one TLS context for all connections: the CA bundle (certifi's, as requests', or the one
-  given) is loaded once, with the first HTTPS request, not once per connection as urllib3
-  does when handed the bundle's path; a client that only speaks HTTP (to Azurite) never loads
-  it;
+- a `urllib3.PoolManager` for HTTPS and one for HTTP (a `ProxyManager` per proxy), `pool`
+  connections kept per host, urllib3's own retries and redirects off (the pipeline's
+  policies retry and redirect);
+- one TLS context per CA bundle for the whole process (`verified_context`): the bundle
+  (certifi's, as requests', or the one given) is loaded once, with the first HTTPS request of
+  any client, not once per connection as urllib3 does when handed the bundle's path, nor once
+  per client (Compute, Table Storage, the follow-up queue); a client that only
+  speaks HTTP (to Azurite) never loads it;
 - the environment's proxy settings (HTTPS_PROXY, HTTP_PROXY, NO_PROXY, with requests' CIDR
   ranges) and CA bundle (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE) read once, at construction;
 - azure-core's exceptions, as `RequestsTransport` raises them: `ServiceRequestError` when the
@@ -24,6 +28,7 @@ gave us and nothing else:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import threading
@@ -112,8 +117,6 @@ class Urllib3Transport(HttpTransport):
         self.block_size = data_block_size
         self.proxies = dict(environ_proxies() if proxies is None else proxies)
         self._lock = threading.Lock()
-        self._context: Any = None
-        self._loaded = False
         self._managers: dict[tuple[Any, ...], urllib3.PoolManager] = {}
         self._routes: dict[str, str | None] = {}
         self._pools: dict[tuple[int, str], Any] = {}
@@ -225,34 +228,28 @@ class Urllib3Transport(HttpTransport):
 
     def _manager(self, url: str, proxy: str | None, verify: Any, cert: Any) -> urllib3.PoolManager:
         shared = not cert and (verify in (True, None) or verify == self.ca_bundle)
-        key = (proxy, True if shared else verify, cert)
+        tls = shared and url[:6].lower() == "https:"
+        key = (proxy, True if shared else verify, cert, tls)
         manager = self._managers.get(key)
-        load = shared and not self._loaded and url[:6].lower() == "https:"
-        if manager is None or load:
+        if manager is None:
             with self._lock:
                 manager = self._managers.get(key)
                 if manager is None:
-                    manager = self._managers[key] = self._new_manager(proxy, shared, verify, cert)
-                if load and not self._loaded:
-                    # before the first HTTPS connection uses the shared context
-                    self._shared_context().load_verify_locations(self.ca_bundle or _certifi())
-                    self._loaded = True
+                    manager = self._new_manager(proxy, shared, verify, cert, tls)
+                    self._managers[key] = manager
         return manager
 
-    def _shared_context(self) -> Any:
-        if self._context is None:
-            self._context = create_urllib3_context()  # certificate required, host name checked
-        return self._context
-
     def _new_manager(
-        self, proxy: str | None, shared: bool, verify: Any, cert: Any
+        self, proxy: str | None, shared: bool, verify: Any, cert: Any, tls: bool
     ) -> urllib3.PoolManager:
+        """A manager for the shared bundle's HTTPS (`tls`) or plain HTTP (`shared`: no bundle
+        loaded), or for a request's own `verify` and `cert`."""
         options: dict[str, Any] = {"maxsize": self.pool, "retries": NO_RETRIES}
-        if shared:
-            options["ssl_context"] = self._shared_context()
-        elif verify is False:
+        if tls:
+            options["ssl_context"] = verified_context(self.ca_bundle or _certifi())
+        elif not shared and verify is False:
             options["cert_reqs"] = "CERT_NONE"
-        else:  # another bundle than the shared context's: urllib3 loads it per connection
+        elif not shared:  # another bundle than the shared one: urllib3 loads it per connection
             options["ca_certs"] = verify if isinstance(verify, str) else _certifi()
         if cert:
             cert_file, key_file = cert if isinstance(cert, tuple) else (cert, None)
@@ -273,6 +270,25 @@ def _split(url: str) -> tuple[str, str] | None:
     if "?" in origin or "#" in origin or "@" in origin:
         return None
     return origin, url[slash:].partition("#")[0]
+
+
+_VERIFIED_LOCK = threading.Lock()
+
+
+def verified_context(ca_bundle: str) -> Any:
+    """The process's TLS context that verifies servers against `ca_bundle` (a PEM file),
+    loaded once: every client of the app with that bundle connects with it, so a new worker
+    parses certifi's bundle once (about 20 ms of CPU), not once per client. Certificates are
+    required and host names checked, as urllib3's default context does."""
+    with _VERIFIED_LOCK:
+        return _verified(ca_bundle)
+
+
+@functools.lru_cache(maxsize=8)
+def _verified(ca_bundle: str) -> Any:
+    context = create_urllib3_context()
+    context.load_verify_locations(ca_bundle)
+    return context
 
 
 def _certifi() -> str:

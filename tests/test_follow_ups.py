@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,7 @@ from rebalancer.follow_up_queue import FollowUpQueue
 from rebalancer.followup import FollowUp
 from rebalancer.model import ScaleSetRef
 from rebalancer.operation import State
+from rebalancer.transport import Urllib3Transport
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -69,18 +71,33 @@ def test_a_follow_up_survives_its_json_and_names_what_is_wrong():
 # -- the queue (Azurite) ------------------------------------------------------------------
 
 
+def _sent_through_the_apps_transport(monkeypatch) -> list[tuple[str, str]]:
+    sent: list[tuple[str, str]] = []
+    original = Urllib3Transport.send
+
+    def counted(self: Urllib3Transport, request: Any, **kwargs: Any) -> Any:
+        sent.append((request.method, request.url))
+        return original(self, request, **kwargs)
+
+    monkeypatch.setattr(Urllib3Transport, "send", counted)
+    return sent
+
+
 def test_a_follow_up_stays_invisible_until_it_is_due_and_reads_as_the_host_reads_it(
-    azurite_queue,
+    azurite_queue, monkeypatch
 ):
     from azure.storage.queue import QueueClient
 
     name = f"f{uuid.uuid4().hex[:12]}"
     queue = FollowUpQueue(name, connection_string=azurite_queue.connection_string)
     reader = QueueClient.from_connection_string(azurite_queue.connection_string, name)
+    sent = _sent_through_the_apps_transport(monkeypatch)
     try:
         now = datetime.now(UTC)
         later = FollowUp("sub/rg/web", "op1", 1, now + timedelta(seconds=2))
         queue.schedule(later, now)  # creates the missing queue on the way
+        # send (404: no queue), create, send again: all on the app's HTTP stack
+        assert [method for method, _ in sent] == ["POST", "PUT", "POST"]
         assert list(reader.receive_messages()) == []
         time.sleep(2.5)
         (received,) = list(reader.receive_messages())

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -220,6 +221,29 @@ def test_the_ca_bundle_is_loaded_once_per_transport_not_per_connection(monkeypat
             statuses = list(pool.map(lambda _: transport.send(HttpRequest("GET", url)), range(12)))
     assert [r.status_code for r in statuses] == [401] * 12
     assert loads == [(sim.ca_cert_path,)]
+
+
+def test_every_client_with_one_bundle_shares_one_context_loaded_once(monkeypatch, tmp_path):
+    """Compute, Table Storage, the queue and Event Grid each have a transport: a new worker
+    parses the bundle once for all of them; another bundle gets a context of its own."""
+    loads: list[Any] = []
+    original = ssl.SSLContext.load_verify_locations
+
+    def counted(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> Any:
+        loads.append(args[:1])
+        return original(self, *args, **kwargs)
+
+    with ArmSim.start(Scenario()) as sim:
+        url = _scale_sets(sim)
+        other = tmp_path / "copy-of-armsim-ca.pem"
+        other.write_bytes(Path(sim.ca_cert_path).read_bytes())
+        monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
+        clients = [_transport(ca_bundle=sim.ca_cert_path) for _ in range(3)]
+        clients.append(_transport(ca_bundle=str(other)))
+        for client in clients:
+            with client:
+                assert client.send(HttpRequest("GET", url)).status_code == 401
+    assert loads == [(sim.ca_cert_path,), (str(other),)]
 
 
 def test_an_http_only_client_never_loads_a_bundle(monkeypatch):
