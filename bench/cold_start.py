@@ -10,8 +10,9 @@ timer invocation of a fresh process (building the runtime: settings, Table Stora
 Compute adapter and their SDKs, then one audit tick against armsim and Azurite) against the
 same tick warm, an hour later in the same process. That process (`bench.cold_child`) imports
 nothing of the app's runtime before the first tick is timed, so the tick pays every import
-a new worker pays. The app verifies armsim's certificate
-against certifi's bundle plus armsim's CA, so that TLS costs what verifying Azure's costs.
+a new worker pays. Table Storage (Azurite) is reached over HTTPS, as in Azure, and the app
+verifies armsim's and Azurite's certificates against certifi's bundle plus their CAs, so that
+TLS costs what verifying Azure's costs.
 The deployment has run before: an earlier process created the tables and stored the audit
 an hour before, so both ticks do the same work (the same Table reads and writes, the same
 ARM reads). A new deployment's very first tick (tables created, every scale set new to the
@@ -25,6 +26,7 @@ cost while it imports them (an app with no import cost of its own and nothing to
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -72,21 +74,39 @@ def compile_app() -> None:
     subprocess.run([sys.executable, *PACKAGE_BYTECODE], cwd=ROOT, check=True, timeout=120)
 
 
-def azure_sized_bundle(armsim_ca: str, directory: Path) -> Path:
-    """A CA bundle that verifies armsim as certifi's verifies management.azure.com, at the
-    same cost: certifi's certificates (requests' default bundle, what the app trusts in
-    Azure) and armsim's own CA."""
+def azure_sized_bundle(own_cas: tuple[str, ...], directory: Path) -> Path:
+    """A CA bundle that verifies armsim and Azurite as certifi's verifies
+    management.azure.com and Azure Storage, at the same cost: certifi's certificates
+    (requests' default bundle, what the app trusts in Azure) and the simulators' own CAs."""
     import certifi
 
     bundle = directory / "ca-bundle.pem"
-    bundle.write_text(Path(certifi.where()).read_text() + "\n" + Path(armsim_ca).read_text())
+    pems = [Path(certifi.where()).read_text(), *(Path(ca).read_text() for ca in own_cas)]
+    bundle.write_text("\n".join(pems))
     return bundle
 
 
+def storage_certificate(directory: Path) -> tuple[tuple[Path, Path], str]:
+    """A certificate for Azurite on 127.0.0.1, so Table Storage is reached over HTTPS as in
+    Azure: ((certificate, key) paths, the path of the CA that issued it)."""
+    import trustme
+
+    authority = trustme.CA()
+    issued = authority.issue_cert("127.0.0.1", "localhost")
+    cert, key, ca = directory / "azurite.pem", directory / "azurite-key.pem", directory / "ca.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    authority.cert_pem.write_to_path(str(ca))
+    return (cert, key), str(ca)
+
+
 def _in_child(info: dict[str, Any], *, ticks: int, timeout: float) -> dict[str, Any]:
+    """Run `bench.cold_child`; its Table Storage client trusts the bundle as the Compute
+    adapter does (`info["ca_cert"]`), through the variable a deployment would set."""
     done = subprocess.run(
         [sys.executable, "-m", "bench.cold_child", json.dumps(info), str(ticks)],
         cwd=ROOT,
+        env={**os.environ, "REQUESTS_CA_BUNDLE": info["ca_cert"]},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -143,17 +163,19 @@ def run(
     app = import_seconds("function_app", runs)
     bare = import_seconds("azure.functions", runs)
     fleet = mixed_fleet(scale_sets, vms, tags={"zone-rebalance": "enabled"})
-    with (
-        Azurite() as azurite,
-        armsim_process(fleet_document(fleet)) as info,
-        tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp,
-    ):
-        bundle = azure_sized_bundle(info["ca_cert"], Path(tmp))
-        info = {**info, "ca_cert": str(bundle), "storage": azurite.connection_string}
-        deployed = {**info, "prefix": f"c{uuid.uuid4().hex[:12]}"}
-        _in_child(deployed, ticks=1, timeout=timeout)  # the deployment's earlier process
-        invocation = _in_child({**deployed, "hours": 1}, ticks=2, timeout=timeout)
-        new = _in_child({**info, "prefix": f"c{uuid.uuid4().hex[:12]}"}, ticks=1, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
+        storage_tls, storage_ca = storage_certificate(Path(tmp))
+        with (
+            Azurite(tls=storage_tls) as azurite,
+            armsim_process(fleet_document(fleet)) as info,
+        ):
+            bundle = azure_sized_bundle((info["ca_cert"], storage_ca), Path(tmp))
+            info = {**info, "ca_cert": str(bundle), "storage": azurite.connection_string}
+            deployed = {**info, "prefix": f"c{uuid.uuid4().hex[:12]}"}
+            _in_child(deployed, ticks=1, timeout=timeout)  # the deployment's earlier process
+            invocation = _in_child({**deployed, "hours": 1}, ticks=2, timeout=timeout)
+            fresh = {**info, "prefix": f"c{uuid.uuid4().hex[:12]}"}
+            new = _in_child(fresh, ticks=1, timeout=timeout)
     imports = tick_imports(invocation["modules"])
     floor = (invocation["second"] + imports["libraries"]) / invocation["second"]
     app_median, bare_median = statistics.median(app), statistics.median(bare)

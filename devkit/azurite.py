@@ -64,12 +64,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def connection_string(port: int) -> str:
+def connection_string(port: int, scheme: str = "http") -> str:
     """A connection string for the real client (the dev account, at this port)."""
     return (
-        f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT_NAME};"
+        f"DefaultEndpointsProtocol={scheme};AccountName={DEV_ACCOUNT_NAME};"
         f"AccountKey={DEV_ACCOUNT_KEY};"
-        f"TableEndpoint=http://{HOST}:{port}/{DEV_ACCOUNT_NAME};"
+        f"TableEndpoint={scheme}://{HOST}:{port}/{DEV_ACCOUNT_NAME};"
     )
 
 
@@ -91,8 +91,12 @@ class Azurite:
         port: int | None = None,
         startup_timeout: float = 20.0,
         executable: Path | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        """`tls`: (certificate, key) PEM files to serve HTTPS with, as Azure Storage does;
+        the client must trust the certificate's CA (REQUESTS_CA_BUNDLE). Plain HTTP without."""
         self.location = Path(location) if location is not None else None
+        self.tls = tls
         self._requested_port = port
         self.port: int | None = None
         self.startup_timeout = startup_timeout
@@ -103,12 +107,16 @@ class Azurite:
     # -- what clients need ---------------------------------------------------------------
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def connection_string(self) -> str:
-        return connection_string(self._port())
+        return connection_string(self._port(), self.scheme)
 
     @property
     def table_endpoint(self) -> str:
-        return f"http://{HOST}:{self._port()}/{DEV_ACCOUNT_NAME}"
+        return f"{self.scheme}://{HOST}:{self._port()}/{DEV_ACCOUNT_NAME}"
 
     @property
     def running(self) -> bool:
@@ -196,6 +204,8 @@ class Azurite:
             "--disableTelemetry",
             "--skipApiVersionCheck",
         ]
+        if self.tls:
+            command += ["--cert", str(self.tls[0]), "--key", str(self.tls[1])]
         if self.location is None:
             command.append("--inMemoryPersistence")
         else:
