@@ -195,7 +195,7 @@ class Urllib3Transport(HttpTransport):
                     request.method, split[1], assert_same_host=False, **options
                 )
         except url_errors.HTTPError as error:
-            raise _azure_error(error) from error
+            raise _azure_error(error, self.ca_bundle) from error
         if _is_rest(request):
             response: Any = Urllib3Response(
                 request=request, internal_response=raw, block_size=self.block_size
@@ -315,12 +315,22 @@ def _body(request: Any, headers: Any) -> Any:
     return data
 
 
-def _azure_error(error: Exception) -> Exception:
-    """azure-core's exception for a urllib3 failure, as `RequestsTransport` maps requests'."""
+def _azure_error(error: Exception, ca_bundle: str | None = None) -> Exception:
+    """azure-core's exception for a urllib3 failure, as `RequestsTransport` maps requests'.
+    A certificate the bundle does not trust says which bundle and what to do: that does not
+    pass with a retry."""
     if isinstance(error, url_errors.NewConnectionError):  # refused, unknown host
         return ServiceRequestError(error, error=error)
     if isinstance(error, url_errors.ConnectTimeoutError):
         return ServiceRequestTimeoutError(error, error=error)
+    if isinstance(error, url_errors.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(error):
+        bundle = ca_bundle or "certifi's (the default)"
+        return ServiceRequestError(
+            f"{error}: the server's certificate is not trusted by the CA bundle {bundle}; "
+            "behind a proxy that inspects TLS, set REQUESTS_CA_BUNDLE to a bundle that also "
+            "holds the proxy's CA",
+            error=error,
+        )
     if isinstance(error, url_errors.SSLError | url_errors.ProxyError):
         return ServiceRequestError(error, error=error)
     if isinstance(error, url_errors.ReadTimeoutError):

@@ -1,6 +1,7 @@
-"""The Compute transport's connections share one TLS context (rebalancer.tls): the CA
+"""The app's connections share one TLS context per CA bundle (rebalancer.transport): the
 bundle is loaded once, not once per connection, which a worker's first audit paid once per
-thread (docs/performance.md, figure 4); and the server is still verified against it."""
+thread (docs/performance.md, figure 4); the server is still verified against it, Table
+Storage over HTTPS too, and a certificate the bundle does not trust is named as such."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from armsim import ArmSim, ScaleSetSpec, Scenario
 from rebalancer.clock import VirtualTime
 from rebalancer.compute import AdapterError, ArmConfig, ComputeAdapter
+from rebalancer.model import OutsideChange
 
 NOW = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 SCENARIO = Scenario(
@@ -74,3 +76,35 @@ def test_a_bundle_from_the_environment_is_still_honoured(monkeypatch):
         inventories = _audit(sim, None)
     assert [type(i).__name__ for i in inventories] == ["Inventory"] * 6
     assert loads and set(loads) == {(sim.ca_cert_path,)}
+
+
+@pytest.mark.integration
+def test_table_storage_over_https_is_trusted_through_the_environments_bundle(monkeypatch, tmp_path):
+    """As in Azure, Table Storage over TLS: with its CA in REQUESTS_CA_BUNDLE the store reads
+    and writes; without it, the error names the bundle and what to set, and nothing is lost
+    (the store raises `StoreUnavailable`, which the host redelivers)."""
+    from bench.cold_start import azure_sized_bundle, storage_certificate
+    from devkit.azurite import Azurite
+    from rebalancer.store import StorageConnection, Store, StoreUnavailable
+
+    served, storage_ca = storage_certificate(tmp_path)
+    bundle = azure_sized_bundle((storage_ca,), tmp_path)
+    with Azurite(tls=served) as azurite:
+        assert azurite.connection_string.startswith("DefaultEndpointsProtocol=https;")
+        connection = StorageConnection(
+            "AzureWebJobsStorage", connection_string=azurite.connection_string
+        )
+        monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+        trusted = Store(connection, table_prefix="tls", retry_total=0)
+        trusted.record_activity("sub/rg/web", NOW, OutsideChange.CAPACITY_WRITE)
+        assert trusted.outside_activity("sub/rg/web").capacity_written_at == NOW
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+        untrusted = Store(connection, table_prefix="tls", retry_total=0)
+        with pytest.raises(StoreUnavailable) as raised:
+            untrusted.outside_activity("sub/rg/web")
+        trusted.close()
+        untrusted.close()
+    message = str(raised.value)
+    assert "CERTIFICATE_VERIFY_FAILED" in message
+    assert "not trusted by the CA bundle" in message and "REQUESTS_CA_BUNDLE" in message

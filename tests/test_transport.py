@@ -203,7 +203,9 @@ def test_the_server_is_verified_against_the_ca_bundle():
             assert transport.send(HttpRequest("GET", url)).status_code == 401  # no token
         with _transport() as transport, pytest.raises(ServiceRequestError) as raised:
             transport.send(HttpRequest("GET", url))
-    assert "CERTIFICATE_VERIFY_FAILED" in str(raised.value)
+    message = str(raised.value)
+    assert "CERTIFICATE_VERIFY_FAILED" in message
+    assert "not trusted by the CA bundle" in message and "REQUESTS_CA_BUNDLE" in message
 
 
 def test_the_ca_bundle_is_loaded_once_per_transport_not_per_connection(monkeypatch):
