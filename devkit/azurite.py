@@ -275,9 +275,9 @@ class AzuriteQueue(Azurite):
     @property
     def connection_string(self) -> str:
         return (
-            f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT_NAME};"
+            f"DefaultEndpointsProtocol={self.scheme};AccountName={DEV_ACCOUNT_NAME};"
             f"AccountKey={DEV_ACCOUNT_KEY};"
-            f"QueueEndpoint=http://{HOST}:{self._port()}/{DEV_ACCOUNT_NAME};"
+            f"QueueEndpoint={self.scheme}://{HOST}:{self._port()}/{DEV_ACCOUNT_NAME};"
         )
 
 

@@ -208,7 +208,8 @@ def test_the_server_is_verified_against_the_ca_bundle():
     assert "not trusted by the CA bundle" in message and "REQUESTS_CA_BUNDLE" in message
 
 
-def test_the_ca_bundle_is_loaded_once_per_transport_not_per_connection(monkeypatch):
+def _counted_loads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The bundles loaded into TLS contexts from now on, one entry per load."""
     loads: list[Any] = []
     original = ssl.SSLContext.load_verify_locations
 
@@ -216,9 +217,14 @@ def test_the_ca_bundle_is_loaded_once_per_transport_not_per_connection(monkeypat
         loads.append(args[:1])
         return original(self, *args, **kwargs)
 
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
+    return loads
+
+
+def test_the_ca_bundle_is_loaded_once_per_transport_not_per_connection(monkeypatch):
     with ArmSim.start(Scenario(), latency=0.05) as sim:
         url = _scale_sets(sim)
-        monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
+        loads = _counted_loads(monkeypatch)
         with _transport(ca_bundle=sim.ca_cert_path) as transport, ThreadPoolExecutor(6) as pool:
             statuses = list(pool.map(lambda _: transport.send(HttpRequest("GET", url)), range(12)))
     assert [r.status_code for r in statuses] == [401] * 12
@@ -226,20 +232,13 @@ def test_the_ca_bundle_is_loaded_once_per_transport_not_per_connection(monkeypat
 
 
 def test_every_client_with_one_bundle_shares_one_context_loaded_once(monkeypatch, tmp_path):
-    """Compute, Table Storage, the queue and Event Grid each have a transport: a new worker
+    """Compute, Table Storage and the follow-up queue each have a transport: a new worker
     parses the bundle once for all of them; another bundle gets a context of its own."""
-    loads: list[Any] = []
-    original = ssl.SSLContext.load_verify_locations
-
-    def counted(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> Any:
-        loads.append(args[:1])
-        return original(self, *args, **kwargs)
-
     with ArmSim.start(Scenario()) as sim:
         url = _scale_sets(sim)
         other = tmp_path / "copy-of-armsim-ca.pem"
         other.write_bytes(Path(sim.ca_cert_path).read_bytes())
-        monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
+        loads = _counted_loads(monkeypatch)
         clients = [_transport(ca_bundle=sim.ca_cert_path) for _ in range(3)]
         clients.append(_transport(ca_bundle=str(other)))
         for client in clients:
